@@ -1,0 +1,30 @@
+"""Defaults and the environment variables that change them. One place, read once at import."""
+
+from __future__ import annotations
+
+import os
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:  # a typo in the environment must not silently pick a default
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from exc
+
+
+# Format -----------------------------------------------------------------------------------------------
+DEFAULT_ALIGNMENT = 4096  # data offsets of tensors >= this size; O_DIRECT and DMA friendly
+SMALL_ALIGNMENT = 64  # smaller tensors pack at this alignment so many tiny tensors do not balloon the file
+DEFAULT_BLOCK_SIZE = 16 * MiB  # digest (and encryption) block; also the default unit of a read
+MAX_INDEX_BYTES = _env_int("HF_TENSORIZER_MAX_INDEX_BYTES", 256 * MiB)
+
+# Engine -----------------------------------------------------------------------------------------------
+STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned pool cap (<= 2 GiB default)
+CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 16 * MiB)
+NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU count

@@ -1,0 +1,15 @@
+"""The engine: plan, read, verify/decrypt, stage in pinned memory, copy to the device."""
+
+from .pipeline import LoadMetrics
+from .reader import LoadInfo, TensorDeserializer, load_state_dict, read_index, save_state_dict
+from .writer import TensorSerializer
+
+__all__ = [
+    "LoadInfo",
+    "LoadMetrics",
+    "TensorDeserializer",
+    "TensorSerializer",
+    "load_state_dict",
+    "read_index",
+    "save_state_dict",
+]

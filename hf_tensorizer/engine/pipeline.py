@@ -1,0 +1,371 @@
+"""The load pipeline: reader threads take chunks, read, verify, and hand bytes to the target.
+
+Targets:
+- ``cpu``: bytes are read straight into the final tensors' memory (scatter reads, no staging copy).
+- ``cuda`` with ``pread``/``odirect``: each thread reads a chunk into a staging buffer from the
+  bounded pool and issues asynchronous host-to-device copies on its own CUDA stream; an event recorded
+  after them is the buffer's fence, so the buffer is reused only once its copies finished.
+- ``cuda`` with ``register``: the file is memory-mapped and each chunk's page-cache pages are pinned in
+  place (``cudaHostRegister``) and copied to the device with no CPU copy; pages are unpinned once the
+  copy's event completed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import HashMismatchError, TensorizerError
+from ..format.index import FileIndex
+from ..sources import Source
+from .digest import digest_fn
+from .memory import as_bytes, host_view
+from .plan import Chunk, Piece, aligned_span, block_of
+from .staging import PAGE, StagingPool
+
+Transform = Callable[[Piece, memoryview], None]  # in-place per-piece step (decryption), see engine/crypto
+
+
+@dataclass
+class StageTimes:
+    """Busy seconds per stage, summed over reader threads."""
+
+    read: float = 0.0
+    verify: float = 0.0
+    transform: float = 0.0
+    copy: float = 0.0
+    wait: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        for k in ("read", "verify", "transform", "copy", "wait"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class LoadMetrics:
+    """What a load did and how fast. GB/s per stage = bytes / (busy seconds / threads)."""
+
+    bytes: int = 0
+    tensors: int = 0
+    seconds: float = 0.0
+    threads: int = 1
+    strategy: str = ""
+    chunks: int = 0
+    staging_peak_bytes: int = 0
+    stages: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def stage_gbps(self, stage: str) -> float:
+        busy = getattr(self.stages, stage) / max(1, self.threads)
+        return self.bytes / busy / 1e9 if busy > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {
+            "bytes": self.bytes, "tensors": self.tensors, "seconds": round(self.seconds, 6),
+            "gbps": round(self.gbps, 3), "threads": self.threads, "strategy": self.strategy,
+            "chunks": self.chunks, "staging_peak_bytes": self.staging_peak_bytes,
+        }  # fmt: skip
+        for stage in ("read", "verify", "transform", "copy", "wait"):
+            busy = getattr(self.stages, stage)
+            out[f"{stage}_busy_s"] = round(busy, 6)
+            if busy > 0:
+                out[f"{stage}_gbps"] = round(self.stage_gbps(stage), 3)
+        return out
+
+
+class Verifier:
+    """Checks pieces against the index's per-block digests."""
+
+    def __init__(self, index: FileIndex) -> None:
+        self.block_size = index.block_size
+        self.algorithm = index.digest
+        self._fn = digest_fn(index.digest)
+
+    def check(self, piece: Piece, data: memoryview) -> None:
+        if self.algorithm == "none" or piece.length == 0:
+            return
+        block = block_of(piece, self.block_size)
+        if block is None:  # the plan guarantees whole blocks when verifying
+            raise TensorizerError(f"internal: piece of {piece.entry.name!r} is not a whole digest block")
+        if self._fn(data) != piece.entry.digests[block]:
+            raise HashMismatchError(
+                f"tensor {piece.entry.name!r}: data block {block} does not match its {self.algorithm} digest",
+                tensors=[piece.entry.name],
+            )
+
+
+class _Work:
+    """Shared state of one load: the chunk queue, the first error, and per-thread timings."""
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self.chunks = chunks
+        self._next = 0
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.times: list[StageTimes] = []
+
+    def take(self) -> Chunk | None:
+        with self._lock:
+            if self.stop.is_set() or self._next >= len(self.chunks):
+                return None
+            c = self.chunks[self._next]
+            self._next += 1
+            return c
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.stop.set()
+
+
+def run_threads(work: _Work, n: int, body: Callable[[int, StageTimes], None]) -> None:
+    """Run ``body(thread_index, times)`` on ``n`` threads; re-raise the first failure here."""
+
+    def main(i: int) -> None:
+        times = StageTimes()
+        try:
+            body(i, times)
+        except BaseException as exc:
+            work.fail(exc)
+        finally:
+            with work._lock:
+                work.times.append(times)
+
+    if n == 1:
+        main(0)
+    else:
+        threads = [threading.Thread(target=main, args=(i,), name=f"hf-tensorizer-read-{i}") for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if work.error is not None:
+        raise work.error
+
+
+# ---- CPU target --------------------------------------------------------------------------------------
+
+
+def load_cpu(
+    source: Source,
+    chunks: Sequence[Chunk],
+    dests: dict[str, torch.Tensor],
+    *,
+    threads: int,
+    verifier: Verifier | None,
+    transform: Transform | None = None,
+) -> StageTimes:
+    """Read every chunk straight into the destination tensors (``dests`` maps entry name to tensor)."""
+    work = _Work(chunks)
+    views = {name: host_view(t) for name, t in dests.items()}
+    scratch = memoryview(bytearray(64 << 10))  # gap bytes between coalesced tensors: read and dropped
+
+    def body(_: int, times: StageTimes) -> None:
+        while (chunk := work.take()) is not None:
+            iov: list[memoryview] = []
+            pos = 0
+            targets = []
+            for p in chunk.pieces:
+                gap = p.chunk_offset - pos
+                while gap > 0:
+                    k = min(gap, len(scratch))
+                    iov.append(scratch[:k])
+                    gap -= k
+                view = views[p.entry.name][p.tensor_offset : p.tensor_offset + p.length]
+                iov.append(view)
+                targets.append((p, view))
+                pos = p.chunk_offset + p.length
+            t0 = time.perf_counter()
+            if chunk.length:
+                source.read_into_many(chunk.offset, iov)
+            t1 = time.perf_counter()
+            times.read += t1 - t0
+            for p, view in targets:
+                if transform is not None:
+                    transform(p, view)
+                if verifier is not None:
+                    verifier.check(p, view)
+            times.verify += time.perf_counter() - t1
+
+    run_threads(work, min(threads, max(1, len(chunks))), body)
+    return _sum(work.times)
+
+
+# ---- CUDA target through staging ---------------------------------------------------------------------
+
+
+def load_staged(
+    source: Source,
+    chunks: Sequence[Chunk],
+    dests: dict[str, torch.Tensor],
+    *,
+    threads: int,
+    pool: StagingPool,
+    verifier: Verifier | None,
+    transform: Transform | None = None,
+    direct_fd: int | None = None,
+    file_size: int = 0,
+) -> StageTimes:
+    """Read chunks into pooled staging buffers and copy them to the device tensors asynchronously.
+
+    With ``direct_fd`` (an O_DIRECT descriptor of a local file) reads are widened to page boundaries and
+    bypass the page cache; otherwise ``source.read_into`` is used.
+    """
+    device = next(iter(dests.values())).device if dests else torch.device("cpu")
+    is_cuda = device.type == "cuda"
+    flat = {name: as_bytes(t) for name, t in dests.items()}
+    work = _Work(chunks)
+
+    def body(i: int, times: StageTimes) -> None:
+        stream = torch.cuda.Stream(device=device) if is_cuda else None
+        while (chunk := work.take()) is not None:
+            t0 = time.perf_counter()
+            buf = pool.acquire(work.stop)
+            t1 = time.perf_counter()
+            times.wait += t1 - t0
+            try:
+                base = _read_chunk(source, chunk, buf, direct_fd, file_size)
+            except BaseException:
+                pool.release(buf)
+                raise
+            host = host_view(buf)
+            t2 = time.perf_counter()
+            times.read += t2 - t1
+            for p in chunk.pieces:
+                data = host[base + p.chunk_offset : base + p.chunk_offset + p.length]
+                if transform is not None:
+                    transform(p, data)
+                if verifier is not None:
+                    verifier.check(p, data)
+            t3 = time.perf_counter()
+            times.verify += t3 - t2
+            fence = _copy_pieces(chunk, buf, base, flat, stream)
+            pool.release(buf, fence)
+            times.copy += time.perf_counter() - t3
+        if stream is not None:
+            stream.synchronize()
+
+    run_threads(work, min(threads, max(1, len(chunks))), body)
+    pool.drain()
+    return _sum(work.times)
+
+
+def _read_chunk(source: Source, chunk: Chunk, buf: torch.Tensor, direct_fd: int | None, file_size: int) -> int:
+    """Fill ``buf`` with the chunk; returns where the chunk starts inside ``buf``."""
+    if not chunk.length:
+        return 0
+    if direct_fd is None:
+        source.read_into(chunk.offset, host_view(buf)[: chunk.length])
+        return 0
+    start, length = aligned_span(chunk, PAGE, file_size)
+    view = host_view(buf)[:length]
+    got = 0
+    while got < length:  # O_DIRECT: aligned offset, aligned buffer, aligned length; short only at EOF
+        n = os.preadv(direct_fd, [view[got:]], start + got)
+        if n == 0:
+            break
+        got += n
+    if got < chunk.end - start:
+        from ..errors import TruncatedFileError
+
+        raise TruncatedFileError(f"{source.uri} ends before offset {chunk.end}")
+    return chunk.offset - start
+
+
+def _copy_pieces(
+    chunk: Chunk, buf: torch.Tensor, base: int, flat: dict[str, torch.Tensor], stream: torch.cuda.Stream | None
+) -> torch.cuda.Event | None:
+    if stream is None:  # CPU staging (used by tests and CPU-only machines): synchronous copies
+        for p in chunk.pieces:
+            flat[p.entry.name][p.tensor_offset : p.tensor_offset + p.length].copy_(
+                buf[base + p.chunk_offset : base + p.chunk_offset + p.length]
+            )
+        return None
+    with torch.cuda.stream(stream):
+        for p in chunk.pieces:
+            if p.length:
+                flat[p.entry.name][p.tensor_offset : p.tensor_offset + p.length].copy_(
+                    buf[base + p.chunk_offset : base + p.chunk_offset + p.length], non_blocking=True
+                )
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event
+
+
+# ---- CUDA target from registered page cache ---------------------------------------------------------
+
+_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
+
+
+def load_registered(
+    fd: int, file_size: int, chunks: Sequence[Chunk], dests: dict[str, torch.Tensor], *, threads: int
+) -> StageTimes:
+    """Copy straight from the page cache: map the file, pin each chunk's pages in place, DMA, unpin."""
+    import ctypes
+
+    mm = mmap.mmap(fd, file_size, prot=mmap.PROT_READ)
+    try:
+        mm.madvise(mmap.MADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+    whole = torch.frombuffer(mm, dtype=torch.uint8) if file_size else torch.empty(0, dtype=torch.uint8)
+    # the frombuffer view pins the map; mm.close() below raises BufferError while it lives
+    base_addr = whole.data_ptr()
+    cudart = torch.cuda.cudart()
+    device = next(iter(dests.values())).device
+    flat = {name: as_bytes(t) for name, t in dests.items()}
+    work = _Work(chunks)
+
+    def body(_: int, times: StageTimes) -> None:
+        stream = torch.cuda.Stream(device=device)
+        pending: list[tuple[torch.cuda.Event, int]] = []
+        while (chunk := work.take()) is not None:
+            if not chunk.length:
+                continue
+            start, length = aligned_span(chunk, PAGE, file_size)
+            length = min(length, -(-file_size // PAGE) * PAGE - start)
+            t0 = time.perf_counter()
+            err = cudart.cudaHostRegister(ctypes.c_void_p(base_addr + start), length, _HOST_REGISTER_READ_ONLY)
+            if int(err) != 0:
+                raise TensorizerError(f"cudaHostRegister failed with error {int(err)}")
+            t1 = time.perf_counter()
+            times.read += t1 - t0
+            event = _copy_pieces(chunk, whole, chunk.offset, flat, stream)
+            assert event is not None
+            pending.append((event, base_addr + start))
+            times.copy += time.perf_counter() - t1
+            while len(pending) > 2:
+                ev, addr = pending.pop(0)
+                ev.synchronize()
+                cudart.cudaHostUnregister(ctypes.c_void_p(addr))
+        for ev, addr in pending:
+            ev.synchronize()
+            cudart.cudaHostUnregister(ctypes.c_void_p(addr))
+
+    try:
+        run_threads(work, min(threads, max(1, len(chunks))), body)
+    finally:
+        flat.clear()
+        try:
+            mm.close()
+        except BufferError:  # a view is still alive somewhere; the map is freed with it
+            pass
+    return _sum(work.times)
+
+
+def _sum(parts: list[StageTimes]) -> StageTimes:
+    total = StageTimes()
+    for p in parts:
+        total.add(p)
+    return total

@@ -1,0 +1,407 @@
+"""TensorDeserializer: an hf_tensorizer file as a read-only mapping of tensors, loaded fast."""
+
+from __future__ import annotations
+
+import mmap as _mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES
+from ..errors import TensorizerError, TruncatedFileError, UsageError
+from ..format.dtypes import is_floating
+from ..format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, TensorKind, decode_index, decode_preamble
+from ..sources import Source, open_source
+from ..sources.file import FileSource
+from . import pagecache
+from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
+from .plan import plan_chunks
+from .staging import StagingPool
+
+STRATEGIES = ("auto", "pread", "odirect", "register")
+_FIRST_READ = 64 << 10  # one small request usually returns the preamble and the whole index
+
+
+def read_index(source: Source) -> FileIndex:
+    """Read and validate the preamble and index of ``source`` (one or two small reads).
+
+    Raises:
+        FormatError: and its subclasses, for anything malformed (see :mod:`hf_tensorizer.errors`).
+    """
+    size = source.size
+    if size < PREAMBLE_SIZE:
+        head = source.read(0, size) if size else b""
+        decode_preamble(head, file_size=size)  # raises the precise error
+    head = source.read(0, min(size, _FIRST_READ))
+    pre = decode_preamble(head, file_size=size)
+    end = PREAMBLE_SIZE + pre.index_length
+    raw = head[PREAMBLE_SIZE:end]
+    if end > len(head):  # a large index: one more request for the rest
+        raw += source.read(len(head), end - len(head))
+    if len(raw) < pre.index_length:
+        raise TruncatedFileError("file ends inside its index")
+    return decode_index(pre, raw)
+
+
+class LoadInfo(NamedTuple):
+    """What ``load_into_module`` did, like ``Module.load_state_dict``'s result."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+Filter = Callable[[str], bool] | Iterable[str] | None
+
+
+def _default_threads(device: torch.device, source: Source) -> int:
+    if NUM_READERS > 0:
+        return NUM_READERS
+    cpus = os.cpu_count() or 2
+    if not isinstance(source, FileSource):
+        return max(4, source.preferred_concurrency)
+    return min(16, max(4, cpus)) if device.type == "cuda" else min(8, max(2, cpus))
+
+
+class TensorDeserializer(Mapping[str, torch.Tensor]):
+    """A read-only mapping from tensor name to tensor, streamed from any source.
+
+    Construction loads every selected tensor (unless ``lazy``); afterwards the mapping holds finished
+    tensors that own their memory. It is also a context manager and can fill a module in place.
+
+    Args:
+        source: local path, URI (``file://``, ``http(s)://``, ``s3://``, ``hf://``) or a ``Source``.
+        device: where tensors go (``"cpu"`` default, ``"cuda"``, ``"cuda:1"``, a ``torch.device``).
+        dtype: cast floating tensors to this dtype (ints, bools, complex and packed types are kept).
+        filter: names to load, as a predicate or an iterable; other tensors' bytes are never read.
+        lazy: load each tensor on first access instead of all at once.
+        verify_hash: check every block against its digest while streaming; a mismatch raises
+            ``HashMismatchError`` naming the tensor.
+        num_readers: reader threads (default: from the CPU count and the source).
+        chunk_bytes: the read unit (default 16 MiB); forced to the digest block size when verifying.
+        staging_bytes: cap of the staging pool (GPU loads); default 512 MiB, at most 2 GiB advised.
+        strategy: ``"auto"``, ``"pread"`` (page-cache reads), ``"odirect"`` (bypass the page cache,
+            for cold local files), ``"register"`` (pin page-cache pages in place; CUDA, local files).
+        mmap: CPU only, local files only: tensors are zero-copy views of a private file mapping.
+        transform: in-place per-piece step applied after reading (the decryption hook).
+        **source_options: passed to the transport when ``source`` is a URI.
+
+    Raises:
+        FormatError: the file is not valid (typed subclasses say why).
+        SourceError: the bytes could not be read.
+        HashMismatchError: with ``verify_hash``, data does not match its digest.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Source,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        filter: Filter = None,
+        lazy: bool = False,
+        verify_hash: bool = False,
+        num_readers: int | None = None,
+        chunk_bytes: int | None = None,
+        staging_bytes: int | None = None,
+        strategy: str = "auto",
+        mmap: bool = False,
+        transform: Transform | None = None,
+        **source_options: Any,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self._source = open_source(source, **source_options)
+        self._owns_source = not isinstance(source, Source)
+        try:
+            self.index = read_index(self._source)
+        except BaseException:
+            self.close()
+            raise
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.verify_hash = verify_hash
+        self.num_readers = num_readers or _default_threads(self.device, self._source)
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        self.staging_bytes = staging_bytes or STAGING_BYTES
+        self.strategy = strategy
+        self.mmap = mmap
+        self.transform = transform
+        if self.index.encrypted and transform is None:
+            from ..errors import MissingKeyError
+
+            raise MissingKeyError(f"{self._source.uri} is encrypted: pass a key (see hf_tensorizer.crypto)")
+        if mmap and (self.device.type != "cpu" or self._source.fileno() is None or self.index.encrypted):
+            raise UsageError("mmap=True needs device='cpu', a local file, and no encryption")
+        self._names = self._select(filter)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._mmap: _mmap.mmap | None = None
+        self.metrics = LoadMetrics()
+        if not lazy:
+            self._load([self.index.tensors[n] for n in self._names])
+
+    # ---- Mapping ---------------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        t = self._tensors.get(name)
+        if t is None:
+            with self._lock:
+                if name not in self._tensors:
+                    self._load([self.index.tensors[name]])
+            t = self._tensors[name]
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The user metadata map stored with the tensors."""
+        return dict(self.index.metadata)
+
+    def kind(self, name: str) -> TensorKind:
+        """Whether ``name`` was a parameter, a buffer, or a plain tensor when written."""
+        return self.index.tensors[name].kind
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    def _select(self, filt: Filter) -> list[str]:
+        names = list(self.index.tensors)
+        if filt is None:
+            return names
+        if callable(filt):
+            return [n for n in names if filt(n)]
+        wanted = set(filt)
+        unknown = wanted.difference(self.index.tensors)
+        if unknown:
+            raise UsageError(f"filter names tensors not in the file: {sorted(unknown)[:5]}")
+        return [n for n in names if n in wanted]
+
+    def _load(self, entries: list[TensorEntry]) -> None:
+        """Load ``entries`` (and the targets of aliases among them) into ``self._tensors``."""
+        t_start = time.perf_counter()
+        data = {e.name: e for e in entries if e.alias is None}
+        for e in entries:
+            if e.alias is not None and e.alias not in self._tensors:
+                data.setdefault(e.alias, self.index.tensors[e.alias])
+        todo = [e for e in data.values() if e.name not in self._tensors]
+        metrics = LoadMetrics(threads=self.num_readers)
+        if self.mmap:
+            loaded = self._load_mmap(todo)
+            metrics.strategy = "mmap"
+        else:
+            loaded = self._load_streamed(todo, metrics)
+        loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._tensors.update(loaded)
+        for e in entries:
+            if e.alias is not None:
+                self._tensors[e.name] = self._tensors[e.alias]
+        metrics.bytes = sum(e.length for e in todo)
+        metrics.tensors = len(todo)
+        metrics.seconds = time.perf_counter() - t_start
+        self._merge_metrics(metrics)
+
+    def _merge_metrics(self, m: LoadMetrics) -> None:
+        if not self.metrics.bytes and not self.metrics.tensors:
+            self.metrics = m
+            return
+        self.metrics.bytes += m.bytes
+        self.metrics.tensors += m.tensors
+        self.metrics.seconds += m.seconds
+        self.metrics.chunks += m.chunks
+        self.metrics.stages.add(m.stages)
+
+    def _finish(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None and is_floating(entry.dtype) and entry.dtype != self.dtype:
+            return t.to(self.dtype)
+        return t
+
+    def _pick_strategy(self) -> str:
+        fd = self._source.fileno()
+        if self.strategy != "auto":
+            if self.strategy in ("odirect", "register") and fd is None:
+                raise UsageError(f"strategy {self.strategy!r} needs a local file")
+            if self.strategy == "register" and (self.device.type != "cuda" or self.transform is not None):
+                raise UsageError("strategy 'register' needs a CUDA device and an unencrypted file")
+            return self.strategy
+        if fd is None or self.device.type != "cuda":
+            return "pread"  # CPU: reads go straight into the tensors; page cache readahead serves cold files
+        resident = pagecache.resident_fraction(fd, self._source.size)
+        return "pread" if resident is None or resident >= 0.5 else "odirect"
+
+    def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
+        strategy = self._pick_strategy()
+        metrics.strategy = strategy
+        unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
+        chunks = plan_chunks(todo, unit)
+        metrics.chunks = len(chunks)
+        dests = {e.name: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in todo}
+        if not chunks:
+            return dests
+        verifier = Verifier(self.index) if self.verify_hash else None
+        threads = self.num_readers
+        if self.device.type == "cpu" and strategy == "pread":
+            metrics.stages = load_cpu(self._source, chunks, dests, threads=threads, verifier=verifier,
+                                      transform=self.transform)  # fmt: skip
+            return dests
+        if strategy == "register":
+            fd = self._source.fileno()
+            assert fd is not None
+            metrics.stages = load_registered(fd, self._source.size, chunks, dests, threads=threads)
+            return dests
+        direct_fd = None
+        if strategy == "odirect":
+            assert isinstance(self._source, FileSource)
+            direct_fd = self._source.direct_fileno()
+            if direct_fd is None:
+                metrics.strategy = "pread"
+        buffer_bytes = max(c.length for c in chunks) + (2 * 4096 if direct_fd is not None else 0)
+        max_buffers = max(threads + 1, min(2 * threads, self.staging_bytes // max(1, buffer_bytes)))
+        pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda")
+        try:
+            metrics.stages = load_staged(self._source, chunks, dests, threads=threads, pool=pool, verifier=verifier,
+                                         transform=self.transform, direct_fd=direct_fd,
+                                         file_size=self._source.size)  # fmt: skip
+            metrics.staging_peak_bytes = pool.peak_allocated * buffer_bytes
+        finally:
+            pool.close()
+        return dests
+
+    def _load_mmap(self, todo: list[TensorEntry]) -> dict[str, torch.Tensor]:
+        if self._mmap is None:
+            fd = self._source.fileno()
+            assert fd is not None
+            # private mapping: tensors are writable without touching the file
+            self._mmap = _mmap.mmap(fd, self._source.size, flags=_mmap.MAP_PRIVATE,
+                                    prot=_mmap.PROT_READ | _mmap.PROT_WRITE)  # fmt: skip
+        out = {}
+        for e in todo:
+            if e.length == 0:
+                out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+                continue
+            raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.length, offset=e.offset)
+            t = raw.view(e.dtype).reshape(e.shape)
+            if self.verify_hash:
+                from .memory import host_view
+                from .plan import plan_chunks as _pc
+
+                verifier = Verifier(self.index)
+                view = host_view(raw)
+                for c in _pc([e], self.index.block_size):
+                    for p in c.pieces:
+                        verifier.check(p, view[p.tensor_offset : p.tensor_offset + p.length])
+            out[e.name] = t
+        return out
+
+    # ---- modules ---------------------------------------------------------------------------------
+
+    def load_into_module(self, module: torch.nn.Module, *, strict: bool = True) -> LoadInfo:
+        """Fill ``module``'s parameters and persistent buffers from this file, in place.
+
+        Works on modules created on the meta device: each parameter is replaced by a ``Parameter``
+        holding the loaded tensor (``requires_grad`` kept), each buffer by the tensor (persistence
+        kept). Parameters that were one object (tied weights) stay one object.
+
+        Args:
+            module: the module to fill.
+            strict: raise if keys are missing or unexpected.
+
+        Returns:
+            The missing and unexpected keys.
+
+        Raises:
+            UsageError: with ``strict``, when the keys do not match; or a shape mismatch (always).
+        """
+        expected = list(module.state_dict(keep_vars=True).keys())
+        missing = [k for k in expected if k not in self._names]
+        unexpected = [k for k in self._names if k not in set(expected)]
+        if strict and (missing or unexpected):
+            raise UsageError(f"keys do not match the module: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        replaced: dict[int, torch.nn.Parameter] = {}
+        for name in expected:
+            if name in missing:
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            tensor = self[name]
+            if attr in owner._parameters and owner._parameters[attr] is not None:
+                old = owner._parameters[attr]
+                assert old is not None
+                _check_shape(name, old, tensor)
+                new = replaced.get(id(old))
+                if new is None:
+                    new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+                    replaced[id(old)] = new
+                owner._parameters[attr] = new
+            elif attr in owner._buffers:
+                old_buf = owner._buffers[attr]
+                if old_buf is not None:
+                    _check_shape(name, old_buf, tensor)
+                owner._buffers[attr] = tensor
+            else:
+                raise UsageError(f"{name!r} is neither a parameter nor a buffer of the module")
+        # parameters tied to a loaded one but absent from state_dict keys (deduplicated names)
+        for sub in module.modules():
+            for attr, p in list(sub._parameters.items()):
+                if p is not None and id(p) in replaced:
+                    sub._parameters[attr] = replaced[id(p)]
+        return LoadInfo(missing, unexpected)
+
+    # ---- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the source and the file mapping. Loaded tensors stay valid (mmap views keep the map)."""
+        if getattr(self, "_owns_source", False):
+            self._source.close()
+        self._mmap = None
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if empty is not None and torch.cuda.is_available():
+            empty()  # return the pinned staging pool to the OS, not just to torch's cache
+
+    def __enter__(self) -> TensorDeserializer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorDeserializer({self._source.uri!r}, tensors={len(self._names)}, device={self.device})"
+
+
+def _check_shape(name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if tuple(old.shape) != tuple(new.shape):
+        raise UsageError(f"{name!r}: module expects shape {tuple(old.shape)}, file has {tuple(new.shape)}")
+
+
+def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``source`` into a plain dict (``TensorDeserializer`` arguments apply)."""
+    with TensorDeserializer(source, **kwargs) as d:
+        return dict(d)
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathLike[str], **kwargs: Any) -> FileIndex:
+    """Write ``state_dict`` to ``dest`` (``TensorSerializer`` arguments apply). Returns the index."""
+    from .writer import TensorSerializer
+
+    s = TensorSerializer(dest, **kwargs)
+    s.write_state_dict(state_dict)
+    return s.close()
+
+
+__all__ = ["LoadInfo", "TensorDeserializer", "TensorizerError", "load_state_dict", "read_index", "save_state_dict"]

@@ -1,0 +1,282 @@
+"""TensorSerializer: state dicts and modules to one file, streamed sequentially to any sink."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..constants import DEFAULT_ALIGNMENT, DEFAULT_BLOCK_SIZE
+from ..errors import SinkError, TensorizerError, UsageError
+from ..format.dtypes import dtype_name
+from ..format.index import FileIndex, TensorEntry, TensorKind, encode_header
+from ..sources import Sink, open_sink
+from .digest import digest_fn
+from .layout import LayoutItem, compute_layout
+from .memory import as_bytes, host_view
+
+_ZEROS = bytes(1 << 16)
+
+
+@dataclass
+class _Pending:
+    item: LayoutItem
+    tensor: torch.Tensor | None  # None for aliases
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of a tensor view: equal keys mean the same bytes under the same shape (tied weights)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+
+
+class TensorSerializer:
+    """Writes tensors to one hf_tensorizer file.
+
+    Tensors are collected by the ``write_*`` calls (references, not copies) and streamed out on
+    :meth:`close`, when the whole layout is known. The sink sees strictly sequential writes; local
+    files are written to a temporary name and renamed into place, so a crash never leaves a file that
+    looks complete.
+
+    Args:
+        dest: a local path or URI (``s3://``, ``hf://``) or a :class:`~hf_tensorizer.sources.Sink`.
+        metadata: user string map stored in the index (like safetensors' ``__metadata__``).
+        alignment: data alignment of tensors of at least this size (bytes, power of two).
+        block_size: digest block size; large tensors get one digest per block.
+        digest: ``"crc32"`` (default), ``"sha256"`` or ``"none"``.
+        progress: show a ``tqdm`` bar; ``None`` shows one for writes over 1 GiB.
+        **sink_options: passed to the sink of a URI (e.g. ``endpoint_url`` for S3).
+
+    Example:
+        >>> with TensorSerializer("model.tensors") as s:
+        ...     s.write_module(model)
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str] | Sink,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        alignment: int = DEFAULT_ALIGNMENT,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        digest: str = "crc32",
+        progress: bool | None = None,
+        **sink_options: Any,
+    ) -> None:
+        digest_fn(digest)  # validate early
+        if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise UsageError("metadata must map str to str")
+        self._dest = dest
+        self._sink_options = sink_options
+        self.metadata = dict(metadata or {})
+        self.alignment = alignment
+        self.block_size = block_size
+        self.digest = digest
+        self.progress = progress
+        self._pending: dict[str, _Pending] = {}
+        self._views: dict[tuple[Any, ...], str] = {}
+        self._closed = False
+        self.index: FileIndex | None = None
+
+    # ---- collecting ------------------------------------------------------------------------------
+
+    def write_tensor(self, name: str, tensor: torch.Tensor, kind: TensorKind | str = TensorKind.PLAIN) -> None:
+        """Add one tensor under ``name``. A tensor that is the same view as one already added is stored
+        once and loads back as the same object (tied weights)."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"tensor names must be non-empty strings, got {name!r}")
+        if name in self._pending:
+            raise UsageError(f"tensor {name!r} was already written")
+        if not isinstance(tensor, torch.Tensor):
+            raise UsageError(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.is_meta:
+            raise UsageError(f"tensor {name!r} is on the meta device and has no data to write")
+        if tensor.layout != torch.strided:
+            raise UsageError(f"tensor {name!r} has layout {tensor.layout}; only dense tensors can be written")
+        tensor = tensor.detach()
+        dtype_name(tensor.dtype)  # raises UnknownDtypeError for unsupported dtypes
+        kind = TensorKind(kind)
+        key = _view_key(tensor)
+        target = self._views.get(key)
+        if target is not None:
+            item = LayoutItem(name, tensor.dtype, tuple(tensor.shape), kind, alias=target)
+            self._pending[name] = _Pending(item, None)
+            return
+        self._views[key] = name
+        self._pending[name] = _Pending(LayoutItem(name, tensor.dtype, tuple(tensor.shape), kind), tensor)
+
+    def write_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Add every tensor of a (flat) state dict, keys kept exactly."""
+        for name, tensor in state_dict.items():
+            self.write_tensor(name, tensor)
+
+    def write_module(self, module: torch.nn.Module, *, include_non_persistent_buffers: bool = False) -> None:
+        """Add a module's parameters and persistent buffers under their ``state_dict()`` keys.
+
+        Parameters and buffers are recorded as such, so ``load_into_module`` restores them faithfully;
+        shared parameters (tied weights) are stored once.
+        """
+        params = {n: p for n, p in module.named_parameters(remove_duplicate=False)}
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        names = list(module.state_dict(keep_vars=True).keys())
+        if include_non_persistent_buffers:
+            names += [n for n in buffers if n not in names]
+        for name in names:
+            if name in params:
+                self.write_tensor(name, params[name], TensorKind.PARAMETER)
+            elif name in buffers and buffers[name] is not None:
+                self.write_tensor(name, buffers[name], TensorKind.BUFFER)
+            else:  # extra state: tensors only
+                value = module.state_dict(keep_vars=True)[name]
+                if isinstance(value, torch.Tensor):
+                    self.write_tensor(name, value)
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    def close(self) -> FileIndex:
+        """Write everything and commit the destination. Returns the written index.
+
+        Raises:
+            SinkError: the destination could not be written; nothing partial is left behind.
+        """
+        if self._closed:
+            assert self.index is not None
+            return self.index
+        self._closed = True
+        index = compute_layout(
+            [p.item for p in self._pending.values()],
+            metadata=self.metadata, alignment=self.alignment, block_size=self.block_size, digest=self.digest,
+        )  # fmt: skip
+        sink = open_sink(self._dest, **self._sink_options)
+        try:
+            if sink.can_rewrite_head or self.digest == "none":
+                header = encode_header(index)
+                sink.write(header)
+                self._stream(index, sink, write=True)
+                index = self._with_digests(index)
+                if self.digest != "none":
+                    final = encode_header(index)
+                    assert len(final) == len(header)
+                    sink.rewrite_head(final)
+            else:  # no way back to the head: hash first, then write
+                self._stream(index, None, write=False)
+                index = self._with_digests(index)
+                sink.write(encode_header(index))
+                self._stream(index, sink, write=True)
+            sink.commit()
+        except BaseException as exc:
+            sink.abort()
+            if isinstance(exc, TensorizerError) or not isinstance(exc, OSError):
+                raise
+            raise SinkError(f"writing {getattr(sink, 'uri', self._dest)} failed: {exc}") from exc
+        finally:
+            self._pending.clear()
+            self._views.clear()
+        self.index = index
+        return index
+
+    def _stream(self, index: FileIndex, sink: Sink | None, *, write: bool) -> None:
+        hash_block = digest_fn(self.digest)
+        self._digests: dict[str, list[str]] = {}
+        pos = index.data_offset
+        bar = self._bar(index.data_bytes) if write else None
+        for entry in index.data_entries:
+            tensor = self._pending[entry.name].tensor
+            assert tensor is not None
+            if sink is not None and entry.offset > pos:
+                _write_zeros(sink, entry.offset - pos)
+            pos = entry.offset
+            digests: list[str] = []
+            for block in _host_blocks(tensor, index.block_size):
+                if self.digest != "none":
+                    digests.append(hash_block(block))
+                if sink is not None:
+                    sink.write(block)
+                pos += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+            self._digests[entry.name] = digests
+        if bar is not None:
+            bar.close()
+
+    def _with_digests(self, index: FileIndex) -> FileIndex:
+        if self.digest == "none":
+            return index
+        tensors = {
+            n: e if e.alias is not None else TensorEntry(
+                e.name, e.dtype, e.shape, e.kind, e.offset, e.length, tuple(self._digests[n]), None, e.crypt
+            )
+            for n, e in index.tensors.items()
+        }  # fmt: skip
+        index.tensors = tensors
+        return index
+
+    def _bar(self, total: int) -> Any:
+        show = self.progress if self.progress is not None else total > (1 << 30)
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="B", unit_scale=True, desc="serializing")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("serializer is closed")
+
+    def __enter__(self) -> TensorSerializer:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+            self._pending.clear()
+
+
+def _write_zeros(sink: Sink, n: int) -> None:
+    while n:
+        k = min(n, len(_ZEROS))
+        sink.write(_ZEROS[:k])
+        n -= k
+
+
+def _host_blocks(tensor: torch.Tensor, block: int) -> Iterator[memoryview]:
+    """The tensor's bytes as host memoryviews of at most ``block`` bytes each.
+
+    CPU tensors are viewed in place. CUDA tensors are copied out through two pinned buffers on a side
+    stream: block i+1 is in flight while the caller writes block i, so the GPU copy never stalls the sink.
+    """
+    if tensor.device.type != "cuda":
+        t = tensor.contiguous()
+        view = host_view(t) if t.device.type == "cpu" else host_view(t.cpu())
+        for start in range(0, len(view), block):
+            yield view[start : start + block]
+        return
+    src = as_bytes(tensor.contiguous())
+    n = src.numel()
+    size = min(block, n)
+    if size == 0:
+        return
+    stream = torch.cuda.Stream(device=tensor.device)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def launch(i: int, start: int) -> None:
+        with torch.cuda.stream(stream):
+            length = min(size, n - start)
+            bufs[i][:length].copy_(src[start : start + length], non_blocking=True)
+            events[i].record(stream)
+
+    starts = list(range(0, n, size))
+    launch(0, 0)
+    for j, start in enumerate(starts):
+        cur = j % 2
+        if j + 1 < len(starts):
+            launch(1 - cur, starts[j + 1])
+        events[cur].synchronize()
+        yield host_view(bufs[cur])[: min(size, n - start)]

@@ -1,0 +1,91 @@
+"""One exception hierarchy for everything hf_tensorizer raises on bad input or failed I/O.
+
+Every error derives from :class:`TensorizerError`, so callers can catch a single type. Messages say what
+was wrong and where (tensor name, offset, URI); they never contain credentials.
+"""
+
+from __future__ import annotations
+
+
+class TensorizerError(Exception):
+    """Base class of every hf_tensorizer error."""
+
+
+# --- format: the bytes of a file do not describe a valid artifact -------------------------------------
+
+
+class FormatError(TensorizerError, ValueError):
+    """The file is not a valid hf_tensorizer file (bad magic, header, index or layout)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file was written by a newer format version or needs a feature this reader lacks."""
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before the header, the index or a tensor's data does."""
+
+
+class HeaderTooLargeError(FormatError):
+    """The index is larger than the configured cap (protects against hostile headers)."""
+
+
+class UnknownDtypeError(FormatError):
+    """A tensor's dtype name is not one this reader knows."""
+
+
+# --- integrity and security ------------------------------------------------------------------------
+
+
+class IntegrityError(TensorizerError):
+    """Stored bytes do not match their digest."""
+
+    def __init__(self, message: str, *, tensors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.tensors: list[str] = list(tensors or [])
+
+
+class HashMismatchError(IntegrityError):
+    """A tensor's data does not match the digest recorded in the index."""
+
+
+class IndexDigestError(IntegrityError):
+    """The index bytes do not match the digest stored in the preamble."""
+
+
+class EncryptionError(TensorizerError):
+    """Encryption or decryption failed: wrong key, tampered ciphertext, or missing key."""
+
+
+class DecryptionError(EncryptionError):
+    """Ciphertext or authenticated metadata failed verification (wrong key or tampering)."""
+
+
+class MissingKeyError(EncryptionError):
+    """The file is encrypted and no key or passphrase was given."""
+
+
+# --- sources and sinks -----------------------------------------------------------------------------
+
+
+class SourceError(TensorizerError, OSError):
+    """Reading from a location failed (file, HTTP, S3, Hub)."""
+
+
+class InvalidURIError(SourceError, ValueError):
+    """A URI is malformed or uses an unknown scheme."""
+
+
+class ObjectChangedError(SourceError):
+    """The remote object changed while it was being read (ETag, version or commit moved)."""
+
+
+class SinkError(TensorizerError, OSError):
+    """Writing to a destination failed; nothing partial was left behind."""
+
+
+# --- usage -----------------------------------------------------------------------------------------
+
+
+class UsageError(TensorizerError, ValueError):
+    """An argument combination is invalid (e.g. a key for a filter that matches nothing)."""

@@ -1,0 +1,104 @@
+"""Sources and sinks: bytes at offsets, wherever they live.
+
+``open_source`` and ``open_sink`` are the one opener for every location: local paths and ``file://``,
+``http://``/``https://``, ``s3://bucket/key`` and ``hf://org/repo[@revision]/path``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from ..errors import InvalidURIError
+from .base import Sink, Source
+from .file import FileSink, FileSource
+
+__all__ = ["FileSink", "FileSource", "Sink", "Source", "open_sink", "open_source", "scheme_of"]
+
+REMOTE_SCHEMES = ("http", "https", "s3", "hf")
+
+
+def scheme_of(uri: str | os.PathLike[str]) -> str:
+    """``"file"``, ``"http"``, ``"https"``, ``"s3"`` or ``"hf"``.
+
+    Raises:
+        InvalidURIError: an unknown scheme (``ftp://...``) or a malformed URI.
+    """
+    text = os.fspath(uri)
+    if "://" not in text:
+        return "file"
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "file" or scheme in REMOTE_SCHEMES:
+        return scheme
+    raise InvalidURIError(f"unsupported URI scheme {scheme!r} in {redact(text)!r}")
+
+
+def local_path(uri: str | os.PathLike[str]) -> str:
+    """The filesystem path of a local path or ``file://`` URI."""
+    text = os.fspath(uri)
+    if text.startswith("file://"):
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise InvalidURIError(f"file URI with a remote host is not supported: {text!r}")
+        return unquote(parsed.path)
+    return text
+
+
+def redact(uri: str) -> str:
+    """``uri`` without user info or query string, for messages and logs."""
+    if "://" not in uri:
+        return uri
+    p = urlparse(uri)
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:
+    """Open ``uri`` for reading. A :class:`Source` passes through unchanged.
+
+    Args:
+        uri: a local path or URI.
+        **options: transport options (``headers``, ``token``, ``endpoint_url``, ``concurrency``, ...),
+            see the transport's class.
+
+    Raises:
+        InvalidURIError: malformed URI or unknown scheme.
+        SourceError: the object cannot be opened.
+    """
+    if isinstance(uri, Source):
+        return uri
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return FileSource(local_path(uri))
+    if scheme in ("http", "https"):
+        from .http import HTTPSource
+
+        return HTTPSource(os.fspath(uri), **options)
+    if scheme == "s3":
+        from .s3 import S3Source
+
+        return S3Source(os.fspath(uri), **options)
+    from .hub import HubSource
+
+    return HubSource(os.fspath(uri), **options)
+
+
+def open_sink(uri: str | os.PathLike[str] | Sink, **options: Any) -> Sink:
+    """Open ``uri`` for writing one object (atomically committed). A :class:`Sink` passes through."""
+    if isinstance(uri, Sink):
+        return uri
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return FileSink(local_path(uri))
+    if scheme == "s3":
+        from .s3 import S3Sink
+
+        return S3Sink(os.fspath(uri), **options)
+    if scheme == "hf":
+        from .hub import HubSink
+
+        return HubSink(os.fspath(uri), **options)
+    raise InvalidURIError(f"writing to {scheme}:// is not supported; use a local path, s3:// or hf://")

@@ -1,0 +1,88 @@
+"""The byte-range interface every location implements: local files, HTTP(S), S3, the Hub.
+
+The engine only ever asks a :class:`Source` for bytes at an offset, written into buffers it owns, so a
+new transport plugs in without touching the engine. Sinks are the write-side counterpart.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+
+class Source(abc.ABC):
+    """Random-access, read-only bytes of one object.
+
+    Implementations must be safe to call from several threads at once; ``size`` is fixed for the
+    lifetime of the source (remote ones pin the object version, see ``ObjectChangedError``).
+    """
+
+    #: a display name for messages (credentials removed)
+    uri: str
+    #: total size in bytes
+    size: int
+    #: how many concurrent ``read_into`` calls this source serves well
+    preferred_concurrency: int = 8
+
+    @abc.abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` entirely with the bytes at ``offset``.
+
+        Raises:
+            TruncatedFileError: the object ends before ``offset + len(buf)``.
+            SourceError: the read failed after retries.
+        """
+
+    def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Scatter the contiguous range starting at ``offset`` into ``bufs`` in order."""
+        for b in bufs:
+            self.read_into(offset, b)
+            offset += len(b)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Convenience for small reads (the header): a new ``bytes`` of exactly ``length``."""
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def fileno(self) -> int | None:
+        """An OS file descriptor when the bytes are a local file (enables mmap and O_DIRECT)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or descriptors. Idempotent."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sink(abc.ABC):
+    """A destination written strictly sequentially, committed atomically.
+
+    ``rewrite_head`` exists because the index sits at the front but digests are known only after the
+    data streamed past: seekable sinks (local files) and S3 multipart (parts upload in any order) can
+    replace the first bytes at the end; others set ``can_rewrite_head = False`` and the serializer
+    computes digests in a first pass instead.
+    """
+
+    uri: str
+    can_rewrite_head: bool = False
+
+    @abc.abstractmethod
+    def write(self, data: memoryview | bytes) -> None:
+        """Append ``data``."""
+
+    def rewrite_head(self, data: bytes) -> None:
+        """Replace the first ``len(data)`` bytes already written (same length)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewrite its head")
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make the object visible, complete. Before this, readers never see a partial object."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard everything written. Idempotent; never raises for an already-aborted sink."""

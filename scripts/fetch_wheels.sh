@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Download the peer loaders' wheels (and the runtime deps the GPU image lacks) for the GPU machine's
+# CPython 3.12 / x86-64 into .whl/ (git-ignored). tests/gpu/run.sh installs them with `pip --target`.
+# The image already has torch, numpy, protobuf, psutil, typer, humanize, urllib3, python-dateutil, ...
+# (see the device notes), so those are left out. Usage: scripts/fetch_wheels.sh [PYTHON]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-${PYTHON:-/work/venv/bin/python}}
+DEST=.whl
+mkdir -p "$DEST"
+PLATFORMS=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+         manylinux2014_x86_64 manylinux1_x86_64 any; do
+  PLATFORMS+=(--platform "$p")
+done
+PKGS=(
+  tensorizer==2.12.1 fastsafetensors==0.5.0 runai-model-streamer==0.16.1 instanttensor==0.2.2
+  # tensorizer's Requires-Dist that the image lacks (it imports boto3, redis and libnacl at import time)
+  boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 redis==8.1.0 hiredis==3.5.0 libnacl==2.1.0
+)
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${PLATFORMS[@]}" -d "$DEST" "${PKGS[@]}"
+for f in "$DEST"/*.whl; do  # runtime needs of each wheel, for a manual check against the image's list
+  echo "$(basename "$f"): $(unzip -p "$f" '*/METADATA' | grep '^Requires-Dist' | grep -v extra | cut -d' ' -f2- | tr '\n' ' ')"
+done
+du -sh "$DEST"
