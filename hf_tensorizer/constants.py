@@ -28,3 +28,14 @@ MAX_INDEX_BYTES = _env_int("HF_TENSORIZER_MAX_INDEX_BYTES", 256 * MiB)
 STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned pool cap (<= 2 GiB default)
 CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 16 * MiB)
 NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU count
+
+# Encryption -------------------------------------------------------------------------------------------
+KEY_ENV = "HF_TENSORIZER_KEY"  # a key (base64 or hex) used to open encrypted files when none is passed
+
+# Remote transports (HTTP, S3, Hub) -------------------------------------------------------------------
+REMOTE_CONCURRENCY = _env_int("HF_TENSORIZER_REMOTE_CONCURRENCY", 16)  # keep-alive connections per remote source
+REMOTE_PART_BYTES = _env_int("HF_TENSORIZER_REMOTE_PART_BYTES", 16 * MiB)  # larger reads split into ranged GETs
+REMOTE_RETRIES = _env_int("HF_TENSORIZER_REMOTE_RETRIES", 8)  # consecutive failed attempts before giving up
+REMOTE_TIMEOUT_S = _env_int("HF_TENSORIZER_REMOTE_TIMEOUT", 60)  # connect and per-socket-read timeout
+S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 64 * MiB)  # multipart part (S3 minimum: 5 MiB)
+S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 4)  # parts uploading at once (memory bound)

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "safetensors load_file": lambda: load_file(paths["st"], device=device),
         "torch.load (mmap)": lambda: {
             k: v.to(device) for k, v in torch.load(paths["pt"], weights_only=True, mmap=True).items()
-        },  # fmt: skip
+        },
         "transformers from_pretrained": hf,
     }
     rows = []

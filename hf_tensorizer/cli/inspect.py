@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     print(f"{uri}: {len(index.tensors)} tensors, {index.data_bytes:,} data bytes, file {index.file_size:,} bytes")
-    print(f"  data at {index.data_offset}, alignment {index.alignment}, {index.digest} per {index.block_size:,}-byte block"
-          + (", encrypted" if index.encrypted else ""))  # fmt: skip
+    enc = ", encrypted" if index.encrypted else ""
+    print(f"  data at {index.data_offset}, alignment {index.alignment}, {index.digest} per {index.block_size:,} B{enc}")
     for k, v in index.metadata.items():
         print(f"  metadata {k} = {v}")
     width = max((len(e.name) for e in entries), default=4)
