@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -20,7 +20,10 @@ from ..sources.file import FileSource
 from . import pagecache
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks
-from .staging import StagingPool
+from .staging import PAGE, StagingPool
+
+if TYPE_CHECKING:
+    from ..crypto.keys import KeySpec
 
 STRATEGIES = ("auto", "pread", "odirect", "register")
 _FIRST_READ = 64 << 10  # one small request usually returns the preamble and the whole index
@@ -87,12 +90,18 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             for cold local files), ``"register"`` (pin page-cache pages in place; CUDA, local files).
         mmap: CPU only, local files only: tensors are zero-copy views of a private file mapping.
         transform: in-place per-piece step applied after reading (the decryption hook).
+        encryption: key or passphrase of an encrypted file (``EncryptionKey``, ``Passphrase`` or 32
+            bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY`` for encrypted
+            files. The header is authenticated before anything else happens; giving a key for a file
+            that is not encrypted raises ``DecryptionError`` (no silent downgrade).
         **source_options: passed to the transport when ``source`` is a URI.
 
     Raises:
         FormatError: the file is not valid (typed subclasses say why).
         SourceError: the bytes could not be read.
         HashMismatchError: with ``verify_hash``, data does not match its digest.
+        MissingKeyError: the file is encrypted and no key was given or found in the environment.
+        DecryptionError: wrong key or passphrase, or the file was tampered with.
     """
 
     def __init__(
@@ -110,6 +119,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy: str = "auto",
         mmap: bool = False,
         transform: Transform | None = None,
+        encryption: KeySpec | None = None,
         **source_options: Any,
     ) -> None:
         if strategy not in STRATEGIES:
@@ -118,6 +128,13 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self._owns_source = not isinstance(source, Source)
         try:
             self.index = read_index(self._source)
+            if self.index.encrypted or encryption is not None:
+                if transform is not None:
+                    raise UsageError("transform= and encryption cannot be combined")
+                from ..crypto import open_transform
+
+                # authenticates the whole header before any planning, filtering or tensor access
+                transform = open_transform(self.index, encryption, self._source.uri)
         except BaseException:
             self.close()
             raise
@@ -132,10 +149,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self.strategy = strategy
         self.mmap = mmap
         self.transform = transform
-        if self.index.encrypted and transform is None:
-            from ..errors import MissingKeyError
-
-            raise MissingKeyError(f"{self._source.uri} is encrypted: pass a key (see hf_tensorizer.crypto)")
         if mmap and (self.device.type != "cpu" or self._source.fileno() is None or self.index.encrypted):
             raise UsageError("mmap=True needs device='cpu', a local file, and no encryption")
         self._names = self._select(filter)
@@ -249,6 +262,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy = self._pick_strategy()
         metrics.strategy = strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
+        if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
+            unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
         chunks = plan_chunks(todo, unit)
         metrics.chunks = len(chunks)
         dests = {e.name: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in todo}
@@ -271,7 +286,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             direct_fd = self._source.direct_fileno()
             if direct_fd is None:
                 metrics.strategy = "pread"
-        buffer_bytes = max(c.length for c in chunks) + (2 * 4096 if direct_fd is not None else 0)
+        longest = max(c.length for c in chunks) + (2 * PAGE if direct_fd is not None else 0)
+        buffer_bytes = 1 << max(12, (longest - 1).bit_length())  # torch rounds pinned sizes to powers of two
         max_buffers = max(threads + 1, min(2 * threads, self.staging_bytes // max(1, buffer_bytes)))
         pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda")
         try:

@@ -57,6 +57,13 @@ class StagingPool:
         return self._allocated
 
     def _new_buffer(self) -> torch.Tensor:
+        if self.pin:
+            # cudaHostAlloc memory is page-aligned already; torch rounds pinned sizes up to a power of two,
+            # so a power-of-two buffer_bytes wastes nothing
+            buf = torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=True)
+            if buf.data_ptr() % PAGE == 0:
+                return buf
+            del buf
         raw = torch.empty(self.buffer_bytes + PAGE, dtype=torch.uint8, pin_memory=self.pin)
         skip = (-raw.data_ptr()) % PAGE
         return raw[skip : skip + self.buffer_bytes]
