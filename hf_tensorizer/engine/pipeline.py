@@ -271,11 +271,15 @@ def _read_chunk(source: Source, chunk: Chunk, buf: torch.Tensor, direct_fd: int 
     start, length = aligned_span(chunk, PAGE, file_size)
     view = host_view(buf)[:length]
     got = 0
-    while got < length:  # O_DIRECT: aligned offset, aligned buffer, aligned length; short only at EOF
-        n = os.preadv(direct_fd, [view[got:]], start + got)
-        if n == 0:
-            break
-        got += n
+    try:
+        while got < length:  # O_DIRECT: aligned offset, aligned buffer, aligned length; short only at EOF
+            n = os.preadv(direct_fd, [view[got:]], start + got)
+            if n == 0:
+                break
+            got += n
+    except OSError:  # a filesystem that accepts O_DIRECT at open but not for this read: use the page cache
+        source.read_into(chunk.offset, host_view(buf)[: chunk.length])
+        return 0
     if got < chunk.end - start:
         from ..errors import TruncatedFileError
 
@@ -305,61 +309,59 @@ def _copy_pieces(
 
 # ---- CUDA target from registered page cache ---------------------------------------------------------
 
-_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
+_HOST_REGISTER_FLAGS = 8 | 2  # cudaHostRegisterReadOnly | cudaHostRegisterMapped (the file map is read-only)
 
 
 def load_registered(
-    fd: int, file_size: int, chunks: Sequence[Chunk], dests: dict[str, torch.Tensor], *, threads: int
+    fd: int, file_size: int, windows: Sequence[Chunk], dests: dict[str, torch.Tensor], *, threads: int
 ) -> StageTimes:
-    """Copy straight from the page cache: map the file, pin each chunk's pages in place, DMA, unpin."""
-    import ctypes
+    """Copy straight from the page cache: map the file, pin each window's pages in place, DMA, unpin.
 
+    ``windows`` come from ``plan_windows``: page-aligned and disjoint, since a page cannot be pinned twice.
+    """
     mm = mmap.mmap(fd, file_size, prot=mmap.PROT_READ)
-    try:
-        mm.madvise(mmap.MADV_WILLNEED)
-    except (AttributeError, OSError):
-        pass
-    whole = torch.frombuffer(mm, dtype=torch.uint8) if file_size else torch.empty(0, dtype=torch.uint8)
-    # the frombuffer view pins the map; mm.close() below raises BufferError while it lives
-    base_addr = whole.data_ptr()
+    mapped_end = -(-file_size // PAGE) * PAGE
+    held = {"file": torch.frombuffer(mm, dtype=torch.uint8)}  # a view of the map; dropped before mm.close()
+    base_addr = held["file"].data_ptr()
     cudart = torch.cuda.cudart()
     device = next(iter(dests.values())).device
     flat = {name: as_bytes(t) for name, t in dests.items()}
-    work = _Work(chunks)
+    work = _Work(windows)
+
+    def unpin(event: torch.cuda.Event, addr: int) -> None:
+        event.synchronize()
+        cudart.cudaHostUnregister(addr)
 
     def body(_: int, times: StageTimes) -> None:
         stream = torch.cuda.Stream(device=device)
         pending: list[tuple[torch.cuda.Event, int]] = []
-        while (chunk := work.take()) is not None:
-            if not chunk.length:
-                continue
-            start, length = aligned_span(chunk, PAGE, file_size)
-            length = min(length, -(-file_size // PAGE) * PAGE - start)
-            t0 = time.perf_counter()
-            err = cudart.cudaHostRegister(ctypes.c_void_p(base_addr + start), length, _HOST_REGISTER_READ_ONLY)
-            if int(err) != 0:
-                raise TensorizerError(f"cudaHostRegister failed with error {int(err)}")
-            t1 = time.perf_counter()
-            times.read += t1 - t0
-            event = _copy_pieces(chunk, whole, chunk.offset, flat, stream)
-            assert event is not None
-            pending.append((event, base_addr + start))
-            times.copy += time.perf_counter() - t1
-            while len(pending) > 2:
-                ev, addr = pending.pop(0)
-                ev.synchronize()
-                cudart.cudaHostUnregister(ctypes.c_void_p(addr))
-        for ev, addr in pending:
-            ev.synchronize()
-            cudart.cudaHostUnregister(ctypes.c_void_p(addr))
+        try:
+            while (w := work.take()) is not None:
+                length = min(-(-w.length // PAGE) * PAGE, mapped_end - w.offset)
+                t0 = time.perf_counter()
+                err = int(cudart.cudaHostRegister(base_addr + w.offset, length, _HOST_REGISTER_FLAGS))
+                if err != 0:
+                    raise TensorizerError(f"cudaHostRegister of {length} bytes at {w.offset} failed: error {err}")
+                t1 = time.perf_counter()
+                times.read += t1 - t0
+                event = _copy_pieces(w, held["file"], w.offset, flat, stream)
+                assert event is not None
+                pending.append((event, base_addr + w.offset))
+                times.copy += time.perf_counter() - t1
+                while len(pending) > 2:
+                    unpin(*pending.pop(0))
+        finally:
+            for item in pending:
+                unpin(*item)
 
     try:
-        run_threads(work, min(threads, max(1, len(chunks))), body)
+        run_threads(work, min(threads, max(1, len(windows))), body)
     finally:
+        held.clear()
         flat.clear()
         try:
             mm.close()
-        except BufferError:  # a view is still alive somewhere; the map is freed with it
+        except BufferError:  # a view escaped somewhere; the map is freed with it
             pass
     return _sum(work.times)
 

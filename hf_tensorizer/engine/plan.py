@@ -100,3 +100,34 @@ def aligned_span(chunk: Chunk, alignment: int, file_size: int) -> tuple[int, int
     start = chunk.offset - chunk.offset % alignment
     end = -(-chunk.end // alignment) * alignment
     return start, end - start
+
+
+def plan_windows(entries: Iterable[TensorEntry], unit: int, *, page: int = 4096) -> list[Chunk]:
+    """Split the file into disjoint page-aligned windows of ``unit`` bytes (file coordinates) and map
+    the wanted tensors' bytes into them.
+
+    Used when page-cache pages are pinned in place: two windows never share a page (pinning a page
+    twice fails), which tensor-relative chunks of packed small tensors cannot promise. Windows holding
+    no wanted byte are dropped.
+    """
+    if unit <= 0 or unit % page:
+        raise ValueError("unit must be a positive multiple of the page size")
+    wanted = sorted((e for e in entries if e.alias is None and e.length), key=lambda e: e.offset)
+    windows: dict[int, Chunk] = {}
+    for e in wanted:
+        pos, end = e.offset, e.offset + e.length
+        while pos < end:
+            start = pos - pos % unit
+            stop = min(end, start + unit)
+            w = windows.setdefault(start, Chunk(start, 0))
+            w.pieces.append(Piece(e, pos - e.offset, pos - start, stop - pos))
+            w.length = max(w.length, stop - start)
+            pos = stop
+    out = [windows[k] for k in sorted(windows)]
+    for w in out:  # trim the leading bytes no piece needs, keeping the start page-aligned
+        first = min(p.chunk_offset for p in w.pieces) // page * page
+        if first:
+            w.offset += first
+            w.length -= first
+            w.pieces = [Piece(p.entry, p.tensor_offset, p.chunk_offset - first, p.length) for p in w.pieces]
+    return out
