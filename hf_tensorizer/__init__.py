@@ -20,6 +20,7 @@ from .engine import (
     save_state_dict,
 )
 from .format import FileIndex, TensorEntry, TensorKind
+from .integrations import disable, enable, enabled
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ __all__ = [
     "TensorKind",
     "TensorSerializer",
     "__version__",
+    "disable",
+    "enable",
+    "enabled",
     "errors",
     "load_state_dict",
     "read_index",

@@ -26,11 +26,18 @@ MAX_INDEX_BYTES = _env_int("HF_TENSORIZER_MAX_INDEX_BYTES", 256 * MiB)
 
 # Engine -----------------------------------------------------------------------------------------------
 STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned pool cap (<= 2 GiB default)
-CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 16 * MiB)
+CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 8 * MiB)  # measured best on an H200 (docs/benchmarks.md)
 NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU count
+
+
+def staging_allocation_default() -> str:
+    """How the pinned staging pool is allocated (read per load so benchmarks can switch it)."""
+    return os.environ.get("HF_TENSORIZER_STAGING_ALLOCATION", "hugepage")  # fastest to pin, measured
+
 
 # Encryption -------------------------------------------------------------------------------------------
 KEY_ENV = "HF_TENSORIZER_KEY"  # a key (base64 or hex) used to open encrypted files when none is passed
+ENCRYPTED_BLOCK_SIZE = 4 * MiB  # measured best for encrypted loads (docs/security.md, "Performance")
 
 # Remote transports (HTTP, S3, Hub) -------------------------------------------------------------------
 REMOTE_CONCURRENCY = _env_int("HF_TENSORIZER_REMOTE_CONCURRENCY", 16)  # keep-alive connections per remote source

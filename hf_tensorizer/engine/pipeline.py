@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import HashMismatchError, TensorizerError
+from ..errors import HashMismatchError, TensorizerError, TruncatedFileError
 from ..format.index import FileIndex
 from ..sources import Source
 from .digest import digest_fn
@@ -220,56 +220,70 @@ def load_staged(
     """Read chunks into pooled staging buffers and copy them to the device tensors asynchronously.
 
     With ``direct_fd`` (an O_DIRECT descriptor of a local file) reads are widened to page boundaries and
-    bypass the page cache; otherwise ``source.read_into`` is used.
+    bypass the page cache; otherwise ``source.read_into`` is used. Each buffer keeps one CUDA event for
+    its whole life (re-recorded per chunk): creating events per chunk costs driver calls under the GIL.
     """
     device = next(iter(dests.values())).device if dests else torch.device("cpu")
     is_cuda = device.type == "cuda"
     flat = {name: as_bytes(t) for name, t in dests.items()}
+    events: dict[int, torch.cuda.Event] = {}
     work = _Work(chunks)
 
-    def body(i: int, times: StageTimes) -> None:
-        stream = torch.cuda.Stream(device=device) if is_cuda else None
+    def run_chunks(stream: torch.cuda.Stream | None, times: StageTimes) -> None:
         while (chunk := work.take()) is not None:
             t0 = time.perf_counter()
             buf = pool.acquire(work.stop)
+            host = pool.view(buf)
             t1 = time.perf_counter()
             times.wait += t1 - t0
             try:
-                base = _read_chunk(source, chunk, buf, direct_fd, file_size)
+                base = _read_chunk(source, chunk, host, direct_fd, file_size)
             except BaseException:
                 pool.release(buf)
                 raise
-            host = host_view(buf)
             t2 = time.perf_counter()
             times.read += t2 - t1
-            for p in chunk.pieces:
-                data = host[base + p.chunk_offset : base + p.chunk_offset + p.length]
-                if transform is not None:
-                    transform(p, data)
-                if verifier is not None:
-                    verifier.check(p, data)
+            if transform is not None or verifier is not None:
+                for p in chunk.pieces:
+                    data = host[base + p.chunk_offset : base + p.chunk_offset + p.length]
+                    if transform is not None:
+                        transform(p, data)
+                    if verifier is not None:
+                        verifier.check(p, data)
             t3 = time.perf_counter()
             times.verify += t3 - t2
-            fence = _copy_pieces(chunk, buf, base, flat, stream)
+            fence = None
+            if stream is not None:
+                fence = events.get(buf.data_ptr())
+                if fence is None:
+                    fence = events.setdefault(buf.data_ptr(), torch.cuda.Event())
+            _copy_pieces(chunk, buf, base, flat, fence)
             pool.release(buf, fence)
             times.copy += time.perf_counter() - t3
-        if stream is not None:
-            stream.synchronize()
+
+    def body(i: int, times: StageTimes) -> None:
+        if not is_cuda:
+            run_chunks(None, times)
+            return
+        stream = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(stream):  # one stream per reader: its copies overlap the others' reads
+            run_chunks(stream, times)
+        stream.synchronize()
 
     run_threads(work, min(threads, max(1, len(chunks))), body)
     pool.drain()
     return _sum(work.times)
 
 
-def _read_chunk(source: Source, chunk: Chunk, buf: torch.Tensor, direct_fd: int | None, file_size: int) -> int:
-    """Fill ``buf`` with the chunk; returns where the chunk starts inside ``buf``."""
+def _read_chunk(source: Source, chunk: Chunk, host: memoryview, direct_fd: int | None, file_size: int) -> int:
+    """Fill ``host`` with the chunk; returns where the chunk starts inside it."""
     if not chunk.length:
         return 0
     if direct_fd is None:
-        source.read_into(chunk.offset, host_view(buf)[: chunk.length])
+        source.read_into(chunk.offset, host[: chunk.length])
         return 0
     start, length = aligned_span(chunk, PAGE, file_size)
-    view = host_view(buf)[:length]
+    view = host[:length]
     got = 0
     try:
         while got < length:  # O_DIRECT: aligned offset, aligned buffer, aligned length; short only at EOF
@@ -278,33 +292,25 @@ def _read_chunk(source: Source, chunk: Chunk, buf: torch.Tensor, direct_fd: int 
                 break
             got += n
     except OSError:  # a filesystem that accepts O_DIRECT at open but not for this read: use the page cache
-        source.read_into(chunk.offset, host_view(buf)[: chunk.length])
+        source.read_into(chunk.offset, host[: chunk.length])
         return 0
     if got < chunk.end - start:
-        from ..errors import TruncatedFileError
-
         raise TruncatedFileError(f"{source.uri} ends before offset {chunk.end}")
     return chunk.offset - start
 
 
 def _copy_pieces(
-    chunk: Chunk, buf: torch.Tensor, base: int, flat: dict[str, torch.Tensor], stream: torch.cuda.Stream | None
-) -> torch.cuda.Event | None:
-    if stream is None:  # CPU staging (used by tests and CPU-only machines): synchronous copies
-        for p in chunk.pieces:
+    chunk: Chunk, buf: torch.Tensor, base: int, flat: dict[str, torch.Tensor], event: torch.cuda.Event | None
+) -> None:
+    """Copy each piece from ``buf`` to its tensor. With an ``event`` the copies are asynchronous on the
+    current stream and the event is recorded after them; without one (CPU targets) they are synchronous."""
+    for p in chunk.pieces:
+        if p.length:
             flat[p.entry.name][p.tensor_offset : p.tensor_offset + p.length].copy_(
-                buf[base + p.chunk_offset : base + p.chunk_offset + p.length]
+                buf[base + p.chunk_offset : base + p.chunk_offset + p.length], non_blocking=event is not None
             )
-        return None
-    with torch.cuda.stream(stream):
-        for p in chunk.pieces:
-            if p.length:
-                flat[p.entry.name][p.tensor_offset : p.tensor_offset + p.length].copy_(
-                    buf[base + p.chunk_offset : base + p.chunk_offset + p.length], non_blocking=True
-                )
-        event = torch.cuda.Event()
-        event.record(stream)
-    return event
+    if event is not None:
+        event.record()
 
 
 # ---- CUDA target from registered page cache ---------------------------------------------------------
@@ -344,8 +350,9 @@ def load_registered(
                     raise TensorizerError(f"cudaHostRegister of {length} bytes at {w.offset} failed: error {err}")
                 t1 = time.perf_counter()
                 times.read += t1 - t0
-                event = _copy_pieces(w, held["file"], w.offset, flat, stream)
-                assert event is not None
+                event = torch.cuda.Event()
+                with torch.cuda.stream(stream):
+                    _copy_pieces(w, held["file"], w.offset, flat, event)
                 pending.append((event, base_addr + w.offset))
                 times.copy += time.perf_counter() - t1
                 while len(pending) > 2:

@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES
+from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES, staging_allocation_default
 from ..errors import TensorizerError, TruncatedFileError, UsageError
 from ..format.dtypes import is_floating
+from ..format.foreign import read_foreign_index
 from ..format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, TensorKind, decode_index, decode_preamble
 from ..sources import Source, open_source
 from ..sources.file import FileSource
 from . import pagecache
+from .memory import advise_hugepages
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
-from .plan import plan_chunks
+from .plan import plan_chunks, plan_windows
 from .staging import PAGE, StagingPool
 
 if TYPE_CHECKING:
@@ -36,10 +38,12 @@ def read_index(source: Source) -> FileIndex:
         FormatError: and its subclasses, for anything malformed (see :mod:`hf_tensorizer.errors`).
     """
     size = source.size
+    head = source.read(0, min(size, _FIRST_READ)) if size else b""
+    foreign = read_foreign_index(source, head)  # upstream tensorizer or safetensors, sniffed by first bytes
+    if foreign is not None:
+        return foreign
     if size < PREAMBLE_SIZE:
-        head = source.read(0, size) if size else b""
         decode_preamble(head, file_size=size)  # raises the precise error
-    head = source.read(0, min(size, _FIRST_READ))
     pre = decode_preamble(head, file_size=size)
     end = PREAMBLE_SIZE + pre.index_length
     raw = head[PREAMBLE_SIZE:end]
@@ -86,6 +90,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         num_readers: reader threads (default: from the CPU count and the source).
         chunk_bytes: the read unit (default 16 MiB); forced to the digest block size when verifying.
         staging_bytes: cap of the staging pool (GPU loads); default 512 MiB, at most 2 GiB advised.
+        staging_allocation: how pinned buffers are made: ``"lazy"``, ``"block"`` or ``"hugepage"``
+            (see ``engine.staging.StagingPool``; default from ``HF_TENSORIZER_STAGING_ALLOCATION``).
         strategy: ``"auto"``, ``"pread"`` (page-cache reads), ``"odirect"`` (bypass the page cache,
             for cold local files), ``"register"`` (pin page-cache pages in place; CUDA, local files).
         mmap: CPU only, local files only: tensors are zero-copy views of a private file mapping.
@@ -116,6 +122,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         num_readers: int | None = None,
         chunk_bytes: int | None = None,
         staging_bytes: int | None = None,
+        staging_allocation: str | None = None,
         strategy: str = "auto",
         mmap: bool = False,
         transform: Transform | None = None,
@@ -144,14 +151,19 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self.dtype = dtype
         self.verify_hash = verify_hash
         self.num_readers = num_readers or _default_threads(self.device, self._source)
+        if transform is not None and not num_readers and NUM_READERS <= 0:
+            # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
+            self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         self.staging_bytes = staging_bytes or STAGING_BYTES
+        self.staging_allocation = staging_allocation or staging_allocation_default()
         self.strategy = strategy
         self.mmap = mmap
         self.transform = transform
         if mmap and (self.device.type != "cpu" or self._source.fileno() is None or self.index.encrypted):
             raise UsageError("mmap=True needs device='cpu', a local file, and no encryption")
         self._names = self._select(filter)
+        self._wanted = frozenset(self._names)
         self._tensors: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._mmap: _mmap.mmap | None = None
@@ -162,7 +174,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- Mapping ---------------------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
+        if name not in self._wanted:
             raise KeyError(name)
         t = self._tensors.get(name)
         if t is None:
@@ -179,7 +191,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._wanted
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -264,9 +276,16 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
-        chunks = plan_chunks(todo, unit)
+        # pinning pages in place needs disjoint page-aligned windows; everything else splits per tensor
+        chunks = plan_windows(todo, self.chunk_bytes) if strategy == "register" else plan_chunks(todo, unit)
         metrics.chunks = len(chunks)
-        dests = {e.name: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in todo}
+        # no bytes but elements: upstream meta tensors, which load as zeros
+        if self.device.type == "cuda":
+            _reserve_device_memory(todo, self.device)
+        dests = {e.name: _new_tensor(e, self.device) for e in todo}
+        if self.device.type == "cpu":
+            for t in dests.values():
+                advise_hugepages(t)
         if not chunks:
             return dests
         verifier = Verifier(self.index) if self.verify_hash else None
@@ -288,8 +307,10 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 metrics.strategy = "pread"
         longest = max(c.length for c in chunks) + (2 * PAGE if direct_fd is not None else 0)
         buffer_bytes = 1 << max(12, (longest - 1).bit_length())  # torch rounds pinned sizes to powers of two
-        max_buffers = max(threads + 1, min(2 * threads, self.staging_bytes // max(1, buffer_bytes)))
-        pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda")
+        # one buffer per reader plus two spare: a copy out of a buffer takes far less time than filling it
+        max_buffers = max(1, min(threads + 2, len(chunks), self.staging_bytes // buffer_bytes))
+        pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda",
+                           allocation=self.staging_allocation)  # fmt: skip
         try:
             metrics.stages = load_staged(self._source, chunks, dests, threads=threads, pool=pool, verifier=verifier,
                                          transform=self.transform, direct_fd=direct_fd,
@@ -302,14 +323,15 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     def _load_mmap(self, todo: list[TensorEntry]) -> dict[str, torch.Tensor]:
         if self._mmap is None:
             fd = self._source.fileno()
-            assert fd is not None
+            if fd is None or fd < 0:
+                raise UsageError("the deserializer is closed")
             # private mapping: tensors are writable without touching the file
             self._mmap = _mmap.mmap(fd, self._source.size, flags=_mmap.MAP_PRIVATE,
                                     prot=_mmap.PROT_READ | _mmap.PROT_WRITE)  # fmt: skip
         out = {}
         for e in todo:
             if e.length == 0:
-                out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+                out[e.name] = _new_tensor(e, torch.device("cpu"))
                 continue
             raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.length, offset=e.offset)
             t = raw.view(e.dtype).reshape(e.shape)
@@ -345,11 +367,13 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             UsageError: with ``strict``, when the keys do not match; or a shape mismatch (always).
         """
         expected = list(module.state_dict(keep_vars=True).keys())
-        missing = [k for k in expected if k not in self._names]
-        unexpected = [k for k in self._names if k not in set(expected)]
+        expected_set = set(expected)
+        missing = [k for k in expected if k not in self._wanted]
+        unexpected = [k for k in self._names if k not in expected_set]
         if strict and (missing or unexpected):
             raise UsageError(f"keys do not match the module: missing {missing[:10]}, unexpected {unexpected[:10]}")
         replaced: dict[int, torch.nn.Parameter] = {}
+        originals: list[torch.nn.Parameter] = []  # keeps replaced ids alive: a freed id can be reused by a new one
         for name in expected:
             if name in missing:
                 continue
@@ -364,6 +388,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 if new is None:
                     new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
                     replaced[id(old)] = new
+                    originals.append(old)
                 owner._parameters[attr] = new
             elif attr in owner._buffers:
                 old_buf = owner._buffers[attr]
@@ -398,6 +423,30 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"TensorDeserializer({self._source.uri!r}, tensors={len(self._names)}, device={self.device})"
+
+
+def _new_tensor(entry: TensorEntry, device: torch.device) -> torch.Tensor:
+    """The destination of one entry: uninitialised, or zeros for entries with elements but no bytes
+    (upstream meta tensors). Empty tensors use ``torch.empty``: fp4 has no fill kernel."""
+    if entry.length == 0 and entry.numel:
+        return torch.zeros(entry.shape, dtype=entry.dtype, device=device)
+    return torch.empty(entry.shape, dtype=entry.dtype, device=device)
+
+
+def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> None:
+    """Grow torch's CUDA caching allocator by one segment that the large tensors are then carved from.
+
+    One cudaMalloc instead of one per tensor (each maps fresh device pages while holding the driver lock,
+    stalling the reader threads' copies). The tensors stay separate allocations that own their memory.
+    Skipped when the one segment does not fit; the per-tensor allocations may still.
+    """
+    total = sum(-(-e.length // 512) * 512 for e in entries if e.length > (1 << 20))
+    if total < (64 << 20):
+        return
+    try:
+        torch.empty(total, dtype=torch.uint8, device=device)
+    except torch.cuda.OutOfMemoryError:
+        pass
 
 
 def _check_shape(name: str, old: torch.Tensor, new: torch.Tensor) -> None:

@@ -42,6 +42,7 @@ KNOWN_REQUIRED_FEATURES = FEATURE_ENCRYPTED
 KNOWN_OPTIONAL_FEATURES = 0
 DIGESTS = {"crc32": 8, "sha256": 64, "none": 0}  # hex length of one block digest
 U64_MAX = (1 << 64) - 1
+I64_MAX = (1 << 63) - 1
 
 
 class TensorKind(str, enum.Enum):
@@ -252,7 +253,7 @@ def decode_index(preamble: Preamble, raw: bytes) -> FileIndex:
         raise IndexDigestError("index bytes do not match the SHA-256 in the preamble (corrupt or edited header)")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also over-long int literals
         raise FormatError(f"index is not valid UTF-8 JSON: {exc}") from None
     _need(isinstance(doc, dict), "index must be a JSON object")
     alignment = _u64(doc.get("alignment"), "alignment")
@@ -260,7 +261,7 @@ def decode_index(preamble: Preamble, raw: bytes) -> FileIndex:
     block_size = _u64(doc.get("block_size"), "block_size")
     _need(block_size >= 4096 and block_size % 64 == 0, f"block_size {block_size} must be >= 4096, multiple of 64")
     digest = doc.get("digest")
-    _need(digest in DIGESTS, f"unknown digest algorithm {digest!r}")
+    _need(isinstance(digest, str) and digest in DIGESTS, f"unknown digest algorithm {digest!r}")
     metadata = doc.get("metadata", {})
     _need(isinstance(metadata, dict), "metadata must be a JSON object")
     _need(all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()), "metadata must map str->str")
@@ -306,6 +307,10 @@ def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble
     _need(isinstance(shape, list), f"{where}: shape must be a list")
     dims = tuple(_u64(d, f"{where}: dimension") for d in shape)
     _need(len(dims) <= 64, f"{where}: {len(dims)} dimensions is more than the 64 allowed")
+    span = 1  # torch's contiguous strides are products of max(dim, 1): they must fit in int64, even if numel is 0
+    for d in dims:
+        span *= max(d, 1)
+    _need(span <= I64_MAX, f"{where}: shape {list(dims)} is too large for a tensor")
     try:
         kind = TensorKind(item.get("kind", "plain"))
     except ValueError:

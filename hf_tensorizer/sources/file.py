@@ -45,8 +45,9 @@ class FileSource(Source):
     def read_into_many(self, offset: int, bufs: Sequence[memoryview], fd: int | None = None) -> None:
         fd = self._fd if fd is None else fd
         pending = [memoryview(b).cast("B") for b in bufs if len(b)]
-        while pending:
-            batch = pending[:_IOV_MAX]
+        first = 0  # pending[first:] still need bytes (an index, not pop(0): that is quadratic in the buffers)
+        while first < len(pending):
+            batch = pending[first : first + _IOV_MAX]
             try:
                 n = os.preadv(fd, batch, offset)
             except OSError as exc:
@@ -54,13 +55,13 @@ class FileSource(Source):
             if n == 0:
                 raise TruncatedFileError(f"{self.path} ends at {offset}, before the data the index promises")
             offset += n
-            while n:  # drop the buffers that are full, trim the partly filled one
-                head = pending[0]
+            while n:  # skip the buffers that are full, trim the partly filled one
+                head = pending[first]
                 if n >= len(head):
                     n -= len(head)
-                    pending.pop(0)
+                    first += 1
                 else:
-                    pending[0] = head[n:]
+                    pending[first] = head[n:]
                     n = 0
 
     def close(self) -> None:

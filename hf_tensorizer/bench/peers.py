@@ -1,0 +1,353 @@
+"""The loaders under comparison, one small function each, and the machine's limits.
+
+Every loader is ``load_<name>(ctx, device) -> dict[str, Tensor]``: it reads the checkpoint in ``ctx.dir``
+and returns the state dict on ``device``. The runner imports a loader's modules (``Peer.modules``) and
+creates the CUDA context before its timer starts, so a load times I/O and copies only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+StateDict = dict[str, "Tensor"]
+
+# Checkpoint formats (prepared by the runner) and the files each one consists of.
+FORMAT_FILES: dict[str, tuple[str, ...]] = {
+    "st": ("hf/model.safetensors", "hf/config.json"),
+    "bin": ("model.bin",),
+    "hft": ("model.tensors",),
+    "tz": ("tensorizer.tensors",),
+}
+
+
+@dataclass
+class Ctx:
+    """Where the checkpoint lives, plus what a loader leaves for the runner (metrics, clean-ups)."""
+
+    dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    cleanup: list[Callable[[], object]] = field(default_factory=list)
+
+    @property
+    def hf_dir(self) -> str:
+        return str(self.dir / "hf")
+
+    @property
+    def safetensors(self) -> str:
+        return str(self.dir / "hf" / "model.safetensors")
+
+    @property
+    def bin(self) -> str:
+        return str(self.dir / "model.bin")
+
+    @property
+    def tensors(self) -> str:
+        return str(self.dir / "model.tensors")
+
+    @property
+    def tz(self) -> str:
+        return str(self.dir / "tensorizer.tensors")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A named loader: what it reads, what it imports (untimed) and the function that loads."""
+
+    name: str
+    label: str
+    fmt: str
+    modules: tuple[str, ...]
+    fn: Callable[[Ctx, str], StateDict]
+    cuda_only: bool = False
+    ours: bool = False
+
+    def missing_module(self) -> str | None:
+        """The first module that cannot be found (without importing it), or None."""
+        for mod in self.modules:
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return mod
+            except (ImportError, ValueError):
+                return mod
+        return None
+
+    def data_files(self, d: Path) -> list[Path]:
+        """The large files this loader reads (what a cold run evicts)."""
+        return [d / f for f in FORMAT_FILES[self.fmt] if not f.endswith(".json")]
+
+
+def _on(device: str, t: Tensor) -> Tensor:
+    """``t`` on ``device`` (no copy when it is already there)."""
+    import torch
+
+    want = torch.device(device)
+    if t.device.type == want.type and (want.index is None or t.device.index == want.index):
+        return t
+    return t.to(want, non_blocking=True)
+
+
+# Peers -------------------------------------------------------------------------------------------------
+
+
+def load_st(ctx: Ctx, device: str) -> StateDict:
+    """safetensors ``load_file(path, device=...)``."""
+    from safetensors.torch import load_file
+
+    return load_file(ctx.safetensors, device=device)
+
+
+def load_pt(ctx: Ctx, device: str) -> StateDict:
+    """``torch.load`` of a ``.bin`` state dict (weights_only, mmap), then ``.to(device)``."""
+    import torch
+
+    sd = torch.load(ctx.bin, map_location="cpu", weights_only=True, mmap=True)
+    return {k: _on(device, v) for k, v in sd.items()}
+
+
+def load_hf(ctx: Ctx, device: str) -> StateDict:
+    """transformers ``from_pretrained(dir, dtype=bf16, device_map=device)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ctx.hf_dir, dtype=torch.bfloat16, device_map=device)
+    return dict(model.state_dict())
+
+
+def load_tz(ctx: Ctx, device: str) -> StateDict:
+    """Upstream tensorizer ``TensorDeserializer(path, device=...)``."""
+    from tensorizer import TensorDeserializer
+
+    return TensorDeserializer(ctx.tz, device=device)  # type: ignore[no-any-return]
+
+
+def load_tzmod(ctx: Ctx, device: str) -> StateDict:
+    """Upstream tensorizer into a meta-initialised HF model (``load_state_dict(assign=True)``)."""
+    import torch
+    from accelerate import init_empty_weights
+    from tensorizer import TensorDeserializer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ctx.hf_dir), dtype=torch.bfloat16)
+    de = TensorDeserializer(ctx.tz, device=device)
+    model.load_state_dict(de, assign=True, strict=False)
+    de.close()
+    return dict(model.state_dict())
+
+
+def load_fst(ctx: Ctx, device: str) -> StateDict:
+    """fastsafetensors ``SafeTensorsFileLoader(nogds=True)``."""
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+    loader = SafeTensorsFileLoader(SingleGroup(), device=device, nogds=True)
+    loader.add_filenames({0: [ctx.safetensors]})
+    fb = loader.copy_files_to_device()
+    ctx.extra["keepalive"] = (loader, fb)
+    return {k: fb.get_tensor(k) for k in loader.get_keys()}
+
+
+def load_runai(ctx: Ctx, device: str) -> StateDict:
+    """Run:ai ``SafetensorsStreamer`` (host buffers, then copied to the device)."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    sd: StateDict = {}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(ctx.safetensors, device=device)
+        for k, v in streamer.get_tensors():
+            sd[k] = _on(device, v)
+    return sd
+
+
+def _instanttensor(ctx: Ctx, device: str, buffered: bool) -> StateDict:
+    from instanttensor import BackendPolicy, safe_open
+
+    kw: dict[str, Any] = {"backend": BackendPolicy.BUFFERED} if buffered else {}
+    sd: StateDict = {}
+    with safe_open(ctx.safetensors, framework="pt", device=device, **kw) as f:
+        for k, v in f.tensors():
+            sd[k] = v
+    return sd
+
+
+def load_it(ctx: Ctx, device: str) -> StateDict:
+    """InstantTensor ``safe_open`` with its default backend (direct I/O)."""
+    return _instanttensor(ctx, device, buffered=False)
+
+
+def load_itbuf(ctx: Ctx, device: str) -> StateDict:
+    """InstantTensor ``safe_open(backend=BackendPolicy.BUFFERED)``."""
+    return _instanttensor(ctx, device, buffered=True)
+
+
+# Ours --------------------------------------------------------------------------------------------------
+
+
+def load_hft(ctx: Ctx, device: str, **kwargs: Any) -> StateDict:
+    """hf_tensorizer ``TensorDeserializer``; ``kwargs`` are its knobs (strategy, num_readers, ...)."""
+    from hf_tensorizer import TensorDeserializer
+
+    d = TensorDeserializer(ctx.tensors, device=device, **kwargs)
+    sd = dict(d)
+    ctx.extra["deserializer"] = d
+    ctx.cleanup.append(d.close)
+    return sd
+
+
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in (
+        Peer("st", "safetensors load_file", "st", ("safetensors.torch",), load_st),
+        Peer("pt", "torch.load .bin (mmap) + .to", "bin", (), load_pt),
+        Peer("hf", "transformers from_pretrained", "st", ("transformers", "accelerate"), load_hf),
+        Peer("tz", "tensorizer TensorDeserializer", "tz", ("tensorizer",), load_tz),
+        Peer("tzmod", "tensorizer into meta model", "tz", ("tensorizer", "transformers", "accelerate"), load_tzmod),
+        Peer("fst", "fastsafetensors nogds", "st", ("fastsafetensors",), load_fst),
+        Peer("runai", "Run:ai SafetensorsStreamer", "st", ("runai_model_streamer",), load_runai),
+        Peer("it", "InstantTensor default (direct I/O)", "st", ("instanttensor",), load_it, cuda_only=True),
+        Peer("itbuf", "InstantTensor BUFFERED", "st", ("instanttensor",), load_itbuf, cuda_only=True),
+    )
+}
+
+_HFT = re.compile(r"^hft(?:-(auto|pread|odirect|register|mmap)(\d+)?)?(?:-c(\d+)M?)?(?:-s(\d+)M?)?$")
+MiB = 1 << 20
+
+
+def hft_kwargs(name: str) -> dict[str, Any]:
+    """``hft[-STRATEGY[READERS]][-cCHUNK_MIB][-sSTAGING_MIB]`` -> TensorDeserializer keywords
+    (STRATEGY ``mmap`` means ``mmap=True``).
+
+    >>> hft_kwargs("hft-pread16-c32")
+    {'strategy': 'pread', 'num_readers': 16, 'chunk_bytes': 33554432}
+    """
+    m = _HFT.match(name)
+    if m is None:
+        raise KeyError(name)
+    strategy, readers, chunk, staging = m.groups()
+    kw: dict[str, Any] = {"mmap": True} if strategy == "mmap" else {"strategy": strategy or "auto"}
+    if readers:
+        kw["num_readers"] = int(readers)
+    if chunk:
+        kw["chunk_bytes"] = int(chunk) * MiB
+    if staging:
+        kw["staging_bytes"] = int(staging) * MiB
+    return kw
+
+
+def resolve(name: str) -> Peer:
+    """The Peer for a loader name (peers by name, ours as ``hft`` plus keyword variants)."""
+    if name in PEERS:
+        return PEERS[name]
+    kw = hft_kwargs(name)
+    desc = ", ".join(
+        f"{k.replace('num_', '').replace('_bytes', '')}={v // MiB if k.endswith('bytes') else v}" for k, v in kw.items()
+    )
+
+    def fn(ctx: Ctx, device: str) -> StateDict:
+        return load_hft(ctx, device, **kw)
+
+    fn.__doc__ = load_hft.__doc__
+    return Peer(
+        name, f"ours ({desc})", "hft", ("hf_tensorizer",), fn, cuda_only=kw.get("strategy") == "register", ours=True
+    )
+
+
+# Limits ------------------------------------------------------------------------------------------------
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop files from the page cache: fsync (dirty pages cannot be dropped) + POSIX_FADV_DONTNEED."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB) -> int:
+    """Read files with ``threads`` threads of ``os.preadv`` (each into its own buffer); returns bytes."""
+    jobs = [
+        (p, off, min(chunk, size - off)) for p in paths for size in [p.stat().st_size] for off in range(0, size, chunk)
+    ]
+    total = [0] * threads
+
+    def work(i: int) -> None:
+        buf = bytearray(chunk)
+        fds: dict[Path, int] = {}
+        try:
+            for p, off, n in jobs[i::threads]:
+                fd = fds.get(p)
+                if fd is None:
+                    fd = fds[p] = os.open(p, os.O_RDONLY)
+                total[i] += os.preadv(fd, [memoryview(buf)[:n]], off)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(total)
+
+
+def _read_one(path: Path, chunk: int = 64 * MiB) -> int:
+    buf = bytearray(chunk)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            n += k
+    return n
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """GB/s to 4 significant digits."""
+    return float(f"{nbytes / max(seconds, 1e-9) / 1e9:.4g}")
+
+
+def limits(path: Path, device: str, threads: int = 16, h2d_bytes: int = 2 << 30) -> dict[str, float]:
+    """The bars no loader can beat on this machine, in GB/s.
+
+    ``h2d_pinned`` / ``h2d_pageable``: host->device copy (CUDA only); ``read_pagecache_1t``: one thread
+    reading ``path`` from the page cache; ``read_pagecache_<N>t``: N threads of ``pread``; ``read_cold_<N>t``:
+    N threads after evicting the file.
+    """
+    out: dict[str, float] = {}
+    if device.startswith("cuda"):
+        import torch
+
+        n = h2d_bytes
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        for name, pin in (("h2d_pinned", True), ("h2d_pageable", False)):
+            src = torch.ones(n, dtype=torch.uint8, pin_memory=pin)
+            dst.copy_(src, non_blocking=pin)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                dst.copy_(src, non_blocking=pin)
+            torch.cuda.synchronize()
+            out[name] = gbps(3 * n, time.perf_counter() - t)
+            del src
+        del dst
+    _read_one(path)  # make sure it is cached
+    t = time.perf_counter()
+    out["read_pagecache_1t"] = gbps(_read_one(path), time.perf_counter() - t)
+    t = time.perf_counter()
+    out[f"read_pagecache_{threads}t"] = gbps(read_parallel([path], threads), time.perf_counter() - t)
+    evict([path])
+    t = time.perf_counter()
+    out[f"read_cold_{threads}t"] = gbps(read_parallel([path], threads), time.perf_counter() - t)
+    return out

@@ -1,0 +1,131 @@
+"""Benchmark results as a short markdown table, a JSON file and a bar plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _best(rows: list[dict[str, Any]], key: str) -> tuple[str | None, float | None]:
+    """The best peer (not ours) by ``key`` among rows whose loads were all correct."""
+    cands = [(r[key], r["loader"]) for r in rows if not r["ours"] and r["status"] == "ok" and r[key]]
+    if not cands:
+        return None, None
+    value, name = max(cands)
+    return name, value
+
+
+def limit_names(results: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The limits the warm and cold speeds are compared with: host->device (pinned) on CUDA, else the
+    parallel page-cache read; for cold, the parallel cold read."""
+    lim = results.get("limits") or {}
+    warm = (
+        "h2d_pinned"
+        if "h2d_pinned" in lim
+        else next((k for k in lim if k.startswith("read_pagecache_") and not k.endswith("_1t")), None)
+    )
+    cold = next((k for k in lim if k.startswith("read_cold_")), None)
+    return warm, cold
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Add the ratios to each row: ``vs_peer_warm/cold`` (to the best peer), ``of_limit_warm/cold``."""
+    rows = results["rows"]
+    lim = results.get("limits") or {}
+    best_warm, best_warm_v = _best(rows, "warm_gbps")
+    best_cold, best_cold_v = _best(rows, "cold_gbps")
+    warm_lim, cold_lim = limit_names(results)
+    results["best_peer"] = {"warm": best_warm, "warm_gbps": best_warm_v, "cold": best_cold, "cold_gbps": best_cold_v}
+    results["limit_used"] = {"warm": warm_lim, "cold": cold_lim}
+
+    def ratio(v: float | None, ref: float | None) -> float | None:
+        return round(v / ref, 3) if v and ref else None
+
+    for r in rows:
+        r["vs_peer_warm"] = ratio(r["warm_gbps"], best_warm_v)
+        r["vs_peer_cold"] = ratio(r["cold_gbps"], best_cold_v)
+        r["of_limit_warm"] = ratio(r["warm_gbps"], lim.get(warm_lim) if warm_lim else None)
+        r["of_limit_cold"] = ratio(r["cold_gbps"], lim.get(cold_lim) if cold_lim else None)
+    return results
+
+
+def _f(v: float | None, suffix: str = "", fmt: str = ".2f") -> str:
+    return "–" if v is None else f"{v:{fmt}}{suffix}"
+
+
+def _g(v: float | None) -> str:
+    return _f(v, fmt=".3g")
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The markdown table (ratios added by ``summarize``), with a line on the machine's limits above it."""
+    summarize(results)
+    lim = results.get("limits") or {}
+    warm_lim, cold_lim = limit_names(results)
+    bp = results["best_peer"]
+    head = [
+        f"{results.get('env', {}).get('gpu', results['device'])}, "
+        f"{results.get('bytes', 0) / 1e9:.2f} GB, {results.get('tensors', '?')} tensors"
+    ]
+    if lim:
+        head.append("limits GB/s: " + ", ".join(f"{k} {v:.3g}" for k, v in lim.items()))
+    best = [f"{m} {bp[m]} {_g(bp[m + '_gbps'])}" for m in ("warm", "cold") if bp[m]]
+    head.append("best peer: " + (", ".join(best) or "none measured"))
+    if results.get("stopped"):
+        head.append(results["stopped"])
+    lines = [
+        "| loader | warm GB/s | cold GB/s | warm ÷ best peer | cold ÷ best peer "
+        f"| warm ÷ {warm_lim or 'limit'} | cold ÷ {cold_lim or 'limit'} | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        name = f"**{r['loader']}**" if r["ours"] else r["loader"]
+        ok = {"ok": "yes", "skipped": "skipped"}.get(r["status"], r["status"].upper())
+        if r["note"]:
+            ok += f" ({r['note'][:60]})"
+        lines.append(
+            f"| {name} | {_g(r['warm_gbps'])} | {_g(r['cold_gbps'])} | {_f(r['vs_peer_warm'], '×')} "
+            f"| {_f(r['vs_peer_cold'], '×')} | {_f(r['of_limit_warm'])} | {_f(r['of_limit_cold'])} | {ok} |"
+        )
+    return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Bar plot of warm and cold GB/s per loader, with the limits as lines; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in results["rows"] if r["warm_gbps"] or r["cold_gbps"]]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r["warm_gbps"] or 0 for r in rows], 0.4, label="warm (page cache)")
+    ax.barh([y + 0.2 for y in ys], [r["cold_gbps"] or 0 for r in rows], 0.4, label="cold")
+    ax.set_yticks(list(ys), [r["loader"] for r in rows])
+    ax.invert_yaxis()
+    lim = results.get("limits") or {}
+    for name, style in zip(limit_names(results), ("--", ":"), strict=True):
+        if name and name in lim:
+            ax.axvline(lim[name], color="gray", linestyle=style, label=f"{name} {lim[name]}")
+    ax.set_xlabel("GB/s")
+    ax.set_title(f"load {results.get('bytes', 0) / 1e9:.2f} GB to {results['device']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict[str, Any], out: str | Path) -> str:
+    """Write results.json, table.md and bench.png into ``out``; return the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    (out / "table.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out / "bench.png")
+    return table

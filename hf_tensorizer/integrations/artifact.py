@@ -1,0 +1,306 @@
+"""The tensorized artifact layout, and its small files fetched from any location.
+
+An artifact is a directory (or a prefix of one: ``s3://bucket/prefix``, ``https://host/prefix``,
+``hf://org/repo[@revision][/sub]``) that looks like a Hugging Face model folder except that the weights
+are one hf_tensorizer file::
+
+    <root>/
+        hf_tensorizer.json        manifest: format version, library, every file of the artifact
+        config.json               (transformers) / model_index.json (diffusers pipelines)
+        generation_config.json    tokenizer / processor files, scheduler configs, ...
+        model.tensors             the weights, hub key layout
+        unet/config.json          pipelines: one folder per component, each with its own
+        unet/model.tensors        model.tensors when the component has weights
+
+The manifest is written last, so an artifact whose manifest exists is complete. Loading fetches the
+small files (everything but ``*.tensors``) into a local cache folder so that ``AutoConfig``,
+``AutoTokenizer`` & co. work unchanged; the weights are never copied to disk, they stream through
+:class:`~hf_tensorizer.TensorDeserializer` from ``<root>/model.tensors``. A cached folder of a remote
+artifact remembers where its weights live in a ``.hf_tensorizer_remote`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import SourceError, UsageError
+from ..sources import local_path, open_sink, open_source, redact, scheme_of
+
+WEIGHTS_NAME = "model.tensors"
+MANIFEST_NAME = "hf_tensorizer.json"
+REMOTE_MARKER = ".hf_tensorizer_remote"
+ARTIFACT_FORMAT = "hf_tensorizer-artifact"
+ARTIFACT_VERSION = 1
+SCHEMES = ("file", "http", "https", "s3", "hf")
+
+# Probed when a remote artifact has no manifest (written by hand or by another tool).
+KNOWN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model_index.json",
+    "scheduler_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "feature_extractor_config.json",
+)
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a local path or a URI (``/`` separated, no double slashes)."""
+    text = os.fspath(base)
+    parts = tuple(p.strip("/") for p in parts if p and p.strip("/"))
+    if not parts:
+        return text
+    if "://" not in text:
+        return os.path.join(text, *parts)
+    return text.rstrip("/") + "/" + "/".join(parts)
+
+
+def is_remote(uri: str | os.PathLike[str]) -> bool:
+    """True for ``http(s)://``, ``s3://`` and ``hf://`` URIs."""
+    return scheme_of(uri) not in ("file",)
+
+
+def looks_like_uri(value: Any) -> bool:
+    """True when ``value`` is a string with one of the schemes we load (``file``, ``s3``, ``http(s)``, ``hf``)."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    text = os.fspath(value)
+    return "://" in text and text.split("://", 1)[0].lower() in SCHEMES
+
+
+def is_artifact(path_or_uri: Any, subfolder: str = "") -> bool:
+    """Whether ``from_pretrained`` should load ``path_or_uri`` through hf_tensorizer.
+
+    URIs with a scheme we serve are artifacts by definition (stock transformers cannot read them); a local
+    folder is one when it holds ``model.tensors`` (or is the cached copy of a remote artifact).
+    """
+    if path_or_uri is None:
+        return False
+    if looks_like_uri(path_or_uri):
+        return True
+    if not isinstance(path_or_uri, (str, os.PathLike)):
+        return False
+    folder = os.path.join(os.fspath(path_or_uri), subfolder) if subfolder else os.fspath(path_or_uri)
+    return os.path.isdir(folder) and (
+        os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, REMOTE_MARKER))
+    )
+
+
+def weights_uri(local_folder: str | os.PathLike[str]) -> str | None:
+    """Where the weights of a local (possibly cached) artifact folder live, or None if it has none."""
+    folder = os.fspath(local_folder)
+    local = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(local):
+        return local
+    marker = os.path.join(folder, REMOTE_MARKER)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            return join(f.read().strip(), WEIGHTS_NAME)
+    return None
+
+
+def cache_root() -> str:
+    """``$HF_TENSORIZER_CACHE`` or ``~/.cache/hf_tensorizer``."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "hf_tensorizer")
+    return os.environ.get("HF_TENSORIZER_CACHE", default)
+
+
+def read_bytes(uri: str, **options: Any) -> bytes:
+    """The whole content of one small object at ``uri``.
+
+    Raises:
+        SourceError: the object is missing or cannot be read.
+    """
+    with open_source(uri, **options) as src:
+        return src.read(0, src.size)
+
+
+def read_manifest(root: str, **options: Any) -> dict[str, Any] | None:
+    """The artifact manifest at ``root``, or None when there is none."""
+    if not is_remote(root):
+        path = os.path.join(local_path(root), MANIFEST_NAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            raw: bytes | None = f.read()
+    else:
+        raw = read_bytes(join(root, MANIFEST_NAME), **options)  # errors propagate: resolve() decides
+    if raw is None:
+        return None
+    return _parse_manifest(raw, root)
+
+
+def _parse_manifest(raw: bytes, root: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"{redact(root)}/{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise UsageError(f"{redact(root)}/{MANIFEST_NAME} is not an hf_tensorizer artifact manifest")
+    return manifest
+
+
+def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
+    """A local folder holding the small files of the artifact at ``uri``.
+
+    Local paths and ``file://`` URIs are returned as they are. Remote artifacts are fetched (every file
+    except ``*.tensors``) into ``cache_root()/artifacts/<hash of the URI>``; each folder whose weights stay
+    remote gets a ``.hf_tensorizer_remote`` marker so :func:`weights_uri` finds them.
+
+    Args:
+        uri: the artifact root.
+        **options: transport options (``endpoint_url``, ``token``, ``headers``, ...).
+
+    Returns:
+        The local folder.
+
+    Raises:
+        SourceError: a listed file could not be fetched, or nothing usable was found at ``uri``.
+    """
+    text = os.fspath(uri)
+    if not is_remote(text):
+        return local_path(text)
+    text = text.rstrip("/")
+    try:
+        manifest = read_manifest(text, **options)
+        first_error: SourceError | None = None
+    except SourceError as exc:  # no manifest (or no access): probe well-known names, report this if all fail
+        manifest, first_error = None, exc
+    if manifest is not None:
+        files = [f for f in manifest.get("files", []) if not f.endswith(".tensors")]
+        weights = [f for f in manifest.get("files", []) if f.endswith(".tensors")]
+    else:
+        files, weights = _probe(text, first_error, **options)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    dest = os.path.join(cache_root(), "artifacts", digest)
+    # Fetch into a fresh folder and swap it in: a reader never sees a half-updated cache folder.
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
+    try:
+        for name in files:
+            _check_relative(name)
+            data = read_bytes(join(text, name), **options)
+            path = os.path.join(staging, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        if manifest is not None:
+            with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
+                json.dump(manifest, f)
+        for w in weights:
+            _check_relative(w)
+            folder = os.path.dirname(w)
+            os.makedirs(os.path.join(staging, folder), exist_ok=True)
+            with open(os.path.join(staging, folder, REMOTE_MARKER), "w", encoding="utf-8") as f:
+                f.write(join(text, folder))
+        old = dest + ".old." + os.path.basename(staging)
+        if os.path.exists(dest):
+            os.replace(dest, old)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _check_relative(name: str) -> None:
+    # a hostile manifest must not write outside the cache folder
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm.startswith(".."):
+        raise UsageError(f"artifact manifest names a file outside the artifact: {name!r}")
+
+
+def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], list[str]]:
+    """Files of a remote artifact without a manifest: the well-known names, one request each."""
+    found = [n for n in KNOWN_FILES if _exists(join(root, n), **options)]
+    weights = [WEIGHTS_NAME] if _exists(join(root, WEIGHTS_NAME), **options) else []
+    if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
+        index = json.loads(read_bytes(join(root, "model_index.json"), **options))
+        for comp, spec in index.items():
+            if comp.startswith("_") or not isinstance(spec, list):
+                continue
+            for n in KNOWN_FILES:
+                if _exists(join(root, comp, n), **options):
+                    found.append(f"{comp}/{n}")
+            if _exists(join(root, comp, WEIGHTS_NAME), **options):
+                weights.append(f"{comp}/{WEIGHTS_NAME}")
+    if not found and not weights:
+        raise SourceError(
+            f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights): {first_error}"
+        ) from first_error
+    return found, weights
+
+
+def _exists(uri: str, **options: Any) -> bool:
+    try:
+        with open_source(uri, **options):
+            return True
+    except SourceError:
+        return False
+
+
+def list_files(folder: str) -> list[str]:
+    """Every file under ``folder`` as ``/``-separated relative paths (markers and temporaries skipped)."""
+    out = []
+    for dirpath, _dirs, names in os.walk(folder):
+        for n in names:
+            if n in (REMOTE_MARKER, MANIFEST_NAME) or n.endswith(".tmp"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, n), folder)
+            out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] | None = None) -> bytes:
+    """The manifest bytes for an artifact holding ``files``."""
+    from .. import __version__
+
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "library": library,
+        "writer": f"hf_tensorizer {__version__}",
+        "files": sorted(set(files)),
+        **(extra or {}),
+    }
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
+def upload_folder(staging: str, dest: str, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
+    """Copy every small file of ``staging`` to ``dest`` (local folder or URI). Returns the relative names."""
+    names = [n for n in list_files(staging) if n not in set(skip)]
+    for name in names:
+        with open(os.path.join(staging, name), "rb") as f:
+            write_bytes(join(dest, name), f.read(), **options)
+    return names
+
+
+def write_bytes(uri: str, data: bytes, **options: Any) -> None:
+    """Write one small object atomically (local file, S3 object, Hub file)."""
+    sink = open_sink(uri, **options)
+    try:
+        sink.write(data)
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise

@@ -1,0 +1,764 @@
+"""HTTP(S) sources: ranged GETs over keep-alive pools, resumable retries, the object pinned for the whole load.
+
+Design:
+
+* Connections come from a small per-origin pool of ``http.client`` connections (keep-alive, TCP_NODELAY). We use
+  ``http.client`` rather than urllib3 because its ``HTTPResponse.readinto`` writes straight into the caller's
+  memoryview; urllib3's ``readinto`` reads into a new ``bytes`` and copies.
+* Every read is one ranged GET (or several concurrent ones for a read larger than ``part_size``). Bodies are read
+  one socket read at a time (:func:`readinto1`), so after a dropped connection or a timeout we know exactly how
+  many bytes landed and the retry asks for the rest only.
+* The object is pinned at open: the ETag (else Last-Modified) of the first response is sent as ``If-Match``
+  (``If-Unmodified-Since``) on every range and compared with each response, and every ``Content-Range`` must
+  carry the same total size. Any mismatch or a 412 raises :class:`ObjectChangedError`: a load never mixes two
+  versions of an object.
+* A 200 to a range request (the server ignored ``Range``) is never read as if it were the range.
+* Messages name the URL without user info or query string (signed URLs carry credentials there).
+
+:class:`RangedSource` holds the transport-independent part (bounds, part splitting, the retry loop) and is
+shared with :mod:`.s3`.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import email.utils
+import http.client
+import math
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from .. import constants
+from ..errors import (
+    InvalidURIError,
+    ObjectChangedError,
+    SourceError,
+    TensorizerError,
+    TruncatedFileError,
+    UsageError,
+)
+from . import redact
+from .base import Source
+
+__all__ = ["HTTPSource", "RangedSource", "RetryPolicy", "TransientError", "readinto1"]
+
+T = TypeVar("T")
+
+_MAX_DISCARD = 64 << 10  # error bodies up to this size are drained so the connection can be reused
+_REDIRECTS = (301, 302, 303, 307, 308)
+_SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+# errors meaning a pooled keep-alive connection was closed by the server while idle
+_STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.BadStatusLine)
+
+
+# --- retry policy ----------------------------------------------------------------------------------------
+
+
+class TransientError(Exception):
+    """A failure worth retrying (dropped connection, timeout, 5xx, 429). Internal to the transports.
+
+    Args:
+        message: what failed, without credentials.
+        retry_after: the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter.
+
+    Args:
+        retries: consecutive failed attempts tolerated for one range (the count restarts when an attempt made
+            progress, so a flaky link that still moves data is not cut off).
+        backoff: first delay in seconds; doubles each consecutive failure.
+        max_backoff: cap of one delay.
+        max_retry_after: cap applied to a server's ``Retry-After``.
+    """
+
+    retries: int = constants.REMOTE_RETRIES
+    backoff: float = 0.25
+    max_backoff: float = 10.0
+    max_retry_after: float = 120.0
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
+        if retry_after is not None:
+            return max(0.0, min(retry_after, self.max_retry_after))
+        base = min(self.max_backoff, self.backoff * (2 ** max(0, failures - 1)))
+        return base * random.uniform(0.5, 1.0)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date); None when absent or unparsable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --- scatter cursor --------------------------------------------------------------------------------------
+
+
+class _Cursor:
+    """Where the next received byte goes in a list of buffers; ``done`` counts bytes that landed."""
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self.views = [v for v in views if len(v)]
+        self.total = sum(len(v) for v in self.views)
+        self.done = 0
+        self._index = 0
+        self._pos = 0
+
+    def next_view(self, limit: int) -> memoryview:
+        view = self.views[self._index]
+        return view[self._pos : self._pos + limit]
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self._pos += n
+        while self._index < len(self.views) and self._pos >= len(self.views[self._index]):
+            self._pos -= len(self.views[self._index])
+            self._index += 1
+
+
+def _views_of(bufs: Sequence[memoryview | bytearray], offset: int, length: int) -> list[memoryview]:
+    """The sub-views of ``bufs`` (taken as one contiguous run) covering ``[offset, offset + length)``."""
+    out: list[memoryview] = []
+    for b in bufs:
+        n = len(b)
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, length)
+        out.append(b[offset : offset + take])  # type: ignore[arg-type]
+        length -= take
+        offset = 0
+        if not length:
+            break
+    return out
+
+
+# --- shared machinery ------------------------------------------------------------------------------------
+
+
+class RangedSource(Source):
+    """Bounds checks, part splitting and the resumable retry loop shared by the remote sources.
+
+    Subclasses set ``uri`` and ``size`` and implement :meth:`_attempt`, one request for a byte range that
+    writes into a :class:`_Cursor` and raises :class:`TransientError` for failures worth retrying.
+
+    Args:
+        concurrency: parallel ranged requests one large read is split into; also ``preferred_concurrency``.
+        part_size: reads larger than 1.5 × this are split into parts of about this size.
+        policy: the retry policy.
+    """
+
+    def __init__(self, *, concurrency: int, part_size: int, policy: RetryPolicy) -> None:
+        if concurrency < 1:
+            raise UsageError(f"concurrency must be >= 1, got {concurrency}")
+        if part_size < 1:
+            raise UsageError(f"part_size must be >= 1, got {part_size}")
+        self.concurrency = concurrency
+        self.preferred_concurrency = concurrency
+        self.part_size = part_size
+        self.policy = policy
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._closed = False
+
+    # public API -----------------------------------------------------------------------------------------
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.read_into_many(offset, [buf])
+
+    def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
+        if offset < 0:
+            raise UsageError(f"negative offset {offset}")
+        if offset + total > self.size:
+            raise TruncatedFileError(f"{self.uri} is {self.size} bytes; cannot read {total} bytes at offset {offset}")
+        if total == 0:
+            return
+        if self._closed:
+            raise SourceError(f"{self.uri}: source is closed")
+        nparts = math.ceil(total / self.part_size)
+        if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
+            self._fetch(offset, views)
+            return
+        step = math.ceil(total / nparts)
+        futures: list[Future[None]] = []
+        pool = self._pool_executor()
+        for start in range(0, total, step):
+            length = min(step, total - start)
+            futures.append(pool.submit(self._fetch, offset + start, _views_of(views, start, length)))
+        # Wait for every part even after a failure: returning early would let workers keep writing into
+        # buffers the caller believes are free again.
+        error: BaseException | None = None
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self._closed = True
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    # subclass hook --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+        """Request bytes ``first..last`` (inclusive) and write them at the cursor.
+
+        May return early (a server may send less than asked); must raise :class:`TransientError` for a
+        failure worth retrying and a :class:`SourceError` for a permanent one.
+        """
+
+    # internals ------------------------------------------------------------------------------------------
+
+    def _pool_executor(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-part")
+            return self._executor
+
+    def _fetch(self, start: int, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received."""
+        cursor = _Cursor(views)
+        total = cursor.total
+        failures = 0
+        attempts = 0
+        # Progress resets ``failures``; this bound still guarantees termination against a server that drops
+        # every connection after a few bytes.
+        max_attempts = self.policy.retries + 1 + total // (256 << 10)
+        while cursor.done < total:
+            if self._closed:
+                raise SourceError(f"{self.uri}: source closed during a read")
+            before = cursor.done
+            attempts += 1
+            try:
+                self._attempt(start + cursor.done, start + total - 1, cursor)
+                if cursor.done > before:
+                    failures = 0
+                    continue
+                exc = TransientError("the server sent no data")
+            except TransientError as err:
+                exc = err
+            if cursor.done > before:
+                failures = 0
+            failures += 1
+            if failures > self.policy.retries or attempts >= max_attempts:
+                raise SourceError(
+                    f"{self.uri}: reading bytes {start + cursor.done}-{start + total - 1} failed after "
+                    f"{attempts} attempts: {exc}"
+                ) from exc
+            time.sleep(self.policy.delay(failures, exc.retry_after))
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (one request, no body streaming) with the retry policy."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except TransientError as exc:
+                failures += 1
+                if failures > self.policy.retries:
+                    raise SourceError(f"{self.uri}: {what} failed after {failures} attempts: {exc}") from exc
+                time.sleep(self.policy.delay(failures, exc.retry_after))
+
+
+# --- HTTP ------------------------------------------------------------------------------------------------
+
+
+def readinto1(resp: http.client.HTTPResponse, view: memoryview, first: bool) -> int:
+    """At most one socket read from ``resp``'s body into ``view``; 0 at end of stream.
+
+    ``HTTPResponse.readinto`` loops until the buffer is full, and when a read fails midway the bytes that already
+    landed are not reported: a retry would fetch them again, and could not say where it resumed. This keeps
+    http.client's bookkeeping (``length``, end of response) so the connection stays reusable.
+
+    Args:
+        resp: a response with a Content-Length (ranged bodies always have one).
+        view: where the bytes go.
+        first: this is the first read of the body: bytes buffered along with the headers are handed out alone, so
+            no socket read can fail after some of them were copied.
+    """
+    if resp.fp is None or resp.chunked or resp.length is None:
+        return resp.readinto(view)
+    if len(view) > resp.length:
+        view = view[: resp.length]
+    if first:
+        view = view[: len(resp.fp.peek(1))]
+    if not len(view):
+        return 0
+    n = resp.fp.readinto1(view)
+    if not n:
+        resp.close()
+        return 0
+    resp.length -= n
+    if not resp.length:
+        resp.read(0)  # lets http.client mark the response complete (the connection becomes reusable)
+    return n
+
+
+def _describe(exc: BaseException) -> str:
+    """A short description of a network error (no URLs: http.client errors carry none)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed mid-body ({len(exc.partial)} bytes of the last slice received)"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_Origin = tuple[str, str, int]
+
+
+def _origin(url: str) -> _Origin:
+    p = urlsplit(url)
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), p.port or (443 if scheme == "https" else 80)
+
+
+class _ConnectionPool:
+    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first."""
+
+    def __init__(self, origin: _Origin, *, ssl_context: ssl.SSLContext | None, timeout: float, maxsize: int) -> None:
+        self.origin = origin
+        self._ssl_context = ssl_context
+        self._timeout = timeout
+        self._maxsize = maxsize
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed by the server)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        scheme, host, port = self.origin
+        if scheme == "https":
+            return _HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl_context), False
+        return _HTTPConnection(host, port, timeout=self._timeout), False
+
+    def put(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._maxsize:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+@dataclass
+class _Response:
+    resp: http.client.HTTPResponse
+    conn: http.client.HTTPConnection
+    pool: _ConnectionPool
+    url: str
+    from_cache: bool  # the request went to a remembered redirect target (which may have expired)
+
+
+class HTTPSource(RangedSource):
+    """An object behind an ``http://`` or ``https://`` URL, read with ranged GETs.
+
+    Args:
+        uri: the URL. User info (``https://user:pass@host/...``) becomes a Basic ``Authorization`` header.
+        headers: extra request headers (sent to the first origin and to redirect targets; ``Authorization`` and
+            ``Cookie`` are dropped when a redirect leaves the original origin).
+        token: a bearer token (``Authorization: Bearer ...``), same redirect rule.
+        verify: verify TLS certificates (default). ``False`` disables verification.
+        ca_bundle: a PEM file of CA certificates to trust instead of the system store.
+        timeout: seconds for connecting and for each socket read before the attempt is retried.
+        retries: consecutive failed attempts tolerated per range.
+        backoff: first retry delay in seconds (doubles per consecutive failure, jittered).
+        max_backoff: cap of one retry delay.
+        max_retry_after: cap applied to a server's ``Retry-After``.
+        concurrency: connections kept alive, and ranged GETs one large read is split into.
+        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs.
+        max_redirects: redirects followed per request.
+        name: what messages call the object (defaults to the URL without user info and query).
+
+    Raises:
+        InvalidURIError: the URL is malformed.
+        SourceError: the object cannot be opened (not found, access denied, TLS failure, no range support,
+            unreachable after retries).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        verify: bool = True,
+        ca_bundle: str | None = None,
+        timeout: float = constants.REMOTE_TIMEOUT_S,
+        retries: int = constants.REMOTE_RETRIES,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        max_retry_after: float = 120.0,
+        concurrency: int = constants.REMOTE_CONCURRENCY,
+        part_size: int = constants.REMOTE_PART_BYTES,
+        max_redirects: int = 10,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            concurrency=concurrency,
+            part_size=part_size,
+            policy=RetryPolicy(
+                retries=retries, backoff=backoff, max_backoff=max_backoff, max_retry_after=max_retry_after
+            ),
+        )
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as exc:
+            shown = uri.split("?", 1)[0].rsplit("@", 1)[-1]  # no user info or query even when unparsable
+            raise InvalidURIError(f"malformed URL {shown!r}: {exc}") from exc
+        self.uri = name or redact(uri)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise InvalidURIError(f"not an http(s) URL with a host: {self.uri!r}")
+
+        self._headers: dict[str, str] = {"User-Agent": "hf_tensorizer", "Accept-Encoding": "identity"}
+        for key, value in (headers or {}).items():
+            self._headers[str(key)] = str(value)
+        if parts.username is not None:
+            creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(creds).decode("ascii")
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+
+        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if parts.port:
+            netloc += f":{parts.port}"
+        self._url = f"{parts.scheme.lower()}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
+        self._home = _origin(self._url)
+        self._target: str | None = None  # where the last redirect chain ended, to skip it on later requests
+        self._max_redirects = max_redirects
+        self._timeout = float(timeout)
+        self._verify = verify
+        self._ca_bundle = ca_bundle
+        self._ssl_context: ssl.SSLContext | None = None
+        if parts.scheme.lower() == "https" or ca_bundle is not None:
+            self._ssl_context = self._make_ssl_context(verify, ca_bundle)
+        self._pools: dict[_Origin, _ConnectionPool] = {}
+        self._pools_lock = threading.Lock()
+
+        # pinned validators
+        self.etag: str | None = None
+        self.last_modified: str | None = None
+        self._pin_lock = threading.Lock()
+        self.size = self._retrying("opening", self._probe)
+
+    # --- setup -------------------------------------------------------------------------------------------
+
+    def _make_ssl_context(self, verify: bool, ca_bundle: str | None) -> ssl.SSLContext:
+        if not verify:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        try:
+            return ssl.create_default_context(cafile=ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"cannot load the CA bundle {ca_bundle!r}: {exc}") from exc
+
+    def _probe(self) -> int:
+        """Size and validators: a HEAD, or a 1-byte ranged GET when HEAD is refused or lacks a length."""
+        r = self._request("HEAD", {})
+        try:
+            status = r.resp.status
+            if 200 <= status < 300 and status != 206:
+                length = r.resp.getheader("Content-Length")
+                encoding = (r.resp.getheader("Content-Encoding") or "identity").lower()
+                if (r.resp.getheader("Accept-Ranges") or "").lower() == "none":
+                    raise SourceError(f"{self.uri}: the server does not support range requests (Accept-Ranges: none)")
+                if length is not None and length.strip().isdigit() and encoding == "identity":
+                    self._pin(r.resp)
+                    return int(length)
+            elif status == 404 or status == 410:
+                raise SourceError(f"{self.uri}: not found (HTTP {status})")
+            elif status in (408, 429) or (500 <= status < 600 and status not in (501, 505)):
+                raise TransientError(f"HTTP {status} to HEAD", parse_retry_after(r.resp.getheader("Retry-After")))
+        finally:
+            self._finish(r, reuse=True)
+        # HEAD not usable (405, a presigned URL that only signs GET, no Content-Length): ask for one byte.
+        return self._probe_range()
+
+    def _probe_range(self) -> int:
+        r = self._request("GET", {"Range": "bytes=0-0"})
+        ok = False
+        try:
+            status = r.resp.status
+            if status == 206:
+                first, _last, total = self._content_range(r.resp)
+                if first != 0 or total is None:
+                    raise SourceError(f"{self.uri}: unusable Content-Range {r.resp.getheader('Content-Range')!r}")
+                self._pin(r.resp)
+                ok = True
+                return total
+            if status == 416:
+                _, _, total = self._content_range(r.resp, unsatisfied=True)
+                if total == 0:
+                    self._pin(r.resp)
+                    return 0
+            if status == 200:
+                raise SourceError(
+                    f"{self.uri}: the server ignored the Range header (HTTP 200); range requests are required"
+                )
+            self._raise_for_status(r, "GET")
+            raise SourceError(f"{self.uri}: unexpected HTTP {status} to a range request")
+        finally:
+            self._finish(r, reuse=ok)
+
+    def _pin(self, resp: http.client.HTTPResponse) -> None:
+        with self._pin_lock:
+            if self.etag is None and self.last_modified is None:
+                self.etag = resp.getheader("ETag")
+                if self.etag is None:
+                    self.last_modified = resp.getheader("Last-Modified")
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    def _pool_for(self, origin: _Origin) -> _ConnectionPool:
+        with self._pools_lock:
+            pool = self._pools.get(origin)
+            if pool is None:
+                if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
+                    self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
+                ctx = self._ssl_context
+                pool = _ConnectionPool(origin, ssl_context=ctx, timeout=self._timeout, maxsize=max(2, self.concurrency))
+                self._pools[origin] = pool
+            return pool
+
+    def _headers_for(self, url: str, extra: Mapping[str, str]) -> dict[str, str]:
+        headers = dict(self._headers)
+        if _origin(url) != self._home:  # never hand credentials to another host (CDN, storage bucket)
+            for key in list(headers):
+                if key.lower() in _SENSITIVE_HEADERS:
+                    del headers[key]
+        headers.update(extra)
+        return headers
+
+    def _request(self, method: str, extra: Mapping[str, str]) -> _Response:
+        """Send one request, following redirects; returns the final response with its connection."""
+        cached = self._target
+        url = cached or self._url
+        for _ in range(self._max_redirects + 1):
+            parts = urlsplit(url)
+            target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (f"?{parts.query}" if parts.query else "")
+            pool = self._pool_for(_origin(url))
+            headers = self._headers_for(url, extra)
+            resp, conn = self._send(pool, method, target, headers)
+            status = resp.status
+            location = resp.getheader("Location")
+            if status in _REDIRECTS and location:
+                self._finish(_Response(resp, conn, pool, url, False), reuse=True)
+                url = urljoin(url, location)
+                if urlsplit(url).scheme.lower() not in ("http", "https"):
+                    raise SourceError(f"{self.uri}: redirected to an unsupported URL {redact(url)!r}")
+                cached = None
+                continue
+            if url != self._url and cached is None:
+                self._target = url
+            return _Response(resp, conn, pool, url, from_cache=cached is not None)
+        raise SourceError(f"{self.uri}: more than {self._max_redirects} redirects")
+
+    def _send(
+        self, pool: _ConnectionPool, method: str, target: str, headers: Mapping[str, str]
+    ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        while True:
+            conn, reused = pool.get()
+            try:
+                conn.request(method, target, headers=dict(headers))
+                return conn.getresponse(), conn
+            except ssl.SSLCertVerificationError as exc:
+                conn.close()
+                raise SourceError(
+                    f"{self.uri}: TLS certificate verification failed ({exc.verify_message}); pass ca_bundle= "
+                    "with the CA that signed the server certificate, or verify=False"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if reused and isinstance(exc, _STALE_ERRORS):
+                    continue  # the server closed an idle keep-alive connection: not a real failure
+                scheme, host, port = pool.origin
+                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {_describe(exc)}") from exc
+
+    def _finish(self, r: _Response, *, reuse: bool) -> None:
+        """Return the connection to the pool when the response was fully consumed, else close it."""
+        resp = r.resp
+        if reuse and not resp.isclosed():
+            try:  # drain a small leftover (error page, redirect body) so the connection stays usable
+                length = resp.length
+                if length is not None and length <= _MAX_DISCARD:
+                    resp.read()
+                elif resp.chunked:
+                    resp.read(_MAX_DISCARD)
+            except (OSError, http.client.HTTPException):
+                reuse = False
+        if reuse and resp.isclosed() and not resp.will_close:
+            r.pool.put(r.conn)
+        else:
+            resp.close()
+            r.conn.close()
+
+    # --- response checks ---------------------------------------------------------------------------------
+
+    def _content_range(
+        self, resp: http.client.HTTPResponse, *, unsatisfied: bool = False
+    ) -> tuple[int, int, int | None]:
+        value = (resp.getheader("Content-Range") or "").strip()
+        try:
+            unit, spec = value.split(None, 1)
+            rng, total_text = spec.strip().split("/", 1)
+            total = None if total_text.strip() == "*" else int(total_text)
+            if unsatisfied and rng.strip() == "*":
+                return -1, -1, total
+            first_text, last_text = rng.split("-", 1)
+            first, last = int(first_text), int(last_text)
+            if unit.lower() != "bytes" or first < 0 or last < first:
+                raise ValueError(value)
+        except ValueError:
+            raise SourceError(f"{self.uri}: malformed Content-Range {value!r}") from None
+        return first, last, total
+
+    def _check_validators(self, resp: http.client.HTTPResponse) -> None:
+        etag = resp.getheader("ETag")
+        if self.etag is not None and etag is not None and etag.removeprefix("W/") != self.etag.removeprefix("W/"):
+            raise ObjectChangedError(
+                f"{self.uri} changed while it was being read (ETag {self.etag} became {etag}); reload it"
+            )
+        if self.etag is None and self.last_modified is not None:
+            modified = resp.getheader("Last-Modified")
+            if modified is not None and modified != self.last_modified:
+                raise ObjectChangedError(
+                    f"{self.uri} changed while it was being read (Last-Modified {self.last_modified} became "
+                    f"{modified}); reload it"
+                )
+
+    def _raise_for_status(self, r: _Response, method: str) -> None:
+        """Map an unusable status to the right exception (always raises)."""
+        status = r.resp.status
+        if status == 412:
+            raise ObjectChangedError(f"{self.uri} changed while it was being read (HTTP 412 to If-Match); reload it")
+        if status == 416:
+            raise ObjectChangedError(f"{self.uri} is now shorter than when it was opened (HTTP 416); reload it")
+        if status in (401, 403, 404, 410) and r.from_cache:
+            # A remembered redirect target (e.g. a signed CDN URL) expired: resolve again from the original URL.
+            self._target = None
+            raise TransientError(f"redirect target answered HTTP {status}", retry_after=0.0)
+        if status in (401, 403):
+            raise SourceError(f"{self.uri}: access denied (HTTP {status}); check the token or headers")
+        if status in (404, 410):
+            raise SourceError(f"{self.uri}: not found (HTTP {status})")
+        if status in (408, 429) or (500 <= status < 600 and status not in (501, 505)):
+            raise TransientError(f"HTTP {status} to {method}", parse_retry_after(r.resp.getheader("Retry-After")))
+        raise SourceError(f"{self.uri}: unexpected HTTP {status} to {method}")
+
+    # --- data --------------------------------------------------------------------------------------------
+
+    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+        extra = {"Range": f"bytes={first}-{last}"}
+        if self.etag is not None:
+            if not self.etag.startswith("W/"):  # If-Match uses strong comparison: a weak tag would never match
+                extra["If-Match"] = self.etag
+        elif self.last_modified is not None:
+            extra["If-Unmodified-Since"] = self.last_modified
+        r = self._request("GET", extra)
+        reuse = False
+        try:
+            resp = r.resp
+            if resp.status == 206:
+                self._check_validators(resp)
+                got_first, got_last, total = self._content_range(resp)
+                if total is not None and total != self.size:
+                    raise ObjectChangedError(
+                        f"{self.uri} changed while it was being read (size {self.size} became {total}); reload it"
+                    )
+                if got_first != first or got_last > last:
+                    raise SourceError(
+                        f"{self.uri}: asked for bytes {first}-{last}, the server sent {got_first}-{got_last}"
+                    )
+                expected = got_last - got_first + 1
+            elif resp.status == 200:
+                self._check_validators(resp)
+                length = (resp.getheader("Content-Length") or "").strip()
+                # A 200 is the whole object: usable only when the whole object was asked for.
+                if not (first == 0 and last == self.size - 1 and length.isdigit() and int(length) == self.size):
+                    raise SourceError(
+                        f"{self.uri}: the server ignored the Range header (HTTP 200 to bytes={first}-{last}); "
+                        "range requests are required"
+                    )
+                expected = self.size
+            else:
+                self._raise_for_status(r, "GET")
+                raise AssertionError("unreachable")
+            got = 0
+            while got < expected:
+                n = readinto1(resp, cursor.next_view(expected - got), got == 0)
+                if not n:
+                    raise TransientError(f"connection closed after {got} of {expected} bytes")
+                cursor.advance(n)
+                got += n
+            reuse = True
+        except TensorizerError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"GET bytes={first}-{last}: {_describe(exc)}") from exc
+        finally:
+            self._finish(r, reuse=reuse)
+
+    def close(self) -> None:
+        super().close()
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"HTTPSource({self.uri!r}, size={self.size})"

@@ -1,0 +1,597 @@
+"""S3 (and S3-compatible) sources and sinks through boto3.
+
+Reading: one HEAD pins the object (size, ETag, VersionId); every range is a ``get_object`` with ``Range``,
+``IfMatch`` and, on versioned buckets, ``VersionId``, streamed straight into the caller's buffers. botocore
+retries the request phase (5xx, throttling, connection errors); a body that breaks mid-stream (dropped
+connection, read timeout) is retried by :class:`RangedSource`, resuming at the first byte not yet received.
+
+Writing: :class:`S3Sink` is a streaming multipart upload. ``write`` fills part buffers; full parts upload from a
+small thread pool with a bounded number in flight, so memory stays under ``(concurrency + 2) × part_size``. The
+first part is held back until ``commit`` so that ``rewrite_head`` can patch the index at the front (S3 assembles
+parts by number, not by upload order). Small objects go up as one ``put_object``. Any failure aborts the
+multipart upload: no object appears and no parts are left billed.
+
+Credentials come from boto3's chain (env vars, shared config and profiles, session tokens, SSO, container and
+instance roles); ``anonymous=True`` sends unsigned requests for public buckets. Errors and messages never include
+credentials.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .. import constants
+from ..errors import (
+    InvalidURIError,
+    ObjectChangedError,
+    SinkError,
+    SourceError,
+    TensorizerError,
+    UsageError,
+)
+from .base import Sink
+from .http import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, readinto1
+
+__all__ = ["S3Sink", "S3Source", "make_s3_client", "parse_s3_uri"]
+
+MIN_PART_SIZE = 5 * constants.MiB  # S3's minimum for every part but the last
+MAX_PART_SIZE = 5 * constants.GiB
+MAX_PARTS = 10_000
+_SLICE = 1 << 20  # slow path (no http.client response underneath): bounds what a failure makes us fetch twice
+_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # permissive: legacy and S3-compatible names
+_NO_CREDENTIALS = (
+    "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), select a "
+    "profile with AWS_PROFILE, run on an instance or container with a role, or pass anonymous=True for a public bucket"
+)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` → ``(bucket, key)``; the key is taken literally (no percent-decoding), may be empty.
+
+    Raises:
+        InvalidURIError: not an ``s3://`` URI, or a missing or malformed bucket name.
+    """
+    if not isinstance(uri, str) or uri[:5].lower() != "s3://":
+        raise InvalidURIError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise InvalidURIError(f"no bucket in {uri!r}; expected s3://bucket/key")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise InvalidURIError(f"malformed bucket name {bucket!r} in s3:// URI")
+    return bucket, key
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    anonymous: bool = False,
+    addressing_style: str | None = None,
+    max_pool_connections: int = constants.REMOTE_CONCURRENCY,
+    retries: int = constants.REMOTE_RETRIES,
+    timeout: float = constants.REMOTE_TIMEOUT_S,
+) -> Any:
+    """A thread-safe boto3 S3 client configured for large parallel transfers.
+
+    Args:
+        endpoint_url: an S3-compatible endpoint; default: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (read by
+            botocore itself) or AWS.
+        region: the region; default from the environment or profile.
+        profile: a named profile of the shared config files.
+        anonymous: send unsigned requests (public buckets); no credentials are looked up.
+        addressing_style: ``"path"``, ``"virtual"`` or ``"auto"`` (botocore's default).
+        max_pool_connections: keep-alive connections (should be ≥ the number of concurrent requests).
+        retries: botocore retry attempts (standard mode) for the request phase.
+        timeout: connect and read timeout in seconds.
+
+    Raises:
+        UsageError: an unknown addressing style.
+        SourceError: the profile does not exist or boto3 is not installed.
+    """
+    try:
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
+    except ImportError as exc:  # pragma: no cover - boto3 is an optional extra
+        raise SourceError("s3:// needs boto3: pip install 'hf_tensorizer[s3]'") from exc
+    if addressing_style not in (None, "auto", "path", "virtual"):
+        raise UsageError(f"addressing_style must be 'path', 'virtual' or 'auto', got {addressing_style!r}")
+    options: dict[str, Any] = {
+        "max_pool_connections": max(10, max_pool_connections),
+        "retries": {"max_attempts": max(1, retries), "mode": "standard"},
+        "connect_timeout": timeout,
+        "read_timeout": timeout,
+        "tcp_keepalive": True,
+        # Checksums of our own protect the data; "when_required" keeps S3-compatible stores that predate the
+        # 2025 default integrity headers working, and keeps ranged bodies unwrapped for zero-copy reads.
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+        "user_agent_extra": "hf_tensorizer",
+    }
+    if anonymous:
+        options["signature_version"] = UNSIGNED
+    if addressing_style:
+        options["s3"] = {"addressing_style": addressing_style}
+    try:
+        session = boto3.session.Session(profile_name=profile)
+    except ProfileNotFound as exc:
+        raise SourceError(f"AWS profile {profile!r} not found in the shared config files") from exc
+    return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=Config(**options))
+
+
+def _error_code(exc: BaseException) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _translate(
+    exc: BaseException, uri: str, cls: type[TensorizerError], *, client: Any = None, bucket: str | None = None
+) -> TensorizerError:
+    """A clear error for a botocore exception; never includes credentials."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return cls(f"{uri}: {_NO_CREDENTIALS}")
+    if isinstance(exc, EndpointConnectionError):
+        return cls(f"{uri}: cannot reach the S3 endpoint ({exc})")
+    if not isinstance(exc, ClientError):
+        return cls(f"{uri}: S3 request failed: {type(exc).__name__}: {exc}")
+    code, status = _error_code(exc)
+    if code in ("PreconditionFailed",) or status == 412:
+        return ObjectChangedError(f"{uri} changed while it was being read (ETag no longer matches); reload it")
+    if code == "InvalidRange" or status == 416:
+        return ObjectChangedError(f"{uri} is now shorter than when it was opened; reload it")
+    if code == "NoSuchBucket":
+        return cls(f"{uri}: bucket {bucket!r} does not exist")
+    if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+        if client is not None and bucket is not None and _bucket_missing(client, bucket):
+            return cls(f"{uri}: bucket {bucket!r} does not exist")
+        return cls(f"{uri}: no such object")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
+        return cls(f"{uri}: the AWS credentials were rejected ({code}); check the access key, secret and session token")
+    if code in ("AccessDenied", "Forbidden", "403", "AllAccessDisabled") or status == 403:
+        return cls(f"{uri}: access denied; check the credentials and the bucket policy (or anonymous=True for public)")
+    return cls(f"{uri}: S3 error {code or status}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": "))
+
+
+def _bucket_missing(client: Any, bucket: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code, status = _error_code(exc)
+        return code in ("NoSuchBucket", "404", "NotFound") or status == 404
+    except BotoCoreError:
+        return False
+    return False
+
+
+def _body_reader(body: Any) -> tuple[Callable[[memoryview, bool], int], Callable[[bool], None]]:
+    """``(readinto(view, first), finish(ok))`` for a botocore StreamingBody.
+
+    botocore never decodes bodies (whatever the object's Content-Encoding), so the bytes under urllib3 are the
+    object's bytes. The fast path reads from the ``http.client`` response straight into the caller's buffer, one socket
+    read at a time (:func:`~.http.readinto1`: exact progress for resumption; urllib3's own ``readinto`` reads into a
+    new ``bytes`` and copies). ``finish(True)`` returns a fully read connection to botocore's pool, ``finish(False)``
+    drops it.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if isinstance(fp, http.client.HTTPResponse) and hasattr(raw, "release_conn"):
+
+        def finish(ok: bool) -> None:
+            if ok and fp.isclosed():
+                raw.release_conn()
+            else:
+                raw.close()
+
+        return lambda view, first: readinto1(fp, view, first), finish
+
+    def finish_slow(ok: bool) -> None:
+        body.close()
+
+    return lambda view, first: body.readinto(view[:_SLICE]), finish_slow
+
+
+class S3Source(RangedSource):
+    """An S3 object read with ranged ``get_object`` calls, pinned by ETag (and VersionId).
+
+    Args:
+        uri: ``s3://bucket/key``.
+        endpoint_url: an S3-compatible endpoint (MinIO, R2, Ceph, moto...); default from ``AWS_ENDPOINT_URL_S3`` /
+            ``AWS_ENDPOINT_URL`` or AWS.
+        region: AWS region.
+        profile: shared-config profile name.
+        anonymous: unsigned requests, for public buckets.
+        addressing_style: ``"path"``, ``"virtual"`` or ``"auto"``.
+        version_id: read this version instead of the latest.
+        concurrency: parallel range requests and keep-alive connections.
+        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs.
+        retries: consecutive failed attempts per range (and botocore's request-phase attempts).
+        backoff: first retry delay in seconds for broken bodies (doubles, jittered).
+        max_backoff: cap of one retry delay.
+        timeout: connect and read timeout in seconds.
+        client: a ready boto3 S3 client (the options above that configure one are then ignored).
+
+    Raises:
+        InvalidURIError: malformed URI or no key.
+        SourceError: no credentials, no such bucket or key, access denied, endpoint unreachable.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        anonymous: bool = False,
+        addressing_style: str | None = None,
+        version_id: str | None = None,
+        concurrency: int = constants.REMOTE_CONCURRENCY,
+        part_size: int = constants.REMOTE_PART_BYTES,
+        retries: int = constants.REMOTE_RETRIES,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        timeout: float = constants.REMOTE_TIMEOUT_S,
+        client: Any = None,
+    ) -> None:
+        super().__init__(
+            concurrency=concurrency,
+            part_size=part_size,
+            policy=RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff),
+        )
+        self.bucket, self.key = parse_s3_uri(uri)
+        if not self.key:
+            raise InvalidURIError(f"no key in {uri!r}; expected s3://bucket/key")
+        self.uri = f"s3://{self.bucket}/{self.key}"
+        self._client = client or make_s3_client(
+            endpoint_url=endpoint_url,
+            region=region,
+            profile=profile,
+            anonymous=anonymous,
+            addressing_style=addressing_style,
+            max_pool_connections=concurrency * 2,
+            retries=retries,
+            timeout=timeout,
+        )
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        if version_id:
+            kwargs["VersionId"] = version_id
+        try:
+            head = self._client.head_object(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise _translate(exc, self.uri, SourceError, client=self._client, bucket=self.bucket) from exc
+        self.size = int(head["ContentLength"])
+        self.etag: str | None = head.get("ETag")
+        vid = head.get("VersionId")
+        self.version_id: str | None = vid if vid and vid != "null" else None
+
+    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={first}-{last}"}
+        if self.etag:
+            kwargs["IfMatch"] = self.etag
+        if self.version_id:
+            kwargs["VersionId"] = self.version_id
+        try:
+            resp = self._client.get_object(**kwargs)
+        except ClientError as exc:
+            code, status = _error_code(exc)
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500:
+                raise TransientError(f"get_object: {code or status}") from exc
+            if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+                raise ObjectChangedError(f"{self.uri} was deleted while it was being read") from exc
+            raise _translate(exc, self.uri, SourceError) from exc
+        except BotoCoreError as exc:  # connection errors botocore already retried: count them as ours too
+            raise TransientError(f"get_object: {exc}") from exc
+        body = resp["Body"]
+        readinto, finish = _body_reader(body)
+        ok = False
+        try:
+            etag = resp.get("ETag")
+            if self.etag and etag and etag != self.etag:
+                raise ObjectChangedError(
+                    f"{self.uri} changed while it was being read (ETag {self.etag} became {etag}); reload it"
+                )
+            got_first, got_last, total = _parse_content_range(resp.get("ContentRange"), self.uri)
+            if total is not None and total != self.size:
+                raise ObjectChangedError(
+                    f"{self.uri} changed while it was being read (size {self.size} became {total}); reload it"
+                )
+            if got_first != first or got_last > last:
+                raise SourceError(f"{self.uri}: asked for bytes {first}-{last}, S3 sent {got_first}-{got_last}")
+            expected = got_last - got_first + 1
+            got = 0
+            while got < expected:
+                n = readinto(cursor.next_view(expected - got), got == 0)
+                if not n:
+                    raise TransientError(f"connection closed after {got} of {expected} bytes")
+                cursor.advance(n)
+                got += n
+            ok = True
+        except TensorizerError:
+            raise
+        except (OSError, http.client.HTTPException, BotoCoreError) as exc:
+            raise TransientError(f"reading bytes {first}-{last}: {_describe(exc)}") from exc
+        finally:
+            finish(ok)
+
+    def __repr__(self) -> str:
+        return f"S3Source({self.uri!r}, size={self.size})"
+
+
+def _parse_content_range(value: str | None, uri: str) -> tuple[int, int, int | None]:
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    if not match:
+        raise SourceError(f"{uri}: missing or malformed Content-Range {value!r} in a ranged GET")
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total
+
+
+class S3Sink(Sink):
+    """A streaming multipart upload to ``s3://bucket/key``, committed atomically.
+
+    Memory: at most ``(concurrency + 2) × part_size`` (the held first part, the part being filled and the parts
+    in flight). Objects that fit in one part are sent with one ``put_object``. After 1000 parts the part size
+    doubles (every 1000 parts) so the 10,000-part limit is not reached before S3's 5 TiB object limit.
+
+    Args:
+        uri: ``s3://bucket/key``.
+        part_size: bytes per part (≥ 5 MiB).
+        concurrency: parts uploading at once.
+        endpoint_url, region, profile, anonymous, addressing_style, retries, timeout: as for :class:`S3Source`.
+        content_type: the object's Content-Type.
+        extra_args: extra ``create_multipart_upload`` / ``put_object`` parameters (``ServerSideEncryption``,
+            ``SSEKMSKeyId``, ``StorageClass``, ``Metadata``, ``ACL``...).
+        client: a ready boto3 S3 client.
+
+    Raises:
+        InvalidURIError: malformed URI or no key.
+        UsageError: ``part_size`` below 5 MiB or ``concurrency`` below 1.
+    """
+
+    can_rewrite_head = True
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        part_size: int = constants.S3_UPLOAD_PART_BYTES,
+        concurrency: int = constants.S3_UPLOAD_CONCURRENCY,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        anonymous: bool = False,
+        addressing_style: str | None = None,
+        retries: int = constants.REMOTE_RETRIES,
+        timeout: float = constants.REMOTE_TIMEOUT_S,
+        content_type: str = "application/octet-stream",
+        extra_args: Mapping[str, Any] | None = None,
+        client: Any = None,
+    ) -> None:
+        self.bucket, self.key = parse_s3_uri(uri)
+        if not self.key or self.key.endswith("/"):
+            raise InvalidURIError(f"no object key in {uri!r}; expected s3://bucket/key")
+        self.uri = f"s3://{self.bucket}/{self.key}"
+        if part_size < MIN_PART_SIZE or part_size > MAX_PART_SIZE:
+            raise UsageError(f"part_size must be between 5 MiB and 5 GiB (S3 limits), got {part_size}")
+        if concurrency < 1:
+            raise UsageError(f"concurrency must be >= 1, got {concurrency}")
+        try:
+            self._client = client or make_s3_client(
+                endpoint_url=endpoint_url,
+                region=region,
+                profile=profile,
+                anonymous=anonymous,
+                addressing_style=addressing_style,
+                max_pool_connections=concurrency + 2,
+                retries=retries,
+                timeout=timeout,
+            )
+        except SourceError as exc:
+            raise SinkError(str(exc)) from exc
+        self.part_size = part_size
+        self.concurrency = concurrency
+        self._extra = {"ContentType": content_type, **(extra_args or {})}
+        self._first: bytearray | None = None  # part 1, held until commit so rewrite_head can patch it
+        self._buf = bytearray()
+        self._part_number = 1  # number of the part being filled
+        self._written = 0
+        self.upload_id: str | None = None
+        self._etags: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._futures: list[Future[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+        self._state = "open"
+
+    # --- Sink API ----------------------------------------------------------------------------------------
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._check_open()
+        view = memoryview(data).cast("B")
+        try:
+            while len(view):
+                take = min(self.part_size - len(self._buf), len(view))
+                self._buf += view[:take]
+                view = view[take:]
+                self._written += take
+                if len(self._buf) >= self.part_size:
+                    self._seal()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, TensorizerError):
+                raise
+            if isinstance(exc, Exception):
+                raise SinkError(f"{self.uri}: upload failed: {exc}") from exc
+            raise
+
+    def rewrite_head(self, data: bytes) -> None:
+        self._check_open()
+        head = self._first if self._first is not None else self._buf
+        if len(data) > len(head):
+            self.abort()
+            raise SinkError(
+                f"{self.uri}: cannot rewrite {len(data)} head bytes; only the first part ({len(head)} bytes) is held "
+                "back (use a larger part_size)"
+            )
+        head[: len(data)] = data
+
+    def commit(self) -> None:
+        self._check_open()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            if self.upload_id is None:
+                body = self._first if self._first is not None else self._buf
+                self._client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(body), **self._extra)
+            else:
+                if self._buf:
+                    self._submit(self._part_number, self._buf)
+                    self._buf = bytearray()
+                assert self._first is not None
+                self._submit(1, self._first)
+                self._first = None
+                self._wait_all()
+                parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, TensorizerError):
+                raise
+            if isinstance(exc, (BotoCoreError, ClientError)):
+                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
+            if isinstance(exc, Exception):
+                raise SinkError(f"{self.uri}: commit failed: {exc}") from exc
+            raise
+        self._state = "committed"
+        self._shutdown()
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        # Let running part uploads finish first: aborting while a part is still uploading can leave that part
+        # stored (and billed) after the abort.
+        for fut in list(self._futures):
+            fut.cancel()
+        for fut in list(self._futures):
+            if not fut.cancelled():
+                fut.exception()
+        self._shutdown()
+        self._first = None
+        self._buf = bytearray()
+        if self.upload_id is not None:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+            except Exception:  # abort must not raise; a bucket lifecycle rule is the backstop
+                pass
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise SinkError(f"{self.uri}: sink already {self._state}")
+
+    def _seal(self) -> None:
+        """The current buffer is a full part: hold it (part 1) or upload it."""
+        buf, self._buf = self._buf, bytearray()
+        number = self._part_number
+        self._part_number += 1
+        if number % 1000 == 0:  # keep far below the 10,000-part limit for very large objects
+            self.part_size = min(self.part_size * 2, MAX_PART_SIZE)
+        if number == 1:
+            self._first = buf
+            return
+        if self.upload_id is None:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            try:
+                resp = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self._extra)
+            except (BotoCoreError, ClientError) as exc:
+                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
+            self.upload_id = resp["UploadId"]
+        self._submit(number, buf)
+
+    def _submit(self, number: int, buf: bytearray) -> None:
+        if number > MAX_PARTS:
+            raise SinkError(f"{self.uri}: more than {MAX_PARTS} parts; use a larger part_size")
+        self._raise_background_error()
+        self._slots.acquire()  # backpressure: at most `concurrency` parts in memory in flight
+        self._raise_background_error_and_release()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-s3-upload")
+        try:
+            fut = self._executor.submit(self._upload_part, number, buf)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(self._part_done)
+        self._futures.append(fut)
+
+    def _upload_part(self, number: int, buf: bytearray) -> None:
+        resp = self._client.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=buf
+        )
+        with self._lock:
+            self._etags[number] = resp["ETag"]
+
+    def _part_done(self, fut: Future[None]) -> None:
+        self._slots.release()
+        if not fut.cancelled() and fut.exception() is not None:
+            with self._lock:
+                if self._error is None:
+                    self._error = fut.exception()
+
+    def _raise_background_error(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(error, (BotoCoreError, ClientError)):
+                raise _translate(error, self.uri, SinkError, client=self._client, bucket=self.bucket) from error
+            raise SinkError(f"{self.uri}: uploading a part failed: {error}") from error
+
+    def _raise_background_error_and_release(self) -> None:
+        try:
+            self._raise_background_error()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _wait_all(self) -> None:
+        for fut in self._futures:
+            fut.exception()
+        self._raise_background_error()
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._futures = []
+
+    def __repr__(self) -> str:
+        return f"S3Sink({self.uri!r}, state={self._state})"

@@ -1,0 +1,263 @@
+"""transformers integration: tensorized round trips of tiny real models, compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import hf_tensorizer  # noqa: E402
+from hf_tensorizer import read_index  # noqa: E402
+from hf_tensorizer.errors import UsageError  # noqa: E402
+from hf_tensorizer.integrations import artifact  # noqa: E402
+from hf_tensorizer.integrations.transformers import TensorizerMixin, save_tensorized  # noqa: E402
+from hf_tensorizer.sources import open_source  # noqa: E402
+
+VOCAB = 96
+
+
+def _llama() -> Any:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2() -> Any:
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=1)  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _bert() -> Any:
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _mixtral() -> Any:
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)  # fmt: skip
+    return transformers.MixtralForCausalLM(cfg)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "mixtral": _mixtral}
+INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
+
+
+def _build(name: str) -> Any:
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT.to(model.device)).logits
+
+
+def _not_meta(model: torch.nn.Module) -> list[str]:
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    hf_tensorizer.enable()
+    yield
+    hf_tensorizer.disable()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_round_trip_bit_identical(name: str, tmp_path: Path) -> None:
+    ref = _build(name)
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    ref.save_pretrained(tmp_path / "stock")  # stock safetensors: the hub key layout we must match
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "stock" / "model.safetensors"), "pt") as f:
+        stock_keys = set(f.keys())
+    with open_source(str(tmp_path / "art" / "model.tensors")) as src:
+        assert set(read_index(src).tensors) == stock_keys
+    loaded, info = type(ref).from_pretrained(tmp_path / "art", output_loading_info=True)
+    assert type(loaded) is type(ref)
+    assert not _not_meta(loaded)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(_logits(ref), _logits(loaded))
+    for (n, a), b in zip(ref.named_buffers(), loaded.buffers()):  # non-persistent buffers rebuilt (inv_freq)
+        assert torch.equal(a, b), n
+
+
+def test_mixtral_file_has_per_expert_hub_keys(tmp_path: Path) -> None:
+    ref = _build("mixtral")
+    save_tensorized(ref, tmp_path / "art")
+    with open_source(str(tmp_path / "art" / "model.tensors")) as src:
+        keys = set(read_index(src).tensors)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+    assert not any("gate_up_proj" in k for k in keys)  # runtime-fused names never reach the file
+
+
+def test_auto_class_and_tied_weights(tmp_path: Path) -> None:
+    ref = _build("gpt2")
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "art"))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert torch.equal(_logits(ref), _logits(loaded))
+
+
+def test_dtype_and_keep_in_fp32(tmp_path: Path) -> None:
+    ref = _build("llama")
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(ref.to(torch.bfloat16)), _logits(loaded))
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    t5 = transformers.T5ForConditionalGeneration(cfg).eval()
+    t5.save_pretrained(tmp_path / "t5", tensorized=True)
+    half = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=torch.float16)
+    assert half.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert half.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16
+
+
+def test_device_map_cpu_and_explicit_dict(tmp_path: Path) -> None:
+    ref = _build("llama")
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    m1 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map="cpu")
+    assert {p.device.type for p in m1.parameters()} == {"cpu"}
+    assert torch.equal(_logits(ref), _logits(m1))
+    dmap = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    m2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map=dmap)
+    assert {p.device.type for p in m2.parameters()} == {"cpu"}
+    assert not _not_meta(m2)
+    assert torch.equal(_logits(ref), _logits(m2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_map_split_cuda_cpu(tmp_path: Path) -> None:
+    ref = _build("llama")
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    dmap = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0,
+            "model.rotary_emb": 0, "lm_head": 0}  # fmt: skip
+    m = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map=dmap)
+    assert m.model.embed_tokens.weight.device.type == "cuda"
+    assert not _not_meta(m)
+    torch.testing.assert_close(_logits(ref), _logits(m).cpu())  # GPU kernels differ from CPU ones
+    m_auto = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map="auto")
+    assert m_auto.model.embed_tokens.weight.device.type == "cuda"
+
+
+def test_loading_info_across_heads(tmp_path: Path) -> None:
+    ref = _build("bert")
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    base, info = transformers.BertModel.from_pretrained(tmp_path / "art", output_loading_info=True)
+    assert info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert "cls.predictions.bias" in info["unexpected_keys"]
+    assert not _not_meta(base)
+    with torch.no_grad():
+        assert torch.equal(ref.bert(INPUT).last_hidden_state, base(INPUT).last_hidden_state)
+
+
+def test_artifact_files_config_generation_tokenizer(tmp_path: Path) -> None:
+    ref = _build("llama")
+    ref.generation_config.max_new_tokens = 7
+    tok = _tokenizer(tmp_path)
+    ref.save_pretrained(tmp_path / "art", tensorized=True, tokenizer=tok)
+    manifest = json.loads((tmp_path / "art" / artifact.MANIFEST_NAME).read_text())
+    assert "model.tensors" in manifest["files"] and "config.json" in manifest["files"]
+    assert "tokenizer.json" in manifest["files"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "art")
+    assert loaded.generation_config.max_new_tokens == 7
+    tok2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "art")
+    assert tok2("hello world")["input_ids"] == tok("hello world")["input_ids"]
+
+
+def _tokenizer(tmp_path: Path) -> Any:
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "hello": 4, "world": 5}
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizer(vocab=str(tmp_path / "vocab.txt"))
+
+
+def test_mixin_without_global_switch(tmp_path: Path) -> None:
+    hf_tensorizer.disable()
+
+    class MyLlama(TensorizerMixin, transformers.LlamaForCausalLM):
+        pass
+
+    ref = _build("llama")
+    save_tensorized(ref, tmp_path / "art")
+    loaded = MyLlama.from_pretrained(tmp_path / "art")
+    assert torch.equal(_logits(ref), _logits(loaded))
+    loaded.save_pretrained(tmp_path / "again", tensorized=True)
+    assert (tmp_path / "again" / "model.tensors").is_file()
+    hf_tensorizer.enable()  # the fixture's disable() pairs with this
+
+
+def test_switch_is_explicit_and_reversible(tmp_path: Path) -> None:
+    ref = _build("llama")
+    save_tensorized(ref, tmp_path / "art")
+    ref.save_pretrained(tmp_path / "stock", tensorized=False)
+    assert (tmp_path / "stock" / "model.safetensors").is_file()
+    stock = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "stock")  # falls through unchanged
+    assert torch.equal(_logits(ref), _logits(stock))
+    hf_tensorizer.disable()
+    from transformers import PreTrainedModel
+
+    assert "hf_tensorizer" not in PreTrainedModel.from_pretrained.__func__.__module__
+    with pytest.raises(OSError):
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art")  # stock: no weights it knows
+    with hf_tensorizer.enabled():
+        assert torch.equal(_logits(ref), _logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art")))
+    assert not hf_tensorizer.integrations.is_enabled()
+    hf_tensorizer.enable()
+
+
+def test_errors(tmp_path: Path) -> None:
+    from hf_tensorizer.integrations.transformers import load_pretrained
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError):
+        load_pretrained(transformers.LlamaForCausalLM, tmp_path / "empty")
+    ref = _build("llama")
+    ref.model.embed_tokens.weight = torch.nn.Parameter(torch.empty(VOCAB, 32, device="meta"))
+    with pytest.raises(UsageError):
+        save_tensorized(ref, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.tensors").exists()
+
+
+def test_http_artifact(tmp_path: Path, http_server: Any) -> None:
+    ref = _build("gpt2")
+    save_tensorized(ref, http_server.dir / "gpt2", tokenizer=_tokenizer(tmp_path))
+    uri = http_server.url("gpt2")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(uri)
+    assert torch.equal(_logits(ref), _logits(loaded))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert transformers.AutoTokenizer.from_pretrained(uri)("hello")["input_ids"] == [1, 4, 2]
+    # weights were streamed, not cached: the cache folder holds only the small files
+    cached = {p.name for p in Path(os.environ["HF_TENSORIZER_CACHE"]).rglob("*") if p.is_file()}
+    assert "model.tensors" not in cached and "config.json" in cached
+    (http_server.dir / "gpt2" / artifact.MANIFEST_NAME).unlink()  # no manifest: well-known names are probed
+    assert torch.equal(_logits(ref), _logits(transformers.GPT2LMHeadModel.from_pretrained(uri)))
+
+
+def test_s3_round_trip(moto_s3: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = _build("mixtral")
+    uri = f"s3://{s3_bucket}/models/mixtral"
+    opts = {"endpoint_url": moto_s3}
+    ref.save_pretrained(uri, tensorized=True, tensorizer_options=opts)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=opts)
+    assert torch.equal(_logits(ref), _logits(loaded))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)  # the usual way: boto3's environment
+    cfg = transformers.AutoConfig.from_pretrained(uri)
+    assert cfg.num_local_experts == 4
+    verified = transformers.MixtralForCausalLM.from_pretrained(uri, tensorizer_options={"verify_hash": True})
+    assert torch.equal(_logits(ref), _logits(verified))

@@ -1,0 +1,348 @@
+"""S3Source and S3Sink against moto's standalone server on 127.0.0.1, reached by real boto3 over HTTP.
+
+Faults moto cannot inject (a body cut mid-stream, a stalled body) come from a TCP proxy in front of it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import time
+
+import pytest
+
+from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
+from hf_tensorizer.sources import open_sink, open_source
+from hf_tensorizer.sources.s3 import S3Sink, S3Source, _body_reader, _translate
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+FAST = {"backoff": 0.01, "max_backoff": 0.05, "retries": 3, "timeout": 5}
+
+
+def _data(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _source(moto_s3: str, uri: str, **kw) -> S3Source:
+    return S3Source(uri, endpoint_url=moto_s3, addressing_style="path", **{**FAST, **kw})
+
+
+def _no_leftovers(s3_client, bucket: str, key: str) -> None:
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with pytest.raises(s3_client.exceptions.ClientError) as err:
+        s3_client.head_object(Bucket=bucket, Key=key)
+    assert err.value.response["Error"]["Code"] in ("404", "NoSuchKey")
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+def test_read_whole_ranges_and_scatter(moto_s3, s3_client, s3_bucket):
+    data = _data(6 * MiB + 3)
+    s3_client.put_object(Bucket=s3_bucket, Key="dir/model.tensors", Body=data)
+    src = _source(moto_s3, f"s3://{s3_bucket}/dir/model.tensors", part_size=MiB, concurrency=4)
+    assert src.size == len(data)
+    assert src.etag
+    buf = bytearray(len(data))
+    src.read_into(0, memoryview(buf))  # split into 6+ concurrent ranged GETs
+    assert buf == data
+    assert src.read(4321, 100) == data[4321:4421]
+    bufs = [bytearray(10), bytearray(0), bytearray(MiB), bytearray(7)]
+    src.read_into_many(99, [memoryview(b) for b in bufs])
+    assert b"".join(bufs) == data[99 : 99 + 10 + MiB + 7]
+    src.close()
+
+
+def test_concurrent_reads_from_many_threads(moto_s3, s3_client, s3_bucket):
+    data = _data(2 * MiB, seed=1)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    src = _source(moto_s3, f"s3://{s3_bucket}/m", concurrency=8)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(15):
+                off, n = rng.randrange(len(data) - 100_000), rng.randrange(1, 100_000)
+                assert src.read(off, n) == data[off : off + n]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_body_is_read_without_intermediate_copies(moto_s3, s3_client, s3_bucket):
+    """The fast path reads from the http.client response under botocore/urllib3 into our buffer."""
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=b"x" * 1000)
+    src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    body = src._client.get_object(Bucket=s3_bucket, Key="m", Range="bytes=0-99")["Body"]
+    readinto, finish = _body_reader(body)
+    assert isinstance(body._raw_stream._fp, http.client.HTTPResponse)
+    buf = bytearray(100)
+    got = 0
+    while got < 100:
+        got += readinto(memoryview(buf)[got:], got == 0)
+    finish(True)
+    assert buf == b"x" * 100
+
+
+def test_endpoint_from_environment(moto_s3, s3_client, s3_bucket, monkeypatch):
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=b"hello")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_s3)
+    src = S3Source(f"s3://{s3_bucket}/m", addressing_style="path", **FAST)
+    assert src.read(0, 5) == b"hello"
+    with open_source(f"s3://{s3_bucket}/m", addressing_style="path") as src2:
+        assert isinstance(src2, S3Source) and src2.size == 5
+
+
+def test_missing_credentials_is_clear(moto_s3, s3_client, s3_bucket, monkeypatch):
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=b"public bytes", ACL="public-read")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(SourceError, match=r"no AWS credentials found.*anonymous=True") as err:
+        _source(moto_s3, f"s3://{s3_bucket}/m")
+    assert "testing-secret-key" not in str(err.value)
+    # anonymous (unsigned) access needs none
+    assert _source(moto_s3, f"s3://{s3_bucket}/m", anonymous=True).read(0, 6) == b"public"
+    with pytest.raises(SinkError, match="no AWS credentials found"):
+        sink = S3Sink(f"s3://{s3_bucket}/out", endpoint_url=moto_s3, addressing_style="path", part_size=5 * MiB)
+        sink.write(b"abc")
+        sink.commit()
+
+
+def test_missing_key_and_bucket_are_clear(moto_s3, s3_bucket):
+    with pytest.raises(SourceError, match=rf"s3://{s3_bucket}/nope: no such object"):
+        _source(moto_s3, f"s3://{s3_bucket}/nope")
+    with pytest.raises(SourceError, match="bucket 'no-such-bucket-xyz' does not exist"):
+        _source(moto_s3, "s3://no-such-bucket-xyz/key")
+
+
+def test_access_denied_and_rejected_credentials_messages():
+    from botocore.exceptions import ClientError
+
+    def err(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           "GetObject")  # fmt: skip
+
+    assert "access denied" in str(_translate(err("AccessDenied", 403), "s3://b/k", SourceError))
+    assert "credentials were rejected" in str(_translate(err("InvalidAccessKeyId", 403), "s3://b/k", SourceError))
+    assert isinstance(_translate(err("PreconditionFailed", 412), "s3://b/k", SourceError), ObjectChangedError)
+    assert isinstance(_translate(err("AccessDenied", 403), "s3://b/k", SinkError), SinkError)
+
+
+def test_object_overwritten_mid_load_raises(moto_s3, s3_client, s3_bucket):
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB, seed=2))
+    src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    src.read(0, 100)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB, seed=3))
+    with pytest.raises(ObjectChangedError, match="changed while it was being read"):
+        src.read(100, 100)
+
+
+def test_object_deleted_mid_load_raises(moto_s3, s3_client, s3_bucket):
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(1000))
+    src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    s3_client.delete_object(Bucket=s3_bucket, Key="m")
+    with pytest.raises(ObjectChangedError):
+        src.read(0, 10)
+
+
+def test_versioned_bucket_keeps_reading_the_pinned_version(moto_s3, s3_client, s3_bucket):
+    s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    old, new = _data(MiB, seed=4), _data(MiB, seed=5)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=old)
+    src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    assert src.version_id
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=new)
+    assert src.read(0, len(old)) == old  # the version opened, never a mix
+    assert _source(moto_s3, f"s3://{s3_bucket}/m").read(0, 10) == new[:10]
+    first = src.version_id
+    assert _source(moto_s3, f"s3://{s3_bucket}/m", version_id=first).read(5, 5) == old[5:10]
+
+
+def test_body_dropped_mid_stream_resumes(moto_s3, s3_client, s3_bucket):
+    from servers.fault_proxy import FaultProxy
+
+    data = _data(4 * MiB, seed=6)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    host, port = moto_s3.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port))
+    try:
+        src = _source(proxy.url, f"s3://{s3_bucket}/m")
+        proxy.arm("drop", after=1_500_000, count=2)
+        assert src.read(0, len(data)) == data
+        assert proxy.cut == 2
+    finally:
+        proxy.close()
+
+
+def test_body_stalled_mid_stream_times_out_and_resumes(moto_s3, s3_client, s3_bucket):
+    from servers.fault_proxy import FaultProxy
+
+    data = _data(2 * MiB, seed=7)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    host, port = moto_s3.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port))
+    try:
+        src = _source(proxy.url, f"s3://{s3_bucket}/m", timeout=1)
+        proxy.arm("stall", after=500_000, seconds=5)
+        start = time.monotonic()
+        assert src.read(0, len(data)) == data
+        assert time.monotonic() - start < 4.5
+        assert proxy.stalled == 1
+    finally:
+        proxy.close()
+
+
+def test_persistent_drops_fail_clearly(moto_s3, s3_client, s3_bucket):
+    from servers.fault_proxy import FaultProxy
+
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB))
+    host, port = moto_s3.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port))
+    try:
+        src = _source(proxy.url, f"s3://{s3_bucket}/m")
+        proxy.arm("drop", after=0, count=1000)
+        with pytest.raises(SourceError, match="failed after"):
+            src.read(0, MiB)
+    finally:
+        proxy.close()
+
+
+def test_malformed_s3_uris(moto_s3):
+    for bad in ("s3://", "s3:///key", "s3://bucket", "s3://bucket/", "s3://bad bucket/key"):
+        with pytest.raises(InvalidURIError):
+            S3Source(bad, endpoint_url=moto_s3)
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def _sink(moto_s3: str, uri: str, **kw) -> S3Sink:
+    return S3Sink(uri, endpoint_url=moto_s3, addressing_style="path", **{"part_size": 5 * MiB, **kw})
+
+
+def test_multipart_roundtrip_with_rewrite_head(moto_s3, s3_client, s3_bucket):
+    data = bytearray(_data(12 * MiB + 12345, seed=8))
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/out/model.tensors", concurrency=2)
+    rng = random.Random(9)
+    pos = 0
+    while pos < len(data):  # odd-sized writes straddle part boundaries
+        n = rng.randrange(1, 3 * MiB)
+        sink.write(memoryview(data)[pos : pos + n])
+        pos += n
+    head = _data(4096, seed=10)
+    sink.rewrite_head(head)
+    sink.commit()
+    data[:4096] = head
+    obj = s3_client.get_object(Bucket=s3_bucket, Key="out/model.tensors")
+    assert obj["Body"].read() == bytes(data)
+    assert obj["ETag"].endswith('-3"')  # three parts: 5 + 5 + 2 MiB
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    with pytest.raises(SinkError):
+        sink.write(b"after commit")
+
+
+def test_small_object_is_one_put(moto_s3, s3_client, s3_bucket):
+    sink = open_sink(f"s3://{s3_bucket}/small.bin", endpoint_url=moto_s3, addressing_style="path")
+    assert isinstance(sink, S3Sink)
+    sink.write(b"hello ")
+    sink.write(memoryview(b"world"))
+    sink.rewrite_head(b"HELLO")
+    sink.commit()
+    obj = s3_client.get_object(Bucket=s3_bucket, Key="small.bin")
+    assert obj["Body"].read() == b"HELLO world"
+    assert "-" not in obj["ETag"]
+
+
+def test_exactly_one_part_is_one_put(moto_s3, s3_client, s3_bucket):
+    data = _data(5 * MiB, seed=11)
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/one")
+    sink.write(data)
+    sink.commit()
+    assert s3_client.get_object(Bucket=s3_bucket, Key="one")["Body"].read() == data
+
+
+def test_caller_failure_mid_write_aborts_and_leaves_nothing(moto_s3, s3_client, s3_bucket):
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/partial")
+    sink.write(_data(11 * MiB, seed=12))  # part 2 sealed: the multipart upload exists
+    assert sink.upload_id is not None
+    assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 1
+    sink.abort()  # what the serializer does when it fails
+    sink.abort()  # idempotent
+    _no_leftovers(s3_client, s3_bucket, "partial")
+    with pytest.raises(SinkError):
+        sink.commit()
+
+
+def test_upload_failure_aborts_and_leaves_nothing(moto_s3, s3_client, s3_bucket):
+    from botocore.exceptions import ClientError
+
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/failing", concurrency=2)
+    real = sink._client.upload_part
+    calls = []
+
+    def flaky(**kwargs):
+        calls.append(kwargs["PartNumber"])
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "boom"}}, "UploadPart")
+        return real(**kwargs)
+
+    sink._client.upload_part = flaky
+    with pytest.raises(SinkError, match="InternalError"):
+        for _ in range(8):
+            sink.write(_data(3 * MiB, seed=13))
+        sink.commit()
+    _no_leftovers(s3_client, s3_bucket, "failing")
+
+
+def test_in_flight_parts_are_bounded(moto_s3, s3_client, s3_bucket):
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/bounded", concurrency=2)
+    real = sink._client.upload_part
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+
+    def slow(**kwargs):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        try:
+            return real(**kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    sink._client.upload_part = slow
+    data = _data(31 * MiB, seed=14)
+    sink.write(data)
+    sink.commit()
+    assert state["max"] <= 2
+    assert s3_client.get_object(Bucket=s3_bucket, Key="bounded")["Body"].read() == data
+
+
+def test_rewrite_head_beyond_the_first_part_fails_and_aborts(moto_s3, s3_client, s3_bucket):
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/h")
+    sink.write(_data(11 * MiB))
+    with pytest.raises(SinkError, match="first part"):
+        sink.rewrite_head(b"x" * (6 * MiB))
+    _no_leftovers(s3_client, s3_bucket, "h")
+
+
+def test_sink_argument_errors(moto_s3, s3_bucket):
+    with pytest.raises(UsageError, match="5 MiB"):
+        _sink(moto_s3, f"s3://{s3_bucket}/k", part_size=MiB)
+    with pytest.raises(InvalidURIError):
+        _sink(moto_s3, f"s3://{s3_bucket}/")
+    with pytest.raises(SinkError, match="does not exist"):
+        sink = _sink(moto_s3, "s3://no-such-bucket-abc/k")
+        sink.write(b"x")
+        sink.commit()
