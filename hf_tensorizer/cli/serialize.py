@@ -1,5 +1,14 @@
-"""``hf-tensorizer serialize SRC DEST``: a safetensors / ``.bin`` state dict or a local HF model directory
-to one ``.tensors`` file (local path or URI)."""
+"""``hf-tensorizer serialize``: weights to the tensorized format.
+
+Two forms:
+
+- ``serialize SRC DEST``: a safetensors / ``.bin`` state dict or a directory of shards to one
+  ``.tensors`` file (local path or ``s3://`` / ``hf://`` URI).
+- ``serialize --hf-model-id ID --dest ROOT``: a transformers model or diffusers pipeline (a Hub id or a
+  local directory) to a ``from_pretrained``-able artifact: ``model.tensors`` plus config, generation
+  config and tokenizer / processor / scheduler files, under a local folder, ``s3://bucket/prefix`` or
+  ``hf://org/repo``.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +16,30 @@ import argparse
 import glob
 import os
 import time
+from typing import Any
 
 import torch
 
-from ..engine.writer import TensorSerializer
 from ..errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serialize", help="convert a state dict or HF model dir to .tensors", description=__doc__)
-    p.add_argument("src", help="a .safetensors or .bin/.pt file, or a directory with *.safetensors / *.bin shards")
-    p.add_argument("dest", help="output .tensors path or URI (s3://..., hf://...)")
+    from .crypto import add_key_arguments
+
+    p = sub.add_parser("serialize", help="convert weights or a whole HF model to the tensorized format",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("src", nargs="?", help="a .safetensors or .bin/.pt file, or a directory of shards")
+    p.add_argument("dest_file", nargs="?", metavar="DEST", help="output .tensors path or URI")
+    p.add_argument("--hf-model-id", help="Hub model id or local directory of a transformers model / diffusers pipeline")
+    p.add_argument("--dest", help="artifact root for --hf-model-id: a folder, s3://bucket/prefix or hf://org/repo")
+    p.add_argument("--revision", default=None, help="Hub revision of --hf-model-id")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors first")
-    p.add_argument("--block-size", type=int, default=None, help="digest block size in bytes")
+    p.add_argument("--block-size", type=int, default=None, help="digest (and encryption) block size in bytes")
     p.add_argument("--digest", choices=["crc32", "sha256", "none"], default="crc32")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="user metadata (repeat)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// destinations")
+    p.add_argument("--encrypt", action="store_true", help="encrypt the tensor data (give a key option below)")
+    add_key_arguments(p, writing=True)
     p.set_defaults(func=run)
 
 
@@ -49,22 +67,96 @@ def read_state_dict(src: str) -> dict[str, torch.Tensor]:
     raise UsageError(f"cannot tell the format of {src}: expected .safetensors, .bin/.pt or a directory")
 
 
-def run(args: argparse.Namespace) -> int:
+def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .crypto import key_from_args
+
     meta = {}
     for kv in args.metadata:
         key, sep, value = kv.partition("=")
         if not sep:
             raise UsageError(f"--metadata takes KEY=VALUE, got {kv!r}")
         meta[key] = value
+    opts: dict[str, Any] = {"metadata": meta, "digest": args.digest}
+    if args.block_size:
+        opts["block_size"] = args.block_size
+    key = key_from_args(args, writing=True)
+    if args.encrypt and key is None:
+        raise UsageError("--encrypt needs a key: --key-file, --key-env, --passphrase-env or --passphrase")
+    if key is not None and not args.encrypt:
+        raise UsageError("a key was given without --encrypt")
+    if key is not None:
+        opts["encryption"] = key
+    if args.endpoint_url:
+        opts["endpoint_url"] = args.endpoint_url
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    opts = _serializer_options(args)
+    if args.hf_model_id:
+        if args.src or args.dest_file:
+            raise UsageError("--hf-model-id takes --dest, not positional SRC DEST")
+        if not args.dest:
+            raise UsageError("--hf-model-id needs --dest")
+        written = serialize_model(args.hf_model_id, args.dest, revision=args.revision, dtype=args.dtype, **opts)
+        print(f"wrote {written} from {args.hf_model_id} in {time.perf_counter() - t0:.2f} s")
+        return 0
+    if not (args.src and args.dest_file):
+        raise UsageError("give SRC DEST, or --hf-model-id ID --dest ROOT")
+    from ..engine.writer import TensorSerializer
+
     sd = read_state_dict(args.src)
     if args.dtype:
         dtype = getattr(torch, args.dtype)
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    kwargs = {"block_size": args.block_size} if args.block_size else {}
-    s = TensorSerializer(args.dest, metadata=meta, digest=args.digest, progress=None, **kwargs)
+    s = TensorSerializer(args.dest_file, progress=None, **opts)
     s.write_state_dict(sd)
     index = s.close()
-    dt = time.perf_counter() - t0
-    print(f"wrote {args.dest}: {len(index.tensors)} tensors, {index.file_size:,} bytes in {dt:.2f} s")
+    print(f"wrote {args.dest_file}: {len(index.tensors)} tensors, {index.file_size:,} bytes "
+          f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
     return 0
+
+
+def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dtype: str | None = None,
+                    **options: Any) -> str:  # fmt: skip
+    """Load ``model_id`` with transformers (or diffusers, for pipelines) on CPU and write its artifact.
+
+    Returns:
+        The artifact root written.
+    """
+    from huggingface_hub import hf_hub_download
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    endpoint = options.pop("endpoint_url", None)
+    transport = {"endpoint_url": endpoint} if endpoint else {}
+    local = os.path.isdir(model_id)
+    if local:
+        is_pipeline = os.path.exists(os.path.join(model_id, "model_index.json"))
+    else:
+        try:
+            hf_hub_download(model_id, "model_index.json", revision=revision)
+            is_pipeline = True
+        except Exception:
+            is_pipeline = False
+    if is_pipeline:
+        from diffusers import DiffusionPipeline
+
+        from ..integrations.diffusers import save_pipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, torch_dtype=torch_dtype)
+        save_pipeline(pipe, dest, tensorizer_options=transport or None, **options)
+        return dest
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from ..integrations.transformers import save_tensorized
+
+    config = AutoConfig.from_pretrained(model_id, revision=revision)
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
+    model = auto.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+    except Exception:
+        tokenizer = None
+    save_tensorized(model, dest, tokenizer=tokenizer, tensorizer_options=transport or None, **options)
+    return dest

@@ -12,12 +12,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("verify", help="check a file's data against its digests", description=__doc__)
     p.add_argument("uri", help="local path or URI of a .tensors file")
     p.add_argument("--readers", type=int, default=4, help="parallel readers")
+    from .crypto import add_key_arguments
+
+    add_key_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
-    report = verify_file(args.uri, num_readers=args.readers)
+    from .crypto import key_from_args
+
+    report = verify_file(args.uri, num_readers=args.readers, encryption=key_from_args(args))
     dt = time.perf_counter() - t
     if report.ok:
         print(f"OK {report.uri}: {report.tensors} tensors, {report.bytes:,} bytes verified in {dt:.2f} s")

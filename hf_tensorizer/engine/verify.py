@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..errors import TensorizerError
 from ..sources import Source, open_source
 from .pipeline import StageTimes, Verifier, _Work, run_threads
 from .plan import plan_chunks
@@ -25,16 +27,27 @@ class VerifyReport:
         return not self.failed
 
 
-def verify_file(source: str | os.PathLike[str] | Source, *, num_readers: int = 4) -> VerifyReport:
+def verify_file(
+    source: str | os.PathLike[str] | Source, *, num_readers: int = 4, encryption: Any = None
+) -> VerifyReport:
     """Read every tensor block and compare it with the index digests, without stopping at the first failure.
+
+    Encrypted files need their key: each block is authenticated (MAC) and decrypted, then its plaintext
+    digest checked; a block failing either marks its tensor.
 
     Raises:
         FormatError: the header itself is invalid (then nothing else can be checked).
+        MissingKeyError / DecryptionError: an encrypted file without its key, or with the wrong one.
     """
     src = open_source(source)
     try:
         index = read_index(src)
         verifier = Verifier(index)
+        transform = None
+        if index.encrypted or encryption is not None:
+            from ..crypto import open_transform
+
+            transform = open_transform(index, encryption, src.uri)
         chunks = plan_chunks(index.data_entries, index.block_size)
         failed: set[str] = set()
         work = _Work(chunks)
@@ -45,9 +58,12 @@ def verify_file(source: str | os.PathLike[str] | Source, *, num_readers: int = 4
             while (chunk := work.take()) is not None:
                 src.read_into(chunk.offset, view[: chunk.length])
                 for p in chunk.pieces:
+                    data = view[p.chunk_offset : p.chunk_offset + p.length]
                     try:
-                        verifier.check(p, view[p.chunk_offset : p.chunk_offset + p.length])
-                    except Exception:
+                        if transform is not None:
+                            transform(p, data)
+                        verifier.check(p, data)
+                    except TensorizerError:
                         failed.add(p.entry.name)
 
         run_threads(work, max(1, min(num_readers, len(chunks))), body)

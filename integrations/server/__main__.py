@@ -1,0 +1,72 @@
+"""``python -m integrations.server --model-uri URI [--precision ...] [--port ...] ...`` — see :func:`build_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .model import LOADERS, PRECISIONS, ServerConfig, parse_option
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's command line (also read by the manifest tests, so manifests cannot drift from it)."""
+    p = argparse.ArgumentParser(
+        prog="python -m integrations.server",
+        description="KServe V1 REST inference server: text generation (transformers causal LMs) and "
+        "text-to-image (diffusers pipelines), weights streamed through hf_tensorizer.",
+    )
+    p.add_argument("--model-uri", required=True,
+                   help="tensorized artifact: local folder, file://, http(s)://, s3://bucket/prefix or hf://org/repo; "
+                        "with --loader hf: a safetensors model folder or a Hub repo id")  # fmt: skip
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float32", help="weights dtype")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--model-name", default="model", help="the <name> in /v1/models/<name>")
+    p.add_argument("--loader", choices=LOADERS, default="hf_tensorizer",
+                   help="hf_tensorizer (default) or hf: stock from_pretrained, for comparisons")  # fmt: skip
+    p.add_argument("--key-file", help="decryption key file for encrypted artifacts (or set HF_TENSORIZER_KEY)")
+    p.add_argument("--tensorizer-option", action="append", default=[], metavar="KEY=VALUE", type=parse_option,
+                   help="extra tensorizer_options, JSON values (num_readers=8, verify_hash=true, "
+                        "endpoint_url=http://...); repeat")  # fmt: skip
+    p.add_argument("--max-new-tokens-limit", type=int, default=512)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until it is stopped. Returns 0 after a clean stop, 1 when the model failed to load."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from .app import create_app
+    from .model import ModelRunner
+
+    config = ServerConfig(model_uri=args.model_uri, model_name=args.model_name, precision=args.precision,
+                          device=args.device, loader=args.loader, key_file=args.key_file,
+                          tensorizer_options=dict(args.tensorizer_option),
+                          max_new_tokens_limit=args.max_new_tokens_limit)  # fmt: skip
+    runner = ModelRunner(config)
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(reason: str) -> None:
+        failure.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(runner, on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))  # fmt: skip
+    server.run()
+    if failure:
+        print(f"error: could not load {args.model_uri}: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The model behind the server: loading (hf_tensorizer or stock Hugging Face) and request execution.
+
+:class:`ModelRunner` owns one model — a transformers causal LM with its tokenizer, or a diffusers pipeline —
+and runs every request on one worker thread, so concurrent HTTP requests never share the model at once.
+Request bodies are validated here (:class:`BadRequest` becomes an HTTP 400 with its message).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("integrations.server")
+
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOADERS = ("hf_tensorizer", "hf")
+
+
+class BadRequest(ValueError):
+    """A request the model cannot run as given (the server answers 400 with this message)."""
+
+
+@dataclass
+class ServerConfig:
+    """What ``python -m integrations.server`` was started with (see ``__main__.py`` for the flags)."""
+
+    model_uri: str
+    model_name: str = "model"
+    precision: str = "float32"
+    device: str = "cpu"
+    loader: str = "hf_tensorizer"
+    key_file: str | None = None
+    tensorizer_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens_limit: int = 512
+    max_steps_limit: int = 200
+    max_instances: int = 64
+
+
+# Request fields accepted per task, with their validators. Anything else is rejected: a typo in a field name
+# must not silently fall back to a default.
+def _int_in(lo: int, hi: int) -> Any:
+    def check(name: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BadRequest(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    return check
+
+
+def _float_in(lo: float, hi: float) -> Any:
+    def check(name: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise BadRequest(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        return float(v)
+
+    return check
+
+
+def _str(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise BadRequest(f"{name} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise BadRequest(f"{name} must be true or false, got {v!r}")
+    return v
+
+
+class ModelRunner:
+    """Loads the model once (:meth:`load`) and executes requests one at a time (:meth:`submit`).
+
+    Args:
+        config: the server configuration.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
+        if config.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {LOADERS}, got {config.loader!r}")
+        self.config = config
+        self.dtype = PRECISIONS[config.precision]
+        self.task: str | None = None  # "text-generation" | "text-to-image" once loaded
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        # One worker: the model is never used by two requests at the same time (generation mutates caches,
+        # pipelines mutate their scheduler); requests queue in arrival order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        lm = _int_in(1, config.max_new_tokens_limit)
+        self._fields = {
+            "text-generation": {"prompt": _str, "max_new_tokens": lm, "do_sample": _bool, "seed": _int_in(0, 2**63 - 1),
+                                "temperature": _float_in(1e-3, 100.0), "top_p": _float_in(0.0, 1.0),
+                                "top_k": _int_in(0, 100000), "repetition_penalty": _float_in(0.01, 100.0)},
+            "text-to-image": {"prompt": _str, "negative_prompt": _str, "num_inference_steps":
+                              _int_in(1, config.max_steps_limit), "guidance_scale": _float_in(0.0, 100.0),
+                              "height": _int_in(8, 4096), "width": _int_in(8, 4096), "seed": _int_in(0, 2**63 - 1)},
+        }  # fmt: skip
+
+    # ---- loading ----------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the weights; sets :attr:`ready` on success, :attr:`error` (and re-raises) on failure."""
+        start = time.perf_counter()
+        try:
+            if self.config.loader == "hf_tensorizer":
+                self._load_tensorized()
+            else:
+                self._load_stock()
+        except BaseException as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        self.load_seconds = time.perf_counter() - start
+        log.info("loaded %s (%s, %s) in %.2f s", self.config.model_uri, self.task, self.config.precision,
+                 self.load_seconds)  # fmt: skip
+        self.ready.set()
+
+    def _options(self) -> dict[str, Any]:
+        options = dict(self.config.tensorizer_options)
+        if self.config.key_file:
+            from hf_tensorizer.crypto import EncryptionKey
+
+            options["encryption"] = EncryptionKey.from_file(self.config.key_file)
+        return options
+
+    def _load_tensorized(self) -> None:
+        import hf_tensorizer
+        from hf_tensorizer.integrations import artifact
+        from hf_tensorizer.integrations.transformers import split_options
+
+        hf_tensorizer.enable()
+        options = self._options()
+        _engine, transport = split_options(options)
+        uri = self.config.model_uri
+        folder = artifact.resolve(uri, **transport)  # the small files (configs, tokenizer), never the weights
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype, tensorizer_options=options)
+            self._set_pipeline(pipe)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.model = AutoModelForCausalLM.from_pretrained(uri, dtype=self.dtype, device_map=self.config.device,
+                                                              tensorizer_options=options)  # fmt: skip
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.task = "text-generation"
+
+    def _load_stock(self) -> None:
+        """Plain Hugging Face: a local model folder (safetensors) or a Hub repo id, hf_tensorizer not involved."""
+        uri = self.config.model_uri
+        if self.config.tensorizer_options or self.config.key_file:
+            raise ValueError("--tensorizer-option and --key-file need --loader hf_tensorizer")
+        if os.path.isfile(os.path.join(uri, "model_index.json")) or _hub_file_exists(uri, "model_index.json"):
+            from diffusers import DiffusionPipeline
+
+            self._set_pipeline(DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype))
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.model = AutoModelForCausalLM.from_pretrained(uri, dtype=self.dtype, device_map=self.config.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(uri)
+            self.task = "text-generation"
+
+    def _set_pipeline(self, pipe: Any) -> None:
+        if self.config.device != "cpu":
+            pipe = pipe.to(self.config.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.model = pipe
+        self.task = "text-to-image"
+
+    # ---- requests ---------------------------------------------------------------------------------------
+
+    def parse(self, body: Any) -> list[dict[str, Any]]:
+        """Validate a KServe V1 body ``{"instances": [...]}``; each instance a prompt string or an object.
+
+        Raises:
+            BadRequest: what is wrong with the body.
+        """
+        if not isinstance(body, Mapping) or "instances" not in body:
+            raise BadRequest('body must be a JSON object with "instances": [...]')
+        extra = set(body) - {"instances", "parameters"}
+        if extra:
+            raise BadRequest(f"unknown top-level fields {sorted(extra)}")
+        instances, shared = body["instances"], body.get("parameters") or {}
+        if not isinstance(instances, list) or not instances:
+            raise BadRequest('"instances" must be a non-empty list')
+        if len(instances) > self.config.max_instances:
+            raise BadRequest(f"at most {self.config.max_instances} instances per request, got {len(instances)}")
+        if not isinstance(shared, Mapping):
+            raise BadRequest('"parameters" must be an object')
+        fields = self._fields[self.task or "text-generation"]
+        out = []
+        for i, inst in enumerate(instances):
+            item = {"prompt": inst} if isinstance(inst, str) else inst
+            if not isinstance(item, Mapping):
+                raise BadRequest(f"instance {i} must be a string or an object, got {type(inst).__name__}")
+            item = {**shared, **item}
+            unknown = set(item) - set(fields)
+            if unknown:
+                raise BadRequest(f"instance {i}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
+            if "prompt" not in item:
+                raise BadRequest(f'instance {i}: "prompt" is required')
+            out.append({k: fields[k](f"instance {i}: {k}", v) for k, v in item.items()})
+        return out
+
+    def submit(self, instances: list[dict[str, Any]]) -> Future[list[dict[str, Any]]]:
+        """Queue validated instances on the model thread; the future holds the predictions."""
+        run = self._generate if self.task == "text-generation" else self._images
+        return self._executor.submit(run, instances)
+
+    @torch.inference_mode()
+    def _generate(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for inst in instances:
+            # one prompt at a time: no padding, so each answer equals an unbatched in-process generate()
+            ids = self.tokenizer(inst["prompt"], return_tensors="pt")["input_ids"].to(self.model.device)
+            if ids.shape[1] == 0:
+                raise BadRequest("prompt encodes to zero tokens")
+            kwargs = {k: inst[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+                      if k in inst}  # fmt: skip
+            if kwargs.get("do_sample"):
+                torch.manual_seed(inst.get("seed", 0))
+            else:
+                kwargs["do_sample"] = False
+            new = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=inst.get("max_new_tokens", 16),
+                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                                      **kwargs)[0, ids.shape[1]:].tolist()  # fmt: skip
+            out.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "output_ids": new,
+                        "prompt_tokens": int(ids.shape[1])})  # fmt: skip
+        return out
+
+    @torch.inference_mode()
+    def _images(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for inst in instances:
+            args = {k: v for k, v in inst.items() if k != "seed"}
+            gen = torch.Generator(device="cpu").manual_seed(inst.get("seed", 0))
+            image = self.model(**args, generator=gen, output_type="pil").images[0]
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            out.append({"image_b64": base64.b64encode(buf.getvalue()).decode("ascii"), "format": "png",
+                        "width": image.width, "height": image.height})  # fmt: skip
+        return out
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _hub_file_exists(repo_id: str, name: str) -> bool:
+    """For ``--loader hf`` with a Hub repo id: does the repo hold ``name``? (Local folders never reach here.)"""
+    if os.path.isdir(repo_id) or repo_id.count("/") != 1:
+        return False
+    try:
+        from huggingface_hub import HfApi
+
+        return name in HfApi().list_repo_files(repo_id)
+    except Exception:  # not a repo, no access: the transformers load below reports the real error
+        return False
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON value (``num_readers=8``, ``mmap=true``) or a plain string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
