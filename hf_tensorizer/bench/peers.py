@@ -266,14 +266,11 @@ def resolve(name: str) -> Peer:
 
 
 def evict(paths: list[Path]) -> None:
-    """Drop files from the page cache: fsync (dirty pages cannot be dropped) + POSIX_FADV_DONTNEED."""
+    """Drop files from the page cache (see ``engine.pagecache.evict``)."""
+    from ..engine.pagecache import evict as evict_one
+
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_one(p)
 
 
 def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from urllib.parse import quote, unquote
 from .. import constants
 from ..errors import InvalidURIError, SinkError, SourceError, TensorizerError
 from .base import Sink, Source
-from .file import FileSource
+from .file import FileSink, FileSource
 
 __all__ = ["HfURI", "HubSink", "HubSource", "format_hf_uri", "hub_endpoint", "hub_offline", "parse_hf_uri"]
 
@@ -396,35 +397,31 @@ class HubSink(Sink):
                 ) from exc
             raise _hub_error(exc, self.uri, SinkError) from exc
         try:
-            fd, self._tmp = tempfile.mkstemp(
-                prefix="hf_tensorizer-upload-", suffix="-" + os.path.basename(self.path), dir=tmp_dir
-            )
+            self._dir = tempfile.mkdtemp(prefix="hf_tensorizer-upload-", dir=tmp_dir)
         except OSError as exc:
             raise SinkError(f"{self.uri}: cannot create a staging file: {exc.strerror}") from exc
-        self._f = os.fdopen(fd, "wb", buffering=0)
+        # the bytes are staged in a local file (upload_file takes a path, so Xet and LFS work)
+        self._staging = FileSink(os.path.join(self._dir, os.path.basename(self.path) or "upload"))
         self._state = "open"
 
     def write(self, data: memoryview | bytes) -> None:
         self._check_open()
-        view = memoryview(data).cast("B")
         try:
-            while len(view):
-                n = self._f.write(view)
-                view = view[n:]
-        except OSError as exc:
+            self._staging.write(data)
+        except SinkError:
             self.abort()
-            raise SinkError(f"{self.uri}: staging write failed: {exc.strerror}") from exc
+            raise
 
     def rewrite_head(self, data: bytes) -> None:
         self._check_open()
-        os.pwrite(self._f.fileno(), data, 0)
+        self._staging.rewrite_head(data)
 
     def commit(self) -> None:
         self._check_open()
         try:
-            self._f.close()
+            self._staging.commit()
             self.commit_info = self._api.upload_file(
-                path_or_fileobj=self._tmp,
+                path_or_fileobj=self._staging.path,
                 path_in_repo=self.path,
                 repo_id=self.repo_id,
                 repo_type=self.repo_type,
@@ -439,26 +436,20 @@ class HubSink(Sink):
                 raise
             raise _hub_error(exc, self.uri, SinkError) from exc
         self._state = "committed"
-        self._remove_tmp()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def abort(self) -> None:
         if self._state != "open":
             return
         self._state = "aborted"
         try:
-            self._f.close()
+            self._staging.abort()
         finally:
-            self._remove_tmp()
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _check_open(self) -> None:
         if self._state != "open":
             raise SinkError(f"{self.uri}: sink already {self._state}")
-
-    def _remove_tmp(self) -> None:
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
 
     def __repr__(self) -> str:
         return f"HubSink({self.uri!r}, state={self._state})"

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from hf_tensorizer.errors import UsageError
+
 log = logging.getLogger("integrations.server")
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -147,6 +149,10 @@ class ModelRunner:
         options = self._options()
         _engine, transport = split_options(options)
         uri = self.config.model_uri
+        if not artifact.looks_like_uri(uri) and not (
+            artifact.is_artifact(uri) or os.path.isfile(os.path.join(uri, "model_index.json"))
+        ):
+            raise UsageError(f"{uri} is not a tensorized artifact (no {artifact.WEIGHTS_NAME} or model_index.json)")
         folder = artifact.resolve(uri, **transport)  # the small files (configs, tokenizer), never the weights
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             from diffusers import DiffusionPipeline
@@ -165,7 +171,7 @@ class ModelRunner:
         """Plain Hugging Face: a local model folder (safetensors) or a Hub repo id, hf_tensorizer not involved."""
         uri = self.config.model_uri
         if self.config.tensorizer_options or self.config.key_file:
-            raise ValueError("--tensorizer-option and --key-file need --loader hf_tensorizer")
+            raise UsageError("--tensorizer-option and --key-file need --loader hf_tensorizer")
         if os.path.isfile(os.path.join(uri, "model_index.json")) or _hub_file_exists(uri, "model_index.json"):
             from diffusers import DiffusionPipeline
 
