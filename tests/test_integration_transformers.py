@@ -261,3 +261,19 @@ def test_s3_round_trip(moto_s3: str, s3_bucket: str, monkeypatch: pytest.MonkeyP
     assert cfg.num_local_experts == 4
     verified = transformers.MixtralForCausalLM.from_pretrained(uri, tensorizer_options={"verify_hash": True})
     assert torch.equal(_logits(ref), _logits(verified))
+
+
+def test_encrypted_artifact(tmp_path: Path) -> None:
+    """A key given as ``tensorizer_options`` reaches the inner load, for Auto classes and model classes."""
+    from hf_tensorizer.crypto import EncryptionKey
+    from hf_tensorizer.errors import MissingKeyError
+
+    ref = _build("llama")
+    key = EncryptionKey.generate()
+    save_tensorized(ref, tmp_path / "enc", encryption=key)
+    assert read_index(open_source(str(tmp_path / "enc" / "model.tensors"))).encrypted
+    with pytest.raises(MissingKeyError):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "enc")
+    for cls in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
+        model = cls.from_pretrained(tmp_path / "enc", tensorizer_options={"encryption": key})
+        assert torch.equal(_logits(model), _logits(ref))

@@ -350,17 +350,15 @@ def resolving(orig: Callable[..., Any], *, static: bool = False) -> Callable[...
         args = list(args)  # type: ignore[assignment]
         pos = 0 if static else 1
         path = args[pos] if len(args) > pos else kwargs.get("pretrained_model_name_or_path")
-        options = kwargs.pop(_OPTIONS_KWARG, None)
-        if not artifact.looks_like_uri(path):
-            return orig(*args, **kwargs)
-        options = options or current_options.get() or {}
-        _engine, transport = split_options(options)
-        local = artifact.resolve(path, **transport)
-        if len(args) > pos:
-            args[pos] = local  # type: ignore[index]
-        else:
-            kwargs["pretrained_model_name_or_path"] = local
-        token = current_options.set(options)
+        options = kwargs.pop(_OPTIONS_KWARG, None) or current_options.get() or {}
+        if artifact.looks_like_uri(path):
+            _engine, transport = split_options(options)
+            local = artifact.resolve(path, **transport)
+            if len(args) > pos:
+                args[pos] = local  # type: ignore[index]
+            else:
+                kwargs["pretrained_model_name_or_path"] = local
+        token = current_options.set(options)  # local folders too: the inner load needs keys, engine options
         try:
             return orig(*args, **kwargs)
         finally:
