@@ -70,7 +70,9 @@ def _default_threads(device: torch.device, source: Source) -> int:
     cpus = os.cpu_count() or 2
     if not isinstance(source, FileSource):
         return max(4, source.preferred_concurrency)
-    return min(16, max(4, cpus)) if device.type == "cuda" else min(8, max(2, cpus))
+    # CPU loads are bound by faulting in the fresh destination pages; more threads than cores overlap the
+    # faults (2-core VM: 1 reader 1.6 GB/s, 4 readers 3.0 GB/s; docs/benchmarks.md)
+    return min(16, max(4, cpus)) if device.type == "cuda" else min(8, max(4, cpus))
 
 
 class TensorDeserializer(Mapping[str, torch.Tensor]):
