@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SourceError, TruncatedFileError
 from hf_tensorizer.sources import open_source
-from hf_tensorizer.sources.http import HTTPSource, RetryPolicy, parse_retry_after
+from hf_tensorizer.sources.http import HTTPSource
+from hf_tensorizer.sources.ranged import RetryPolicy, parse_retry_after
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -447,7 +448,7 @@ def test_https_with_custom_ca_bundle(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=6), data=st.data())
 def test_views_of_and_cursor_cover_exactly_the_range(sizes, data):
-    from hf_tensorizer.sources.http import _Cursor, _views_of
+    from hf_tensorizer.sources.ranged import _Cursor, _views_of
 
     total = sum(sizes)
     start = data.draw(st.integers(0, total))

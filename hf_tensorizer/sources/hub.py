@@ -277,7 +277,8 @@ class HubSource(Source):
     def _open_remote(self, token: str | None, endpoint: str, http_options: dict[str, Any]) -> Source:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-        from .http import HTTPSource, RetryPolicy
+        from .http import HTTPSource
+        from .ranged import RetryPolicy
 
         url = hf_hub_url(self.repo_id, self.path, revision=self.revision, repo_type=self.repo_type, endpoint=endpoint)
         policy = RetryPolicy(

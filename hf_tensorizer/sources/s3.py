@@ -35,7 +35,7 @@ from ..errors import (
     UsageError,
 )
 from .base import Sink
-from .http import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, readinto1
+from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, readinto1
 
 __all__ = ["S3Sink", "S3Source", "make_s3_client", "parse_s3_uri"]
 
