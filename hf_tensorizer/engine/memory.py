@@ -31,37 +31,3 @@ def host_view(t: torch.Tensor) -> memoryview:
         return memoryview(bytearray(0))
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
-
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def advise_hugepages(t: torch.Tensor) -> None:
-    """Ask Linux to back a large, not yet touched CPU tensor with transparent huge pages.
-
-    Reading into fresh memory is bound by page faults, one per 4 KiB page; huge pages cut them by 512x.
-    A no-op where unsupported (the tensor stays correct either way).
-    """
-    n = t.numel() * t.element_size()
-    if t.device.type != "cpu" or n < 4 * _HUGE or _libc is None:
-        return
-    start = -(-t.data_ptr() // _HUGE) * _HUGE
-    end = (t.data_ptr() + n) // _HUGE * _HUGE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()

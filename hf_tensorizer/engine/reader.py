@@ -19,7 +19,6 @@ from ..format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, TensorKind, de
 from ..sources import Source, open_source
 from ..sources.file import FileSource
 from . import pagecache
-from .memory import advise_hugepages
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
 from .staging import PAGE, StagingPool
@@ -285,9 +284,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if self.device.type == "cuda":
             _reserve_device_memory(todo, self.device)
         dests = {e.name: _new_tensor(e, self.device) for e in todo}
-        if self.device.type == "cpu":
-            for t in dests.values():
-                advise_hugepages(t)
         if not chunks:
             return dests
         verifier = Verifier(self.index) if self.verify_hash else None

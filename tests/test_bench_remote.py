@@ -1,0 +1,104 @@
+"""The remote-streaming benchmark harness (hf_tensorizer.bench.remote) end to end on tiny checkpoints: real servers
+on 127.0.0.1 (the stdlib range server, nginx when installed, moto), real curl, fresh child processes. Speeds are
+recorded, never asserted; what is asserted is that every section ran, every load was checked against the
+checkpoint, and the memory of an HTTP load stays under its bound."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_tensorizer.bench import remote
+
+pytest.importorskip("moto")
+pytest.importorskip("tensorizer")
+pytest.importorskip("transformers")
+if shutil.which("curl") is None:
+    pytest.skip("curl is not installed", allow_module_level=True)
+
+TINY = {"http": (1, 64, 512), "s3": (1, 64, 256), "mem2": (2, 64, 512)}
+
+
+def _args(tmp: Path, out: str, **kw: object) -> argparse.Namespace:
+    opts = dict(dir=str(tmp / "ckpt"), out=str(tmp / out), only="http,s3,memory", server="stdlib", quick=True,
+                rounds=1, curl="1,2", sweep="default", sweep_reps=1, s3_sweep="default", s3_reps=1,
+                argv=["--quick"])  # fmt: skip
+    opts.update(kw)
+    return argparse.Namespace(**opts)
+
+
+def test_parse_config() -> None:
+    assert remote.parse_config("default") == {}
+    assert remote.parse_config("c4-p16-k8-r2-nothp") == {
+        "concurrency": 4,
+        "part_size": 16 << 20,
+        "chunk_bytes": 8 << 20,
+        "num_readers": 2,
+    }
+    with pytest.raises(ValueError):
+        remote.parse_config("x4")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-remote")
+
+
+def test_all_sections_on_tiny_checkpoints(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "QUICK_SIZES", TINY)
+    res = remote.run(_args(tiny, "all"), log=lambda m: None)
+    out = tiny / "all"
+    assert json.loads((out / "results.json").read_text())["http"]["rows"] == res["http"]["rows"]
+    table = (out / "table.md").read_text()
+    assert "**HTTP**" in table and "**S3**" in table and "**Memory**" in table
+    assert (out / "remote.png").stat().st_size > 0
+    assert "not nginx" in res["http_server"]  # the stand-in is labelled as such
+
+    readers = [r["reader"] for r in res["http"]["rows"]]
+    for name in ("curl --range ×1 → /dev/null", "ours (default)", "ours (default), transport only",
+                 "upstream tensorizer (curl stream)"):  # fmt: skip
+        assert name in readers
+    assert all(r["gbps"] > 0 for r in res["http"]["rows"] + res["s3"]["rows"])
+    s3 = {r["reader"]: r for r in res["s3"]["rows"]}
+    assert {"boto3 download_fileobj → BytesIO", "ours (default)", "upstream tensorizer (open_stream, curl)"} <= set(s3)
+    assert max(r["of_ref"] for r in s3.values() if r["kind"] == "ref") == 1.0
+
+    mem = res["memory"]
+    assert len(mem["rows"]) == 4  # two sizes × (direct, staged)
+    assert len({r["model_bytes"] for r in mem["rows"]}) == 2
+    assert mem["bounded"], mem["rows"]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
+def test_http_against_nginx(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "QUICK_SIZES", TINY)
+    res = remote.run(_args(tiny, "nginx", only="http", server="nginx", curl="2"), log=lambda m: None)
+    assert res["http_server"].startswith("nginx")
+    assert res["http"]["ref"] == "curl --range ×2 → /dev/null"
+    assert all(r["gbps"] > 0 for r in res["http"]["rows"])
+
+
+def test_wrong_tensors_are_reported(tiny: Path) -> None:
+    """A load that does not match the checkpoint's recorded sums fails the benchmark instead of being timed."""
+    d = tiny / "ckpt" / "http"
+    if not (d / "meta.json").exists():
+        pytest.skip("needs the checkpoint of the first test")
+    meta = json.loads((d / "meta.json").read_text())
+    name = next(iter(meta["checks"]))
+    meta["checks"][name][0] += 1.0
+    bad = tiny / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="wrong tensors"):
+        remote.time_loads({"kind": "hft", "dir": str(bad), "uri": str(d / "model.tensors")}, ["default"], 1)
+
+
+def test_missing_nginx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote.shutil, "which", lambda name: None)
+    monkeypatch.setattr(remote.os.path, "exists", lambda p: False)
+    with pytest.raises(FileNotFoundError, match="stdlib"), remote.http_server(tmp_path, "nginx"):
+        pass
