@@ -273,25 +273,40 @@ def evict(paths: list[Path]) -> None:
         evict_one(p)
 
 
-def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB) -> int:
-    """Read files with ``threads`` threads of ``os.preadv`` (each into its own buffer); returns bytes."""
+def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB, *, fresh: bool = False) -> int:
+    """Read files with ``threads`` threads of ``os.preadv``; returns bytes.
+
+    Each thread reuses one buffer, or with ``fresh`` every byte lands in never-touched memory (an anonymous
+    mapping), as it does for any loader that returns new tensors: then page faults are part of the cost.
+    """
+    import mmap
+
     jobs = [
         (p, off, min(chunk, size - off)) for p in paths for size in [p.stat().st_size] for off in range(0, size, chunk)
     ]
     total = [0] * threads
+    dest = mmap.mmap(-1, sum(n for _, _, n in jobs) or 1) if fresh else None
+    starts = {}
+    pos = 0
+    for job in jobs:
+        starts[job] = pos
+        pos += job[2]
 
     def work(i: int) -> None:
-        buf = bytearray(chunk)
+        buf = memoryview(bytearray(chunk)) if dest is None else memoryview(dest)
         fds: dict[Path, int] = {}
         try:
-            for p, off, n in jobs[i::threads]:
+            for job in jobs[i::threads]:
+                p, off, n = job
                 fd = fds.get(p)
                 if fd is None:
                     fd = fds[p] = os.open(p, os.O_RDONLY)
-                total[i] += os.preadv(fd, [memoryview(buf)[:n]], off)
+                at = 0 if dest is None else starts[job]
+                total[i] += os.preadv(fd, [buf[at : at + n]], off)
         finally:
             for fd in fds.values():
                 os.close(fd)
+            buf.release()
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in ts:
@@ -319,8 +334,9 @@ def limits(path: Path, device: str, threads: int = 16, h2d_bytes: int = 2 << 30)
     """The bars no loader can beat on this machine, in GB/s.
 
     ``h2d_pinned`` / ``h2d_pageable``: host->device copy (CUDA only); ``read_pagecache_1t``: one thread
-    reading ``path`` from the page cache; ``read_pagecache_<N>t``: N threads of ``pread``; ``read_cold_<N>t``:
-    N threads after evicting the file.
+    reading ``path`` from the page cache; ``read_pagecache_<N>t``: N threads of ``pread`` into reused buffers;
+    ``read_fresh_<N>t``: the same into never-touched memory (the bar for loaders returning new CPU tensors);
+    ``read_cold_<N>t``: N threads after evicting the file.
     """
     out: dict[str, float] = {}
     if device.startswith("cuda"):
@@ -344,6 +360,8 @@ def limits(path: Path, device: str, threads: int = 16, h2d_bytes: int = 2 << 30)
     out["read_pagecache_1t"] = gbps(_read_one(path), time.perf_counter() - t)
     t = time.perf_counter()
     out[f"read_pagecache_{threads}t"] = gbps(read_parallel([path], threads), time.perf_counter() - t)
+    t = time.perf_counter()
+    out[f"read_fresh_{threads}t"] = gbps(read_parallel([path], threads, fresh=True), time.perf_counter() - t)
     evict([path])
     t = time.perf_counter()
     out[f"read_cold_{threads}t"] = gbps(read_parallel([path], threads), time.perf_counter() - t)
