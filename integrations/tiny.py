@@ -47,10 +47,10 @@ def _byte_of(ch: str) -> int:
 def causal_lm(
     hidden: int = 64, layers: int = 2, vocab: int = BYTE_VOCAB, intermediate: int | None = None, seed: int = 0
 ) -> Any:
-    """A ``LlamaForCausalLM`` with fixed-seed random weights (eval mode, float32).
+    """A ``LlamaForCausalLM`` with fixed-seed random weights (eval mode, float32), untied embeddings.
 
     Args:
-        hidden: hidden size (multiple of 16: 4 heads of ``hidden // 4``... is enforced below).
+        hidden: hidden size; heads of 64 from 64 up (1 head at 64), 4 heads below.
         layers: decoder layers.
         vocab: vocabulary size (>= 257 to cover :func:`byte_tokenizer`).
         intermediate: MLP size, default ``hidden * 8 // 3`` rounded to a multiple of 16.

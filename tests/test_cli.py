@@ -52,7 +52,10 @@ def test_serialize_inspect_verify(tmp_path: Path, safetensors_file, capsys: pyte
     assert main(["verify", str(dest)]) == 0
 
     # corrupt one tensor's bytes: verify names it and exits 1
-    entry = ht.read_index(ht.engine.reader.open_source(str(dest))).tensors["w"]
+    from hf_tensorizer.sources import open_source
+
+    with open_source(str(dest)) as src:
+        entry = ht.read_index(src).tensors["w"]
     data = bytearray(dest.read_bytes())
     data[entry.offset + 5] ^= 1
     dest.write_bytes(bytes(data))
@@ -81,7 +84,9 @@ def test_serialize_encrypted_and_verify_with_key(tmp_path: Path, safetensors_fil
     assert _cli("verify", str(dest)).returncode == 2  # no key: a clear error, not a false report
     r = _cli("verify", str(dest), "--key-file", str(key))
     assert r.returncode == 0, r.stdout + r.stderr
-    out = ht.load_state_dict(dest, encryption=ht.crypto.EncryptionKey.from_file(key))
+    from hf_tensorizer.crypto import EncryptionKey
+
+    out = ht.load_state_dict(dest, encryption=EncryptionKey.from_file(key))
     assert torch.equal(out["w"], sd["w"])
     r = _cli("serialize", str(src), str(tmp_path / "x.tensors"), "--encrypt")
     assert r.returncode == 2 and "needs a key" in r.stderr

@@ -208,6 +208,62 @@ def test_503_until_loaded(tmp_path: Path) -> None:
     assert live.status_code == 200 and root.status_code == 200
 
 
+def test_ready_wait_holds_early_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``--ready-wait`` a predict sent before the load starts is held, then answered (not 503)."""
+    import asyncio
+    import threading
+
+    from hf_tensorizer.integrations.transformers import save_tensorized
+
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    model, tok = causal_lm(hidden=32, layers=1), byte_tokenizer()
+    save_tensorized(model, tmp_path / "lm", tokenizer=tok)
+    runner = ModelRunner(ServerConfig(model_uri=str(tmp_path / "lm"), model_name="m", ready_wait_s=120))
+    app = create_app(runner)
+
+    async def calls() -> tuple[int, Any]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            body = {"instances": [{"prompt": "held", "max_new_tokens": 4}]}
+            pending = asyncio.ensure_future(c.post("/v1/models/m:predict", json=body, timeout=120))
+            await asyncio.sleep(0.2)  # let it reach the wait
+            before = (await c.get("/v1/models/m")).status_code
+            threading.Thread(target=runner.load, daemon=True).start()
+            return before, await pending
+
+    try:
+        before, r = asyncio.run(calls())
+    finally:
+        hf_tensorizer.disable()  # runner.load() enabled the hooks in this process
+        runner.shutdown()
+    assert before == 503
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["output_ids"] == reference_ids(model, tok, "held", 4)
+
+
+def test_encrypted_artifact_with_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--key-file``: the runner decrypts while loading; without the key the load fails with the reason."""
+    pytest.importorskip("nacl")
+    from hf_tensorizer.crypto import EncryptionKey
+    from hf_tensorizer.errors import MissingKeyError
+    from hf_tensorizer.integrations.transformers import save_tensorized
+
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TENSORIZER_KEY", raising=False)
+    key = EncryptionKey.generate()
+    key.save(tmp_path / "model.key")
+    model, tok = causal_lm(hidden=32, layers=1), byte_tokenizer()
+    save_tensorized(model, tmp_path / "enc", tokenizer=tok, encryption=key)
+    runner = ModelRunner(ServerConfig(model_uri=str(tmp_path / "enc"), key_file=str(tmp_path / "model.key")))
+    runner.load()
+    (pred,) = runner.submit(runner.parse({"instances": [{"prompt": "secret", "max_new_tokens": 4}]})).result()
+    assert pred["output_ids"] == reference_ids(model, tok, "secret", 4)
+    runner.shutdown()
+    keyless = ModelRunner(ServerConfig(model_uri=str(tmp_path / "enc")))
+    with pytest.raises(MissingKeyError):
+        keyless.load()
+    assert keyless.error and "MissingKeyError" in keyless.error and not keyless.ready.is_set()
+
+
 def test_load_failure_exits_nonzero(s3: tuple[str, str, Path]) -> None:
     endpoint, bucket, cache = s3
     server = Server(f"s3://{bucket}/no-such-model", "missing", server_env(endpoint, cache))
@@ -235,8 +291,7 @@ def test_text_to_image_matches_in_process(s3: tuple[str, str, Path]) -> None:
         with hf_tensorizer.enabled():
             pipe = diffusers.DiffusionPipeline.from_pretrained(uri)
         pipe.set_progress_bar_config(disable=True)
-        args = {k: v for k, v in IMAGE_ARGS.items()}
-        expected = pipe(**args, generator=torch.Generator().manual_seed(3), output_type="pil").images[0]
+        expected = pipe(**IMAGE_ARGS, generator=torch.Generator().manual_seed(3), output_type="pil").images[0]
         assert server.wait_ready()["task"] == "text-to-image"
         r = server.predict({"instances": [{**IMAGE_ARGS, "seed": 3}]})
         assert r.status_code == 200, r.text

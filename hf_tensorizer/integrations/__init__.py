@@ -30,21 +30,22 @@ def enable() -> None:
     """Patch transformers (and diffusers, when installed) to load and save tensorized artifacts.
 
     Patched: ``PreTrainedModel.from_pretrained`` / ``save_pretrained(..., tensorized=True)`` /
-    ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto classes, configs, tokenizers,
-    processors and generation configs (a remote artifact URI is fetched to a local folder first); diffusers'
-    ``ModelMixin`` and ``DiffusionPipeline`` likewise. Idempotent; pair with :func:`disable`.
+    ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs,
+    tokenizers and generation configs (a remote artifact URI is fetched to a local folder first), and of the
+    processor / image processor / feature extractor classes already imported (importing those costs
+    1.5-2 s, so ``enable()`` does not; call it again after importing them); diffusers' ``ModelMixin`` and
+    ``DiffusionPipeline`` likewise. Idempotent; pair with :func:`disable`.
     """
     global _depth
     with _lock:
-        if _depth == 0:
-            if _available("transformers"):
-                from . import transformers as _tf
+        if _available("transformers"):
+            from . import transformers as _tf
 
-                _tf.patch()
-            if _available("diffusers"):
-                from . import diffusers as _df
+            _tf.patch()  # incremental: a later enable() also covers processor classes imported since
+        if _depth == 0 and _available("diffusers"):
+            from . import diffusers as _df
 
-                _df.patch()
+            _df.patch()
         _depth += 1
 
 

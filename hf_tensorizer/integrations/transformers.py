@@ -368,18 +368,38 @@ def resolving(orig: Callable[..., Any], *, static: bool = False) -> Callable[...
     return wrapper
 
 
+# Auto classes whose modules cost little to import; the processor-like ones pull in image/video stacks
+# (1.5-2 s), so they are patched only when the program has imported them already (enable() again after
+# importing them covers them too).
+_CHEAP_AUTO_MODULES = ("modeling_auto", "configuration_auto", "tokenization_auto")
+_HEAVY = {"ProcessorMixin": "transformers.processing_utils",
+          "ImageProcessingMixin": "transformers.image_processing_base",
+          "FeatureExtractionMixin": "transformers.feature_extraction_utils"}  # fmt: skip
+
+
 def _resolving_targets() -> list[type]:
-    """Classes whose ``from_pretrained`` gets remote URIs rewritten: every Auto class (each defines its own
-    copy), configs, tokenizers, processors and generation configs."""
+    """Classes whose ``from_pretrained`` gets remote URIs rewritten: the Auto classes (each defines its own
+    copy), configs, tokenizers, generation configs, and the processor families already imported."""
+    import sys
+
     import transformers
 
-    names = [n for n in dir(transformers) if n.startswith("Auto")]
-    names += ["PreTrainedConfig", "PreTrainedTokenizerBase", "ProcessorMixin", "GenerationConfig",
-              "ImageProcessingMixin", "FeatureExtractionMixin"]  # fmt: skip
+    auto = "transformers.models.auto."
+    loaded = {m[len(auto):] for m in sys.modules if m.startswith(auto)}
+    names = []
+    for mod in set(_CHEAP_AUTO_MODULES) | loaded:
+        module = sys.modules.get(auto + mod)
+        if module is None:
+            import importlib
+
+            module = importlib.import_module(auto + mod)
+        names += [(module, n) for n in dir(module) if n.startswith("Auto") and not n.startswith("AutoConfig_")]
+    names += [(transformers, n) for n in ("PreTrainedConfig", "PreTrainedTokenizerBase", "GenerationConfig")]
+    names += [(transformers, n) for n, m in _HEAVY.items() if m in sys.modules]
     out: list[type] = []
-    for n in names:
+    for module, n in names:
         try:
-            c = getattr(transformers, n, None)
+            c = getattr(module, n, None)
         except Exception:  # an Auto class whose backend is missing
             continue
         if isinstance(c, type) and "from_pretrained" in c.__dict__ and c not in out:
@@ -394,11 +414,12 @@ def patch() -> None:
     """Install the transformers hooks (idempotent). See :func:`hf_tensorizer.enable`."""
     from transformers import PreTrainedModel
 
-    if _PATCHED:
-        return
+    done = {cls for cls, _, _ in _PATCHED}
     for name in ("from_pretrained", "save_pretrained", "push_to_hub", "_load_pretrained_model"):
         _stock(name)
     for cls in _resolving_targets():
+        if cls in done:  # enable() again: only classes imported since
+            continue
         orig = cls.__dict__["from_pretrained"]
         _PATCHED.append((cls, "from_pretrained", orig))
         if isinstance(orig, classmethod):
@@ -407,6 +428,8 @@ def patch() -> None:
             cls.from_pretrained = staticmethod(resolving(orig.__func__, static=True))
         else:
             _PATCHED.pop()
+    if PreTrainedModel in done:
+        return
     for name, new in (("from_pretrained", classmethod(_patched_from_pretrained)),
                       ("save_pretrained", _patched_save_pretrained), ("push_to_hub", _patched_push_to_hub),
                       ("_load_pretrained_model", staticmethod(_hooked_load_pretrained_model))):  # fmt: skip

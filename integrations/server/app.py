@@ -7,7 +7,8 @@ Routes:
 * ``GET /v1/models`` — ``{"models": [name]}``.
 * ``GET /v1/models/{name}`` — readiness of the model: 200 ``{"name", "ready": true, ...}``, 503 while loading.
 * ``POST /v1/models/{name}:predict`` — ``{"instances": [...], "parameters": {...}}`` → ``{"predictions": [...]}``;
-  503 while loading, 400 for a malformed body, 404 for another model name.
+  503 while loading (or, with ``ready_wait_s``, held until the weights are in), 400 for a malformed body, 404 for
+  another model name.
 
 The weights load on a background thread started with the app, so liveness answers during the load (as a
 KServe predictor does) and readiness flips when they are in memory. A failed load calls ``on_load_failure``
@@ -94,6 +95,10 @@ def create_app(runner: ModelRunner, on_load_failure: Callable[[str], None] | Non
     async def predict(model: str, request: Request) -> JSONResponse:
         if model != name:
             return _error(404, f"model {model!r} not found; this server serves {name!r}")
+        if not runner.finished.is_set() and runner.config.ready_wait_s > 0:
+            # park the request on a thread blocked on the event: costs no CPU while the load runs
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, runner.finished.wait, runner.config.ready_wait_s)
         if not runner.ready.is_set():
             return _error(503, f"model {name!r} is not ready: " + (runner.error or "weights are loading"))
         try:

@@ -47,6 +47,9 @@ class ServerConfig:
     max_new_tokens_limit: int = 512
     max_steps_limit: int = 200
     max_instances: int = 64
+    # >0: a predict request arriving while the weights load waits up to this long instead of getting 503
+    # (what Knative's activator does for a service scaled from zero); 0: answer 503 at once (KServe's default)
+    ready_wait_s: float = 0.0
 
 
 # Request fields accepted per task, with their validators. Anything else is rejected: a typo in a field name
@@ -99,6 +102,7 @@ class ModelRunner:
         self.model: Any = None
         self.tokenizer: Any = None
         self.ready = threading.Event()
+        self.finished = threading.Event()  # set when loading ends, whether it worked or not
         self.error: str | None = None
         self.load_seconds: float | None = None
         # One worker: the model is never used by two requests at the same time (generation mutates caches,
@@ -126,11 +130,13 @@ class ModelRunner:
                 self._load_stock()
         except BaseException as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+            self.finished.set()
             raise
         self.load_seconds = time.perf_counter() - start
         log.info("loaded %s (%s, %s) in %.2f s", self.config.model_uri, self.task, self.config.precision,
                  self.load_seconds)  # fmt: skip
         self.ready.set()
+        self.finished.set()
 
     def _options(self) -> dict[str, Any]:
         options = dict(self.config.tensorizer_options)
@@ -141,11 +147,9 @@ class ModelRunner:
         return options
 
     def _load_tensorized(self) -> None:
-        import hf_tensorizer
         from hf_tensorizer.integrations import artifact
-        from hf_tensorizer.integrations.transformers import split_options
+        from hf_tensorizer.integrations.transformers import load_pretrained, split_options
 
-        hf_tensorizer.enable()
         options = self._options()
         _engine, transport = split_options(options)
         uri = self.config.model_uri
@@ -157,15 +161,28 @@ class ModelRunner:
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             from diffusers import DiffusionPipeline
 
+            import hf_tensorizer
+
+            hf_tensorizer.enable()  # every component (UNet, VAE, text encoder) streams through the hooks
             pipe = DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype, tensorizer_options=options)
             self._set_pipeline(pipe)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(uri, dtype=self.dtype, device_map=self.config.device,
-                                                              tensorizer_options=options)  # fmt: skip
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.task = "text-generation"
+        kwargs = {"dtype": self.dtype, "device_map": self.config.device, "tensorizer_options": options}
+        cls = _causal_lm_class(AutoConfig.from_pretrained(folder))
+        if cls is not None:
+            # The model class straight from the config: the same load as the patched Auto class, without
+            # hf_tensorizer.enable(), whose patching of every transformers Auto class costs ~1.7 s of imports
+            # (AutoImageProcessor) at each cold start.
+            self.model = load_pretrained(cls, uri, **kwargs)
+        else:  # remote code or an unusual config: the documented route
+            import hf_tensorizer
+
+            hf_tensorizer.enable()
+            self.model = AutoModelForCausalLM.from_pretrained(uri, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.task = "text-generation"
 
     def _load_stock(self) -> None:
         """Plain Hugging Face: a local model folder (safetensors) or a Hub repo id, hf_tensorizer not involved."""
@@ -267,6 +284,16 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _causal_lm_class(config: Any) -> type | None:
+    """The ``AutoModelForCausalLM`` class for ``config`` (None when the mapping does not know it)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
 
 
 def _hub_file_exists(repo_id: str, name: str) -> bool:
