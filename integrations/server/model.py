@@ -148,7 +148,7 @@ class ModelRunner:
 
     def _load_tensorized(self) -> None:
         from hf_tensorizer.integrations import artifact
-        from hf_tensorizer.integrations.transformers import load_pretrained, split_options
+        from hf_tensorizer.integrations.transformers import split_options
 
         options = self._options()
         _engine, transport = split_options(options)
@@ -167,20 +167,14 @@ class ModelRunner:
             pipe = DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype, tensorizer_options=options)
             self._set_pipeline(pipe)
             return
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs = {"dtype": self.dtype, "device_map": self.config.device, "tensorizer_options": options}
-        cls = _causal_lm_class(AutoConfig.from_pretrained(folder))
-        if cls is not None:
-            # The model class straight from the config: the same load as the patched Auto class, without
-            # hf_tensorizer.enable(), whose patching of every transformers Auto class costs ~1.7 s of imports
-            # (AutoImageProcessor) at each cold start.
-            self.model = load_pretrained(cls, uri, **kwargs)
-        else:  # remote code or an unusual config: the documented route
-            import hf_tensorizer
+        import hf_tensorizer
 
-            hf_tensorizer.enable()
-            self.model = AutoModelForCausalLM.from_pretrained(uri, **kwargs)
+        hf_tensorizer.enable()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            uri, dtype=self.dtype, device_map=self.config.device, tensorizer_options=options
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.task = "text-generation"
 
@@ -284,16 +278,6 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _causal_lm_class(config: Any) -> type | None:
-    """The ``AutoModelForCausalLM`` class for ``config`` (None when the mapping does not know it)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except (KeyError, ValueError):
-        return None
 
 
 def _hub_file_exists(repo_id: str, name: str) -> bool:
