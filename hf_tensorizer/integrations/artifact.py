@@ -304,3 +304,57 @@ def write_bytes(uri: str, data: bytes, **options: Any) -> None:
     except BaseException:
         sink.abort()
         raise
+
+
+class Staging:
+    """Where an artifact is assembled before it is published to ``dest``.
+
+    A local ``dest`` is written in place; a remote one is assembled in a temporary folder, its small files
+    uploaded at the end. Weights never touch the temporary folder: :meth:`weights` names their final
+    location, and the serializer streams there directly. The manifest goes last, so an artifact whose
+    manifest exists is complete.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str], transport: Mapping[str, Any] | None = None) -> None:
+        self.dest = os.fspath(dest)
+        self.transport = dict(transport or {})
+        self.remote = is_remote(self.dest)
+        self.folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if self.remote else local_path(self.dest)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def weights(self, *subfolder: str) -> str:
+        """The final location of ``[subfolder/]model.tensors``."""
+        if self.remote:
+            return join(self.dest, *subfolder, WEIGHTS_NAME)
+        return os.path.join(self.folder, *subfolder, WEIGHTS_NAME)
+
+    def publish(self, weights: Iterable[str], library: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Upload the small files (remote ``dest``) and write the manifest listing them and ``weights``."""
+        files = list_files(self.folder)
+        if self.remote:
+            upload_folder(self.folder, self.dest, **self.transport)
+        manifest = write_manifest(sorted(set(files) | set(weights)), library, extra)
+        write_bytes(join(self.dest if self.remote else self.folder, MANIFEST_NAME), manifest, **self.transport)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.remote:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) -> tuple[str, str]:
+    """The local folder of an artifact (small files fetched for remote ones) and its weights URI.
+
+    Raises:
+        UsageError: the artifact has no weights file.
+        SourceError: the artifact cannot be read.
+    """
+    root = os.fspath(root)
+    folder = resolve(root, **transport)
+    folder = os.path.join(folder, subfolder) if subfolder else folder
+    weights = weights_uri(folder)
+    if weights is None:
+        raise UsageError(f"{redact(root)} has no {WEIGHTS_NAME}")
+    return folder, weights

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from typing import Any
 
@@ -24,7 +22,6 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer
 from ..errors import UsageError
-from ..sources import local_path
 from . import artifact
 from .transformers import current_options, split_options
 
@@ -78,11 +75,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     output_loading_info = kwargs.pop("output_loading_info", False)
     subfolder = kwargs.pop("subfolder", None) or ""
     root = os.fspath(pretrained_model_name_or_path)
-    folder = artifact.resolve(root, **transport)
-    folder = os.path.join(folder, subfolder) if subfolder else folder
-    weights = artifact.weights_uri(folder)
-    if weights is None:
-        raise UsageError(f"{artifact.redact(root)} has no {artifact.WEIGHTS_NAME}")
+    folder, weights = artifact.locate(root, subfolder, **transport)
 
     config, unused = cls.load_config(folder, return_unused_kwargs=True, **kwargs)
     dtype_orig = cls._set_default_torch_dtype(dtype) if dtype is not None else None
@@ -149,14 +142,6 @@ def _write_model(
         s.write_module(model)
 
 
-def _finish(folder: str, dest: str, remote: bool, weights: list[str], library: str, transport: dict[str, Any]) -> None:
-    files = artifact.list_files(folder)
-    if remote:
-        artifact.upload_folder(folder, dest, **transport)
-    manifest = artifact.write_manifest(sorted(set(files) | set(weights)), library)
-    artifact.write_bytes(artifact.join(dest if remote else folder, artifact.MANIFEST_NAME), manifest, **transport)
-
-
 def save_model(model: Any, dest: str | os.PathLike[str], *, tensorizer_options: dict[str, Any] | None = None,
                **serializer_options: Any) -> str:  # fmt: skip
     """Write a diffusers ``ModelMixin`` as a tensorized artifact (``config.json`` + ``model.tensors``).
@@ -165,17 +150,9 @@ def save_model(model: Any, dest: str | os.PathLike[str], *, tensorizer_options: 
         ``dest`` as a string.
     """
     dest = os.fspath(dest)
-    transport = dict(tensorizer_options or {})
-    remote = artifact.is_remote(dest)
-    folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if remote else local_path(dest)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        weights = artifact.join(dest, artifact.WEIGHTS_NAME) if remote else os.path.join(folder, artifact.WEIGHTS_NAME)
-        _write_model(model, folder, weights, transport, **serializer_options)
-        _finish(folder, dest, remote, [artifact.WEIGHTS_NAME], "diffusers", transport)
-    finally:
-        if remote:
-            shutil.rmtree(folder, ignore_errors=True)
+    with artifact.Staging(dest, tensorizer_options) as staging:
+        _write_model(model, staging.folder, staging.weights(), staging.transport, **serializer_options)
+        staging.publish([artifact.WEIGHTS_NAME], "diffusers")
     return dest
 
 
@@ -189,44 +166,28 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    from .transformers import hub_state_dict
+    from .transformers import write_model
 
     dest = os.fspath(dest)
-    transport = dict(tensorizer_options or {})
-    remote = artifact.is_remote(dest)
-    folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if remote else local_path(dest)
     weights: list[str] = []
-    try:
-        os.makedirs(folder, exist_ok=True)
-        pipe.save_config(folder)
+    with artifact.Staging(dest, tensorizer_options) as staging:
+        pipe.save_config(staging.folder)
         for name, comp in pipe.components.items():
             if comp is None:
                 continue
-            sub = os.path.join(folder, name)
+            sub = os.path.join(staging.folder, name)
             os.makedirs(sub, exist_ok=True)
-            target = artifact.join(dest, name, artifact.WEIGHTS_NAME) if remote else os.path.join(sub, "model.tensors")
             if isinstance(comp, ModelMixin):
-                _write_model(comp, sub, target, transport, **serializer_options)
+                _write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
             elif isinstance(comp, PreTrainedModel):
-                state_dict = hub_state_dict(comp)  # raises before anything is written for unsupported models
-                comp.config.dtype = str(comp.dtype).split(".")[1]
-                comp.config.architectures = [type(comp).__name__]
-                comp.config.save_pretrained(sub)
-                if comp.can_generate():
-                    comp.generation_config.save_pretrained(sub)
-                meta = {"format": "pt", "hf_tensorizer.layout": "transformers"}
-                with TensorSerializer(target, metadata=meta, **serializer_options, **transport) as s:
-                    s.write_state_dict(state_dict)
+                write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
             elif hasattr(comp, "save_pretrained"):
                 comp.save_pretrained(sub)
                 continue
             else:
                 raise UsageError(f"pipeline component {name!r} ({type(comp).__name__}) cannot be saved")
             weights.append(f"{name}/{artifact.WEIGHTS_NAME}")
-        _finish(folder, dest, remote, weights, "diffusers", transport)
-    finally:
-        if remote:
-            shutil.rmtree(folder, ignore_errors=True)
+        staging.publish(weights, "diffusers")
     return dest
 
 

@@ -19,8 +19,6 @@ import contextvars
 import functools
 import inspect
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +27,7 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer, read_index
 from ..errors import UsageError
-from ..sources import local_path, open_source
+from ..sources import open_source
 from . import artifact
 
 _DESERIALIZER_ARGS = frozenset(inspect.signature(TensorDeserializer.__init__).parameters) - {
@@ -162,11 +160,7 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     _engine, transport = split_options(options)
     subfolder = kwargs.pop("subfolder", "") or ""
     root = os.fspath(pretrained_model_name_or_path)
-    local = artifact.resolve(root, **transport)
-    folder = os.path.join(local, subfolder) if subfolder else local
-    weights = artifact.weights_uri(folder)
-    if weights is None:
-        raise UsageError(f"{artifact.redact(root)} has no {artifact.WEIGHTS_NAME}")
+    folder, weights = artifact.locate(root, subfolder, **transport)
     install_load_hook()
     placeholder = TensorizedStateDict(weights, options)
     config = kwargs.pop("config", None)
@@ -241,41 +235,36 @@ def save_tensorized(
         UsageError: the model cannot be saved this way; SinkError: writing failed.
     """
     dest = os.fspath(dest)
-    transport = dict(tensorizer_options or {})
-    remote = artifact.is_remote(dest)
-    folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if remote else local_path(dest)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        state_dict = hub_state_dict(model)
-        config = model.config
-        config.dtype = str(model.dtype).split(".")[1]
-        config.architectures = [type(model).__name__]
+    with artifact.Staging(dest, tensorizer_options) as staging:
         if model.is_remote_code():
             from transformers.dynamic_module_utils import custom_object_save
 
-            custom_object_save(model, folder, config=config)
-        config.save_pretrained(folder)
-        if model.can_generate():
-            model.generation_config.save_pretrained(folder)
+            custom_object_save(model, staging.folder, config=model.config)
+        write_model(model, staging.folder, staging.weights(), staging.transport, metadata=metadata,
+                    **serializer_options)  # fmt: skip
         for extra in (tokenizer, processor):
             if extra is not None:
-                extra.save_pretrained(folder)
-        meta = {"format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
-        weights_dest = artifact.join(dest, artifact.WEIGHTS_NAME)
-        if not remote:
-            weights_dest = os.path.join(folder, artifact.WEIGHTS_NAME)
-        with TensorSerializer(weights_dest, metadata=meta, **serializer_options, **transport) as s:
-            s.write_state_dict(state_dict)
-        files = artifact.list_files(folder)
-        if remote:
-            artifact.upload_folder(folder, dest, **transport)
-        files = sorted(set(files) | {artifact.WEIGHTS_NAME})
-        manifest = artifact.write_manifest(files, "transformers", {"architectures": config.architectures})
-        artifact.write_bytes(artifact.join(dest if remote else folder, artifact.MANIFEST_NAME), manifest, **transport)
-    finally:
-        if remote:
-            shutil.rmtree(folder, ignore_errors=True)
+                extra.save_pretrained(staging.folder)
+        staging.publish([artifact.WEIGHTS_NAME], "transformers", {"architectures": model.config.architectures})
     return dest
+
+
+def write_model(model: Any, folder: str, weights: str, transport: dict[str, Any], *,
+                metadata: dict[str, str] | None = None, **serializer_options: Any) -> None:  # fmt: skip
+    """A transformers model's config, generation config (into ``folder``) and weights (to ``weights``).
+
+    Also used for the text encoders of diffusers pipelines.
+    """
+    state_dict = hub_state_dict(model)  # raises before anything is written for unsupported models
+    config = model.config
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    meta = {"format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
+    with TensorSerializer(weights, metadata=meta, **serializer_options, **transport) as s:
+        s.write_state_dict(state_dict)
 
 
 # ---- the mixin and the patches ------------------------------------------------------------------------------
@@ -385,7 +374,7 @@ def _resolving_targets() -> list[type]:
     import transformers
 
     auto = "transformers.models.auto."
-    loaded = {m[len(auto):] for m in sys.modules if m.startswith(auto)}
+    loaded = {m[len(auto) :] for m in sys.modules if m.startswith(auto)}
     names = []
     for mod in set(_CHEAP_AUTO_MODULES) | loaded:
         module = sys.modules.get(auto + mod)
