@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from hf_tensorizer.bench import report, runner
+from hf_tensorizer.bench import checkpoint, report, runner
 from hf_tensorizer.bench.peers import PEERS, hft_kwargs, resolve
 
 pytest.importorskip("transformers")
@@ -78,15 +78,15 @@ def test_verify_catches_wrong_data(bench: tuple[dict[str, Any], Path]) -> None:
     from safetensors.torch import load_file
 
     _, d = bench
-    meta = runner.read_meta(d / "ckpt")
+    meta = checkpoint.read_meta(d / "ckpt")
     assert meta is not None
     sd = load_file(str(d / "ckpt" / "hf" / "model.safetensors"))
-    assert runner.verify(sd, meta, "cpu") is None
+    assert checkpoint.verify(sd, meta, "cpu") is None
     name = "model.layers.1.mlp.down_proj.weight"
     swapped = dict(sd, **{name: sd[name].flip(0)})  # same sum, shifted data
-    assert "differs" in (runner.verify(swapped, meta, "cpu") or "")
-    assert "missing" in (runner.verify({k: v for k, v in sd.items() if k != name}, meta, "cpu") or "")
-    assert "float32" in (runner.verify(dict(sd, **{name: sd[name].float()}), meta, "cpu") or "")
+    assert "differs" in (checkpoint.verify(swapped, meta, "cpu") or "")
+    assert "missing" in (checkpoint.verify({k: v for k, v in sd.items() if k != name}, meta, "cpu") or "")
+    assert "float32" in (checkpoint.verify(dict(sd, **{name: sd[name].float()}), meta, "cpu") or "")
 
 
 def test_loader_names() -> None:
@@ -106,6 +106,6 @@ def test_loader_names() -> None:
 
 def test_checkpoint_generation_is_deterministic() -> None:
     spec = [("a", [3, 5]), ("b", [7])]
-    (sd1, c1), (sd2, c2) = runner.generate(spec, "cpu"), runner.generate(spec, "cpu")
+    (sd1, c1), (sd2, c2) = checkpoint.generate(spec, "cpu"), checkpoint.generate(spec, "cpu")
     assert c1 == c2 and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert sd1["a"].dtype == torch.bfloat16

@@ -1,7 +1,7 @@
 """Remote-streaming benchmark: HTTP against nginx, S3 against moto, and the memory bound of remote loads.
 
 ``python -m hf_tensorizer.bench.remote [--only http,s3,memory] [--quick]`` prepares bf16 checkpoints (our format
-and upstream tensorizer's, see ``runner.prepare``), starts the servers on 127.0.0.1, times every reader in fresh
+and upstream tensorizer's, see ``checkpoint.prepare``), starts the servers on 127.0.0.1, times every reader in fresh
 processes and writes ``results.json``, ``table.md`` and ``remote.png`` into ``--out``. Method:
 
 * HTTP: nginx (sendfile, keep-alive) serves the checkpoint directory; the reference is N parallel
@@ -35,8 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import prepare, read_meta
 from .peers import MiB, gbps, read_parallel
-from .runner import MARK, ROOT, _collect, _error_line, _log, prepare, read_meta
+from .proc import MARK, ROOT, _collect, _error_line, _log
 
 Log = Callable[[str], None]
 # (layers, hidden, vocab) of the Llama-shaped checkpoints; full and --quick sizes
@@ -348,7 +349,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ``config``, peak RSS with ``mem``) checked against the checkpoint, or ``s3dl`` (the boto3 downloads)."""
     if job["kind"] == "s3dl":
         return _s3_downloads(job)
-    from .runner import verify
+    from .checkpoint import verify
 
     meta = read_meta(Path(job["dir"]))
     assert meta is not None

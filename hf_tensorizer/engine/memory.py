@@ -30,4 +30,3 @@ def host_view(t: torch.Tensor) -> memoryview:
     if n == 0:
         return memoryview(bytearray(0))
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-

@@ -1,6 +1,6 @@
 """Plot the staging-pool sweep (tests/gpu/sweep.py's log) as docs/img/h200-sweep.png.
 
-    python tests/gpu/plot_sweep.py docs/data/h200-2026-11-26-sweep.log docs/img/h200-sweep.png
+python tests/gpu/plot_sweep.py docs/data/h200-2026-11-26-sweep.log docs/img/h200-sweep.png
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ def main(log: str, out: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for line in open(log, encoding="utf-8"):
-        line = line.strip()
+    with open(log, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    for line in lines:
         if line.startswith('{"staging_allocation"'):
             r = json.loads(line)
             rows.append((f"{r['staging_allocation']} {r['num_readers']}r {r['chunk_bytes'] >> 20}MiB", r["GBs"]))

@@ -16,7 +16,7 @@ import time
 import torch
 
 import hf_tensorizer as ht
-from hf_tensorizer.bench import runner
+from hf_tensorizer.bench import checkpoint
 
 MiB = 1 << 20
 DEVICE = os.environ.get("SWEEP_DEVICE", "cuda:0")  # "cpu" for a dry run of this script on a CPU machine
@@ -110,7 +110,7 @@ def fresh(d: str, loader: str, cold: bool, env: dict[str, str]) -> dict:
 
 def main() -> None:
     d = sys.argv[1]
-    meta = runner.prepare(d, device=DEVICE, formats=("hft", "st"), **SIZE)
+    meta = checkpoint.prepare(d, device=DEVICE, formats=("hft", "st"), **SIZE)
     path = os.path.join(d, "model.tensors")
     nbytes = os.path.getsize(path)
     torch.zeros(1, device=DEVICE)

@@ -1,0 +1,68 @@
+"""Child processes of the benchmarks: every load runs in a fresh interpreter and prints one result line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MARK = "@@BENCH "  # a child's one result line
+ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the hf_tensorizer package
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _popen(args: list[str]) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return subprocess.Popen(
+        [sys.executable, "-m", "hf_tensorizer.bench.runner", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _collect(proc: subprocess.Popen[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Wait for a child; (its result line, its output). A child past ``timeout`` is killed: (None, 'timeout')."""
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        return None, f"timeout after {timeout:.0f} s"
+    except BaseException:
+        _kill(proc)
+        raise
+    for line in reversed(out.splitlines()):
+        if line.startswith(MARK):
+            res: dict[str, Any] = json.loads(line[len(MARK) :])
+            return res, out
+    return None, out
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group (start_new_session)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def _error_line(out: str) -> str:
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln or ln.startswith(("error", "timeout")):
+            return ln[:300]
+    return (lines[-1] if lines else "no output")[:300]
