@@ -20,17 +20,19 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _popen(args: list[str]) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def _popen(args: list[str], *, module: str = "hf_tensorizer.bench.runner",
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:  # fmt: skip
+    """``python -m module *args`` in a new session (killable as a group), output piped, this package importable."""
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full.get("PYTHONPATH", "")) if p)
+    full["PYTHONUNBUFFERED"] = "1"
+    full.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return subprocess.Popen(
-        [sys.executable, "-m", "hf_tensorizer.bench.runner", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=full,
         start_new_session=True,
     )
 
