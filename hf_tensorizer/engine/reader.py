@@ -409,9 +409,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if getattr(self, "_owns_source", False):
             self._source.close()
         self._mmap = None
-        empty = getattr(torch._C, "_host_emptyCache", None)
-        if empty is not None and torch.cuda.is_available():
-            empty()  # return the pinned staging pool to the OS, not just to torch's cache
 
     def __enter__(self) -> TensorDeserializer:
         return self

