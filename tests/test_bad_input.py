@@ -484,3 +484,67 @@ def test_every_error_is_a_tensorizer_error() -> None:
 def test_writer_rejects_bad_layout_options_early(tmp_path: Path, kwargs: dict[str, int]) -> None:
     with pytest.raises(UsageError):
         TensorSerializer(tmp_path / "x", **kwargs)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_readers": -1}, "num_readers"),
+        ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"staging_bytes": -5}, "staging_bytes"),
+        ({"staging_allocation": "bogus"}, "staging_allocation"),
+        ({"dtype": torch.int8}, "floating"),
+        ({"strategy": "fast"}, "strategy"),
+        ({"verify_hashes": True}, "unknown options"),  # a typo must not silently drop the check
+        ({"filter": ["nope"]}, "not in the file"),
+        ({"mmap": True, "transform": lambda p, v: None}, "mmap"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_and_leak_nothing(tmp_path: Path, kwargs: dict, match: str) -> None:
+    write_file(tmp_path / "m", {"a": torch.randn(100), "b": torch.arange(5)})
+    TensorDeserializer(tmp_path / "m").close()  # warm up lazy imports, so the fd count is stable
+    before = _open_fds()
+    with pytest.raises(UsageError, match=match):
+        TensorDeserializer(tmp_path / "m", **kwargs)
+    assert _open_fds() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_usage_error(tmp_path: Path) -> None:
+    write_file(tmp_path / "m", {"a": torch.randn(10)})
+    with pytest.raises(UsageError, match="no CUDA"):
+        TensorDeserializer(tmp_path / "m", device="cuda")
+
+
+def test_failed_load_and_dropped_deserializers_close_their_files(tmp_path: Path) -> None:
+    import gc
+
+    idx = write_file(tmp_path / "m", {"a": torch.randn(5000), "b": torch.randn(10)})
+    flip_byte(tmp_path / "m", idx.tensors["a"].offset + 3)
+    TensorDeserializer(tmp_path / "m").close()
+    before = _open_fds()
+    for strategy in ("pread", "odirect"):
+        with pytest.raises(HashMismatchError):
+            TensorDeserializer(tmp_path / "m", verify_hash=True, strategy=strategy)
+    for _ in range(5):
+        d = TensorDeserializer(tmp_path / "m", lazy=True)
+        del d
+    gc.collect()
+    assert _open_fds() == before
+
+
+def test_lazy_access_after_close_says_closed(tmp_path: Path) -> None:
+    write_file(tmp_path / "m", {"a": torch.randn(10)})
+    d = TensorDeserializer(tmp_path / "m", lazy=True)
+    d.close()
+    with pytest.raises(UsageError, match="closed"):
+        d["a"]
+
+
+def test_read_index_takes_a_path(tmp_path: Path) -> None:
+    write_file(tmp_path / "m", {"a": torch.randn(10)})
+    assert list(read_index(str(tmp_path / "m")).tensors) == ["a"]

@@ -130,3 +130,34 @@ def test_model_save_pretrained_hook_and_errors(tmp_path: Path) -> None:
     (tmp_path / "vae" / "model.tensors").unlink()
     with pytest.raises(OSError):  # no weights at all: stock diffusers takes over and says so
         diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+
+
+def test_save_options_reach_the_serializer(reference: tuple[Any, np.ndarray], tmp_path: Path) -> None:
+    """Serializer arguments given to save_pretrained (a key, metadata) are used, never silently dropped."""
+    from hf_tensorizer.crypto import EncryptionKey
+    from hf_tensorizer.errors import MissingKeyError, UsageError
+
+    pipe, image = reference
+    key = EncryptionKey.generate()
+    pipe.save_pretrained(tmp_path / "enc", tensorized=True, encryption=key, metadata={"note": "x"},
+                         safe_serialization=True)  # fmt: skip
+    index = hf_tensorizer.read_index(str(tmp_path / "enc" / "unet" / "model.tensors"))
+    assert index.encrypted and index.metadata["note"] == "x"
+    with pytest.raises(MissingKeyError):
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path / "enc")
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "enc", tensorizer_options={"encryption": key})
+    assert np.array_equal(_image(loaded), image)
+    save_model(pipe.unet, tmp_path / "unet", metadata={"note": "y"})
+    assert hf_tensorizer.read_index(str(tmp_path / "unet" / "model.tensors")).metadata["note"] == "y"
+    with pytest.raises(UsageError, match="encrpytion"):
+        pipe.unet.save_pretrained(tmp_path / "typo", tensorized=True, encrpytion=key)
+
+
+def test_cli_serializes_a_pipeline_folder(reference: tuple[Any, np.ndarray], tmp_path: Path) -> None:
+    from hf_tensorizer.cli import main
+
+    pipe, image = reference
+    pipe.save_pretrained(tmp_path / "stock")  # a plain diffusers folder (safetensors)
+    assert main(["serialize", "--hf-model-id", str(tmp_path / "stock"), "--dest", str(tmp_path / "art")]) == 0
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "art")
+    assert np.array_equal(_image(loaded), image)

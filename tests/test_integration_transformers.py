@@ -277,3 +277,16 @@ def test_encrypted_artifact(tmp_path: Path) -> None:
     for cls in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
         model = cls.from_pretrained(tmp_path / "enc", tensorizer_options={"encryption": key})
         assert torch.equal(_logits(model), _logits(ref))
+
+
+def test_save_pretrained_passes_serializer_options(tmp_path: Path) -> None:
+    from hf_tensorizer.crypto import EncryptionKey
+
+    ref = _build("gpt2")
+    key = EncryptionKey.generate()
+    ref.save_pretrained(tmp_path / "enc", tensorized=True, encryption=key, max_shard_size="1GB")
+    assert read_index(open_source(str(tmp_path / "enc" / "model.tensors"))).encrypted
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "enc", tensorizer_options={"encryption": key})
+    assert torch.equal(_logits(model), _logits(ref))
+    with pytest.raises(UsageError, match="digets"):
+        ref.save_pretrained(tmp_path / "typo", tensorized=True, digets="sha256")

@@ -341,6 +341,8 @@ def test_load_staged_stops_on_corruption(tmp_path: Path) -> None:
     with pytest.raises(HashMismatchError) as err:
         load_staged(src, plan_chunks(idx.data_entries, 65536), dests, threads=3, pool=pool, verifier=Verifier(idx))
     assert err.value.tensors == ["t3"]
+    # every buffer came back, the one holding the bad chunk included
+    assert len(pool._free) + len(pool._in_flight) == pool.allocated
     pool.close()
     src.close()
 

@@ -253,11 +253,12 @@ def test_digest_algorithms(tmp_path: Path, digest: str) -> None:
     tensors = {"a": random_tensor(torch.float64, (3000,), 1), "b": random_tensor(torch.int8, (5,), 2)}
     idx = write_file(tmp_path / "d", tensors, digest=digest, block_size=BLOCK)
     assert idx.digest == digest
-    with TensorDeserializer(tmp_path / "d", verify_hash=True) as d:
+    with TensorDeserializer(tmp_path / "d", verify_hash=digest != "none") as d:
         assert_same_dict(dict(d), tensors)
     flip_byte(tmp_path / "d", idx.tensors["a"].offset + 10_000)
-    if digest == "none":
-        TensorDeserializer(tmp_path / "d", verify_hash=True).close()  # nothing to check against
+    if digest == "none":  # nothing to check against: asking to verify is an error, not a silent no-op
+        with pytest.raises(UsageError, match="no digests"):
+            TensorDeserializer(tmp_path / "d", verify_hash=True)
     else:
         with pytest.raises(HashMismatchError) as err:
             TensorDeserializer(tmp_path / "d", verify_hash=True)

@@ -271,6 +271,17 @@ def test_exactly_one_part_is_one_put(moto_s3, s3_client, s3_bucket):
     assert s3_client.get_object(Bucket=s3_bucket, Key="one")["Body"].read() == data
 
 
+@pytest.mark.parametrize("size", [5 * MiB + 1, 7 * MiB + 12345, 10 * MiB - 1])
+def test_between_one_and_two_parts_keeps_every_byte(moto_s3, s3_client, s3_bucket, size):
+    """The held first part and the tail go up together (a regression: the tail was once dropped)."""
+    data = _data(size, seed=13)
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/between")
+    sink.write(data)
+    sink.rewrite_head(b"HEAD")
+    sink.commit()
+    assert s3_client.get_object(Bucket=s3_bucket, Key="between")["Body"].read() == b"HEAD" + data[4:]
+
+
 def test_caller_failure_mid_write_aborts_and_leaves_nothing(moto_s3, s3_client, s3_bucket):
     sink = _sink(moto_s3, f"s3://{s3_bucket}/partial")
     sink.write(_data(11 * MiB, seed=12))  # part 2 sealed: the multipart upload exists

@@ -29,7 +29,7 @@ from .memory import as_bytes, host_view
 from .plan import Chunk, Piece, aligned_span, block_of
 from .staging import PAGE, StagingPool
 
-Transform = Callable[[Piece, memoryview], None]  # in-place per-piece step (decryption), see engine/crypto
+Transform = Callable[[Piece, memoryview], None]  # in-place per-piece step (decryption, hf_tensorizer.crypto)
 
 
 @dataclass
@@ -233,33 +233,34 @@ def load_staged(
         while (chunk := work.take()) is not None:
             t0 = time.perf_counter()
             buf = pool.acquire(work.stop)
-            host = pool.view(buf)
-            t1 = time.perf_counter()
-            times.wait += t1 - t0
-            try:
+            fence = None
+            try:  # the buffer goes back to the pool on every path, fenced once a copy was issued
+                host = pool.view(buf)
+                t1 = time.perf_counter()
+                times.wait += t1 - t0
                 base = _read_chunk(source, chunk, host, direct_fd, file_size)
-            except BaseException:
-                pool.release(buf)
-                raise
-            t2 = time.perf_counter()
-            times.read += t2 - t1
-            if transform is not None or verifier is not None:
-                for p in chunk.pieces:
+                t2 = time.perf_counter()
+                times.read += t2 - t1
+                for p in chunk.pieces if transform is not None or verifier is not None else ():
                     data = host[base + p.chunk_offset : base + p.chunk_offset + p.length]
                     if transform is not None:
                         transform(p, data)
+                        t_dec = time.perf_counter()
+                        times.transform += t_dec - t2
+                        t2 = t_dec
                     if verifier is not None:
                         verifier.check(p, data)
-            t3 = time.perf_counter()
-            times.verify += t3 - t2
-            fence = None
-            if stream is not None:
-                fence = events.get(buf.data_ptr())
-                if fence is None:
-                    fence = events.setdefault(buf.data_ptr(), torch.cuda.Event())
-            _copy_pieces(chunk, buf, base, flat, fence)
-            pool.release(buf, fence)
-            times.copy += time.perf_counter() - t3
+                t3 = time.perf_counter()
+                times.verify += t3 - t2
+                if stream is not None:
+                    event = events.get(buf.data_ptr()) or events.setdefault(buf.data_ptr(), torch.cuda.Event())
+                    _copy_pieces(chunk, buf, base, flat, event)
+                    fence = event
+                else:
+                    _copy_pieces(chunk, buf, base, flat, None)
+                times.copy += time.perf_counter() - t3
+            finally:
+                pool.release(buf, fence)
 
     def body(i: int, times: StageTimes) -> None:
         if not is_cuda:
@@ -335,7 +336,7 @@ def load_registered(
     work = _Work(windows)
 
     def unpin(event: torch.cuda.Event, addr: int) -> None:
-        event.synchronize()
+        event.synchronize()  # a never-recorded event returns at once
         cudart.cudaHostUnregister(addr)
 
     def body(_: int, times: StageTimes) -> None:
@@ -347,13 +348,16 @@ def load_registered(
                 t0 = time.perf_counter()
                 err = int(cudart.cudaHostRegister(base_addr + w.offset, length, _HOST_REGISTER_FLAGS))
                 if err != 0:
+                    clear = getattr(cudart, "cudaGetLastError", None)
+                    if clear is not None:  # the failed call's error must not surface in a later, unrelated check
+                        clear()
                     raise TensorizerError(f"cudaHostRegister of {length} bytes at {w.offset} failed: error {err}")
                 t1 = time.perf_counter()
                 times.read += t1 - t0
                 event = torch.cuda.Event()
+                pending.append((event, base_addr + w.offset))  # unpinned in `finally` whatever happens next
                 with torch.cuda.stream(stream):
                     _copy_pieces(w, held["file"], w.offset, flat, event)
-                pending.append((event, base_addr + w.offset))
                 times.copy += time.perf_counter() - t1
                 while len(pending) > 2:
                     unpin(*pending.pop(0))

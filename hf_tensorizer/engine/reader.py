@@ -30,20 +30,25 @@ STRATEGIES = ("auto", "pread", "odirect", "register")
 _FIRST_READ = 64 << 10  # one small request usually returns the preamble and the whole index
 
 
-def read_index(source: Source) -> FileIndex:
+def read_index(source: str | os.PathLike[str] | Source, **source_options: Any) -> FileIndex:
     """Read and validate the preamble and index of ``source`` (one or two small reads).
+
+    Args:
+        source: a local path, URI or open :class:`Source` (left open).
 
     Raises:
         FormatError: and its subclasses, for anything malformed (see :mod:`hf_tensorizer.errors`).
+        SourceError: the bytes could not be read.
     """
+    if not isinstance(source, Source):
+        with open_source(source, **source_options) as src:
+            return read_index(src)
     size = source.size
     head = source.read(0, min(size, _FIRST_READ)) if size else b""
     foreign = read_foreign_index(source, head)  # upstream tensorizer or safetensors, sniffed by first bytes
     if foreign is not None:
         return foreign
-    if size < PREAMBLE_SIZE:
-        decode_preamble(head, file_size=size)  # raises the precise error
-    pre = decode_preamble(head, file_size=size)
+    pre = decode_preamble(head, file_size=size)  # a short file raises the precise error here
     end = PREAMBLE_SIZE + pre.index_length
     raw = head[PREAMBLE_SIZE:end]
     if end > len(head):  # a large index: one more request for the rest
@@ -89,7 +94,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         verify_hash: check every block against its digest while streaming; a mismatch raises
             ``HashMismatchError`` naming the tensor.
         num_readers: reader threads (default: from the CPU count and the source).
-        chunk_bytes: the read unit (default 16 MiB); forced to the digest block size when verifying.
+        chunk_bytes: the read unit (default 8 MiB); forced to the digest block size when verifying.
         staging_bytes: cap of the staging pool (GPU loads); default 512 MiB, at most 2 GiB advised.
         staging_allocation: how pinned buffers are made: ``"lazy"``, ``"block"`` or ``"hugepage"``
             (see ``engine.staging.StagingPool``; default from ``HF_TENSORIZER_STAGING_ALLOCATION``).
@@ -130,11 +135,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         encryption: KeySpec | None = None,
         **source_options: Any,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self._source = open_source(source, **source_options)
+        _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
         self._owns_source = not isinstance(source, Source)
-        try:
+        self._source = open_source(source, **source_options)
+        try:  # nothing may leak when construction fails: descriptors, pools, connections
+            self._closed = False
             self.index = read_index(self._source)
             if self.index.encrypted or encryption is not None:
                 if transform is not None:
@@ -143,34 +148,44 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
 
                 # authenticates the whole header before any planning, filtering or tensor access
                 transform = open_transform(self.index, encryption, self._source.uri)
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+            if self.device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise UsageError(f"device {self.device} requested, but torch sees no CUDA GPU")
+                if self.device.index is None:
+                    self.device = torch.device("cuda", torch.cuda.current_device())
+            if verify_hash and self.index.digest == "none" and transform is None:  # MACs still verify encrypted
+                raise UsageError(
+                    f"{self._source.uri} has no digests to verify (safetensors, upstream tensorizer or digest='none'; "
+                    "upstream files: hf_tensorizer.compat.open_upstream(..., verify_hash=True))"
+                )
+            self.dtype = dtype
+            self.verify_hash = verify_hash
+            self.num_readers = num_readers or _default_threads(self.device, self._source)
+            if transform is not None and not num_readers and NUM_READERS <= 0:
+                # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
+                self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
+            self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+            self.staging_bytes = staging_bytes or STAGING_BYTES
+            self.staging_allocation = staging_allocation or staging_allocation_default()
+            self.strategy = strategy
+            self.mmap = mmap
+            self.transform = transform
+            if mmap and (self.device.type != "cpu" or self._source.fileno() is None or transform is not None):
+                raise UsageError("mmap=True needs device='cpu', a local file, and no encryption or transform")
+            if strategy == "register" and verify_hash:
+                raise UsageError("strategy='register' copies straight from the page cache and cannot verify digests")
+            self._names = self._select(filter)
+            self._wanted = frozenset(self._names)
+            self._tensors: dict[str, torch.Tensor] = {}
+            self._lock = threading.Lock()
+            self._mmap: _mmap.mmap | None = None
+            self.metrics = LoadMetrics()
+            if not lazy:
+                self._load([self.index.tensors[n] for n in self._names])
         except BaseException:
             self.close()
             raise
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = dtype
-        self.verify_hash = verify_hash
-        self.num_readers = num_readers or _default_threads(self.device, self._source)
-        if transform is not None and not num_readers and NUM_READERS <= 0:
-            # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
-            self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
-        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-        self.staging_bytes = staging_bytes or STAGING_BYTES
-        self.staging_allocation = staging_allocation or staging_allocation_default()
-        self.strategy = strategy
-        self.mmap = mmap
-        self.transform = transform
-        if mmap and (self.device.type != "cpu" or self._source.fileno() is None or self.index.encrypted):
-            raise UsageError("mmap=True needs device='cpu', a local file, and no encryption")
-        self._names = self._select(filter)
-        self._wanted = frozenset(self._names)
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
-        self._mmap: _mmap.mmap | None = None
-        self.metrics = LoadMetrics()
-        if not lazy:
-            self._load([self.index.tensors[n] for n in self._names])
 
     # ---- Mapping ---------------------------------------------------------------------------------
 
@@ -179,6 +194,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         t = self._tensors.get(name)
         if t is None:
+            if self._closed:
+                raise UsageError(f"cannot load {name!r}: the deserializer is closed")
             with self._lock:
                 if name not in self._tensors:
                     self._load([self.index.tensors[name]])
@@ -406,7 +423,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
 
     def close(self) -> None:
         """Release the source and the file mapping. Loaded tensors stay valid (mmap views keep the map)."""
-        if getattr(self, "_owns_source", False):
+        self._closed = True
+        if getattr(self, "_owns_source", False) and hasattr(self, "_source"):
             self._source.close()
         self._mmap = None
 
@@ -442,6 +460,21 @@ def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> 
         torch.empty(total, dtype=torch.uint8, device=device)
     except torch.cuda.OutOfMemoryError:
         pass
+
+
+def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int | None, chunk_bytes: int | None,
+                     staging_bytes: int | None, staging_allocation: str | None) -> None:  # fmt: skip
+    from .staging import ALLOCATIONS
+
+    if strategy not in STRATEGIES:
+        raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not is_floating(dtype)):
+        raise UsageError(f"dtype= casts floating tensors and must be a floating torch.dtype, got {dtype!r}")
+    for name, value in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
+        raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
 
 
 def _check_shape(name: str, old: torch.Tensor, new: torch.Tensor) -> None:

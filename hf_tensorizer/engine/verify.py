@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TensorizerError
+from ..errors import TensorizerError, UsageError
 from ..sources import Source, open_source
 from .pipeline import StageTimes, Verifier, _Work, run_threads
 from .plan import plan_chunks
@@ -42,6 +42,8 @@ def verify_file(
     src = open_source(source)
     try:
         index = read_index(src)
+        if index.digest == "none":
+            raise UsageError(f"{src.uri} holds no digests: there is nothing to verify")
         verifier = Verifier(index)
         transform = None
         if index.encrypted or encryption is not None:

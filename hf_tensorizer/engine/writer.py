@@ -295,8 +295,8 @@ def _host_blocks(tensor: torch.Tensor, block: int) -> Iterator[memoryview]:
     stream: block i+1 is in flight while the caller writes block i, so the GPU copy never stalls the sink.
     """
     if tensor.device.type != "cuda":
-        t = tensor.contiguous()
-        view = host_view(t) if t.device.type == "cpu" else host_view(t.cpu())
+        t = tensor.contiguous() if tensor.device.type == "cpu" else tensor.contiguous().cpu()  # kept alive below
+        view = host_view(t)
         for start in range(0, len(view), block):
             yield view[start : start + block]
         return

@@ -22,6 +22,7 @@ artifact remembers where its weights live in a ``.hf_tensorizer_remote`` file.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -358,3 +359,32 @@ def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) 
     if weights is None:
         raise UsageError(f"{redact(root)} has no {WEIGHTS_NAME}")
     return folder, weights
+
+
+# Stock save_pretrained arguments that concern safetensors shards or the Hub call, moot for one .tensors file
+_MOOT_SAVE_ARGS = frozenset({
+    "is_main_process", "state_dict", "save_function", "push_to_hub", "max_shard_size", "safe_serialization",
+    "variant", "token", "save_peft_format", "save_original_format",
+})  # fmt: skip
+
+
+def save_options(kwargs: Mapping[str, Any], accepted: Iterable[str] = ()) -> dict[str, Any]:
+    """The arguments of a ``save_pretrained(..., tensorized=True)`` call that the tensorized save takes.
+
+    Every :class:`~hf_tensorizer.TensorSerializer` argument (``encryption``, ``digest``, ``metadata``, ...) and
+    those in ``accepted`` pass; stock-only ones that make no sense for one file are dropped.
+
+    Raises:
+        UsageError: an argument that is neither (a typo must not silently drop, say, ``encryption``).
+    """
+    from ..engine.writer import TensorSerializer
+
+    known = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "dest", "sink_options"}
+    known |= set(accepted)
+    out = {}
+    for key, value in kwargs.items():
+        if key in known:
+            out[key] = value
+        elif key not in _MOOT_SAVE_ARGS:
+            raise UsageError(f"save_pretrained(tensorized=True) does not take {key!r}")
+    return out

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorDeserializer, TensorSerializer
+from ..engine import TensorDeserializer, TensorSerializer, read_index
 from ..errors import UsageError
 from . import artifact
 from .transformers import current_options, split_options
@@ -96,9 +96,9 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
         device_map = {"": device_map}
 
     expected = list(model.state_dict(keep_vars=True).keys())
-    with TensorDeserializer(weights, lazy=True, **transport) as probe:
-        names = set(probe)
-        file_dtypes = {n: probe.index.tensors[n].dtype for n in names}
+    index = read_index(weights, **transport)  # names and dtypes only; the loads below authenticate it
+    names = set(index.tensors)
+    file_dtypes = {n: e.dtype for n, e in index.tensors.items()}
     groups: dict[tuple[torch.device, torch.dtype | None], list[str]] = defaultdict(list)
     for key in expected:
         if key not in names:
@@ -134,10 +134,11 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
 
 def _write_model(
-    model: Any, folder: str, weights_dest: str, transport: dict[str, Any], **serializer_options: Any
-) -> None:
+    model: Any, folder: str, weights_dest: str, transport: dict[str, Any], *, metadata: dict[str, str] | None = None,
+    **serializer_options: Any,
+) -> None:  # fmt: skip
     model.save_config(folder)
-    meta = {"format": "pt", "hf_tensorizer.layout": "diffusers", "class": type(model).__name__}
+    meta = {"format": "pt", "hf_tensorizer.layout": "diffusers", "class": type(model).__name__, **(metadata or {})}
     with TensorSerializer(weights_dest, metadata=meta, **serializer_options, **transport) as s:
         s.write_module(model)
 
@@ -242,7 +243,7 @@ def patch() -> None:
     @functools.wraps(model_save)
     def model_save_pretrained(self: Any, save_directory: Any, *args: Any, tensorized: bool = False, **kw: Any) -> Any:
         if tensorized or artifact.looks_like_uri(save_directory):
-            return save_model(self, save_directory, tensorizer_options=kw.get("tensorizer_options"))
+            return save_model(self, save_directory, **artifact.save_options(kw, ("tensorizer_options",)))
         return model_save(self, save_directory, *args, **kw)
 
     @functools.wraps(pipe_fp.__func__)
@@ -256,7 +257,7 @@ def patch() -> None:
     @functools.wraps(pipe_save)
     def pipe_save_pretrained(self: Any, save_directory: Any, *args: Any, tensorized: bool = False, **kw: Any) -> Any:
         if tensorized or artifact.looks_like_uri(save_directory):
-            return save_pipeline(self, save_directory, tensorizer_options=kw.get("tensorizer_options"))
+            return save_pipeline(self, save_directory, **artifact.save_options(kw, ("tensorizer_options",)))
         return pipe_save(self, save_directory, *args, **kw)
 
     for cls, name, orig, new in (

@@ -300,9 +300,7 @@ class TensorizerMixin:
 
 
 def _save_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keep the arguments ``save_tensorized`` understands; stock-only ones (``max_shard_size``...) are moot."""
-    keep = {"tokenizer", "processor", "metadata", "tensorizer_options", "digest", "block_size", "alignment", "progress"}
-    return {k: v for k, v in kwargs.items() if k in keep}
+    return artifact.save_options(kwargs, ("tokenizer", "processor", "tensorizer_options"))
 
 
 def _patched_from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -10,7 +10,7 @@ import os
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ..errors import InvalidURIError
+from ..errors import InvalidURIError, UsageError
 from .base import Sink, Source
 from .file import FileSink, FileSource
 
@@ -72,6 +72,8 @@ def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:
         return uri
     scheme = scheme_of(uri)
     if scheme == "file":
+        if options:  # a typo'd engine argument lands here: say so rather than drop it
+            raise UsageError(f"unknown options for a local file: {sorted(options)}")
         return FileSource(local_path(uri))
     if scheme in ("http", "https"):
         from .http import HTTPSource
@@ -92,6 +94,8 @@ def open_sink(uri: str | os.PathLike[str] | Sink, **options: Any) -> Sink:
         return uri
     scheme = scheme_of(uri)
     if scheme == "file":
+        if options:
+            raise UsageError(f"unknown options for a local file: {sorted(options)}")
         return FileSink(local_path(uri))
     if scheme == "s3":
         from .s3 import S3Sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 
 from ..errors import SinkError, SourceError, TruncatedFileError
@@ -26,15 +27,18 @@ class FileSource(Source):
             raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
         self.size = os.fstat(self._fd).st_size
         self._direct_fd: int | None = None
+        self._finalizer = weakref.finalize(self, _close_fds, [self._fd])  # a source dropped without close()
 
     def fileno(self) -> int:
         return self._fd
 
     def direct_fileno(self) -> int | None:
         """A second descriptor opened with O_DIRECT (page cache bypassed), or None where unsupported."""
-        if self._direct_fd is None and hasattr(os, "O_DIRECT"):
+        if self._direct_fd is None and hasattr(os, "O_DIRECT") and self._fd >= 0:
             try:
                 self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self._finalizer.detach()
+                self._finalizer = weakref.finalize(self, _close_fds, [self._fd, self._direct_fd])
             except OSError:
                 self._direct_fd = -1
         return None if self._direct_fd in (None, -1) else self._direct_fd
@@ -65,14 +69,18 @@ class FileSource(Source):
                     n = 0
 
     def close(self) -> None:
-        for fd in (self._fd, self._direct_fd):
-            if fd is not None and fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        self._finalizer()  # closes the descriptors once; later calls do nothing
         self._fd = -1
-        self._direct_fd = None
+        self._direct_fd = -1  # never reopened after close
+
+
+def _close_fds(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class FileSink(Sink):

@@ -462,9 +462,9 @@ class S3Sink(Sink):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            if self.upload_id is None:
-                body = self._first if self._first is not None else self._buf
-                self._client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(body), **self._extra)
+            if self.upload_id is None:  # under two parts: the held first part and the rest in one PUT
+                body = bytes(self._first or b"") + bytes(self._buf)
+                self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **self._extra)
             else:
                 if self._buf:
                     self._submit(self._part_number, self._buf)
