@@ -211,7 +211,9 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
             _check_relative(w)
             folder = os.path.dirname(w)
             os.makedirs(os.path.join(staging, folder), exist_ok=True)
-            with open(os.path.join(staging, folder, REMOTE_MARKER), "w", encoding="utf-8") as f:
+            # owner-only: the URI may carry credentials (https://user:token@host/...)
+            marker = os.open(os.path.join(staging, folder, REMOTE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(marker, "w", encoding="utf-8") as f:
                 f.write(join(text, folder))
         old = dest + ".old." + os.path.basename(staging)
         if os.path.exists(dest):

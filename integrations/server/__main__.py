@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hf_tensorizer.sources import redact
+
 from .model import LOADERS, PRECISIONS, ServerConfig, parse_option
 
 
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            timeout_graceful_shutdown=5))  # fmt: skip
     server.run()
     if failure:
-        print(f"error: could not load {args.model_uri}: {failure[0]}", file=sys.stderr)
+        print(f"error: could not load {redact(args.model_uri)}: {failure[0]}", file=sys.stderr)
         return 1
     return 0
 

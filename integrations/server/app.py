@@ -28,6 +28,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from hf_tensorizer.sources import redact
+
 from .model import BadRequest, ModelRunner
 
 log = logging.getLogger("integrations.server")
@@ -68,7 +70,7 @@ def create_app(runner: ModelRunner, on_load_failure: Callable[[str], None] | Non
 
     def status() -> dict[str, Any]:
         return {"name": name, "ready": runner.ready.is_set(), "task": runner.task, "loader": runner.config.loader,
-                "model_uri": runner.config.model_uri, "precision": runner.config.precision,
+                "model_uri": redact(runner.config.model_uri), "precision": runner.config.precision,
                 "load_seconds": runner.load_seconds, "uptime_seconds": time.time() - started,
                 **({"error": runner.error} if runner.error else {})}  # fmt: skip
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hf_tensorizer.errors import UsageError
+from hf_tensorizer.sources import redact
 
 log = logging.getLogger("integrations.server")
 
@@ -133,7 +134,7 @@ class ModelRunner:
             self.finished.set()
             raise
         self.load_seconds = time.perf_counter() - start
-        log.info("loaded %s (%s, %s) in %.2f s", self.config.model_uri, self.task, self.config.precision,
+        log.info("loaded %s (%s, %s) in %.2f s", redact(self.config.model_uri), self.task, self.config.precision,
                  self.load_seconds)  # fmt: skip
         self.ready.set()
         self.finished.set()
