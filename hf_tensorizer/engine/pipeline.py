@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -43,8 +43,8 @@ class StageTimes:
     wait: float = 0.0
 
     def add(self, other: StageTimes) -> None:
-        for k in ("read", "verify", "transform", "copy", "wait"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -74,7 +74,7 @@ class LoadMetrics:
             "gbps": round(self.gbps, 3), "threads": self.threads, "strategy": self.strategy,
             "chunks": self.chunks, "staging_peak_bytes": self.staging_peak_bytes,
         }  # fmt: skip
-        for stage in ("read", "verify", "transform", "copy", "wait"):
+        for stage in (f.name for f in fields(self.stages)):
             busy = getattr(self.stages, stage)
             out[f"{stage}_busy_s"] = round(busy, 6)
             if busy > 0:

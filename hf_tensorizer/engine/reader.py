@@ -19,6 +19,7 @@ from ..format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, TensorKind, de
 from ..sources import Source, open_source
 from ..sources.file import FileSource
 from . import pagecache
+from .memory import host_view
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
 from .staging import PAGE, StagingPool
@@ -344,22 +345,17 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             self._mmap = _mmap.mmap(fd, self._source.size, flags=_mmap.MAP_PRIVATE,
                                     prot=_mmap.PROT_READ | _mmap.PROT_WRITE)  # fmt: skip
         out = {}
+        verifier = Verifier(self.index) if self.verify_hash else None
         for e in todo:
             if e.length == 0:
                 out[e.name] = _new_tensor(e, torch.device("cpu"))
                 continue
             raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.length, offset=e.offset)
-            t = raw.view(e.dtype).reshape(e.shape)
-            if self.verify_hash:
-                from .memory import host_view
-                from .plan import plan_chunks as _pc
-
-                verifier = Verifier(self.index)
+            if verifier is not None:
                 view = host_view(raw)
-                for c in _pc([e], self.index.block_size):
-                    for p in c.pieces:
-                        verifier.check(p, view[p.tensor_offset : p.tensor_offset + p.length])
-            out[e.name] = t
+                for p in (p for c in plan_chunks([e], self.index.block_size) for p in c.pieces):
+                    verifier.check(p, view[p.tensor_offset : p.tensor_offset + p.length])
+            out[e.name] = raw.view(e.dtype).reshape(e.shape)
         return out
 
     # ---- modules ---------------------------------------------------------------------------------
