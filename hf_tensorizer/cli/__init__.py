@@ -16,6 +16,11 @@ from ..errors import TensorizerError
 _COMMANDS = ("serialize", "inspect", "verify", "bench", "demo", "crypto")
 
 
+def describe(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: reStructuredText literals shown plainly."""
+    return (doc or "").replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-tensorizer", description="Fast, safe, streamed PyTorch model loading.")
     from .. import __version__

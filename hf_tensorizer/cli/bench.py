@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import describe
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ..bench.runner import add_bench_arguments, bench_main
 
     p = sub.add_parser("bench", help="compare load speed with safetensors, transformers and other loaders",
-                       description=__doc__)  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)

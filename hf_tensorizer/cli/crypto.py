@@ -17,6 +17,7 @@ from typing import Any
 
 from ..constants import KEY_ENV
 from ..errors import MissingKeyError, UsageError
+from . import describe
 
 
 def add_key_arguments(p: argparse.ArgumentParser, *, prefix: str = "", writing: bool = False) -> None:
@@ -70,12 +71,12 @@ def key_from_args(args: argparse.Namespace, *, prefix: str = "", writing: bool =
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("keygen", help="create a random encryption key file", description=__doc__)
+    p = sub.add_parser("keygen", help="create a random encryption key file", description=describe(__doc__))
     p.add_argument("path", nargs="?", default="-", help="key file to create (mode 0600); '-' prints the key")
     p.add_argument("--force", action="store_true", help="overwrite an existing key file")
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("encrypt", help="encrypt (or re-key) a .tensors file", description=__doc__)
+    p = sub.add_parser("encrypt", help="encrypt (or re-key) a .tensors file", description=describe(__doc__))
     p.add_argument("src", help="plain (or encrypted, with --from-*) .tensors path or URI")
     p.add_argument("dest", help="new encrypted .tensors path or URI")
     p.add_argument("--block-size", type=int, default=None, help="encryption block size in bytes")
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_key_arguments(p, prefix="from-")
     p.set_defaults(func=_encrypt)
 
-    p = sub.add_parser("decrypt", help="decrypt a .tensors file to a plain one", description=__doc__)
+    p = sub.add_parser("decrypt", help="decrypt a .tensors file to a plain one", description=describe(__doc__))
     p.add_argument("src", help="encrypted .tensors path or URI")
     p.add_argument("dest", help="new plain .tensors path or URI")
     add_key_arguments(p)

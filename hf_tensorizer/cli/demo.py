@@ -16,14 +16,18 @@ from collections.abc import Callable
 
 import torch
 
+from . import describe
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("demo", help="serialize and load a small model, compare with other loaders", description=__doc__)
+    p = sub.add_parser(
+        "demo", help="serialize and load a small model, compare with other loaders", description=describe(__doc__)
+    )
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="loads per loader; the best is reported")
     p.set_defaults(func=run)
 
 

@@ -7,20 +7,23 @@ import json
 
 from ..format.dtypes import dtype_name
 from ..sources import open_source
+from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("inspect", help="print the index of a .tensors file", description=__doc__)
+    p = sub.add_parser("inspect", help="print the index of a .tensors file", description=describe(__doc__))
     p.add_argument("uri", help="local path or URI of a .tensors file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=0, help="show at most N tensors (0: all)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.reader import read_index
 
-    with open_source(args.uri) as src:
+    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    with open_source(args.uri, **options) as src:
         index = read_index(src)
         uri = src.uri
     entries = list(index.tensors.values())

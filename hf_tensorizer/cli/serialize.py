@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from .crypto import add_key_arguments
 
     p = sub.add_parser("serialize", help="convert weights or a whole HF model to the tensorized format",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("src", nargs="?", help="a .safetensors or .bin/.pt file, or a directory of shards")
     p.add_argument("dest_file", nargs="?", metavar="DEST", help="output .tensors path or URI")
     p.add_argument("--hf-model-id", help="Hub model id or local directory of a transformers model / diffusers pipeline")

@@ -6,12 +6,14 @@ import argparse
 import time
 
 from ..engine.verify import verify_file
+from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("verify", help="check a file's data against its digests", description=__doc__)
+    p = sub.add_parser("verify", help="check a file's data against its digests", description=describe(__doc__))
     p.add_argument("uri", help="local path or URI of a .tensors file")
     p.add_argument("--readers", type=int, default=4, help="parallel readers")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     from .crypto import add_key_arguments
 
     add_key_arguments(p)
@@ -22,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     from .crypto import key_from_args
 
-    report = verify_file(args.uri, num_readers=args.readers, encryption=key_from_args(args))
+    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    report = verify_file(args.uri, num_readers=args.readers, encryption=key_from_args(args), **options)
     dt = time.perf_counter() - t
     if report.ok:
         print(f"OK {report.uri}: {report.tensors} tensors, {report.bytes:,} bytes verified in {dt:.2f} s")

@@ -28,7 +28,7 @@ class VerifyReport:
 
 
 def verify_file(
-    source: str | os.PathLike[str] | Source, *, num_readers: int = 4, encryption: Any = None
+    source: str | os.PathLike[str] | Source, *, num_readers: int = 4, encryption: Any = None, **source_options: Any
 ) -> VerifyReport:
     """Read every tensor block and compare it with the index digests, without stopping at the first failure.
 
@@ -39,7 +39,7 @@ def verify_file(
         FormatError: the header itself is invalid (then nothing else can be checked).
         MissingKeyError / DecryptionError: an encrypted file without its key, or with the wrong one.
     """
-    src = open_source(source)
+    src = open_source(source, **source_options)
     try:
         index = read_index(src)
         if index.digest == "none":
