@@ -18,8 +18,8 @@ tokenizer of :mod:`integrations.tiny`): ``hf_tensorizer`` from a tensorized arti
 stock ``save_pretrained`` safetensors folder. Runs alternate between loaders; the summary is the median.
 
     python -m integrations.coldstart --workdir /tmp/coldstart --requests 16 --repeats 3 \\
-        --loaders hf_tensorizer,hf,hf_tensorizer_mmap --json docs/serving_coldstart.json \\
-        --plot docs/serving_coldstart.png
+        --loaders hf_tensorizer,hf,hf_tensorizer_mmap --json docs/data/cpu-2026-11-26-coldstart.json \\
+        --plot docs/img/cpu-coldstart.png
 """
 
 from __future__ import annotations
