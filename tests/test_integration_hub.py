@@ -73,3 +73,19 @@ def test_push_keeps_existing_card_and_rejects_unknown(hub: Any) -> None:
     assert TAG in tags and "tiny" in tags
     with pytest.raises(UsageError):
         push_to_hub(torch.nn.Linear(2, 2), "tester/nope", token=hub.token)
+
+
+def test_branch_loads_are_pinned_to_one_commit(hub: Any) -> None:
+    """A load from a branch reads every file (configs, index, weights) from the commit it pointed to."""
+    from hf_tensorizer.integrations import artifact
+
+    model = _gpt2()
+    first = model.push_to_hub("tester/pinned", tensorized=True, token=hub.token)
+    pinned = artifact.pin_hub_revision("hf://tester/pinned")
+    assert pinned == f"hf://tester/pinned@{first.oid}"
+    assert artifact.pin_hub_revision(pinned) == pinned  # already a commit: no request, no change
+    folder = artifact.resolve("hf://tester/pinned")
+    assert artifact.weights_uri(folder) == f"hf://tester/pinned@{first.oid}/model.tensors"
+    torch.manual_seed(1)
+    second = _gpt2().push_to_hub("tester/pinned", tensorized=True, token=hub.token)  # the branch moves on
+    assert artifact.pin_hub_revision("hf://tester/pinned") == f"hf://tester/pinned@{second.oid}"

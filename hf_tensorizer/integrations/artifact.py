@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -181,6 +182,8 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     if not is_remote(text):
         return local_path(text)
     text = text.rstrip("/")
+    if scheme_of(text) == "hf":
+        text = pin_hub_revision(text, **options)
     try:
         manifest = read_manifest(text, **options)
         first_error: SourceError | None = None
@@ -224,6 +227,30 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def pin_hub_revision(root: str, **options: Any) -> str:
+    """``hf://org/repo[@branch]`` rewritten to the commit the branch points to now.
+
+    Small files, the index and every device group's weights are then read from one commit: a push that
+    lands mid-load cannot mix two versions. Offline, or when the commit cannot be told, ``root`` is returned.
+    """
+    from ..sources.hub import format_hf_uri, parse_hf_uri
+
+    parsed = parse_hf_uri(root)
+    if parsed.revision is not None and _COMMIT_RE.fullmatch(parsed.revision):
+        return root
+    for name in (MANIFEST_NAME, WEIGHTS_NAME, "config.json"):
+        try:
+            with open_source(join(root, name), **options) as src:
+                commit = getattr(src, "commit_hash", None)
+        except SourceError:
+            continue
+        return format_hf_uri(parsed.repo_id, parsed.path, commit, parsed.repo_type) if commit else root
+    return root
+
+
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def _check_relative(name: str) -> None:
