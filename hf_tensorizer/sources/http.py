@@ -39,7 +39,7 @@ from ..errors import (
     TensorizerError,
 )
 from . import redact
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, parse_retry_after, readinto1
+from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, parse_retry_after, readinto1
 
 __all__ = ["HTTPSource"]
 
@@ -458,13 +458,7 @@ class HTTPSource(RangedSource):
             else:
                 self._raise_for_status(r, "GET")
                 raise AssertionError("unreachable")
-            got = 0
-            while got < expected:
-                n = readinto1(resp, cursor.next_view(expected - got), got == 0)
-                if not n:
-                    raise TransientError(f"connection closed after {got} of {expected} bytes")
-                cursor.advance(n)
-                got += n
+            fill(cursor, expected, lambda view, first: readinto1(resp, view, first))
             reuse = True
         except TensorizerError:
             raise

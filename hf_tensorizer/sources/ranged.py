@@ -106,6 +106,23 @@ class _Cursor:
             self._index += 1
 
 
+def fill(cursor: _Cursor, expected: int, read: Callable[[memoryview, bool], int]) -> None:
+    """Receive ``expected`` body bytes into ``cursor``, one ``read(view, first)`` call at a time.
+
+    ``cursor.done`` always counts the bytes that landed, so a retry after a failure resumes at the exact byte.
+
+    Raises:
+        TransientError: the stream ended early (a retry asks for the rest).
+    """
+    got = 0
+    while got < expected:
+        n = read(cursor.next_view(expected - got), got == 0)
+        if not n:
+            raise TransientError(f"connection closed after {got} of {expected} bytes")
+        cursor.advance(n)
+        got += n
+
+
 def _views_of(bufs: Sequence[memoryview | bytearray], offset: int, length: int) -> list[memoryview]:
     """The sub-views of ``bufs`` (taken as one contiguous run) covering ``[offset, offset + length)``."""
     out: list[memoryview] = []

@@ -35,7 +35,7 @@ from ..errors import (
     UsageError,
 )
 from .base import Sink
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, readinto1
+from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, readinto1
 
 __all__ = ["S3Sink", "S3Source", "make_s3_client", "parse_s3_uri"]
 
@@ -186,7 +186,7 @@ def _body_reader(body: Any) -> tuple[Callable[[memoryview, bool], int], Callable
 
     botocore never decodes bodies (whatever the object's Content-Encoding), so the bytes under urllib3 are the
     object's bytes. The fast path reads from the ``http.client`` response straight into the caller's buffer, one socket
-    read at a time (:func:`~.http.readinto1`: exact progress for resumption; urllib3's own ``readinto`` reads into a
+    read at a time (:func:`~.ranged.readinto1`: exact progress for resumption; urllib3's own ``readinto`` reads into a
     new ``bytes`` and copies). ``finish(True)`` returns a fully read connection to botocore's pool, ``finish(False)``
     drops it.
     """
@@ -320,13 +320,7 @@ class S3Source(RangedSource):
             if got_first != first or got_last > last:
                 raise SourceError(f"{self.uri}: asked for bytes {first}-{last}, S3 sent {got_first}-{got_last}")
             expected = got_last - got_first + 1
-            got = 0
-            while got < expected:
-                n = readinto(cursor.next_view(expected - got), got == 0)
-                if not n:
-                    raise TransientError(f"connection closed after {got} of {expected} bytes")
-                cursor.advance(n)
-                got += n
+            fill(cursor, expected, readinto)
             ok = True
         except TensorizerError:
             raise
