@@ -187,3 +187,14 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def hf_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """hf_tensorizer's transformers/diffusers hooks on for one test, with a private artifact cache."""
+    import hf_tensorizer
+
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    hf_tensorizer.enable()
+    yield
+    hf_tensorizer.disable()

@@ -175,3 +175,8 @@ def flip_byte(path: str | os.PathLike[str], offset: int, mask: int = 0xFF) -> No
         b = f.read(1)[0]
         f.seek(offset)
         f.write(bytes([b ^ mask]))
+
+
+def meta_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device (a complete load leaves none)."""
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]

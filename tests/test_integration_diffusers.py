@@ -13,6 +13,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from helpers import meta_tensors  # noqa: E402
+
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.integrations import artifact  # noqa: E402
 from hf_tensorizer.integrations.diffusers import save_model, save_pipeline  # noqa: E402
@@ -59,16 +61,7 @@ def _image(pipe: Any) -> np.ndarray:
                 output_type="np", height=16, width=16).images  # fmt: skip
 
 
-def _meta(module: torch.nn.Module) -> list[str]:
-    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
-    hf_tensorizer.enable()
-    yield
-    hf_tensorizer.disable()
+pytestmark = pytest.mark.usefixtures("hf_enabled")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def test_pipeline_local_round_trip(reference: tuple[Any, np.ndarray], tmp_path: 
     loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "sd")
     assert type(loaded) is type(pipe)
     for comp in ("unet", "vae", "text_encoder"):
-        assert not _meta(getattr(loaded, comp))
+        assert not meta_tensors(getattr(loaded, comp))
     assert np.array_equal(_image(loaded), image)
 
 
@@ -113,7 +106,7 @@ def test_model_dtype_device_and_loading_info(tmp_path: Path) -> None:
                                                                 device_map="cpu", output_loading_info=True)  # fmt: skip
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
-    assert not _meta(half)
+    assert not meta_tensors(half)
     for a, b in zip(ref.state_dict().values(), half.state_dict().values()):
         assert torch.equal(a.to(torch.bfloat16) if a.is_floating_point() else a, b)
 

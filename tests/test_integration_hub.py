@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,17 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
 from hf_tensorizer.integrations.hub import TAG, push_to_hub  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
-    hf_tensorizer.enable()
-    yield
-    hf_tensorizer.disable()
+pytestmark = pytest.mark.usefixtures("hf_enabled")
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import meta_tensors  # noqa: E402
+
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer import read_index  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
@@ -63,16 +65,7 @@ def _logits(model: Any) -> torch.Tensor:
         return model(INPUT.to(model.device)).logits
 
 
-def _not_meta(model: torch.nn.Module) -> list[str]:
-    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
-    hf_tensorizer.enable()
-    yield
-    hf_tensorizer.disable()
+pytestmark = pytest.mark.usefixtures("hf_enabled")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -88,7 +81,7 @@ def test_round_trip_bit_identical(name: str, tmp_path: Path) -> None:
         assert set(read_index(src).tensors) == stock_keys
     loaded, info = type(ref).from_pretrained(tmp_path / "art", output_loading_info=True)
     assert type(loaded) is type(ref)
-    assert not _not_meta(loaded)
+    assert not meta_tensors(loaded)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert torch.equal(_logits(ref), _logits(loaded))
     for (n, a), b in zip(ref.named_buffers(), loaded.buffers()):  # non-persistent buffers rebuilt (inv_freq)
@@ -138,7 +131,7 @@ def test_device_map_cpu_and_explicit_dict(tmp_path: Path) -> None:
             "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
     m2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map=dmap)
     assert {p.device.type for p in m2.parameters()} == {"cpu"}
-    assert not _not_meta(m2)
+    assert not meta_tensors(m2)
     assert torch.equal(_logits(ref), _logits(m2))
 
 
@@ -150,7 +143,7 @@ def test_device_map_split_cuda_cpu(tmp_path: Path) -> None:
             "model.rotary_emb": 0, "lm_head": 0}  # fmt: skip
     m = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map=dmap)
     assert m.model.embed_tokens.weight.device.type == "cuda"
-    assert not _not_meta(m)
+    assert not meta_tensors(m)
     torch.testing.assert_close(_logits(ref), _logits(m).cpu())  # GPU kernels differ from CPU ones
     m_auto = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map="auto")
     assert m_auto.model.embed_tokens.weight.device.type == "cuda"
@@ -162,7 +155,7 @@ def test_loading_info_across_heads(tmp_path: Path) -> None:
     base, info = transformers.BertModel.from_pretrained(tmp_path / "art", output_loading_info=True)
     assert info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"}
     assert "cls.predictions.bias" in info["unexpected_keys"]
-    assert not _not_meta(base)
+    assert not meta_tensors(base)
     with torch.no_grad():
         assert torch.equal(ref.bert(INPUT).last_hidden_state, base(INPUT).last_hidden_state)
 
