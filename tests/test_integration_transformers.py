@@ -256,6 +256,41 @@ def test_s3_round_trip(moto_s3: str, s3_bucket: str, monkeypatch: pytest.MonkeyP
     assert torch.equal(_logits(ref), _logits(verified))
 
 
+@pytest.mark.parametrize("versioned", [True, False], ids=["versioned", "unversioned"])
+def test_s3_weights_pinned_once_per_load(
+    versioned: bool, moto_s3: str, s3_client: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights object is pinned when its index is read: an overwrite that lands before the tensors are
+    read is ignored (versioned bucket: the pinned version is read) or reported, never mixed in."""
+    from hf_tensorizer.errors import ObjectChangedError
+    from hf_tensorizer.integrations import transformers as integration
+
+    if versioned:
+        s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    ref = _build("llama")
+    uri, opts = f"s3://{s3_bucket}/models/llama", {"endpoint_url": moto_s3}
+    ref.save_pretrained(uri, tensorized=True, tensorizer_options=opts)
+    torch.manual_seed(1)
+    save_tensorized(transformers.LlamaForCausalLM(ref.config), tmp_path / "other")
+    other = (tmp_path / "other" / "model.tensors").read_bytes()  # same names and shapes, other values
+    real = integration.TensorDeserializer
+    overwrites = []
+
+    def overwritten_first(*args: Any, **kwargs: Any) -> Any:
+        if not overwrites:  # a push lands after from_pretrained read the index, before the tensors are read
+            overwrites.append(s3_client.put_object(Bucket=s3_bucket, Key="models/llama/model.tensors", Body=other))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "TensorDeserializer", overwritten_first)
+    if versioned:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=opts)
+        assert torch.equal(_logits(ref), _logits(loaded))
+    else:
+        with pytest.raises(ObjectChangedError, match="changed while it was being read"):
+            transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=opts)
+    assert overwrites
+
+
 def test_encrypted_artifact(tmp_path: Path) -> None:
     """A key given as ``tensorizer_options`` reaches the inner load, for Auto classes and model classes."""
     from hf_tensorizer.crypto import EncryptionKey

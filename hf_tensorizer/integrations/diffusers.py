@@ -22,6 +22,7 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer, read_index
 from ..errors import UsageError
+from ..sources import Source, open_source
 from . import artifact
 from .transformers import current_options, split_options
 
@@ -30,6 +31,34 @@ _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant",
             "use_safetensors", "low_cpu_mem_usage", "offload_state_dict", "disable_mmap", "offload_folder",
             "mirror", "ignore_mismatched_sizes", "use_flashpack", "flashpack_kwargs", "dduf_entries")  # fmt: skip
+
+
+def _stream(
+    model: torch.nn.Module,
+    source: Source,
+    dtype: torch.dtype | None,
+    keep_fp32: Any,
+    device_map: dict[str, Any],
+    engine: dict[str, Any],
+) -> tuple[list[str], list[str]]:
+    """Load ``source``'s tensors into ``model``, one read per (device, dtype) group; (missing, unexpected) keys."""
+    expected = list(model.state_dict(keep_vars=True).keys())
+    index = read_index(source)  # names and dtypes only; the loads below authenticate it
+    names = set(index.tensors)
+    groups: dict[tuple[torch.device, torch.dtype | None], list[str]] = defaultdict(list)
+    for key in expected:
+        if key not in names:
+            continue
+        target = dtype
+        if target is not None and keep_fp32 and any(m in key.split(".") for m in keep_fp32):
+            target = torch.float32
+        if target is not None and not index.tensors[key].dtype.is_floating_point:
+            target = None
+        groups[(_device_of(device_map, key), target)].append(key)
+    for (device, target), keys in groups.items():
+        with TensorDeserializer(source, device=device, dtype=target, filter=keys, **engine) as d:
+            d.load_into_module(model, strict=False)
+    return [k for k in expected if k not in names], sorted(names.difference(expected))
 
 
 def _device_of(device_map: dict[str, Any], name: str) -> torch.device:
@@ -95,25 +124,9 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     elif not isinstance(device_map, dict):
         device_map = {"": device_map}
 
-    expected = list(model.state_dict(keep_vars=True).keys())
-    index = read_index(weights, **transport)  # names and dtypes only; the loads below authenticate it
-    names = set(index.tensors)
-    file_dtypes = {n: e.dtype for n, e in index.tensors.items()}
-    groups: dict[tuple[torch.device, torch.dtype | None], list[str]] = defaultdict(list)
-    for key in expected:
-        if key not in names:
-            continue
-        target = dtype
-        if target is not None and keep_fp32 and any(m in key.split(".") for m in keep_fp32):
-            target = torch.float32
-        if target is not None and not file_dtypes[key].is_floating_point:
-            target = None
-        groups[(_device_of(device_map, key), target)].append(key)
-    for (device, target), keys in groups.items():
-        with TensorDeserializer(weights, device=device, dtype=target, filter=keys, **engine, **transport) as d:
-            d.load_into_module(model, strict=False)
-    missing = [k for k in expected if k not in names]
-    unexpected = sorted(names.difference(expected))
+    # one open source for the index and every group: a remote object is pinned once, so groups cannot mix versions
+    with open_source(weights, **transport) as source:
+        missing, unexpected = _stream(model, source, dtype, keep_fp32, device_map, engine)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")

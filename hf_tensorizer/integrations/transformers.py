@@ -52,19 +52,30 @@ class TensorizedStateDict(dict):
     Stock code that inspects the state dict before loading (dtype ``"auto"`` detection, key checks) sees
     correct names, shapes and dtypes; our ``_load_pretrained_model`` hook recognises the type and streams
     the real tensors once the final device map is known. Keys that match nothing in the model are never read.
+
+    The weights are opened once, here, and every device group reads that one open source: a remote object is
+    pinned once (ETag / VersionId / commit), so an overwrite mid-load fails or is ignored, never mixed in.
+    :meth:`close` it when the load is over.
     """
 
     def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
-        with open_source(uri, **transport) as src:
-            index = read_index(src)
+        self.source = open_source(uri, **transport)
+        try:
+            index = read_index(self.source)
+        except BaseException:
+            self.source.close()
+            raise
         super().__init__(
             (name, torch.empty(e.shape, dtype=e.dtype, device="meta")) for name, e in index.tensors.items()
         )
         self.uri = uri
         self.engine_options = engine
-        self.transport_options = transport
         self.metrics: list[Any] = []
+
+    def close(self) -> None:
+        """Close the weights source (connections, descriptors)."""
+        self.source.close()
 
 
 def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, load_config: Any) -> dict[str, Any]:
@@ -98,9 +109,7 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
         groups[device].append(key)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
     for device, names in groups.items():
-        with TensorDeserializer(
-            placeholder.uri, device=device, filter=names, **placeholder.engine_options, **placeholder.transport_options
-        ) as d:
+        with TensorDeserializer(placeholder.source, device=device, filter=names, **placeholder.engine_options) as d:
             out.update(d.items())
             placeholder.metrics.append(d.metrics)
     return out
@@ -167,7 +176,12 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     if config is None:
         config = folder
     user_generation_config = kwargs.get("generation_config") is not None
-    result = _stock("from_pretrained").__func__(cls, None, *model_args, config=config, state_dict=placeholder, **kwargs)
+    try:
+        result = _stock("from_pretrained").__func__(
+            cls, None, *model_args, config=config, state_dict=placeholder, **kwargs
+        )
+    finally:
+        placeholder.close()
     model = result[0] if isinstance(result, tuple) else result
     model.config.name_or_path = root
     model.name_or_path = root
