@@ -74,6 +74,32 @@ def test_errors_are_clear_and_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--dest" in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["a.safetensors", "b.tensors"], ("a.safetensors", "b.tensors")),
+        (["a.safetensors", "--dest", "b.tensors"], ("a.safetensors", "b.tensors")),
+        (["--hf-model-id", "org/m", "--dest", "s3://b/p"], ("org/m", "s3://b/p")),
+        (["--hf-model-id", "org/m", "s3://b/p"], ("org/m", "s3://b/p")),
+        (["a.safetensors"], None),
+        (["a.safetensors", "b.tensors", "--dest", "c.tensors"], None),
+        (["--hf-model-id", "org/m", "x", "--dest", "s3://b/p"], None),
+        (["--hf-model-id", "org/m"], None),
+    ],
+)
+def test_serialize_destination_positional_or_dest(argv: list[str], expected: tuple[str, str] | None) -> None:
+    from hf_tensorizer.cli import build_parser
+    from hf_tensorizer.cli.serialize import _src_and_dest
+    from hf_tensorizer.errors import UsageError
+
+    args = build_parser().parse_args(["serialize", *argv])
+    if expected is None:
+        with pytest.raises(UsageError, match="--dest"):
+            _src_and_dest(args)
+    else:
+        assert _src_and_dest(args) == expected
+
+
 def test_serialize_encrypted_and_verify_with_key(tmp_path: Path, safetensors_file) -> None:
     src, sd = safetensors_file
     key = tmp_path / "key"

@@ -1,6 +1,6 @@
 """``hf-tensorizer serialize``: weights to the tensorized format.
 
-Two forms:
+Two forms; in both the destination is given as the last positional argument or as ``--dest``:
 
 - ``serialize SRC DEST``: a safetensors / ``.bin`` state dict or a directory of shards to one
   ``.tensors`` file (local path or ``s3://`` / ``hf://`` URI).
@@ -29,10 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser("serialize", help="convert weights or a whole HF model to the tensorized format",
                        description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("src", nargs="?", help="a .safetensors or .bin/.pt file, or a directory of shards")
-    p.add_argument("dest_file", nargs="?", metavar="DEST", help="output .tensors path or URI")
+    p.add_argument("paths", nargs="*", metavar="SRC DEST",
+                   help="a .safetensors or .bin/.pt file, or a directory of shards; then the output .tensors path or "
+                        "URI (with --hf-model-id: only DEST)")  # fmt: skip
     p.add_argument("--hf-model-id", help="Hub model id or local directory of a transformers model / diffusers pipeline")
-    p.add_argument("--dest", help="artifact root for --hf-model-id: a folder, s3://bucket/prefix or hf://org/repo")
+    p.add_argument(
+        "--dest",
+        help="the destination, instead of the positional DEST: an output .tensors path or URI, "
+        "or for --hf-model-id an artifact root: a folder, s3://bucket/prefix or hf://org/repo",
+    )
     p.add_argument("--revision", default=None, help="Hub revision of --hf-model-id")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors first")
     p.add_argument("--block-size", type=int, default=None, help="digest (and encryption) block size in bytes")
@@ -94,29 +99,35 @@ def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    src, dest = _src_and_dest(args)
     opts = _serializer_options(args)
     if args.hf_model_id:
-        if args.src or args.dest_file:
-            raise UsageError("--hf-model-id takes --dest, not positional SRC DEST")
-        if not args.dest:
-            raise UsageError("--hf-model-id needs --dest")
-        written = serialize_model(args.hf_model_id, args.dest, revision=args.revision, dtype=args.dtype, **opts)
+        written = serialize_model(args.hf_model_id, dest, revision=args.revision, dtype=args.dtype, **opts)
         print(f"wrote {written} from {args.hf_model_id} in {time.perf_counter() - t0:.2f} s")
         return 0
-    if not (args.src and args.dest_file):
-        raise UsageError("give SRC DEST, or --hf-model-id ID --dest ROOT")
     from ..engine.writer import TensorSerializer
 
-    sd = read_state_dict(args.src)
+    sd = read_state_dict(src)
     if args.dtype:
         dtype = getattr(torch, args.dtype)
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    s = TensorSerializer(args.dest_file, progress=None, **opts)
+    s = TensorSerializer(dest, progress=None, **opts)
     s.write_state_dict(sd)
     index = s.close()
-    print(f"wrote {args.dest_file}: {len(index.tensors)} tensors, {index.file_size:,} bytes "
+    print(f"wrote {dest}: {len(index.tensors)} tensors, {index.file_size:,} bytes "
           f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
     return 0
+
+
+def _src_and_dest(args: argparse.Namespace) -> tuple[str, str]:
+    """(SRC, DEST) of either form; SRC is ``--hf-model-id`` for models. Raises UsageError on a wrong count."""
+    usage = "give SRC DEST (or SRC --dest DEST), or --hf-model-id ID DEST (or --hf-model-id ID --dest DEST)"
+    sources = ([args.hf_model_id] if args.hf_model_id else []) + args.paths
+    if args.dest is not None:
+        sources.append(args.dest)
+    if len(sources) != 2:
+        raise UsageError(usage)
+    return sources[0], sources[1]
 
 
 def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dtype: str | None = None,
