@@ -33,14 +33,15 @@ def _args(tmp: Path, out: str, **kw: object) -> argparse.Namespace:
 
 def test_parse_config() -> None:
     assert remote.parse_config("default") == {}
-    assert remote.parse_config("c4-p16-k8-r2-nothp") == {
+    assert remote.parse_config("c4-p16-k8-r2") == {
         "concurrency": 4,
         "part_size": 16 << 20,
         "chunk_bytes": 8 << 20,
         "num_readers": 2,
     }
-    with pytest.raises(ValueError):
-        remote.parse_config("x4")
+    for bad in ("x4", "c4-nothp", "c"):
+        with pytest.raises(ValueError):
+            remote.parse_config(bad)
 
 
 @pytest.fixture(scope="module")

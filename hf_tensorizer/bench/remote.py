@@ -48,11 +48,11 @@ FIXED_BYTES = 8 * MiB  # allowed on top of a memory bound: reader threads' stack
 
 def parse_config(name: str) -> dict[str, int]:
     """``c4-p16-k8-r4`` -> ``concurrency=4, part_size=16 MiB, chunk_bytes=8 MiB, num_readers=4`` (each optional);
-    ``default`` -> ``{}`` (the library's defaults). A ``nothp`` part is a diagnostic handled by the child."""
+    ``default`` -> ``{}`` (the library's defaults)."""
     keys = {"c": ("concurrency", 1), "p": ("part_size", MiB), "k": ("chunk_bytes", MiB), "r": ("num_readers", 1)}
     out: dict[str, int] = {}
     for part in name.split("-"):
-        if part in ("default", "nothp"):  # nothp: see _warm
+        if part == "default":
             continue
         if not part or part[0] not in keys or not part[1:].isdigit():
             raise ValueError(f"bad config {name!r}: expected e.g. c4-p16-k8-r4 or default")
@@ -174,12 +174,11 @@ def _load_pipeline(uri: str, opts: dict[str, Any], *, staged: bool) -> tuple[dic
     return dests, info
 
 
-def _warm(kind: str, uri: str, config: str) -> None:
-    """Imports before the timer (a server process has them loaded); ``nothp`` turns off the huge-page advice
-    on CPU tensors (a diagnostic: first-touch cost with and without it)."""
+def _warm(kind: str, uri: str) -> None:
+    """Imports before the timer (a server process has them loaded)."""
     import torch  # noqa: F401
 
-    import hf_tensorizer.engine.reader as reader
+    import hf_tensorizer.engine.reader
     import hf_tensorizer.sources.http
 
     if uri.startswith("s3://"):
@@ -188,8 +187,6 @@ def _warm(kind: str, uri: str, config: str) -> None:
         import hf_tensorizer.sources.s3  # noqa: F401
     if kind == "tz":
         import tensorizer.stream_io  # noqa: F401
-    if "nothp" in config.split("-"):
-        reader.advise_hugepages = lambda t: None  # type: ignore[assignment]
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +200,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     assert meta is not None
     config = job.get("config", "default")
     opts = {**job.get("opts", {}), **parse_config(config)}
-    _warm(job["kind"], job["uri"], config)
+    _warm(job["kind"], job["uri"])
     rss = _RSS() if job.get("mem") else None
     t0 = time.perf_counter()
     if rss is not None:
@@ -305,7 +302,7 @@ def _serve_moto() -> int:
 # The benchmark -----------------------------------------------------------------------------------------
 
 HTTP_SWEEP = ("default", "c4", "c8", "c4-k16", "c8-k16")
-S3_SWEEP = ("default", "default-nothp", "c4-k64-p64")
+S3_SWEEP = ("default", "c4-k64-p64")
 
 
 def _best(rows: dict[str, Any]) -> str:
@@ -329,7 +326,6 @@ def bench_http(base: Path, url: str, *, sweep: Sequence[str], sweep_reps: int, r
     finals = {f"ours ({c}){suffix}": (kind, c)
               for c in dict.fromkeys(["default", best])
               for kind, suffix in (("hft", ""), ("hft-prefaulted", ", transport only"))}  # fmt: skip
-    finals[f"ours ({best}), no huge-page advice"] = ("hft", f"{best}-nothp")
     tmpfs = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size else None
     times: dict[str, list[float]] = {}
     for r in range(rounds):
