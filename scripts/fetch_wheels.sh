@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Download the peer loaders' wheels (and the runtime deps the GPU image lacks) for the GPU machine's
-# CPython 3.12 / x86-64 into .whl/ (git-ignored). tests/gpu/run.sh installs them with `pip --target`.
-# The image already has torch, numpy, protobuf, psutil, typer, humanize, urllib3, python-dateutil, ...
-# (see the device notes), so those are left out. Usage: scripts/fetch_wheels.sh [PYTHON]
+# CPython 3.12 / x86-64 into .whl/ (git-ignored), plus the inference server's (integrations/server) for
+# tests/gpu/integrations.sh. tests/gpu/run.sh and integrations.sh install them with `pip --target`.
+# The image already has torch, numpy, protobuf, psutil, typer, humanize, urllib3, python-dateutil, anyio, h11,
+# httpx, click, uvloop, annotated-doc, ... (see the device notes), so those are left out.
+# Versions are those of /work/venv. Usage: scripts/fetch_wheels.sh [PYTHON]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-${PYTHON:-/work/venv/bin/python}}
@@ -17,6 +19,11 @@ PKGS=(
   tensorizer==2.12.1 fastsafetensors==0.5.0 runai-model-streamer==0.16.1 instanttensor==0.2.2
   # tensorizer's Requires-Dist that the image lacks (it imports boto3, redis and libnacl at import time)
   boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 redis==8.1.0 hiredis==3.5.0 libnacl==2.1.0
+  # the inference server (FastAPI + uvicorn) and their Requires-Dist that the image lacks
+  fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+  typing-inspection==0.4.5 opentelemetry-api==1.45.2
+  # the image has typing-extensions, maybe older than 4.16: pydantic-core imports its Sentinel (new in 4.16)
+  typing-extensions==4.16.0
 )
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${PLATFORMS[@]}" -d "$DEST" "${PKGS[@]}"

@@ -1,9 +1,11 @@
 """The benchmark harness on the CPU with a tiny model: every loader runs in its own process and loads
-exactly the checkpoint's tensors; the report has a row, speeds and ratios for each."""
+exactly the checkpoint's tensors; the report has a row, speeds and ratios for each, and the integration
+summary (``hftfp``: from_pretrained of the tensorized artifact, against ``hft`` and stock ``hf``)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from hf_tensorizer.bench.peers import PEERS, hft_kwargs, resolve
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-LOADERS = ["hft", "hft-pread2-c1", "st", "pt", "hf", "tz", "fst", "runai", "itbuf"]
+LOADERS = ["hft", "hft-pread2-c1", "hftfp", "st", "pt", "hf", "tz", "fst", "runai", "itbuf"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_every_loader_loads_the_checkpoint(bench: tuple[dict[str, Any], Path]) -
     rows = {r["loader"]: r for r in results["rows"]}
     assert list(rows) == LOADERS
     assert rows["itbuf"]["status"] == "skipped"  # CUDA only (or not installed)
-    for name in ("hft", "hft-pread2-c1", "st", "pt", "hf"):
+    for name in ("hft", "hft-pread2-c1", "hftfp", "st", "pt", "hf"):
         assert rows[name]["status"] == "ok", rows[name]
     for r in rows.values():
         if r["status"] == "skipped":
@@ -55,6 +57,56 @@ def test_every_loader_loads_the_checkpoint(bench: tuple[dict[str, Any], Path]) -
     assert {"read_pagecache_1t", "read_pagecache_2t", "read_cold_2t"} <= set(results["limits"])
     assert "h2d_pinned" not in results["limits"]
     assert rows["hft"]["metrics"]["bytes"] == results["bytes"]
+    # from_pretrained streamed every byte through hf_tensorizer (one device group), not a stock fallback
+    assert [m["bytes"] for m in rows["hftfp"]["metrics"]] == [results["bytes"]]
+    assert rows["hftfp"]["ours"] and not rows["hf"]["ours"]
+
+
+@pytest.mark.slow
+def test_artifact_folder_links_the_tensors(bench: tuple[dict[str, Any], Path]) -> None:
+    _, d = bench
+    ckpt = d / "ckpt"
+    link = ckpt / "artifact" / "model.tensors"
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "model.tensors")
+    assert link.resolve() == (ckpt / "model.tensors").resolve()
+    assert (ckpt / "artifact" / "config.json").read_bytes() == (ckpt / "hf" / "config.json").read_bytes()
+    assert resolve("hftfp").data_files(ckpt) == [ckpt / "model.tensors"]  # what a cold run evicts: the real file
+    link.unlink()  # a checkpoint prepared before the artifact existed gets it on the next prepare
+    checkpoint.prepare(ckpt, 2, 64, 512, formats=("hft",), log=lambda msg: None)
+    assert link.is_symlink() and link.resolve() == (ckpt / "model.tensors").resolve()
+
+
+@pytest.mark.slow
+def test_integration_summary(bench: tuple[dict[str, Any], Path]) -> None:
+    results, d = bench
+    table = report.write_report(results, d / "out-integration")
+    summary = results["integration"]
+    rows = {r["loader"]: r for r in results["rows"]}
+    assert (summary["loader"], summary["raw"], summary["stock"]) == ("hftfp", "hft", "hf")
+    warm = summary["warm_s"]
+    assert warm == {n: rows[n]["warm_runs_s"][0] for n in ("hftfp", "hft", "hf")}  # one warm run: its seconds
+    assert summary["overhead_s"] == round(warm["hftfp"] - warm["hft"], 4)
+    assert summary["speedup_vs_stock"] == round(warm["hf"] / warm["hftfp"], 2) > 0
+    assert summary["cold_overhead_s"] is not None and summary["cold_speedup_vs_stock"] > 0
+    assert "integration (hftfp" in table and "over hft" in table and "stock hf" in table
+    saved = json.loads((d / "out-integration" / "results.json").read_text())
+    assert saved["integration"]["overhead_s"] == summary["overhead_s"]
+
+
+def test_integration_uses_medians_of_the_same_run() -> None:
+    def row(name: str, warm: list[float], cold: float | None, status: str = "ok") -> dict[str, Any]:
+        return {"loader": name, "status": status, "warm_runs_s": warm, "warm_s": min(warm), "cold_s": cold}
+
+    rows = [row("hft", [1.0, 1.2, 5.0], 2.0), row("hftfp", [1.3, 1.1, 9.0], None), row("hf", [6.5, 6.0, 6.4], 8.0)]
+    s = report.integration(rows)
+    assert s is not None
+    assert s["warm_s"] == {"hftfp": 1.3, "hft": 1.2, "hf": 6.4}
+    assert s["overhead_s"] == 0.1 and s["speedup_vs_stock"] == round(6.4 / 1.3, 2)
+    assert s["cold_overhead_s"] is None and s["cold_speedup_vs_stock"] is None
+    assert "+0.100 s over hft" in report.integration_line(s) and "4.92× stock hf" in report.integration_line(s)
+    rows[2]["status"] = "wrong"
+    assert report.integration(rows)["speedup_vs_stock"] is None  # type: ignore[index]
+    assert report.integration([r for r in rows if r["loader"] != "hftfp"]) is None
 
 
 @pytest.mark.slow
@@ -100,6 +152,7 @@ def test_loader_names() -> None:
     assert hft_kwargs("hft-mmap") == {"mmap": True}
     assert resolve("hft-register").cuda_only and resolve("hft-odirect8").ours
     assert resolve("fst").fmt == "st" and not resolve("fst").ours
+    assert resolve("hftfp").ours and resolve("hftfp").fmt == "hft" and resolve("hftfp").setup is not None
     with pytest.raises(KeyError):
         resolve("nope")
 

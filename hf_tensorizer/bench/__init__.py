@@ -14,7 +14,7 @@ _NAMES = {
     "add_bench_arguments": "runner",
     "bench_main": "runner",
     "main": "runner",
-    "prepare": "runner",
+    "prepare": "checkpoint",
     "run_bench": "runner",
     "run_one": "runner",
     "format_table": "report",

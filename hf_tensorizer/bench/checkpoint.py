@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .peers import FORMAT_FILES
+from .peers import ARTIFACT_DIR, FORMAT_FILES
 from .proc import Log, _collect, _error_line, _kill, _log, _popen
 
 if TYPE_CHECKING:
@@ -119,6 +120,19 @@ def write_format(d: Path, fmt: str, gen_device: str) -> dict[str, Any]:
     }
 
 
+def write_artifact(d: Path) -> Path:
+    """The tensorized artifact folder ``d/artifact`` that ``from_pretrained`` loads (the ``hftfp`` loader):
+    ``hf/config.json`` copied and ``model.tensors`` a relative symlink to ``../model.tensors`` (no extra space)."""
+    art = d / ARTIFACT_DIR
+    art.mkdir(exist_ok=True)
+    shutil.copyfile(d / "hf" / "config.json", art / "config.json")
+    link, target = art / "model.tensors", os.path.join("..", FORMAT_FILES["hft"][0])
+    if not (link.is_symlink() and os.readlink(link) == target):
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    return art
+
+
 def _meta_path(d: Path) -> Path:
     return d / "meta.json"
 
@@ -145,18 +159,22 @@ def prepare(
     """Write the checkpoint in ``formats`` under ``d`` (reusing what a matching earlier run wrote).
 
     ``st``: hf/ (config.json + model.safetensors), ``bin``: model.bin (torch.save), ``hft``: model.tensors
-    (ours), ``tz``: tensorizer.tensors (upstream). Tensors are generated on ``device``'s type (the GPU when
-    it is CUDA) in parallel writer processes. Returns meta (also saved as meta.json).
+    (ours) and the artifact folder around it (:func:`write_artifact`), ``tz``: tensorizer.tensors (upstream).
+    Tensors are generated on ``device``'s type (the GPU when it is CUDA) in parallel writer processes.
+    Returns meta (also saved as meta.json).
     """
     d = Path(d)
     shape = Shape(layers, hidden, vocab)
     meta = read_meta(d)
     if meta is None or meta.get("shape") != asdict(shape) or meta.get("seed") != SEED:
-        for f in [f for fs in FORMAT_FILES.values() for f in fs] + ["meta.json", "spec.json"]:
+        extra = ["meta.json", "spec.json", f"{ARTIFACT_DIR}/config.json", f"{ARTIFACT_DIR}/model.tensors"]
+        for f in [f for fs in FORMAT_FILES.values() for f in fs] + extra:
             (d / f).unlink(missing_ok=True)
         meta = None
     todo = [f for f in formats if meta is None or f not in meta["formats"] or not (d / FORMAT_FILES[f][0]).exists()]
     if meta is not None and not todo:
+        if "hft" in meta["formats"]:
+            write_artifact(d)
         return meta
     t0 = time.perf_counter()
     (d / "hf").mkdir(parents=True, exist_ok=True)
@@ -206,6 +224,8 @@ def prepare(
         meta["formats"][fmt] = res
         meta["errors"].pop(fmt, None)
         log(f"  {fmt}: generated in {res['gen_s']} s, written in {res['write_s']} s")
+    if "hft" in meta["formats"]:
+        write_artifact(d)
     meta["prepare_s"] = round(time.perf_counter() - t0, 2)
     _meta_path(d).write_text(json.dumps(meta))
     log(f"prepare done in {meta['prepare_s']} s")

@@ -1,12 +1,14 @@
 """The loaders under comparison, one small function each, and the machine's limits.
 
 Every loader is ``load_<name>(ctx, device) -> dict[str, Tensor]``: it reads the checkpoint in ``ctx.dir``
-and returns the state dict on ``device``. The runner imports a loader's modules (``Peer.modules``) and
-creates the CUDA context before its timer starts, so a load times I/O and copies only.
+and returns the state dict on ``device``. The runner imports a loader's modules (``Peer.modules``), runs its
+one-time setup (``Peer.setup``) and creates the CUDA context before its timer starts, so a load times I/O
+and copies only.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -29,6 +31,8 @@ FORMAT_FILES: dict[str, tuple[str, ...]] = {
     "hft": ("model.tensors",),
     "tz": ("tensorizer.tensors",),
 }
+# The tensorized artifact (config.json + a relative symlink to ../model.tensors) written with the ``hft`` format.
+ARTIFACT_DIR = "artifact"
 
 
 @dataclass
@@ -59,10 +63,14 @@ class Ctx:
     def tz(self) -> str:
         return str(self.dir / "tensorizer.tensors")
 
+    @property
+    def artifact(self) -> str:
+        return str(self.dir / ARTIFACT_DIR)
+
 
 @dataclass(frozen=True)
 class Peer:
-    """A named loader: what it reads, what it imports (untimed) and the function that loads."""
+    """A named loader: what it reads, what it imports and sets up (untimed) and the function that loads."""
 
     name: str
     label: str
@@ -71,6 +79,7 @@ class Peer:
     fn: Callable[[Ctx, str], StateDict]
     cuda_only: bool = False
     ours: bool = False
+    setup: Callable[[], object] | None = None  # once per process, after the imports, before the timer
 
     def missing_module(self) -> str | None:
         """The first module that cannot be found (without importing it), or None."""
@@ -204,6 +213,30 @@ def load_hft(ctx: Ctx, device: str, **kwargs: Any) -> StateDict:
     return sd
 
 
+def load_hftfp(ctx: Ctx, device: str, **options: Any) -> StateDict:
+    """``hf_tensorizer.enable()``, then transformers ``from_pretrained(artifact, dtype=bf16, device_map=device)``
+    (``options``: its ``tensorizer_options``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_tensorizer
+
+    hf_tensorizer.enable()
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx.artifact, dtype=torch.bfloat16, device_map=device, tensorizer_options=options or None
+    )
+    ctx.extra["metrics"] = [m.as_dict() for m in model.hf_tensorizer_metrics]
+    return dict(model.state_dict())
+
+
+def _enable() -> None:
+    """``hf_tensorizer.enable()`` before the timer: importing the integration modules (diffusers' hooks too, when
+    diffusers is installed: ~0.3 s) is not part of a load."""
+    import hf_tensorizer
+
+    hf_tensorizer.enable()
+
+
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
@@ -216,6 +249,24 @@ PEERS: dict[str, Peer] = {
         Peer("runai", "Run:ai SafetensorsStreamer", "st", ("runai_model_streamer",), load_runai),
         Peer("it", "InstantTensor default (direct I/O)", "st", ("instanttensor",), load_it, cuda_only=True),
         Peer("itbuf", "InstantTensor BUFFERED", "st", ("instanttensor",), load_itbuf, cuda_only=True),
+        Peer(
+            "hftfp",
+            "ours from_pretrained (tensorized artifact)",
+            "hft",
+            ("hf_tensorizer", "transformers", "accelerate"),
+            load_hftfp,
+            ours=True,
+            setup=_enable,
+        ),
+        Peer(
+            "hftfp-mmap",
+            "ours from_pretrained, mmap=True (CPU)",
+            "hft",
+            ("hf_tensorizer", "transformers", "accelerate"),
+            functools.partial(load_hftfp, mmap=True),
+            ours=True,
+            setup=_enable,
+        ),
     )
 }
 

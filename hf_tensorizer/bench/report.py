@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
+
+# from_pretrained of a tensorized artifact (hftfp) end to end, against our raw deserializer (hft) and stock
+# transformers from_pretrained (hf) in the same run; targets for a ~6.5 GB model.
+INTEGRATION = ("hftfp", "hft", "hf")
+TARGET_OVERHEAD_S = 0.3
+TARGET_SPEEDUP = 5.0
 
 
 def _best(rows: list[dict[str, Any]], key: str) -> tuple[str | None, float | None]:
@@ -29,8 +36,60 @@ def limit_names(results: dict[str, Any]) -> tuple[str | None, str | None]:
     return warm, cold
 
 
+def _median_s(row: dict[str, Any] | None, cold: bool) -> float | None:
+    """Seconds of a correct row: its cold run, or the median of its warm runs."""
+    if row is None or row["status"] != "ok":
+        return None
+    if cold:
+        return row["cold_s"]  # type: ignore[no-any-return]
+    runs = row.get("warm_runs_s") or ([row["warm_s"]] if row["warm_s"] else [])
+    return statistics.median(runs) if runs else None
+
+
+def integration(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``hftfp`` against ``hft`` and ``hf`` of the same run: ``overhead_s`` (hftfp − hft seconds) and
+    ``speedup_vs_stock`` (hf ÷ hftfp seconds), from the medians of the warm runs (``cold_*``: the cold run);
+    None when the run has no correct ``hftfp`` row."""
+    by_name = {r["loader"]: r for r in rows}
+    fp, raw, stock = INTEGRATION
+    if _median_s(by_name.get(fp), cold=False) is None:
+        return None
+    out: dict[str, Any] = {
+        "loader": fp,
+        "raw": raw,
+        "stock": stock,
+        "warm_runs": len(by_name[fp].get("warm_runs_s") or [None]),
+        "target": {"overhead_s": TARGET_OVERHEAD_S, "speedup_vs_stock": TARGET_SPEEDUP},
+    }
+    for mode in ("warm", "cold"):
+        s = {name: _median_s(by_name.get(name), cold=mode == "cold") for name in INTEGRATION}
+        prefix = "" if mode == "warm" else "cold_"
+        out[f"{mode}_s"] = s
+        out[f"{prefix}overhead_s"] = round(s[fp] - s[raw], 4) if s[fp] and s[raw] else None
+        out[f"{prefix}speedup_vs_stock"] = round(s[stock] / s[fp], 2) if s[fp] and s[stock] else None
+    return out
+
+
+def integration_line(summary: dict[str, Any]) -> str:
+    """One line on ``integration()``'s numbers, with the targets."""
+    fp, raw, stock, warm = summary["loader"], summary["raw"], summary["stock"], summary["warm_s"]
+    line = (
+        f"integration ({fp} = from_pretrained of the tensorized artifact, median of {summary['warm_runs']} warm): "
+        f"{_f(summary['overhead_s'], ' s', '+.3f')} over {raw} ({_f(warm[fp], ' s', '.3f')} vs "
+        f"{_f(warm[raw], ' s', '.3f')}; target ≤ {TARGET_OVERHEAD_S} s), {_f(summary['speedup_vs_stock'], '×')} "
+        f"stock {stock} ({_f(warm[stock], ' s', '.3f')}; target ≥ {TARGET_SPEEDUP:g}×)"
+    )
+    if summary["cold_overhead_s"] is not None or summary["cold_speedup_vs_stock"] is not None:
+        line += (
+            f"; cold: {_f(summary['cold_overhead_s'], ' s', '+.3f')} over {raw}, "
+            f"{_f(summary['cold_speedup_vs_stock'], '×')} stock {stock}"
+        )
+    return line
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Add the ratios to each row: ``vs_peer_warm/cold`` (to the best peer), ``of_limit_warm/cold``."""
+    """Add the ratios to each row: ``vs_peer_warm/cold`` (to the best peer), ``of_limit_warm/cold``; and the
+    ``integration`` summary (see :func:`integration`) when the run has ``hftfp``."""
     rows = results["rows"]
     lim = results.get("limits") or {}
     best_warm, best_warm_v = _best(rows, "warm_gbps")
@@ -47,6 +106,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         r["vs_peer_cold"] = ratio(r["cold_gbps"], best_cold_v)
         r["of_limit_warm"] = ratio(r["warm_gbps"], lim.get(warm_lim) if warm_lim else None)
         r["of_limit_cold"] = ratio(r["cold_gbps"], lim.get(cold_lim) if cold_lim else None)
+    results["integration"] = integration(rows)
     return results
 
 
@@ -88,7 +148,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"| {name} | {_g(r['warm_gbps'])} | {_g(r['cold_gbps'])} | {_f(r['vs_peer_warm'], '×')} "
             f"| {_f(r['vs_peer_cold'], '×')} | {_f(r['of_limit_warm'])} | {_f(r['of_limit_cold'])} | {ok} |"
         )
-    return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n"
+    tail = f"\n{integration_line(results['integration'])}\n" if results["integration"] else ""
+    return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:

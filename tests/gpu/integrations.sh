@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The one prepared GPU-machine run for the integrations (issues 5 and 6), summary printed last:
+#   a. CUDA correctness: tests/test_cuda.py + the CUDA device_map test of tests/test_integration_transformers.py;
+#   b. bench: ours from_pretrained of the tensorized artifact (hftfp) against our raw deserializer (hft) and
+#      stock transformers from_pretrained (hf), 6.46 GB checkpoint, warm and cold: integration overhead and
+#      speed-up over stock;
+#   c. cold start: the inference server started from zero with 16 requests in flight, hf_tensorizer vs hf.
+#
+#   here, once:  scripts/fetch_wheels.sh            (peers' and the server's wheels into .whl/, git-ignored)
+#   device tool: run(command="bash tests/gpu/integrations.sh", carry=[".whl"], timeout_s=480)
+#   CPU dry run: PATH=/work/venv/bin:$PATH OUT=/tmp/int-out HFT_INT_DEVICE=cpu HFT_INT_LAYERS=2 \
+#                HFT_BENCH_ARGS="--hidden 256 --vocab 1000" HFT_INT_CS_HIDDEN=64 HFT_INT_CS_LAYERS=2 \
+#                HFT_INT_CS_VOCAB=1000 HFT_INT_CS_REQUESTS=2 bash tests/gpu/integrations.sh
+#
+# Log and results come back under $OUT: run.log, bench/{results.json,table.md,bench.png}, coldstart.{json,png}.
+# Knobs (environment): HFT_INT_LIMIT (s, whole script), HFT_INT_DEVICE (cuda:0), HFT_BENCH_DIR, HFT_INT_LAYERS
+# (10 = 6.46 GB), HFT_INT_LOADERS (hft,hftfp,hf), HFT_INT_WARM (2), HFT_BENCH_ARGS (more bench options);
+# cold start: HFT_INT_CS_DIR, HFT_INT_CS_HIDDEN/LAYERS/VOCAB (2048/12/32000: 2.9 GB fp32), HFT_INT_CS_REQUESTS (16),
+# HFT_INT_CS_REPEATS (2), HFT_INT_CS_PRECISION (float16), HFT_INT_CS_RESERVE (s kept for it after the bench).
+set -u
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+OUT=${OUT:-/tmp/hft-int-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+TIMES=()
+STEP_T=$T0
+lap() { TIMES+=("$1|$(( $(date +%s) - STEP_T ))|$2"); STEP_T=$(date +%s); }  # name, exit status
+LIMIT=${HFT_INT_LIMIT:-420}  # seconds for the whole script
+DEVICE=${HFT_INT_DEVICE:-cuda:0}
+CS_DEVICE=cpu
+[[ $DEVICE == cuda* ]] && CS_DEVICE=cuda
+D=${HFT_BENCH_DIR:-$HOME/hftbench}  # on disk, not tmpfs: cold runs must be able to drop the page cache
+LAYERS=${HFT_INT_LAYERS:-10}
+LOADERS=${HFT_INT_LOADERS:-hft,hftfp,hf}
+WARM=${HFT_INT_WARM:-2}
+CS_DIR=${HFT_INT_CS_DIR:-$HOME/hftcoldstart}
+CS_HIDDEN=${HFT_INT_CS_HIDDEN:-2048}
+CS_LAYERS=${HFT_INT_CS_LAYERS:-12}
+CS_VOCAB=${HFT_INT_CS_VOCAB:-32000}
+CS_REQUESTS=${HFT_INT_CS_REQUESTS:-16}
+CS_REPEATS=${HFT_INT_CS_REPEATS:-2}
+CS_PRECISION=${HFT_INT_CS_PRECISION:-float16}
+CS_RESERVE=${HFT_INT_CS_RESERVE:-170}  # prepare ~40 s + 2 x 2 server starts on a 16-core H100 machine
+SITE=/tmp/site
+
+step "install the wheels (peers, inference server)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" .whl/*.whl || echo "wheel install FAILED: the server (cold start) may not start"
+else
+  echo "no .whl/ carried (run scripts/fetch_wheels.sh, carry .whl): the server needs fastapi + uvicorn"
+fi
+export PYTHONPATH=$SITE:$PWD  # our package runs from the working tree
+lap wheels 0
+
+step "machine"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+echo "cpus $(nproc); $(free -g | awk '/Mem:/{print "mem GiB total " $2 ", available " $7}')"
+mkdir -p "$D" "$CS_DIR"
+df -h "$D" | tail -1
+timeout 60 python3 - <<'PY'
+import importlib.metadata as md, sys
+names = ["torch", "transformers", "safetensors", "accelerate", "fastapi", "starlette", "uvicorn", "pydantic",
+         "pydantic-core", "typing-extensions", "anyio", "h11", "httpx", "click", "matplotlib"]
+def v(n):
+    try:
+        return md.version(n)
+    except md.PackageNotFoundError:
+        return "-"
+print("python", sys.version.split()[0], *(f"{n} {v(n)}" for n in names))
+try:
+    import fastapi, uvicorn  # noqa: F401  (the server's stack imports: else the cold start cannot run)
+    print("server stack imports: ok")
+except Exception as e:
+    print(f"server stack imports: FAILED: {type(e).__name__}: {e}")
+PY
+lap machine 0
+
+step "a. CUDA correctness: tests/test_cuda.py + test_device_map_split_cuda_cpu (-k cuda)"
+# --noconftest: tests/ may hold conftests needing packages the image lacks; -p conftest loads tests/conftest.py
+# alone (stdlib + pytest at import time) for the hf_enabled fixture that test_integration_transformers.py uses.
+PYTHONPATH=$PYTHONPATH:$PWD/tests timeout 120 python3 -m pytest -q -p no:cacheprovider --noconftest -p conftest \
+  -rfEs tests/test_cuda.py tests/test_integration_transformers.py -k cuda 2>&1 | tee /tmp/hft-int-pytest.log | tail -25
+PT_RC=${PIPESTATUS[0]}
+PYTEST_LINE=$(grep -E "(passed|failed|error|skipped|no tests ran)" /tmp/hft-int-pytest.log | tail -1)
+lap "a. pytest" "$PT_RC"
+
+ELAPSED=$(( $(date +%s) - T0 ))
+BUDGET=$(( LIMIT - ELAPSED - CS_RESERVE - 10 ))
+(( BUDGET < 30 )) && BUDGET=30
+step "b. bench $LOADERS on $DEVICE: prepare + limits + loads, budget ${BUDGET} s (later runs skipped when it runs out)"
+timeout -k 10 $(( BUDGET + 15 )) python3 -m hf_tensorizer.bench.runner --dir "$D" --layers "$LAYERS" \
+  --device "$DEVICE" --loaders "$LOADERS" --out "$OUT/bench" --warm-runs "$WARM" --timeout 90 --budget "$BUDGET" \
+  --threads 16 --no-table ${HFT_BENCH_ARGS:-}
+BENCH_RC=$?
+lap "b. bench" "$BENCH_RC"
+
+step "c. cold start: prepare the model (hidden $CS_HIDDEN, layers $CS_LAYERS, vocab $CS_VOCAB, fp32) in $CS_DIR"
+REMAIN=$(( LIMIT - ($(date +%s) - T0) - 5 ))
+(( REMAIN < 30 )) && REMAIN=30
+timeout -k 10 "$REMAIN" python3 - "$CS_DIR" "$CS_HIDDEN" "$CS_LAYERS" "$CS_VOCAB" <<'PY'
+import sys, time
+from pathlib import Path
+t = time.perf_counter()
+from integrations.coldstart import prepare
+paths = prepare(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+size = sum(f.stat().st_size for f in paths["hf_tensorizer"].glob("*.tensors"))
+print(f"prepared {size / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
+PY
+CSP_RC=$?
+lap "c. cold start prepare" "$CSP_RC"
+
+REMAIN=$(( LIMIT - ($(date +%s) - T0) - 5 ))
+(( REMAIN < 30 )) && REMAIN=30
+step "c. cold start: $CS_REPEATS x (hf_tensorizer, hf) server starts on $CS_DEVICE, $CS_REQUESTS requests, ${REMAIN} s"
+rm -f "$OUT/coldstart.json" "$OUT/coldstart.png"
+timeout -k 10 "$REMAIN" python3 -m integrations.coldstart --workdir "$CS_DIR" --device "$CS_DEVICE" \
+  --precision "$CS_PRECISION" --requests "$CS_REQUESTS" --repeats "$CS_REPEATS" --hidden "$CS_HIDDEN" \
+  --layers "$CS_LAYERS" --vocab "$CS_VOCAB" --loaders hf_tensorizer,hf --json "$OUT/coldstart.json" \
+  --plot "$OUT/coldstart.png"
+CS_RC=$?
+lap "c. cold start runs" "$CS_RC"
+
+step "done, total $(( $(date +%s) - T0 )) s"
+echo
+echo "### steps"
+echo "| step | s | exit |"
+echo "|---|---|---|"
+for t in "${TIMES[@]}"; do echo "| ${t//|/ | } |"; done
+echo
+echo "### a. CUDA tests: ${PYTEST_LINE:-no pytest summary} (exit $PT_RC)"
+echo
+echo "### b. bench (exit $BENCH_RC)"
+cat "$OUT/bench/table.md" 2>/dev/null || echo "no table: see the log above"
+echo
+echo "### c. cold start (exit $CS_RC)"
+python3 - "$OUT/coldstart.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(print("no coldstart.json: see the log above"))
+m, med = r["model"], r["median"]
+print(f"{m['weights_bytes'] / 1e9:.2f} GB Llama (hidden {m['hidden']}, layers {m['layers']}), {m['precision']} on "
+      f"{r['device']}, {r['requests']} requests, median of {len(next(iter(r['runs'].values())))} runs")
+keys = ["ready_s", "first_response_s", "mean_latency_s", "max_latency_s", "load_s"]
+print("| loader | " + " | ".join(keys) + " |")
+print("|---" * (len(keys) + 1) + "|")
+for name, v in med.items():
+    print(f"| {name} | " + " | ".join("–" if v[k] is None else f"{v[k]:.2f}" for k in keys) + " |")
+if {"hf", "hf_tensorizer"} <= set(med):
+    a, b = med["hf"], med["hf_tensorizer"]
+    print("hf ÷ hf_tensorizer: " + ", ".join(f"{k} {a[k] / b[k]:.2f}×" for k in keys if a[k] and b[k]))
+PY
