@@ -214,6 +214,44 @@ def test_switch_is_explicit_and_reversible(tmp_path: Path) -> None:
     hf_tensorizer.enable()
 
 
+_LATE_IMPORTS = """
+import sys
+import torch
+import hf_tensorizer
+
+hf_tensorizer.enable()  # before the processor classes and diffusers are imported: they are not, yet
+assert "diffusers" not in sys.modules and "transformers.processing_utils" not in sys.modules
+from transformers import AutoProcessor
+from diffusers import AutoencoderKL
+
+tok = AutoProcessor.from_pretrained("file://" + sys.argv[1])  # stock would take the URI for a Hub id
+assert tok("hello")["input_ids"] == [1, 4, 2], tok("hello")
+torch.manual_seed(0)
+vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2, sample_size=8).eval()
+vae.save_pretrained(sys.argv[2], tensorized=True)
+back = AutoencoderKL.from_pretrained(sys.argv[2])
+assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), back.state_dict().values(), strict=True))
+hf_tensorizer.disable()
+assert AutoencoderKL.from_pretrained.__func__.__module__.startswith("diffusers")
+print("patched after import")
+"""
+
+
+def test_classes_imported_after_enable_are_patched(tmp_path: Path) -> None:
+    """enable() does not import diffusers or the processor families (seconds of import time), yet classes
+    imported after it load artifacts: they are patched as their modules are imported."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("diffusers")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "tok")
+    r = subprocess.run([sys.executable, "-c", _LATE_IMPORTS, str(tmp_path / "tok"), str(tmp_path / "vae")],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_TENSORIZER_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "patched after import" in r.stdout
+
+
 def test_errors(tmp_path: Path) -> None:
     from hf_tensorizer.integrations.transformers import load_pretrained
 

@@ -376,6 +376,9 @@ _CHEAP_AUTO_MODULES = ("modeling_auto", "configuration_auto", "tokenization_auto
 _HEAVY = {"ProcessorMixin": "transformers.processing_utils",
           "ImageProcessingMixin": "transformers.image_processing_base",
           "FeatureExtractionMixin": "transformers.feature_extraction_utils"}  # fmt: skip
+# Patched when imported (1.5 s to import up front): the processor families and their Auto classes.
+LAZY_MODULES = (*_HEAVY.values(), *(f"transformers.models.auto.{m}" for m in (
+    "processing_auto", "image_processing_auto", "feature_extraction_auto", "video_processing_auto")))  # fmt: skip
 
 
 def _resolving_targets() -> list[type]:
