@@ -10,7 +10,7 @@ import torch
 
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.cli import main as cli_main
-from hf_tensorizer.constants import KEY_ENV
+from hf_tensorizer.constants import DEFAULT_BLOCK_SIZE, ENCRYPTED_BLOCK_SIZE, KEY_ENV
 from hf_tensorizer.crypto import EncryptionKey, Passphrase
 from hf_tensorizer.crypto.convert import convert
 from hf_tensorizer.engine.reader import read_index
@@ -122,8 +122,6 @@ def test_round_trip_local_file(tmp_path, key, digest):
 
 
 def test_default_block_size_for_encrypted_files(tmp_path, key):
-    from hf_tensorizer.constants import DEFAULT_BLOCK_SIZE, ENCRYPTED_BLOCK_SIZE
-
     with TensorSerializer(tmp_path / "p.tensors") as s:
         s.write_tensor("x", torch.zeros(4))
     assert s.index.block_size == DEFAULT_BLOCK_SIZE
@@ -252,11 +250,14 @@ def test_convert_encrypt_rekey_decrypt(tmp_path, key):
     with TensorSerializer(plain, metadata={"m": "1"}) as s:
         s.write_module(_model())
     enc, rekeyed, back = tmp_path / "enc.tensors", tmp_path / "re.tensors", tmp_path / "back.tensors"
-    convert(plain, enc, write_key=key)
+    # block sizes: each side's default when encrypting or decrypting, the source's when re-keying
+    assert convert(plain, enc, write_key=key).block_size == ENCRYPTED_BLOCK_SIZE
     other = Passphrase("pw", **FAST)
-    convert(enc, rekeyed, read_key=key, write_key=other)
+    odd = tmp_path / "odd.tensors"
+    assert convert(enc, odd, read_key=key, write_key=other, block_size=8192).block_size == 8192
+    assert convert(odd, rekeyed, read_key=Passphrase("pw"), write_key=other).block_size == 8192
     index = convert(rekeyed, back, read_key=Passphrase("pw"))
-    assert not index.encrypted and index.metadata == {"m": "1"}
+    assert not index.encrypted and index.metadata == {"m": "1"} and index.block_size == DEFAULT_BLOCK_SIZE
     assert index.tensors["head.weight"].alias == "emb.weight"
     with TensorDeserializer(back) as d, TensorDeserializer(plain) as p:
         _equal(d, dict(p))

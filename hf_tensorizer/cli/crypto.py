@@ -79,7 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("encrypt", help="encrypt (or re-key) a .tensors file", description=describe(__doc__))
     p.add_argument("src", help="plain (or encrypted, with --from-*) .tensors path or URI")
     p.add_argument("dest", help="new encrypted .tensors path or URI")
-    p.add_argument("--block-size", type=int, default=None, help="encryption block size in bytes")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="block size of DEST in bytes (default: 4 MiB for a plain source, the source's when re-keying)",
+    )
     add_key_arguments(p, writing=True)
     add_key_arguments(p, prefix="from-")
     p.set_defaults(func=_encrypt)

@@ -31,7 +31,8 @@ def convert(
         read_key: key or passphrase of an encrypted ``src`` (``None``: ``src`` must be plain, or
             ``HF_TENSORIZER_KEY`` opens it).
         write_key: key or passphrase for ``dest``; ``None`` writes a plain file.
-        block_size: block size of ``dest`` (default: the source's).
+        block_size: block size of ``dest`` (default: the source's when both are encrypted or both plain,
+            else the writer's default for ``dest``: 4 MiB encrypted, 16 MiB plain).
         **source_options: passed to the source's transport.
 
     Returns:
@@ -49,8 +50,10 @@ def convert(
         raise UsageError("source and destination are the same file; write to a new path")
     with TensorDeserializer(src, encryption=read_key, verify_hash=True, **source_options) as d:
         index = d.index
+        if block_size is None and (write_key is not None) == index.encrypted:
+            block_size = index.block_size  # re-keying or copying: keep the layout
         s = TensorSerializer(
-            dest, metadata=index.metadata, alignment=index.alignment, block_size=block_size or index.block_size,
+            dest, metadata=index.metadata, alignment=index.alignment, block_size=block_size,
             digest=index.digest, encryption=write_key,
         )  # fmt: skip
         for name in index.tensors:  # index order puts an alias's target first, so ties are rebuilt
