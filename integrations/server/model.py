@@ -173,8 +173,9 @@ class ModelRunner:
         import hf_tensorizer
 
         hf_tensorizer.enable()
+        # the fetched folder, not the URI: its marker names the (pinned) weights, so nothing is fetched twice
         self.model = AutoModelForCausalLM.from_pretrained(
-            uri, dtype=self.dtype, device_map=self.config.device, tensorizer_options=options
+            folder, dtype=self.dtype, device_map=self.config.device, tensorizer_options=options
         )
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.task = "text-generation"
