@@ -95,7 +95,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         verify_hash: check every block against its digest while streaming; a mismatch raises
             ``HashMismatchError`` naming the tensor.
         num_readers: reader threads (default: from the CPU count and the source).
-        chunk_bytes: the read unit (default 8 MiB); forced to the digest block size when verifying.
+        chunk_bytes: the read unit (default 8 MiB); forced to the block size when verifying or decrypting.
         staging_bytes: cap of the staging pool (GPU loads); default 512 MiB, at most 2 GiB advised.
         staging_allocation: how pinned buffers are made: ``"lazy"``, ``"block"`` or ``"hugepage"``
             (see ``engine.staging.StagingPool``; default from ``HF_TENSORIZER_STAGING_ALLOCATION``).
