@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..errors import SourceError, UsageError
+from ..errors import FormatError, SourceError, UsageError
 from ..sources import local_path, open_sink, open_source, redact, scheme_of
 
 WEIGHTS_NAME = "model.tensors"
@@ -148,16 +148,34 @@ def read_manifest(root: str, **options: Any) -> dict[str, Any] | None:
         raw = read_bytes(join(root, MANIFEST_NAME), **options)  # errors propagate: resolve() decides
     if raw is None:
         return None
-    return _parse_manifest(raw, root)
+    return parse_manifest(raw, f"{redact(root)}/{MANIFEST_NAME}")
 
 
-def _parse_manifest(raw: bytes, root: str) -> dict[str, Any]:
+def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """The manifest in ``raw``, checked: a JSON object of our format whose ``files`` is a list of distinct
+    relative paths inside the artifact (a hostile manifest must not make a load write outside its cache folder).
+
+    Raises:
+        FormatError: anything else; ``where`` names the manifest in the message.
+    """
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
-        raise UsageError(f"{redact(root)}/{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise UsageError(f"{redact(root)}/{MANIFEST_NAME} is not an hf_tensorizer artifact manifest")
+        raise FormatError(f"{where} is not an hf_tensorizer artifact manifest")
+    files = manifest.get("files", [])
+    if not isinstance(files, list):
+        raise FormatError(f"{where}: 'files' must be a list of relative paths")
+    for name in files:
+        check_relative(name, where)
+        if name.rsplit("/", 1)[-1] in (MANIFEST_NAME, REMOTE_MARKER):
+            raise FormatError(f"{where} lists a file name reserved for hf_tensorizer: {name!r}")
+    if len(set(files)) != len(files):
+        raise FormatError(f"{where}: 'files' lists a path twice")
+    folders = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+    if folders & set(files):
+        raise FormatError(f"{where} lists a path both as a file and as a folder: {sorted(folders & set(files))[0]!r}")
     return manifest
 
 
@@ -177,6 +195,8 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
 
     Raises:
         SourceError: a listed file could not be fetched, or nothing usable was found at ``uri``.
+        FormatError: the manifest (or a pipeline's ``model_index.json``) is malformed or names paths outside
+            the artifact; nothing is written then.
     """
     text = os.fspath(uri)
     if not is_remote(text):
@@ -201,7 +221,6 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     staging = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
     try:
         for name in files:
-            _check_relative(name)
             data = read_bytes(join(text, name), **options)
             path = os.path.join(staging, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -211,7 +230,6 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
             with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(manifest, f)
         for w in weights:
-            _check_relative(w)
             folder = os.path.dirname(w)
             os.makedirs(os.path.join(staging, folder), exist_ok=True)
             # owner-only: the URI may carry credentials (https://user:token@host/...)
@@ -253,11 +271,20 @@ def pin_hub_revision(root: str, **options: Any) -> str:
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
-def _check_relative(name: str) -> None:
-    # a hostile manifest must not write outside the cache folder
-    norm = os.path.normpath(name)
-    if os.path.isabs(norm) or norm.startswith(".."):
-        raise UsageError(f"artifact manifest names a file outside the artifact: {name!r}")
+_SAFE_PART = re.compile(r"[A-Za-z0-9._+@=,~ -]+")
+
+
+def check_relative(name: Any, where: str = MANIFEST_NAME) -> str:
+    """``name`` if it is a ``/``-separated relative path of plain parts (no ``..``, ``.``, empty or hidden
+    path tricks, no control characters or backslashes); it then stays inside any folder it is joined to.
+
+    Raises:
+        FormatError: otherwise.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or not _SAFE_PART.fullmatch(p) for p in parts):
+        raise FormatError(f"{where} names a path that is not a plain relative path inside the artifact: {name!r}")
+    return name
 
 
 def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], list[str]]:
@@ -265,10 +292,19 @@ def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[
     found = [n for n in KNOWN_FILES if _exists(join(root, n), **options)]
     weights = [WEIGHTS_NAME] if _exists(join(root, WEIGHTS_NAME), **options) else []
     if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
-        index = json.loads(read_bytes(join(root, "model_index.json"), **options))
+        where = f"{redact(root)}/model_index.json"
+        try:
+            index = json.loads(read_bytes(join(root, "model_index.json"), **options))
+        except (ValueError, RecursionError) as exc:
+            raise FormatError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(index, dict):
+            raise FormatError(f"{where} is not a JSON object")
         for comp, spec in index.items():
             if comp.startswith("_") or not isinstance(spec, list):
                 continue
+            if "/" in comp:
+                raise FormatError(f"{where} names a component that is not a plain folder name: {comp!r}")
+            check_relative(comp, where)
             for n in KNOWN_FILES:
                 if _exists(join(root, comp, n), **options):
                     found.append(f"{comp}/{n}")
