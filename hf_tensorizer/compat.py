@@ -205,6 +205,8 @@ def open_upstream(
 
 _SHARD_INDEXES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 _SINGLE_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+# The names a stock transformers / diffusers folder keeps its weights under, in the order they are looked for.
+SAFETENSORS_NAMES = _SHARD_INDEXES + _SINGLE_FILES
 
 
 def _join(base: str, name: str) -> str:

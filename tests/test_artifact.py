@@ -133,4 +133,4 @@ def test_valid_manifest_round_trip(http_server: Any, tmp_path: Path, monkeypatch
     folder = artifact.resolve(http_server.url("ok"))
     assert (Path(folder) / "unet" / "config.json").read_text() == "unet/config.json"
     assert not (Path(folder) / "unet" / "model.tensors").exists()  # weights stay remote
-    assert artifact.weights_uri(os.path.join(folder, "unet")) == http_server.url("ok") + "/unet/model.tensors"
+    assert artifact.weights_uris(os.path.join(folder, "unet")) == [http_server.url("ok") + "/unet/model.tensors"]

@@ -98,6 +98,45 @@ def test_pipeline_s3_round_trip(reference: tuple[Any, np.ndarray], moto_s3: str,
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), unet.state_dict().values()))
 
 
+def test_stock_pipeline_streams_from_s3_and_file_uri(reference: tuple[Any, np.ndarray], tmp_path: Path,
+                                                     moto_s3: str, s3_client: Any, s3_bucket: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A pipeline saved by stock diffusers (safetensors per component, no model.tensors) loads from S3 and
+    from a file:// URI with every component's weights streamed through our engine: the same image."""
+    from hf_tensorizer.integrations import diffusers as integration
+    from hf_tensorizer.integrations import transformers as tf_integration
+
+    pipe, image = reference
+    pipe.save_pretrained(tmp_path / "stock")  # hooks on, but not tensorized: stock safetensors
+    assert not list((tmp_path / "stock").rglob("*.tensors")) and list((tmp_path / "stock").rglob("*.safetensors"))
+    for p in (tmp_path / "stock").rglob("*"):
+        if p.is_file():
+            s3_client.upload_file(str(p), s3_bucket, f"stock-sd/{p.relative_to(tmp_path / 'stock').as_posix()}")
+    read: list[str] = []
+
+    def spy(module: Any) -> None:
+        real = module.TensorDeserializer
+
+        def counting(source: Any, *args: Any, **kwargs: Any) -> Any:
+            read.append(str(getattr(source, "uri", source)))
+            return real(source, *args, **kwargs)
+
+        monkeypatch.setattr(module, "TensorDeserializer", counting)
+
+    spy(integration)
+    spy(tf_integration)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
+    for uri in (f"s3://{s3_bucket}/stock-sd", (tmp_path / "stock").as_uri()):
+        read.clear()
+        loaded = diffusers.DiffusionPipeline.from_pretrained(uri)
+        assert np.array_equal(_image(loaded), image), uri
+        assert {u.rsplit("/", 2)[-2] for u in read} == {"unet", "vae", "text_encoder"}, read
+        assert all(u.endswith(".safetensors") for u in read)
+    read.clear()
+    diffusers.DiffusionPipeline.from_pretrained(tmp_path / "stock")  # a plain path stays stock
+    assert read == []
+
+
 def test_model_dtype_device_and_loading_info(tmp_path: Path) -> None:
     torch.manual_seed(0)
     ref = _unet()

@@ -77,7 +77,7 @@ def test_branch_loads_are_pinned_to_one_commit(hub: Any) -> None:
     assert pinned == f"hf://tester/pinned@{first.oid}"
     assert artifact.pin_hub_revision(pinned) == pinned  # already a commit: no request, no change
     folder = artifact.resolve("hf://tester/pinned")
-    assert artifact.weights_uri(folder) == f"hf://tester/pinned@{first.oid}/model.tensors"
+    assert artifact.weights_uris(folder) == [f"hf://tester/pinned@{first.oid}/model.tensors"]
     torch.manual_seed(1)
     second = _gpt2().push_to_hub("tester/pinned", tensorized=True, token=hub.token)  # the branch moves on
     assert artifact.pin_hub_revision("hf://tester/pinned") == f"hf://tester/pinned@{second.oid}"

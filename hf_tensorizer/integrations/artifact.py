@@ -13,14 +13,20 @@ are one hf_tensorizer file::
         unet/model.tensors        model.tensors when the component has weights
 
 The manifest is written last, so an artifact whose manifest exists is complete. Loading fetches the
-small files (everything but ``*.tensors``) into a local cache folder so that ``AutoConfig``,
+small files (everything but the weights) into a local cache folder so that ``AutoConfig``,
 ``AutoTokenizer`` & co. work unchanged; the weights are never copied to disk, they stream through
 :class:`~hf_tensorizer.TensorDeserializer` from ``<root>/model.tensors``. A cached folder of a remote
 artifact remembers where its weights live in a ``.hf_tensorizer_remote`` file.
+
+A stock model folder given as a URI (``s3://``, ``http(s)://``, ``hf://`` or ``file://``) with
+``model.safetensors`` (or sharded ``model.safetensors.index.json``, or the diffusers names) and no
+``model.tensors`` is read the same way: its safetensors shards stream through the same engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -28,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import FormatError, SourceError, UsageError
@@ -89,35 +95,102 @@ def looks_like_uri(value: Any) -> bool:
     return "://" in text and text.split("://", 1)[0].lower() in SCHEMES
 
 
+# Local folders that the running from_pretrained call reached through a file:// URI: they load through
+# hf_tensorizer even when they hold only safetensors (a plain path to the same folder stays stock).
+_FILE_URI_ROOTS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("hf_tensorizer_file_uri_roots",
+                                                                                 default=frozenset())  # fmt: skip
+
+
+@contextlib.contextmanager
+def reached_through(uri: Any, folder: str) -> Iterator[None]:
+    """Within the block, ``folder`` (what :func:`resolve` made of ``uri``) and its subfolders count as
+    artifacts when ``uri`` is a ``file://`` URI: Auto classes and pipelines hand their inner loads the folder,
+    and the user asked for our engine by writing the URI."""
+    if not (looks_like_uri(uri) and scheme_of(uri) == "file"):
+        yield
+        return
+    token = _FILE_URI_ROOTS.set(_FILE_URI_ROOTS.get() | {os.path.abspath(folder)})
+    try:
+        yield
+    finally:
+        _FILE_URI_ROOTS.reset(token)
+
+
 def is_artifact(path_or_uri: Any, subfolder: str = "") -> bool:
     """Whether ``from_pretrained`` should load ``path_or_uri`` through hf_tensorizer.
 
     URIs with a scheme we serve are artifacts by definition (stock transformers cannot read them); a local
-    folder is one when it holds ``model.tensors`` (or is the cached copy of a remote artifact).
+    folder is one when it holds ``model.tensors`` (or is the cached copy of a remote artifact), or when it
+    holds safetensors weights and was reached through a ``file://`` URI (:func:`reached_through`).
     """
+    from ..compat import SAFETENSORS_NAMES
+
     if path_or_uri is None:
         return False
     if looks_like_uri(path_or_uri):
         return True
     if not isinstance(path_or_uri, (str, os.PathLike)):
         return False
-    folder = os.path.join(os.fspath(path_or_uri), subfolder) if subfolder else os.fspath(path_or_uri)
-    return os.path.isdir(folder) and (
-        os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, REMOTE_MARKER))
+    root = os.fspath(path_or_uri)
+    folder = os.path.join(root, subfolder) if subfolder else root
+    if not os.path.isdir(folder):
+        return False
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, REMOTE_MARKER)):
+        return True
+    # within a root (pipelines hand each component its own folder), with safetensors weights
+    here = os.path.abspath(folder)
+    return any(os.path.commonpath([here, r]) == r for r in _FILE_URI_ROOTS.get()) and any(
+        os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_NAMES
     )
 
 
-def weights_uri(local_folder: str | os.PathLike[str]) -> str | None:
-    """Where the weights of a local (possibly cached) artifact folder live, or None if it has none."""
+def weights_uris(local_folder: str | os.PathLike[str], **options: Any) -> list[str]:
+    """The weight files of a local (possibly cached) artifact folder, or ``[]`` when it has none:
+    ``[.../model.tensors]``, or the safetensors shards of a stock checkpoint (a shard index is read to list
+    them; ``options`` are its transport options).
+
+    Raises:
+        FormatError: a malformed remote marker or shard index.
+        SourceError: a shard index that cannot be read.
+    """
+    from ..compat import SAFETENSORS_NAMES, safetensors_shards
+
     folder = os.fspath(local_folder)
     local = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(local):
-        return local
+        return [local]
     marker = os.path.join(folder, REMOTE_MARKER)
     if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            return join(f.read().strip(), WEIGHTS_NAME)
-    return None
+        root, names = _read_marker(marker)
+        out: list[str] = []
+        for name in names:
+            uri = join(root, name)
+            out += safetensors_shards(uri, **options)[0] if name.endswith(".json") else [uri]
+        return out
+    for name in SAFETENSORS_NAMES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return safetensors_shards(os.path.join(folder, name))[0]
+    return []
+
+
+def _write_marker(folder: str, root: str, names: list[str]) -> None:
+    # owner-only: the URI may carry credentials (https://user:token@host/...)
+    fd = os.open(os.path.join(folder, REMOTE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"root": root, "weights": names}, f)
+
+
+def _read_marker(path: str) -> tuple[str, list[str]]:
+    """(remote folder, weight file names in it) from a marker :func:`resolve` wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        root, names = doc["root"], doc["weights"]
+        if not isinstance(root, str) or not isinstance(names, list):
+            raise TypeError
+        return root, [check_relative(n, path) for n in names]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path} is not a valid hf_tensorizer remote marker; delete the cache folder") from exc
 
 
 def cache_root() -> str:
@@ -183,8 +256,8 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     """A local folder holding the small files of the artifact at ``uri``.
 
     Local paths and ``file://`` URIs are returned as they are. Remote artifacts are fetched (every file
-    except ``*.tensors``) into ``cache_root()/artifacts/<hash of the URI>``; each folder whose weights stay
-    remote gets a ``.hf_tensorizer_remote`` marker so :func:`weights_uri` finds them.
+    except the weights) into ``cache_root()/artifacts/<hash of the URI>``; each folder whose weights stay
+    remote gets a ``.hf_tensorizer_remote`` marker so :func:`weights_uris` finds them.
 
     Args:
         uri: the artifact root.
@@ -209,11 +282,16 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
         first_error: SourceError | None = None
     except SourceError as exc:  # no manifest (or no access): probe well-known names, report this if all fail
         manifest, first_error = None, exc
+    weights: dict[str, list[str]] = {}  # folder -> its weight files (model.tensors, or a safetensors checkpoint)
     if manifest is not None:
         files = [f for f in manifest.get("files", []) if not f.endswith(".tensors")]
-        weights = [f for f in manifest.get("files", []) if f.endswith(".tensors")]
+        for w in manifest.get("files", []):
+            if w.endswith(".tensors"):
+                folder, _, name = w.rpartition("/")
+                weights.setdefault(folder, []).append(name)
     else:
         files, weights = _probe(text, first_error, **options)
+    weights.setdefault("", [])  # the root is marked even without weights: a model load then says what is missing
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     dest = os.path.join(cache_root(), "artifacts", digest)
     # Fetch into a fresh folder and swap it in: a reader never sees a half-updated cache folder.
@@ -229,13 +307,9 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
         if manifest is not None:
             with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(manifest, f)
-        for w in weights:
-            folder = os.path.dirname(w)
+        for folder, names in weights.items():
             os.makedirs(os.path.join(staging, folder), exist_ok=True)
-            # owner-only: the URI may carry credentials (https://user:token@host/...)
-            marker = os.open(os.path.join(staging, folder, REMOTE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(marker, "w", encoding="utf-8") as f:
-                f.write(join(text, folder))
+            _write_marker(os.path.join(staging, folder), join(text, folder), names)
         old = dest + ".old." + os.path.basename(staging)
         if os.path.exists(dest):
             os.replace(dest, old)
@@ -287,10 +361,13 @@ def check_relative(name: Any, where: str = MANIFEST_NAME) -> str:
     return name
 
 
-def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], list[str]]:
-    """Files of a remote artifact without a manifest: the well-known names, one request each."""
+def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+    """Files of a remote artifact without a manifest (a hand-made artifact, or a stock model folder): the
+    well-known names, one request each; weights are ``model.tensors`` or else a safetensors checkpoint."""
     found = [n for n in KNOWN_FILES if _exists(join(root, n), **options)]
-    weights = [WEIGHTS_NAME] if _exists(join(root, WEIGHTS_NAME), **options) else []
+    weights: dict[str, list[str]] = {}
+    if (w := _probe_weights(root, **options)) is not None:
+        weights[""] = [w]
     if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
         where = f"{redact(root)}/model_index.json"
         try:
@@ -308,13 +385,24 @@ def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[
             for n in KNOWN_FILES:
                 if _exists(join(root, comp, n), **options):
                     found.append(f"{comp}/{n}")
-            if _exists(join(root, comp, WEIGHTS_NAME), **options):
-                weights.append(f"{comp}/{WEIGHTS_NAME}")
+            if (w := _probe_weights(join(root, comp), **options)) is not None:
+                weights[comp] = [w]
     if not found and not weights:
         raise SourceError(
             f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights): {first_error}"
         ) from first_error
     return found, weights
+
+
+def _probe_weights(folder: str, **options: Any) -> str | None:
+    """The name of the weights in the remote ``folder``: ``model.tensors``, else the first safetensors
+    checkpoint name (shard index before single file) that exists; None when there are none."""
+    from ..compat import SAFETENSORS_NAMES
+
+    for name in (WEIGHTS_NAME, *SAFETENSORS_NAMES):
+        if _exists(join(folder, name), **options):
+            return name
+    return None
 
 
 def _exists(uri: str, **options: Any) -> bool:
@@ -410,19 +498,22 @@ class Staging:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) -> tuple[str, str]:
-    """The local folder of an artifact (small files fetched for remote ones) and its weights URI.
+def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) -> tuple[str, list[str]]:
+    """The local folder of an artifact (small files fetched for remote ones) and its weight files' URIs:
+    ``model.tensors``, or the shards of a safetensors checkpoint.
 
     Raises:
-        UsageError: the artifact has no weights file.
+        UsageError: the artifact has no weights.
         SourceError: the artifact cannot be read.
+        FormatError: its manifest or shard index is malformed.
     """
     root = os.fspath(root)
     folder = resolve(root, **transport)
     folder = os.path.join(folder, subfolder) if subfolder else folder
-    weights = weights_uri(folder)
-    if weights is None:
-        raise UsageError(f"{redact(root)} has no {WEIGHTS_NAME}")
+    weights = weights_uris(folder, **transport)
+    if not weights:
+        where = redact(root) + (f" (subfolder {subfolder!r})" if subfolder else "")
+        raise UsageError(f"{where} has no {WEIGHTS_NAME} and no safetensors weights")
     return folder, weights
 
 

@@ -13,6 +13,7 @@ every tensor is read straight into its final device and dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import defaultdict
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..engine import TensorDeserializer, TensorSerializer, read_index
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 from ..sources import Source, open_source
 from . import artifact
 from .transformers import current_options, split_options
@@ -35,30 +36,40 @@ _IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token
 
 def _stream(
     model: torch.nn.Module,
-    source: Source,
+    sources: list[Source],
     dtype: torch.dtype | None,
     keep_fp32: Any,
     device_map: dict[str, Any],
     engine: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
-    """Load ``source``'s tensors into ``model``, one read per (device, dtype) group; (missing, unexpected) keys."""
+    """Load the tensors of ``sources`` (weight files) into ``model``, one read per (device, dtype, file) group;
+    returns the (missing, unexpected) keys.
+
+    Raises:
+        FormatError: a tensor appears in two weight files.
+    """
     expected = list(model.state_dict(keep_vars=True).keys())
-    index = read_index(source)  # names and dtypes only; the loads below authenticate it
-    names = set(index.tensors)
-    groups: dict[tuple[torch.device, torch.dtype | None], list[str]] = defaultdict(list)
+    indexes = [read_index(src) for src in sources]  # names and dtypes only; the loads below authenticate them
+    file_of: dict[str, int] = {}
+    for i, index in enumerate(indexes):
+        for name in index.tensors:
+            if name in file_of:
+                raise FormatError(f"tensor {name!r} appears in two weight files ({sources[i].uri})")
+            file_of[name] = i
+    groups: dict[tuple[torch.device, torch.dtype | None, int], list[str]] = defaultdict(list)
     for key in expected:
-        if key not in names:
+        if key not in file_of:
             continue
         target = dtype
         if target is not None and keep_fp32 and any(m in key.split(".") for m in keep_fp32):
             target = torch.float32
-        if target is not None and not index.tensors[key].dtype.is_floating_point:
+        if target is not None and not indexes[file_of[key]].tensors[key].dtype.is_floating_point:
             target = None
-        groups[(_device_of(device_map, key), target)].append(key)
-    for (device, target), keys in groups.items():
-        with TensorDeserializer(source, device=device, dtype=target, filter=keys, **engine) as d:
+        groups[(_device_of(device_map, key), target, file_of[key])].append(key)
+    for (device, target, file), keys in groups.items():
+        with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, **engine) as d:
             d.load_into_module(model, strict=False)
-    return [k for k in expected if k not in names], sorted(names.difference(expected))
+    return [k for k in expected if k not in file_of], sorted(set(file_of).difference(expected))
 
 
 def _device_of(device_map: dict[str, Any], name: str) -> torch.device:
@@ -124,9 +135,11 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     elif not isinstance(device_map, dict):
         device_map = {"": device_map}
 
-    # one open source for the index and every group: a remote object is pinned once, so groups cannot mix versions
-    with open_source(weights, **transport) as source:
-        missing, unexpected = _stream(model, source, dtype, keep_fp32, device_map, engine)
+    # each weight file opened once for its index and every group: a remote object is pinned once, so groups
+    # cannot mix versions
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_source(w, **transport)) for w in weights]
+        missing, unexpected = _stream(model, sources, dtype, keep_fp32, device_map, engine)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")
@@ -223,7 +236,8 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) 
         # components load from the local (cached) folders; their remote weights need the same options
         token = current_options.set(options)
         try:
-            pipe = original.__func__(cls, folder, **kwargs)
+            with artifact.reached_through(pretrained_model_name_or_path, folder):
+                pipe = original.__func__(cls, folder, **kwargs)
         finally:
             current_options.reset(token)
     if hasattr(pipe, "register_to_config"):

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..engine import TensorDeserializer, TensorSerializer, read_index
-from ..errors import UsageError
-from ..sources import open_source
+from ..errors import FormatError, UsageError
+from ..sources import Source, open_source
 from . import artifact
 
 _DESERIALIZER_ARGS = frozenset(inspect.signature(TensorDeserializer.__init__).parameters) - {
@@ -53,29 +53,36 @@ class TensorizedStateDict(dict):
     correct names, shapes and dtypes; our ``_load_pretrained_model`` hook recognises the type and streams
     the real tensors once the final device map is known. Keys that match nothing in the model are never read.
 
-    The weights are opened once, here, and every device group reads that one open source: a remote object is
-    pinned once (ETag / VersionId / commit), so an overwrite mid-load fails or is ignored, never mixed in.
-    :meth:`close` it when the load is over.
+    The weights (``model.tensors``, or the shards of a safetensors checkpoint) are opened once, here, and every
+    device group reads those open sources: a remote object is pinned once (ETag / VersionId / commit), so an
+    overwrite mid-load fails or is ignored, never mixed in. :meth:`close` it when the load is over.
+
+    Raises:
+        FormatError: a tensor appears in two weight files.
     """
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, uris: str | list[str], options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
-        self.source = open_source(uri, **transport)
+        self.sources: list[Source] = []
+        self.file_of: dict[str, int] = {}  # tensor name -> index into sources
         try:
-            index = read_index(self.source)
+            for i, uri in enumerate([uris] if isinstance(uris, str) else uris):
+                self.sources.append(open_source(uri, **transport))
+                for name, e in read_index(self.sources[-1]).tensors.items():
+                    if name in self.file_of:
+                        raise FormatError(f"tensor {name!r} appears in two weight files ({uri})")
+                    self.file_of[name] = i
+                    self[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
         except BaseException:
-            self.source.close()
+            self.close()
             raise
-        super().__init__(
-            (name, torch.empty(e.shape, dtype=e.dtype, device="meta")) for name, e in index.tensors.items()
-        )
-        self.uri = uri
         self.engine_options = engine
         self.metrics: list[Any] = []
 
     def close(self) -> None:
-        """Close the weights source (connections, descriptors)."""
-        self.source.close()
+        """Close the weight sources (connections, descriptors)."""
+        for src in self.sources:
+            src.close()
 
 
 def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, load_config: Any) -> dict[str, Any]:
@@ -83,7 +90,7 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
 
     Keys are mapped to model keys with transformers' own ``rename_source_key`` (prefix handling, renamings,
     converters), so placement matches what transformers will do with the tensors; a converter that runs on
-    the CPU by design (``force_cpu``) gets its inputs on the CPU.
+    the CPU by design (``force_cpu``) gets its inputs on the CPU. One deserializer per (device, weight file).
     """
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.integrations.accelerate import get_device
@@ -95,7 +102,7 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     device_map = load_config.device_map or {"": "cpu"}
     prefix = getattr(model, "base_model_prefix", None)
-    groups: dict[torch.device, list[str]] = defaultdict(list)
+    groups: dict[tuple[torch.device, int], list[str]] = defaultdict(list)
     for key in placeholder:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
@@ -106,10 +113,11 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
             device = torch.device("cpu")
         else:
             device = _as_device(get_device(device_map, renamed, valid_torch_device=True))
-        groups[device].append(key)
+        groups[(device, placeholder.file_of[key])].append(key)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
-    for device, names in groups.items():
-        with TensorDeserializer(placeholder.source, device=device, filter=names, **placeholder.engine_options) as d:
+    for (device, file), names in groups.items():
+        source = placeholder.sources[file]
+        with TensorDeserializer(source, device=device, filter=names, **placeholder.engine_options) as d:
             out.update(d.items())
             placeholder.metrics.append(d.metrics)
     return out
@@ -352,6 +360,7 @@ def resolving(orig: Callable[..., Any], *, static: bool = False) -> Callable[...
         pos = 0 if static else 1
         path = args[pos] if len(args) > pos else kwargs.get("pretrained_model_name_or_path")
         options = kwargs.pop(_OPTIONS_KWARG, None) or current_options.get() or {}
+        local = path
         if artifact.looks_like_uri(path):
             _engine, transport = split_options(options)
             local = artifact.resolve(path, **transport)
@@ -361,7 +370,8 @@ def resolving(orig: Callable[..., Any], *, static: bool = False) -> Callable[...
                 kwargs["pretrained_model_name_or_path"] = local
         token = current_options.set(options)  # local folders too: the inner load needs keys, engine options
         try:
-            return orig(*args, **kwargs)
+            with artifact.reached_through(path, local):
+                return orig(*args, **kwargs)
         finally:
             current_options.reset(token)
 
