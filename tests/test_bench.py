@@ -18,7 +18,7 @@ from hf_tensorizer.bench.peers import PEERS, hft_kwargs, resolve
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-LOADERS = ["hft", "hft-pread2-c1", "hftfp", "st", "pt", "hf", "tz", "fst", "runai", "itbuf"]
+LOADERS = ["hft", "hft-pread2-c1", "hftfp", "hftfp-st", "st", "pt", "hf", "tz", "fst", "runai", "itbuf"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_every_loader_loads_the_checkpoint(bench: tuple[dict[str, Any], Path]) -
     rows = {r["loader"]: r for r in results["rows"]}
     assert list(rows) == LOADERS
     assert rows["itbuf"]["status"] == "skipped"  # CUDA only (or not installed)
-    for name in ("hft", "hft-pread2-c1", "hftfp", "st", "pt", "hf"):
+    for name in ("hft", "hft-pread2-c1", "hftfp", "hftfp-st", "st", "pt", "hf"):
         assert rows[name]["status"] == "ok", rows[name]
     for r in rows.values():
         if r["status"] == "skipped":
@@ -59,6 +59,7 @@ def test_every_loader_loads_the_checkpoint(bench: tuple[dict[str, Any], Path]) -
     assert rows["hft"]["metrics"]["bytes"] == results["bytes"]
     # from_pretrained streamed every byte through hf_tensorizer (one device group), not a stock fallback
     assert [m["bytes"] for m in rows["hftfp"]["metrics"]] == [results["bytes"]]
+    assert [m["bytes"] for m in rows["hftfp-st"]["metrics"]] == [results["bytes"]]  # the stock folder, too
     assert rows["hftfp"]["ours"] and not rows["hf"]["ours"]
 
 

@@ -213,17 +213,19 @@ def load_hft(ctx: Ctx, device: str, **kwargs: Any) -> StateDict:
     return sd
 
 
-def load_hftfp(ctx: Ctx, device: str, **options: Any) -> StateDict:
+def load_hftfp(ctx: Ctx, device: str, *, stock: bool = False, **options: Any) -> StateDict:
     """``hf_tensorizer.enable()``, then transformers ``from_pretrained(artifact, dtype=bf16, device_map=device)``
-    (``options``: its ``tensorizer_options``)."""
+    (``options``: its ``tensorizer_options``); with ``stock`` the stock safetensors folder as a ``file://`` URI,
+    which streams its shards through our engine."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import hf_tensorizer
 
     hf_tensorizer.enable()
+    where = Path(ctx.hf_dir).resolve().as_uri() if stock else ctx.artifact
     model = AutoModelForCausalLM.from_pretrained(
-        ctx.artifact, dtype=torch.bfloat16, device_map=device, tensorizer_options=options or None
+        where, dtype=torch.bfloat16, device_map=device, tensorizer_options=options or None
     )
     ctx.extra["metrics"] = [m.as_dict() for m in model.hf_tensorizer_metrics]
     return dict(model.state_dict())
@@ -255,6 +257,15 @@ PEERS: dict[str, Peer] = {
             "hft",
             ("hf_tensorizer", "transformers", "accelerate"),
             load_hftfp,
+            ours=True,
+            setup=_enable,
+        ),
+        Peer(
+            "hftfp-st",
+            "ours from_pretrained of the stock safetensors folder (file:// URI)",
+            "st",
+            ("hf_tensorizer", "transformers", "accelerate"),
+            functools.partial(load_hftfp, stock=True),
             ours=True,
             setup=_enable,
         ),

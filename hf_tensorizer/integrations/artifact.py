@@ -345,18 +345,18 @@ def pin_hub_revision(root: str, **options: Any) -> str:
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
-_SAFE_PART = re.compile(r"[A-Za-z0-9._+@=,~ -]+")
+_PLAIN_PART = re.compile(r"[^\x00-\x1f\x7f\\]+")  # no control characters, no backslash (a separator elsewhere)
 
 
 def check_relative(name: Any, where: str = MANIFEST_NAME) -> str:
-    """``name`` if it is a ``/``-separated relative path of plain parts (no ``..``, ``.``, empty or hidden
-    path tricks, no control characters or backslashes); it then stays inside any folder it is joined to.
+    """``name`` if it is a ``/``-separated relative path of plain parts (no ``..``, ``.`` or empty parts, no
+    control characters or backslashes); it then stays inside any folder it is joined to.
 
     Raises:
         FormatError: otherwise.
     """
     parts = name.split("/") if isinstance(name, str) else []
-    if not parts or any(p in ("", ".", "..") or not _SAFE_PART.fullmatch(p) for p in parts):
+    if not parts or any(p in ("", ".", "..") or not _PLAIN_PART.fullmatch(p) for p in parts):
         raise FormatError(f"{where} names a path that is not a plain relative path inside the artifact: {name!r}")
     return name
 
@@ -426,15 +426,23 @@ def list_files(folder: str) -> list[str]:
 
 
 def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] | None = None) -> bytes:
-    """The manifest bytes for an artifact holding ``files``."""
+    """The manifest bytes for an artifact holding ``files`` (each a path :func:`parse_manifest` accepts).
+
+    Raises:
+        FormatError: a file name a reader would refuse.
+    """
     from .. import __version__
+
+    files = sorted(set(files))
+    for name in files:
+        check_relative(name, "the artifact being written")
 
     manifest = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
         "library": library,
         "writer": f"hf_tensorizer {__version__}",
-        "files": sorted(set(files)),
+        "files": files,
         **(extra or {}),
     }
     return (json.dumps(manifest, indent=2) + "\n").encode()

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared GPU-machine run for the integrations (issues 5 and 6), summary printed last:
 #   a. CUDA correctness: tests/test_cuda.py + the CUDA device_map test of tests/test_integration_transformers.py;
-#   b. bench: ours from_pretrained of the tensorized artifact (hftfp) against our raw deserializer (hft) and
-#      stock transformers from_pretrained (hf), 6.46 GB checkpoint, warm and cold: integration overhead and
-#      speed-up over stock;
+#   b. bench: ours from_pretrained of the tensorized artifact (hftfp) and of the stock safetensors folder as a
+#      file:// URI (hftfp-st) against our raw deserializer (hft) and stock transformers from_pretrained (hf),
+#      6.46 GB checkpoint, warm and cold: integration overhead and speed-up over stock;
 #   c. cold start: the inference server started from zero with 16 requests in flight, hf_tensorizer vs hf.
 #
 #   here, once:  scripts/fetch_wheels.sh            (peers' and the server's wheels into .whl/, git-ignored)
-#   device tool: run(command="bash tests/gpu/integrations.sh", carry=[".whl"], timeout_s=480)
+#   device tool: run(command="bash tests/gpu/integrations.sh", carry=[".whl"], timeout_s=510)
 #   CPU dry run: PATH=/work/venv/bin:$PATH OUT=/tmp/int-out HFT_INT_DEVICE=cpu HFT_INT_LAYERS=2 \
 #                HFT_BENCH_ARGS="--hidden 256 --vocab 1000" HFT_INT_CS_HIDDEN=64 HFT_INT_CS_LAYERS=2 \
 #                HFT_INT_CS_VOCAB=1000 HFT_INT_CS_REQUESTS=2 bash tests/gpu/integrations.sh
 #
 # Log and results come back under $OUT: run.log, bench/{results.json,table.md,bench.png}, coldstart.{json,png}.
 # Knobs (environment): HFT_INT_LIMIT (s, whole script), HFT_INT_DEVICE (cuda:0), HFT_BENCH_DIR, HFT_INT_LAYERS
-# (10 = 6.46 GB), HFT_INT_LOADERS (hft,hftfp,hf), HFT_INT_WARM (2), HFT_BENCH_ARGS (more bench options);
+# (10 = 6.46 GB), HFT_INT_LOADERS (hft,hftfp,hftfp-st,hf), HFT_INT_WARM (2), HFT_BENCH_ARGS (more bench options);
 # cold start: HFT_INT_CS_DIR, HFT_INT_CS_HIDDEN/LAYERS/VOCAB (2048/12/32000: 2.9 GB fp32), HFT_INT_CS_REQUESTS (16),
 # HFT_INT_CS_REPEATS (2), HFT_INT_CS_PRECISION (float16), HFT_INT_CS_RESERVE (s kept for it after the bench).
 set -u
@@ -28,13 +28,13 @@ step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 TIMES=()
 STEP_T=$T0
 lap() { TIMES+=("$1|$(( $(date +%s) - STEP_T ))|$2"); STEP_T=$(date +%s); }  # name, exit status
-LIMIT=${HFT_INT_LIMIT:-420}  # seconds for the whole script
+LIMIT=${HFT_INT_LIMIT:-450}  # seconds for the whole script
 DEVICE=${HFT_INT_DEVICE:-cuda:0}
 CS_DEVICE=cpu
 [[ $DEVICE == cuda* ]] && CS_DEVICE=cuda
 D=${HFT_BENCH_DIR:-$HOME/hftbench}  # on disk, not tmpfs: cold runs must be able to drop the page cache
 LAYERS=${HFT_INT_LAYERS:-10}
-LOADERS=${HFT_INT_LOADERS:-hft,hftfp,hf}
+LOADERS=${HFT_INT_LOADERS:-hft,hftfp,hftfp-st,hf}
 WARM=${HFT_INT_WARM:-2}
 CS_DIR=${HFT_INT_CS_DIR:-$HOME/hftcoldstart}
 CS_HIDDEN=${HFT_INT_CS_HIDDEN:-2048}
