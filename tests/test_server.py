@@ -264,6 +264,29 @@ def test_encrypted_artifact_with_key_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert keyless.error and "MissingKeyError" in keyless.error and not keyless.ready.is_set()
 
 
+def test_stock_safetensors_model_on_s3(s3: tuple[str, str, Path], tmp_path: Path) -> None:
+    """A model saved by stock ``save_pretrained`` (sharded safetensors) serves straight from S3, its shards
+    streamed by our engine: nothing converted, same tokens as the model in this process."""
+    import boto3
+
+    endpoint, bucket, cache = s3
+    model, tok = causal_lm(hidden=64, layers=2, seed=3), byte_tokenizer()
+    model.save_pretrained(tmp_path / "stock", max_shard_size="200KB")  # hooks off here: stock safetensors
+    tok.save_pretrained(tmp_path / "stock")
+    assert len(list((tmp_path / "stock").glob("*.safetensors"))) > 1
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for p in (tmp_path / "stock").iterdir():
+        client.upload_file(str(p), bucket, f"stock-llama/{p.name}")
+    server = Server(f"s3://{bucket}/stock-llama", "stock", server_env(endpoint, cache))
+    try:
+        assert server.wait_ready()["loader"] == "hf_tensorizer"
+        r = server.predict({"instances": [{"prompt": "hello", "max_new_tokens": 6}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["output_ids"] == reference_ids(model, tok, "hello", 6)
+    finally:
+        server.stop()
+
+
 def test_load_failure_exits_nonzero(s3: tuple[str, str, Path]) -> None:
     endpoint, bucket, cache = s3
     server = Server(f"s3://{bucket}/no-such-model", "missing", server_env(endpoint, cache))
