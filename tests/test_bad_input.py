@@ -548,3 +548,20 @@ def test_lazy_access_after_close_says_closed(tmp_path: Path) -> None:
 def test_read_index_takes_a_path(tmp_path: Path) -> None:
     write_file(tmp_path / "m", {"a": torch.randn(10)})
     assert list(read_index(str(tmp_path / "m")).tensors) == ["a"]
+
+
+def test_index_argument_must_come_from_the_same_open_source(tmp_path: Path) -> None:
+    from hf_tensorizer.sources import open_source
+
+    sd = {"a": torch.randn(10), "b": torch.arange(5)}
+    write_file(tmp_path / "m", sd)
+    write_file(tmp_path / "other", {"c": torch.randn(1000)})
+    with pytest.raises(UsageError, match="same open Source"):  # a path: the deserializer opens its own source
+        TensorDeserializer(tmp_path / "m", index=read_index(str(tmp_path / "m")))
+    with open_source(str(tmp_path / "m")) as src:
+        with pytest.raises(UsageError, match="same open Source"):
+            TensorDeserializer(src, index=read_index(str(tmp_path / "other")))
+        index = read_index(src)
+        for names in (["a"], ["b"]):  # two filtered loads share one header read
+            with TensorDeserializer(src, filter=names, index=index) as d:
+                assert list(d) == names and all(torch.equal(d[n], sd[n]) for n in names)

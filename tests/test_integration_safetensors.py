@@ -60,7 +60,9 @@ def _param_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def test_sharded_checkpoint_from_s3(tmp_path: Path, moto_s3: str, s3_client: Any, s3_bucket: str) -> None:
+def test_sharded_checkpoint_from_s3(
+    tmp_path: Path, moto_s3: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref = _llama()
     folder = _stock(tmp_path, ref, shard="30KB")
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -68,7 +70,12 @@ def test_sharded_checkpoint_from_s3(tmp_path: Path, moto_s3: str, s3_client: Any
     for p in folder.iterdir():
         s3_client.upload_file(str(p), s3_bucket, f"stock/{p.name}")
     uri, opts = f"s3://{s3_bucket}/stock", {"endpoint_url": moto_s3}
+    from hf_tensorizer.sources import s3 as s3_source
+
+    real, built = s3_source.make_s3_client, []
+    monkeypatch.setattr(s3_source, "make_s3_client", lambda **kw: built.append(kw) or real(**kw))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=opts)
+    assert len(built) <= 3, built  # shared: the small files, the shard index, the shards (not one per request)
     assert torch.equal(_logits(ref), _logits(loaded))
     assert len(loaded.hf_tensorizer_metrics) == len(shards)  # one deserializer per shard (one device)
     assert _streamed_bytes(loaded) == _param_bytes(ref)  # every weight came through the engine
@@ -83,6 +90,21 @@ def test_single_file_over_http_keeps_ties(tmp_path: Path, http_server: Any) -> N
     assert torch.equal(_logits(ref), _logits(loaded))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert _streamed_bytes(loaded) == _param_bytes(ref) - ref.lm_head.weight.nbytes  # tied: stored once
+
+
+def test_each_shard_is_opened_and_its_header_read_once(tmp_path: Path, http_server: Any) -> None:
+    """The placeholder's open and index read serve the tensor reads: one HEAD and one header read per shard."""
+    ref = _llama()
+    shutil.copytree(_stock(tmp_path, ref, shard="30KB"), http_server.dir / "llama")
+    shards = sorted(p.name for p in (http_server.dir / "llama").glob("*.safetensors"))
+    http_server.server.reset()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(http_server.url("llama"), device_map="cpu")
+    log = http_server.server.log()
+    for name in shards:
+        mine = [r for r in log if r["path"].endswith("/" + name)]
+        assert sum(r["method"] == "HEAD" for r in mine) == 1, mine
+        assert sum((r["range"] or "").startswith("bytes=0-") for r in mine) == 1, mine
+    assert torch.equal(_logits(ref), _logits(loaded))
 
 
 def test_stock_repo_from_the_hub(tmp_path: Path, hub_server: Any) -> None:

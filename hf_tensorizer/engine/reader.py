@@ -107,6 +107,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY`` for encrypted
             files. The header is authenticated before anything else happens; giving a key for a file
             that is not encrypted raises ``DecryptionError`` (no silent downgrade).
+        index: the index of ``source``, when the caller already read it from this same open source
+            (``read_index(source)``): saves reading the header again (a request, for remote sources).
         **source_options: passed to the transport when ``source`` is a URI.
 
     Raises:
@@ -134,6 +136,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         mmap: bool = False,
         transform: Transform | None = None,
         encryption: KeySpec | None = None,
+        index: FileIndex | None = None,
         **source_options: Any,
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
@@ -141,7 +144,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self._source = open_source(source, **source_options)
         try:  # nothing may leak when construction fails: descriptors, pools, connections
             self._closed = False
-            self.index = read_index(self._source)
+            if index is not None and (self._owns_source or index.file_size != self._source.size):
+                raise UsageError("index= must come from read_index() of the same open Source")
+            self.index = index if index is not None else read_index(self._source)
             if self.index.encrypted or encryption is not None:
                 if transform is not None:
                     raise UsageError("transform= and encryption cannot be combined")

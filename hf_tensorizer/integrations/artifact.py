@@ -34,11 +34,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from ..errors import FormatError, SourceError, UsageError
-from ..sources import local_path, open_sink, open_source, redact, scheme_of
+from ..sources import local_path, open_sink, open_source, redact, scheme_of, shared_options
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 WEIGHTS_NAME = "model.tensors"
 MANIFEST_NAME = "hf_tensorizer.json"
@@ -275,6 +279,7 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     if not is_remote(text):
         return local_path(text)
     text = text.rstrip("/")
+    options = shared_options(text, options)
     if scheme_of(text) == "hf":
         text = pin_hub_revision(text, **options)
     try:
@@ -298,8 +303,7 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
     try:
-        for name in files:
-            data = read_bytes(join(text, name), **options)
+        for name, data in zip(files, concurrently(lambda n: read_bytes(join(text, n), **options), files)):
             path = os.path.join(staging, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
@@ -363,11 +367,9 @@ def check_relative(name: Any, where: str = MANIFEST_NAME) -> str:
 
 def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], dict[str, list[str]]]:
     """Files of a remote artifact without a manifest (a hand-made artifact, or a stock model folder): the
-    well-known names, one request each; weights are ``model.tensors`` or else a safetensors checkpoint."""
-    found = [n for n in KNOWN_FILES if _exists(join(root, n), **options)]
-    weights: dict[str, list[str]] = {}
-    if (w := _probe_weights(root, **options)) is not None:
-        weights[""] = [w]
+    well-known names, one request each, concurrently; weights are ``model.tensors`` or else a safetensors
+    checkpoint (shard index before single file)."""
+    found, weights = _probe_folders(root, [""], **options)
     if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
         where = f"{redact(root)}/model_index.json"
         try:
@@ -376,17 +378,14 @@ def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[
             raise FormatError(f"{where} is not valid JSON: {exc}") from exc
         if not isinstance(index, dict):
             raise FormatError(f"{where} is not a JSON object")
-        for comp, spec in index.items():
-            if comp.startswith("_") or not isinstance(spec, list):
-                continue
+        comps = [c for c, spec in index.items() if not c.startswith("_") and isinstance(spec, list)]
+        for comp in comps:
             if "/" in comp:
                 raise FormatError(f"{where} names a component that is not a plain folder name: {comp!r}")
             check_relative(comp, where)
-            for n in KNOWN_FILES:
-                if _exists(join(root, comp, n), **options):
-                    found.append(f"{comp}/{n}")
-            if (w := _probe_weights(join(root, comp), **options)) is not None:
-                weights[comp] = [w]
+        more, comp_weights = _probe_folders(root, comps, **options)
+        found += more
+        weights.update(comp_weights)
     if not found and not weights:
         raise SourceError(
             f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights): {first_error}"
@@ -394,15 +393,30 @@ def _probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[
     return found, weights
 
 
-def _probe_weights(folder: str, **options: Any) -> str | None:
-    """The name of the weights in the remote ``folder``: ``model.tensors``, else the first safetensors
-    checkpoint name (shard index before single file) that exists; None when there are none."""
+def _probe_folders(root: str, folders: list[str], **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+    """The well-known small files that exist in each of ``folders`` (relative to ``root``) and each folder's
+    weights: ``model.tensors``, else the first safetensors name present."""
     from ..compat import SAFETENSORS_NAMES
 
-    for name in (WEIGHTS_NAME, *SAFETENSORS_NAMES):
-        if _exists(join(folder, name), **options):
-            return name
-    return None
+    weight_names = (WEIGHTS_NAME, *SAFETENSORS_NAMES)
+    paths = [f"{d}/{n}" if d else n for d in folders for n in (*KNOWN_FILES, *weight_names)]
+    present = {p for p, ok in zip(paths, concurrently(lambda p: _exists(join(root, p), **options), paths)) if ok}
+    found = [p for p in paths if p in present and p.rsplit("/", 1)[-1] in KNOWN_FILES]
+    weights: dict[str, list[str]] = {}
+    for d in folders:
+        name = next((n for n in weight_names if (f"{d}/{n}" if d else n) in present), None)
+        if name is not None:
+            weights[d] = [name]
+    return found, weights
+
+
+def concurrently(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on up to 16 threads, in order: remote round trips overlap. The first error
+    is raised (after the others finished)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="hf_tensorizer-fetch") as pool:
+        return list(pool.map(fn, items))
 
 
 def _exists(uri: str, **options: Any) -> bool:
@@ -451,9 +465,13 @@ def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] 
 def upload_folder(staging: str, dest: str, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
     """Copy every small file of ``staging`` to ``dest`` (local folder or URI). Returns the relative names."""
     names = [n for n in list_files(staging) if n not in set(skip)]
-    for name in names:
+    options = shared_options(dest, options)
+
+    def upload(name: str) -> None:
         with open(os.path.join(staging, name), "rb") as f:
             write_bytes(join(dest, name), f.read(), **options)
+
+    concurrently(upload, names)
     return names
 
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorDeserializer, TensorSerializer, read_index
+from ..engine import TensorDeserializer, TensorSerializer
 from ..errors import FormatError, UsageError
-from ..sources import Source, open_source
+from ..format.index import FileIndex
+from ..sources import Source
 from . import artifact
-from .transformers import current_options, split_options
+from .transformers import current_options, open_indexed, split_options
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
@@ -37,19 +38,19 @@ _IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token
 def _stream(
     model: torch.nn.Module,
     sources: list[Source],
+    indexes: list[FileIndex],
     dtype: torch.dtype | None,
     keep_fp32: Any,
     device_map: dict[str, Any],
     engine: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
-    """Load the tensors of ``sources`` (weight files) into ``model``, one read per (device, dtype, file) group;
-    returns the (missing, unexpected) keys.
+    """Load the tensors of ``sources`` (weight files, with their ``indexes``) into ``model``, one read per
+    (device, dtype, file) group; returns the (missing, unexpected) keys.
 
     Raises:
         FormatError: a tensor appears in two weight files.
     """
     expected = list(model.state_dict(keep_vars=True).keys())
-    indexes = [read_index(src) for src in sources]  # names and dtypes only; the loads below authenticate them
     file_of: dict[str, int] = {}
     for i, index in enumerate(indexes):
         for name in index.tensors:
@@ -67,7 +68,8 @@ def _stream(
             target = None
         groups[(_device_of(device_map, key), target, file_of[key])].append(key)
     for (device, target, file), keys in groups.items():
-        with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, **engine) as d:
+        with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, index=indexes[file],
+                                **engine) as d:  # fmt: skip
             d.load_into_module(model, strict=False)
     return [k for k in expected if k not in file_of], sorted(set(file_of).difference(expected))
 
@@ -137,9 +139,11 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
+    sources, indexes = open_indexed(weights, **transport)  # names and dtypes; the loads authenticate them
     with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(open_source(w, **transport)) for w in weights]
-        missing, unexpected = _stream(model, sources, dtype, keep_fp32, device_map, engine)
+        for src in sources:
+            stack.enter_context(src)
+        missing, unexpected = _stream(model, sources, indexes, dtype, keep_fp32, device_map, engine)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")

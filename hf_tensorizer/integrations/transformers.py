@@ -27,11 +27,12 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer, read_index
 from ..errors import FormatError, UsageError
-from ..sources import Source, open_source
+from ..format.index import FileIndex
+from ..sources import Source, open_source, shared_options
 from . import artifact
 
 _DESERIALIZER_ARGS = frozenset(inspect.signature(TensorDeserializer.__init__).parameters) - {
-    "self", "source", "device", "dtype", "filter", "lazy", "source_options",
+    "self", "source", "device", "dtype", "filter", "lazy", "index", "source_options",
 }  # fmt: skip
 _OPTIONS_KWARG = "tensorizer_options"
 # Options given to an outer call (AutoModel, a pipeline) reach the inner from_pretrained that streams weights.
@@ -44,6 +45,32 @@ def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[
     options = dict(options or {})
     engine = {k: options.pop(k) for k in list(options) if k in _DESERIALIZER_ARGS}
     return engine, options
+
+
+def open_indexed(uris: list[str], **transport: Any) -> tuple[list[Source], list[FileIndex]]:
+    """Open every weight file and read its index, concurrently and with one S3 client for all (a sharded remote
+    checkpoint costs a few round trips per shard: one after the other they add up). Nothing stays open on
+    failure.
+
+    Raises:
+        SourceError / FormatError: the first file that cannot be opened or parsed.
+    """
+    if uris:
+        transport = shared_options(uris[0], transport)
+    sources: list[Source | None] = [None] * len(uris)
+
+    def one(i: int) -> FileIndex:
+        sources[i] = src = open_source(uris[i], **transport)
+        return read_index(src)
+
+    try:
+        indexes = artifact.concurrently(one, range(len(uris)))
+    except BaseException:
+        for src in sources:
+            if src is not None:
+                src.close()
+        raise
+    return [s for s in sources if s is not None], indexes
 
 
 class TensorizedStateDict(dict):
@@ -63,14 +90,13 @@ class TensorizedStateDict(dict):
 
     def __init__(self, uris: str | list[str], options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
-        self.sources: list[Source] = []
+        self.sources, self.indexes = open_indexed([uris] if isinstance(uris, str) else uris, **transport)
         self.file_of: dict[str, int] = {}  # tensor name -> index into sources
         try:
-            for i, uri in enumerate([uris] if isinstance(uris, str) else uris):
-                self.sources.append(open_source(uri, **transport))
-                for name, e in read_index(self.sources[-1]).tensors.items():
+            for i, index in enumerate(self.indexes):
+                for name, e in index.tensors.items():
                     if name in self.file_of:
-                        raise FormatError(f"tensor {name!r} appears in two weight files ({uri})")
+                        raise FormatError(f"tensor {name!r} appears in two weight files ({self.sources[i].uri})")
                     self.file_of[name] = i
                     self[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
         except BaseException:
@@ -116,8 +142,8 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
         groups[(device, placeholder.file_of[key])].append(key)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
     for (device, file), names in groups.items():
-        source = placeholder.sources[file]
-        with TensorDeserializer(source, device=device, filter=names, **placeholder.engine_options) as d:
+        source, index = placeholder.sources[file], placeholder.indexes[file]
+        with TensorDeserializer(source, device=device, filter=names, index=index, **placeholder.engine_options) as d:
             out.update(d.items())
             placeholder.metrics.append(d.metrics)
     return out

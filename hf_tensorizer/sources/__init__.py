@@ -34,6 +34,17 @@ def scheme_of(uri: str | os.PathLike[str]) -> str:
     raise InvalidURIError(f"unsupported URI scheme {scheme!r} in {redact(text)!r}")
 
 
+def shared_options(uri: str | os.PathLike[str], options: dict[str, Any]) -> dict[str, Any]:
+    """Transport ``options`` for opening many objects under ``uri`` (an artifact's files, a checkpoint's shards):
+    for ``s3://`` one boto3 client is built once and shared (each costs ~0.1 s of CPU); other schemes as they are.
+    """
+    if scheme_of(uri) != "s3":
+        return options
+    from .s3 import with_shared_client
+
+    return with_shared_client(options)
+
+
 def local_path(uri: str | os.PathLike[str]) -> str:
     """The filesystem path of a local path or ``file://`` URI."""
     text = os.fspath(uri)

@@ -66,6 +66,25 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# The S3Source / S3Sink options that configure the client itself (the rest are per object).
+CLIENT_OPTIONS = ("endpoint_url", "region", "profile", "anonymous", "addressing_style", "retries", "timeout")
+
+
+def with_shared_client(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus one ready ``client`` built from them, for opening many objects with the same settings:
+    a boto3 client costs ~0.1 s of CPU to build, which each of dozens of small files would pay again.
+    ``options`` that already hold a client are returned as they are.
+
+    Raises:
+        SourceError / UsageError: as :func:`make_s3_client`.
+    """
+    if options.get("client") is not None:
+        return options
+    settings = {k: options[k] for k in CLIENT_OPTIONS if k in options}
+    pool = max(constants.REMOTE_CONCURRENCY, int(options.get("concurrency", 0))) * 2
+    return {**options, "client": make_s3_client(max_pool_connections=pool, **settings)}
+
+
 def make_s3_client(
     *,
     endpoint_url: str | None = None,

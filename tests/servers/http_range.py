@@ -24,6 +24,7 @@ Control (JSON over HTTP on the same port, paths under ``/__control__/``):
   ``prefix`` such as ``"/moved"``, optional ``base`` such as ``"http://localhost:PORT"`` for another origin,
   ``status`` (302), ``signed`` (append ``?sig=N``; ``POST expire`` makes old signatures answer 403)).
   Paths under the redirect prefix are served with the prefix removed and need no token (like a CDN).
+  ``latency`` (seconds every GET/HEAD waits before it is answered: a distant server, for benchmarks).
 * ``POST reset`` — drop faults, config and the request log. ``POST expire`` — invalidate redirect signatures.
 * ``GET log`` — the request log: ``[{method, path, query, range, if_match, auth, status, port}]``.
 """
@@ -63,6 +64,7 @@ class _State:
             "last_modified": True,
             "honor_if_match": True,
             "redirect": None,
+            "latency": 0.0,
         }
         self.log: list[dict[str, Any]] = []
         self.epoch = 0
@@ -180,6 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path = split.path
         config = state.config
+        if config.get("latency"):
+            time.sleep(config["latency"])  # a far-away server: every request waits this long before its answer
         redirect = config.get("redirect")
         via_redirect = False
         if redirect:
