@@ -239,6 +239,13 @@ def _enable() -> None:
     hf_tensorizer.enable()
 
 
+def _from_pretrained(name: str, label: str, fmt: str, **kwargs: Any) -> Peer:
+    """A ``load_hftfp`` variant: ours, transformers imported and the hooks enabled before the timer."""
+    fn = functools.partial(load_hftfp, **kwargs) if kwargs else load_hftfp
+    modules = ("hf_tensorizer", "transformers", "accelerate")
+    return Peer(name, label, fmt, modules, fn, ours=True, setup=_enable)
+
+
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
@@ -251,33 +258,11 @@ PEERS: dict[str, Peer] = {
         Peer("runai", "Run:ai SafetensorsStreamer", "st", ("runai_model_streamer",), load_runai),
         Peer("it", "InstantTensor default (direct I/O)", "st", ("instanttensor",), load_it, cuda_only=True),
         Peer("itbuf", "InstantTensor BUFFERED", "st", ("instanttensor",), load_itbuf, cuda_only=True),
-        Peer(
-            "hftfp",
-            "ours from_pretrained (tensorized artifact)",
-            "hft",
-            ("hf_tensorizer", "transformers", "accelerate"),
-            load_hftfp,
-            ours=True,
-            setup=_enable,
+        _from_pretrained("hftfp", "ours from_pretrained (tensorized artifact)", "hft"),
+        _from_pretrained(
+            "hftfp-st", "ours from_pretrained of the stock safetensors folder (file:// URI)", "st", stock=True
         ),
-        Peer(
-            "hftfp-st",
-            "ours from_pretrained of the stock safetensors folder (file:// URI)",
-            "st",
-            ("hf_tensorizer", "transformers", "accelerate"),
-            functools.partial(load_hftfp, stock=True),
-            ours=True,
-            setup=_enable,
-        ),
-        Peer(
-            "hftfp-mmap",
-            "ours from_pretrained, mmap=True (CPU)",
-            "hft",
-            ("hf_tensorizer", "transformers", "accelerate"),
-            functools.partial(load_hftfp, mmap=True),
-            ours=True,
-            setup=_enable,
-        ),
+        _from_pretrained("hftfp-mmap", "ours from_pretrained, mmap=True (CPU)", "hft", mmap=True),
     )
 }
 

@@ -17,14 +17,9 @@
 # (10 = 6.46 GB), HFT_INT_LOADERS (hft,hftfp,hftfp-st,hf), HFT_INT_WARM (2), HFT_BENCH_ARGS (more bench options);
 # cold start: HFT_INT_CS_DIR, HFT_INT_CS_HIDDEN/LAYERS/VOCAB (2048/12/32000: 2.9 GB fp32), HFT_INT_CS_REQUESTS (16),
 # HFT_INT_CS_REPEATS (2), HFT_INT_CS_PRECISION (float16), HFT_INT_CS_RESERVE (s kept for it after the bench).
-set -u
-T0=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/common.sh"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-OUT=${OUT:-/tmp/hft-int-out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/run.log") 2>&1
-step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+start_log run.log /tmp/hft-int-out
 TIMES=()
 STEP_T=$T0
 lap() { TIMES+=("$1|$(( $(date +%s) - STEP_T ))|$2"); STEP_T=$(date +%s); }  # name, exit status
@@ -44,16 +39,9 @@ CS_REQUESTS=${HFT_INT_CS_REQUESTS:-16}
 CS_REPEATS=${HFT_INT_CS_REPEATS:-2}
 CS_PRECISION=${HFT_INT_CS_PRECISION:-float16}
 CS_RESERVE=${HFT_INT_CS_RESERVE:-170}  # prepare ~40 s + 2 x 2 server starts on a 16-core H100 machine
-SITE=/tmp/site
 
 step "install the wheels (peers, inference server)"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || echo "wheel install FAILED: the server (cold start) may not start"
-else
-  echo "no .whl/ carried (run scripts/fetch_wheels.sh, carry .whl): the server needs fastapi + uvicorn"
-fi
-export PYTHONPATH=$SITE:$PWD  # our package runs from the working tree
+install_wheels "the server (cold start) needs fastapi + uvicorn"
 lap wheels 0
 
 step "machine"
@@ -63,22 +51,10 @@ fi
 echo "cpus $(nproc); $(free -g | awk '/Mem:/{print "mem GiB total " $2 ", available " $7}')"
 mkdir -p "$D" "$CS_DIR"
 df -h "$D" | tail -1
-timeout 60 python3 - <<'PY'
-import importlib.metadata as md, sys
-names = ["torch", "transformers", "safetensors", "accelerate", "fastapi", "starlette", "uvicorn", "pydantic",
-         "pydantic-core", "typing-extensions", "anyio", "h11", "httpx", "click", "matplotlib"]
-def v(n):
-    try:
-        return md.version(n)
-    except md.PackageNotFoundError:
-        return "-"
-print("python", sys.version.split()[0], *(f"{n} {v(n)}" for n in names))
-try:
-    import fastapi, uvicorn  # noqa: F401  (the server's stack imports: else the cold start cannot run)
-    print("server stack imports: ok")
-except Exception as e:
-    print(f"server stack imports: FAILED: {type(e).__name__}: {e}")
-PY
+versions torch transformers safetensors accelerate fastapi starlette uvicorn pydantic pydantic-core \
+  typing-extensions anyio h11 httpx click matplotlib
+timeout 60 python3 -c "import fastapi, uvicorn" && echo "server stack imports: ok" \
+  || echo "server stack imports: FAILED (the cold start cannot run)"
 lap machine 0
 
 step "a. CUDA correctness: tests/test_cuda.py + test_device_map_split_cuda_cpu (-k cuda)"

@@ -8,44 +8,22 @@
 # Log and results come back under $OUT: run.log, bench/{results.json,table.md,bench.png}.
 # Knobs (environment): HFT_BENCH_DIR, HFT_BENCH_LAYERS (10 = 6.46 GB), HFT_BENCH_LOADERS, HFT_BENCH_LIMIT (s),
 # HFT_BENCH_DEVICE (cuda:0), HFT_BENCH_ARGS (more bench options, e.g. "--hidden 1024 --vocab 32000").
-set -u
-T0=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/hft-bench-out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/run.log") 2>&1
-step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+source "$(dirname "$0")/common.sh"
+start_log run.log /tmp/hft-bench-out
 LIMIT=${HFT_BENCH_LIMIT:-340}  # seconds for the whole script (≤ 360 with the report)
 D=${HFT_BENCH_DIR:-$HOME/hftbench}  # on disk, not tmpfs: cold runs must be able to drop the page cache
 LAYERS=${HFT_BENCH_LAYERS:-10}
 DEVICE=${HFT_BENCH_DEVICE:-cuda:0}
 LOADERS=${HFT_BENCH_LOADERS:-hft,hft-pread32-c8,hft-pread16-c32-s1024,hft-register,hft-odirect,itbuf,fst,hf,st,runai,tz}
-SITE=/tmp/site
-
 step "install the peers' wheels"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || echo "wheel install FAILED: the peers will show as not installed / error"
-else
-  echo "no .whl/ carried (run scripts/fetch_wheels.sh, carry .whl): peers will show as not installed"
-fi
-export PYTHONPATH=$SITE:$PWD  # our package runs from the working tree
+install_wheels "the peers will show as not installed / error"
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
 echo "cpus $(nproc); $(free -g | awk '/Mem:/{print "mem GiB total " $2 ", available " $7}')"
 df -h "$(dirname "$D")" | tail -1
-timeout 60 python3 - <<'PY'
-import importlib.metadata as md, sys
-names = ["torch", "transformers", "safetensors", "accelerate", "tensorizer", "fastsafetensors",
-         "runai-model-streamer", "instanttensor", "libnacl", "boto3", "redis"]
-def v(n):
-    try:
-        return md.version(n)
-    except md.PackageNotFoundError:
-        return "-"
-print("python", sys.version.split()[0], *(f"{n} {v(n)}" for n in names))
-PY
+versions torch transformers safetensors accelerate tensorizer fastsafetensors runai-model-streamer instanttensor \
+  libnacl boto3 redis
 
 step "CUDA correctness: tests/test_cuda.py (streams, events, pinned pool, page registration, O_DIRECT)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_cuda.py 2>&1 | tail -15
