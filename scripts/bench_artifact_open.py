@@ -39,21 +39,30 @@ def _median(fn: Callable[[], Any], runs: int = 3) -> float:
     return round(statistics.median(times), 3)
 
 
+def _llama(hidden: int, layers: int, dtype: Any) -> Any:
+    """A Llama with fixed-seed random weights, vocab 32000, heads of 64."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    heads = hidden // 64
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
 def bench_http(root: Path, latency: float) -> dict[str, Any]:
     import torch
     import transformers
     from servers.http_range import RangeServer
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "llama", max_shard_size="20MB")
+    _llama(512, 8, torch.bfloat16).save_pretrained(root / "llama", max_shard_size="20MB")
     server = RangeServer(root)
     try:
         server.config(latency=latency)
@@ -82,16 +91,7 @@ def bench_s3(root: Path) -> dict[str, Any]:
     try:
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="bench-bucket")
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(
-            vocab_size=32000,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
+        model = _llama(256, 4, torch.float32)
         model.save_pretrained(root / "s3" / "llama", max_shard_size="10MB")
         _pipeline(root).save_pretrained(root / "s3" / "sd")
         for p in (root / "s3").rglob("*"):
