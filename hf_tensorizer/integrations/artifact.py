@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import FormatError, SourceError, UsageError
-from ..sources import local_path, open_sink, open_source, redact, scheme_of, shared_options
+from ..format.index import FileIndex
+from ..sources import Source, local_path, open_sink, open_source, redact, scheme_of, shared_options
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -541,6 +542,34 @@ def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) 
         where = redact(root) + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise UsageError(f"{where} has no {WEIGHTS_NAME} and no safetensors weights")
     return folder, weights
+
+
+def open_weights(uris: list[str], **transport: Any) -> tuple[list[Source], list[FileIndex]]:
+    """Open every weight file of a load (:func:`locate`'s list) and read its index, concurrently and with one S3
+    client for all (a sharded remote checkpoint costs a few round trips per shard: one after the other they add
+    up). The caller closes the sources; nothing stays open on failure.
+
+    Raises:
+        SourceError / FormatError: the first file that cannot be opened or parsed.
+    """
+    from ..engine.reader import read_index
+
+    if uris:
+        transport = shared_options(uris[0], transport)
+    sources: list[Source | None] = [None] * len(uris)
+
+    def one(i: int) -> FileIndex:
+        sources[i] = src = open_source(uris[i], **transport)
+        return read_index(src)
+
+    try:
+        indexes = concurrently(one, range(len(uris)))
+    except BaseException:
+        for src in sources:
+            if src is not None:
+                src.close()
+        raise
+    return [s for s in sources if s is not None], indexes
 
 
 # Stock save_pretrained arguments that concern safetensors shards or the Hub call, moot for one .tensors file

@@ -13,7 +13,6 @@ every tensor is read straight into its final device and dtype.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections import defaultdict
@@ -26,7 +25,7 @@ from ..errors import FormatError, UsageError
 from ..format.index import FileIndex
 from ..sources import Source
 from . import artifact
-from .transformers import current_options, open_indexed, split_options
+from .transformers import current_options, split_options
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
@@ -139,11 +138,12 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
-    sources, indexes = open_indexed(weights, **transport)  # names and dtypes; the loads authenticate them
-    with contextlib.ExitStack() as stack:
-        for src in sources:
-            stack.enter_context(src)
+    sources, indexes = artifact.open_weights(weights, **transport)  # names and dtypes; the loads authenticate
+    try:
         missing, unexpected = _stream(model, sources, indexes, dtype, keep_fp32, device_map, engine)
+    finally:
+        for src in sources:
+            src.close()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")

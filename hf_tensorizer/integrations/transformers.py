@@ -25,10 +25,8 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorDeserializer, TensorSerializer, read_index
+from ..engine import TensorDeserializer, TensorSerializer
 from ..errors import FormatError, UsageError
-from ..format.index import FileIndex
-from ..sources import Source, open_source, shared_options
 from . import artifact
 
 _DESERIALIZER_ARGS = frozenset(inspect.signature(TensorDeserializer.__init__).parameters) - {
@@ -45,32 +43,6 @@ def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[
     options = dict(options or {})
     engine = {k: options.pop(k) for k in list(options) if k in _DESERIALIZER_ARGS}
     return engine, options
-
-
-def open_indexed(uris: list[str], **transport: Any) -> tuple[list[Source], list[FileIndex]]:
-    """Open every weight file and read its index, concurrently and with one S3 client for all (a sharded remote
-    checkpoint costs a few round trips per shard: one after the other they add up). Nothing stays open on
-    failure.
-
-    Raises:
-        SourceError / FormatError: the first file that cannot be opened or parsed.
-    """
-    if uris:
-        transport = shared_options(uris[0], transport)
-    sources: list[Source | None] = [None] * len(uris)
-
-    def one(i: int) -> FileIndex:
-        sources[i] = src = open_source(uris[i], **transport)
-        return read_index(src)
-
-    try:
-        indexes = artifact.concurrently(one, range(len(uris)))
-    except BaseException:
-        for src in sources:
-            if src is not None:
-                src.close()
-        raise
-    return [s for s in sources if s is not None], indexes
 
 
 class TensorizedStateDict(dict):
@@ -90,7 +62,7 @@ class TensorizedStateDict(dict):
 
     def __init__(self, uris: str | list[str], options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
-        self.sources, self.indexes = open_indexed([uris] if isinstance(uris, str) else uris, **transport)
+        self.sources, self.indexes = artifact.open_weights([uris] if isinstance(uris, str) else uris, **transport)
         self.file_of: dict[str, int] = {}  # tensor name -> index into sources
         try:
             for i, index in enumerate(self.indexes):
