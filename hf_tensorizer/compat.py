@@ -26,6 +26,7 @@ import torch
 
 from .engine.plan import Piece
 from .engine.reader import TensorDeserializer, read_index
+from .engine.staging import reuse_blocks
 from .errors import (
     DecryptionError,
     FormatError,
@@ -312,12 +313,13 @@ def load_safetensors_state_dict(
     """
     files, weight_map = safetensors_shards(uri_or_dir, **_source_options(kwargs))
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with TensorDeserializer(f, device=device, filter=filter, **kwargs) as d:
-            for name in d:
-                if name in out:
-                    raise FormatError(f"tensor {name!r} appears in more than one shard ({f})")
-                out[name] = d[name]
+    with reuse_blocks():  # one pinned staging block for all shards, not one each
+        for f in files:
+            with TensorDeserializer(f, device=device, filter=filter, **kwargs) as d:
+                for name in d:
+                    if name in out:
+                        raise FormatError(f"tensor {name!r} appears in more than one shard ({f})")
+                    out[name] = d[name]
     missing = [k for k, v in weight_map.items() if k not in out and (filter is None or filter(k))]
     if missing:
         raise FormatError(f"tensors listed in the shard index are missing from their shards: {missing[:10]}")

@@ -82,6 +82,28 @@ def test_staging_pool_bounded(model_file) -> None:
         assert 0 < d.metrics.staging_peak_bytes <= 4 << 20
 
 
+def test_pinned_block_reused_across_loads(model_file, monkeypatch) -> None:
+    """Inside reuse_blocks() (what from_pretrained does for its shards and device groups) consecutive loads
+    pin one huge-page block, not one each, and stay bit-identical; the block is unpinned at the end."""
+    from hf_tensorizer.engine import staging
+
+    path, sd = model_file
+    made: list[object] = []
+    real = staging._HostBlock
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(staging, "_HostBlock", counting)
+    with staging.reuse_blocks():
+        for names in (["big.1", "small.2"], ["big.3", "fp8"], ["big.1"]):
+            with ht.TensorDeserializer(path, device="cuda", filter=names, staging_allocation="hugepage") as d:
+                assert all(_same(d[n], sd[n]) for n in names)
+        assert len(made) == 1 and made[0]._registered
+    assert not made[0]._registered and not staging._parked
+
+
 def test_corruption_detected_on_gpu(model_file, tmp_path) -> None:
     path, _ = model_file
     bad = tmp_path / "bad.tensors"

@@ -278,6 +278,46 @@ def test_close_wakes_a_waiting_acquire_and_drains_fences() -> None:
     pool.close()
 
 
+def test_reuse_blocks_keeps_one_drained_block_between_pools() -> None:
+    """Inside reuse_blocks() a closed pool's huge-page block serves the next pool that fits (what the shards and
+    device groups of one from_pretrained do, so each does not pin a block again), only after its fences
+    completed; two pools open at once never share one; the outermost scope's end releases it."""
+
+    def block_of(pool: StagingPool) -> object:
+        return pool._block
+
+    outside_a = StagingPool(PAGE, 4, pin=False, allocation="hugepage")
+    first = block_of(outside_a)
+    outside_a.close()
+    outside_b = StagingPool(PAGE, 4, pin=False, allocation="hugepage")
+    assert block_of(outside_b) is not first and first._map.closed  # no scope: released at close
+    outside_b.close()
+    with staging.reuse_blocks():
+        a = StagingPool(PAGE, 4, pin=False, allocation="hugepage")
+        kept = block_of(a)
+        fence = ThreadFence()
+        a.release(a.acquire(), fence)
+        threading.Timer(0.05, fence.done.set).start()
+        a.close()  # drains: the fence has completed before the block is parked
+        assert fence.query() and not kept._map.closed
+        with staging.reuse_blocks():  # nested: still one scope
+            b = StagingPool(PAGE, 2, pin=False, allocation="hugepage")  # smaller: fits in the kept block
+            assert block_of(b) is kept
+            c = StagingPool(PAGE, 2, pin=False, allocation="hugepage")  # b still holds it: c gets its own
+            own = block_of(c)
+            assert own is not kept
+            buf = b.acquire()
+            buf.fill_(7)  # the reused block is writable memory
+            b.release(buf)
+            b.close()
+            c.close()  # one block parked at most: c's is released
+            assert own._map.closed and staging._parked == [kept]
+        big = StagingPool(64 << 20, 1, pin=False, allocation="hugepage")  # larger than the kept block
+        assert block_of(big) is not kept
+        big.close()
+    assert kept._map.closed and not staging._parked  # the outer scope's end released what was kept
+
+
 def test_pool_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError):
         StagingPool(0, 1, pin=False)

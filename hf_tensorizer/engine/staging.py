@@ -7,8 +7,10 @@ comes back to the pool together with a *fence* (a CUDA event). The pool never ho
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -49,6 +51,8 @@ class _HostBlock:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.tensor[:: 2 << 20].zero_()  # fault every huge page now (one write per page)
         self._registered = False
+        self.pin = pin
+        self.device = torch.cuda.current_device() if pin else None  # registration is per CUDA context
         if pin:
             err = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0))
             if err != 0:
@@ -64,6 +68,51 @@ class _HostBlock:
             self._map.close()
         except BufferError:  # a slice is still referenced somewhere; the mapping goes with it
             pass
+
+
+# Within reuse_blocks(), a closed pool's huge-page block waits here for the next pool instead of being unpinned
+# and unmapped: the shards and device groups of one from_pretrained would otherwise pin a block each
+# (0.03-0.07 s apiece on an H200). At most one block is kept; the outermost scope's end releases it.
+_parked: list[_HostBlock] = []
+_reuse_depth = 0
+_park_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reuse_blocks() -> Iterator[None]:
+    """Keep one pinned staging block alive between the loads inside this block (nestable, any thread)."""
+    global _reuse_depth
+    with _park_lock:
+        _reuse_depth += 1
+    try:
+        yield
+    finally:
+        with _park_lock:
+            _reuse_depth -= 1
+            release = list(_parked) if _reuse_depth == 0 else []
+            if release:
+                _parked.clear()
+        for block in release:
+            block.close()
+
+
+def _take_block(nbytes: int, pin: bool) -> _HostBlock:
+    """The parked block when it is big enough and pinned for the current device, else a new one."""
+    device = torch.cuda.current_device() if pin else None
+    with _park_lock:
+        for i, block in enumerate(_parked):
+            if block.nbytes >= nbytes and block.device == device and block.pin == pin:
+                return _parked.pop(i)
+    return _HostBlock(nbytes, pin=pin)
+
+
+def _give_back_block(block: _HostBlock) -> None:
+    """Park ``block`` for the next pool inside reuse_blocks(), else release it."""
+    with _park_lock:
+        if _reuse_depth > 0 and not _parked:
+            _parked.append(block)
+            return
+    block.close()
 
 
 class StagingPool:
@@ -119,7 +168,7 @@ class StagingPool:
         stride = -(-self.buffer_bytes // PAGE) * PAGE
         total = stride * self.max_buffers
         if self.allocation == "hugepage":
-            self._block = _HostBlock(total, pin=self.pin)
+            self._block = _take_block(total, self.pin)
             whole = self._block.tensor
         else:
             whole = self._aligned(total)
@@ -213,5 +262,5 @@ class StagingPool:
             self._allocated = 0
             self._cond.notify_all()
         if self._block is not None:
-            self._block.close()
+            _give_back_block(self._block)  # drained above: no copy reads it any more
             self._block = None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..engine import TensorDeserializer, TensorSerializer
+from ..engine.staging import reuse_blocks
 from ..errors import FormatError, UsageError
 from ..format.index import FileIndex
 from ..sources import Source
@@ -66,10 +67,11 @@ def _stream(
         if target is not None and not indexes[file_of[key]].tensors[key].dtype.is_floating_point:
             target = None
         groups[(_device_of(device_map, key), target, file_of[key])].append(key)
-    for (device, target, file), keys in groups.items():
-        with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, index=indexes[file],
-                                **engine) as d:  # fmt: skip
-            d.load_into_module(model, strict=False)
+    with reuse_blocks():  # one pinned staging block for every group and file, not one each
+        for (device, target, file), keys in groups.items():
+            with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, index=indexes[file],
+                                    **engine) as d:  # fmt: skip
+                d.load_into_module(model, strict=False)
     return [k for k in expected if k not in file_of], sorted(set(file_of).difference(expected))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..engine import TensorDeserializer, TensorSerializer
+from ..engine.staging import reuse_blocks
 from ..errors import FormatError, UsageError
 from . import artifact
 
@@ -113,11 +114,13 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
             device = _as_device(get_device(device_map, renamed, valid_torch_device=True))
         groups[(device, placeholder.file_of[key])].append(key)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
-    for (device, file), names in groups.items():
-        source, index = placeholder.sources[file], placeholder.indexes[file]
-        with TensorDeserializer(source, device=device, filter=names, index=index, **placeholder.engine_options) as d:
-            out.update(d.items())
-            placeholder.metrics.append(d.metrics)
+    with reuse_blocks():  # one pinned staging block for every group and shard, not one each
+        for (device, file), names in groups.items():
+            source, index = placeholder.sources[file], placeholder.indexes[file]
+            options = placeholder.engine_options
+            with TensorDeserializer(source, device=device, filter=names, index=index, **options) as d:
+                out.update(d.items())
+                placeholder.metrics.append(d.metrics)
     return out
 
 
