@@ -231,8 +231,12 @@ vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=
 vae.save_pretrained(sys.argv[2], tensorized=True)
 back = AutoencoderKL.from_pretrained(sys.argv[2])
 assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), back.state_dict().values(), strict=True))
+from hf_tensorizer.integrations import _after_import
+
+assert "diffusers" not in _after_import._finder.callbacks  # fired once, then forgotten
 hf_tensorizer.disable()
 assert AutoencoderKL.from_pretrained.__func__.__module__.startswith("diffusers")
+assert _after_import._finder not in sys.meta_path  # nothing left behind
 print("patched after import")
 """
 

@@ -61,6 +61,7 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
+        _forget(self.name)  # done once: the finder leaves sys.meta_path when nothing is left to watch
         try:
             self.callback()
         except Exception:
@@ -84,6 +85,13 @@ def after_import(names: Sequence[str], callback: Callable[[], None]) -> None:
                 _finder.callbacks[name] = callback
         if _finder.callbacks and _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
+
+
+def _forget(name: str) -> None:
+    with _finder.lock:
+        _finder.callbacks.pop(name, None)
+        if not _finder.callbacks and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
 
 
 def cancel() -> None:
