@@ -115,9 +115,13 @@ def test_stock_repo_from_the_hub(tmp_path: Path, hub_server: Any) -> None:
     api.create_repo("tester/stock-llama")
     info = api.upload_folder(repo_id="tester/stock-llama", folder_path=str(_stock(tmp_path, ref, shard="30KB")))
     for uri in ("hf://tester/stock-llama", f"hf://tester/stock-llama@{info.oid}"):
+        hub_server.log.clear()
         loaded = transformers.LlamaForCausalLM.from_pretrained(uri, tensorizer_options={"token": hub_server.token})
         assert torch.equal(_logits(ref), _logits(loaded))
         assert _streamed_bytes(loaded) == _param_bytes(ref)
+        # the repository is listed once, not probed name by name: nothing is asked for that is not there
+        assert sum("/tree/" in r["path"] for r in hub_server.log) == 1
+        assert not [r["path"] for r in hub_server.log if r["path"].endswith(("vocab.json", "model.tensors"))]
 
 
 def test_file_uri_goes_through_the_engine_plain_path_stays_stock(tmp_path: Path) -> None:

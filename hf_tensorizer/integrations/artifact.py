@@ -332,11 +332,14 @@ def pin_hub_revision(root: str, **options: Any) -> str:
     Small files, the index and every device group's weights are then read from one commit: a push that
     lands mid-load cannot mix two versions. Offline, or when the commit cannot be told, ``root`` is returned.
     """
-    from ..sources.hub import format_hf_uri, parse_hf_uri
+    from ..sources.hub import format_hf_uri, parse_hf_uri, resolve_commit
 
     parsed = parse_hf_uri(root)
     if parsed.revision is not None and _COMMIT_RE.fullmatch(parsed.revision):
         return root
+    commit = resolve_commit(root, **options)  # one request; else a known file's commit
+    if commit:
+        return format_hf_uri(parsed.repo_id, parsed.path, commit, parsed.repo_type)
     for name in (MANIFEST_NAME, WEIGHTS_NAME, "config.json"):
         try:
             with open_source(join(root, name), **options) as src:
@@ -401,7 +404,15 @@ def _probe_folders(root: str, folders: list[str], **options: Any) -> tuple[list[
 
     weight_names = (WEIGHTS_NAME, *SAFETENSORS_NAMES)
     paths = [f"{d}/{n}" if d else n for d in folders for n in (*KNOWN_FILES, *weight_names)]
-    present = {p for p, ok in zip(paths, concurrently(lambda p: _exists(join(root, p), **options), paths)) if ok}
+    listing = None
+    if scheme_of(root) == "hf":  # the Hub lists a repository in one request
+        from ..sources.hub import list_repo_paths
+
+        listing = list_repo_paths(root, **options)
+    if listing is not None:
+        present = set(paths).intersection(listing)
+    else:
+        present = {p for p, ok in zip(paths, concurrently(lambda p: _exists(join(root, p), **options), paths)) if ok}
     found = [p for p in paths if p in present and p.rsplit("/", 1)[-1] in KNOWN_FILES]
     weights: dict[str, list[str]] = {}
     for d in folders:

@@ -30,7 +30,10 @@ from ..errors import InvalidURIError, SinkError, SourceError, TensorizerError
 from .base import Sink, Source
 from .file import FileSink, FileSource
 
-__all__ = ["HfURI", "HubSink", "HubSource", "format_hf_uri", "hub_endpoint", "hub_offline", "parse_hf_uri"]
+__all__ = [
+    "HfURI", "HubSink", "HubSource", "format_hf_uri", "hub_endpoint", "hub_offline", "list_repo_paths", "parse_hf_uri",
+    "resolve_commit",
+]  # fmt: skip
 
 _TYPE_PREFIXES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
@@ -153,6 +156,47 @@ def hub_offline(offline: bool | None = None) -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+def list_repo_paths(
+    uri: str, *, token: str | bool | None = None, endpoint: str | None = None, offline: bool | None = None, **_: Any
+) -> list[str] | None:
+    """Every file under the ``hf://`` folder ``uri`` (paths relative to it), from one listing request: what
+    probing a dozen well-known names one request each would find. None when no listing can be had (offline,
+    no access, an old server): callers then ask for files one by one. Other transport options are ignored.
+    """
+    parsed = parse_hf_uri(uri)
+    if hub_offline(offline):
+        return None
+    from huggingface_hub import HfApi
+
+    resolved = _resolve_token(token)
+    try:
+        api = HfApi(endpoint=hub_endpoint(endpoint), token=resolved if resolved else False)
+        files = api.list_repo_files(parsed.repo_id, revision=parsed.revision, repo_type=parsed.repo_type)
+    except Exception:  # any failure only costs the fallback's extra requests
+        return None
+    prefix = f"{parsed.path.strip('/')}/" if parsed.path else ""
+    return [f[len(prefix) :] for f in files if f.startswith(prefix)]
+
+
+def resolve_commit(
+    uri: str, *, token: str | bool | None = None, endpoint: str | None = None, offline: bool | None = None, **_: Any
+) -> str | None:
+    """The commit the revision of the ``hf://`` URI points to now (one request), or None when it cannot be told
+    (offline, no access). Other transport options are ignored."""
+    parsed = parse_hf_uri(uri)
+    if hub_offline(offline):
+        return None
+    from huggingface_hub import HfApi
+
+    resolved = _resolve_token(token)
+    try:
+        api = HfApi(endpoint=hub_endpoint(endpoint), token=resolved if resolved else False)
+        sha = api.repo_info(parsed.repo_id, revision=parsed.revision, repo_type=parsed.repo_type).sha
+    except Exception:  # callers fall back to a file's commit, or to no pin
+        return None
+    return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
 
 def _resolve_token(token: str | bool | None) -> str | None:
