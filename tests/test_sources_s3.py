@@ -357,3 +357,35 @@ def test_sink_argument_errors(moto_s3, s3_bucket):
         sink = _sink(moto_s3, "s3://no-such-bucket-abc/k")
         sink.write(b"x")
         sink.commit()
+
+
+def test_sources_close_their_own_client_never_a_shared_one(
+    moto_s3: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hf_tensorizer.sources import s3 as s3_module
+    from hf_tensorizer.sources import shared_transport
+
+    s3_client.put_object(Bucket=s3_bucket, Key="x", Body=b"abc")
+    closed: list[Any] = []
+    real = s3_module.make_s3_client
+
+    def tracking(**kw: Any) -> Any:
+        client = real(**kw)
+        close = client.close
+        client.close = lambda: (closed.append(client), close())[1]
+        return client
+
+    monkeypatch.setattr(s3_module, "make_s3_client", tracking)
+    uri = f"s3://{s3_bucket}/x"
+    with S3Source(uri, endpoint_url=moto_s3) as src:
+        assert src.read(0, 3) == b"abc"
+    assert len(closed) == 1  # its own client, closed with it
+    with pytest.raises(SourceError):
+        S3Source(f"s3://{s3_bucket}/missing", endpoint_url=moto_s3)
+    assert len(closed) == 2  # a failed open closes what it made
+    with shared_transport(uri, {"endpoint_url": moto_s3}) as options:
+        for _ in range(3):
+            with S3Source(uri, **options) as src:
+                assert src.read(1, 2) == b"bc"
+        assert len(closed) == 2  # the shared client outlives its sources
+    assert len(closed) == 3  # and is closed once, when the block ends

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from ..errors import FormatError, SourceError, UsageError
 from ..format.index import FileIndex
-from ..sources import Source, local_path, open_sink, open_source, redact, scheme_of, shared_options
+from ..sources import Source, local_path, open_sink, open_source, redact, scheme_of, shared_transport
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -280,7 +280,12 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     if not is_remote(text):
         return local_path(text)
     text = text.rstrip("/")
-    options = shared_options(text, options)
+    with shared_transport(text, options) as shared:
+        return _fetch(text, **shared)
+
+
+def _fetch(text: str, **options: Any) -> str:
+    """:func:`resolve` for a remote root: probe or read the manifest, fetch the small files, mark the weights."""
     if scheme_of(text) == "hf":
         text = pin_hub_revision(text, **options)
     try:
@@ -477,13 +482,13 @@ def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] 
 def upload_folder(staging: str, dest: str, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
     """Copy every small file of ``staging`` to ``dest`` (local folder or URI). Returns the relative names."""
     names = [n for n in list_files(staging) if n not in set(skip)]
-    options = shared_options(dest, options)
+    with shared_transport(dest, options) as shared:
 
-    def upload(name: str) -> None:
-        with open(os.path.join(staging, name), "rb") as f:
-            write_bytes(join(dest, name), f.read(), **options)
+        def upload(name: str) -> None:
+            with open(os.path.join(staging, name), "rb") as f:
+                write_bytes(join(dest, name), f.read(), **shared)
 
-    concurrently(upload, names)
+        concurrently(upload, names)
     return names
 
 
@@ -555,32 +560,52 @@ def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) 
     return folder, weights
 
 
-def open_weights(uris: list[str], **transport: Any) -> tuple[list[Source], list[FileIndex]]:
+class OpenWeights:
+    """The weight files of one load, open: their ``sources`` and ``indexes`` (same order), and the client they
+    share. :meth:`close` (or ``with``) closes them all."""
+
+    def __init__(self, sources: list[Source], indexes: list[FileIndex], stack: contextlib.ExitStack) -> None:
+        self.sources, self.indexes, self._stack = sources, indexes, stack
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> OpenWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
     """Open every weight file of a load (:func:`locate`'s list) and read its index, concurrently and with one S3
     client for all (a sharded remote checkpoint costs a few round trips per shard: one after the other they add
-    up). The caller closes the sources; nothing stays open on failure.
+    up). Nothing stays open on failure.
 
     Raises:
         SourceError / FormatError: the first file that cannot be opened or parsed.
     """
     from ..engine.reader import read_index
 
-    if uris:
-        transport = shared_options(uris[0], transport)
-    sources: list[Source | None] = [None] * len(uris)
-
-    def one(i: int) -> FileIndex:
-        sources[i] = src = open_source(uris[i], **transport)
-        return read_index(src)
-
+    stack = contextlib.ExitStack()
     try:
-        indexes = concurrently(one, range(len(uris)))
+        shared = stack.enter_context(shared_transport(uris[0], transport)) if uris else transport
+        sources: list[Source | None] = [None] * len(uris)
+
+        def one(i: int) -> FileIndex:
+            sources[i] = src = open_source(uris[i], **shared)
+            return read_index(src)
+
+        try:
+            indexes = concurrently(one, range(len(uris)))
+        finally:  # every source that opened closes with the stack, before the shared client (LIFO)
+            for src in sources:
+                if src is not None:
+                    stack.callback(src.close)
     except BaseException:
-        for src in sources:
-            if src is not None:
-                src.close()
+        stack.close()
         raise
-    return [s for s in sources if s is not None], indexes
+    return OpenWeights([s for s in sources if s is not None], indexes, stack)
 
 
 # Stock save_pretrained arguments that concern safetensors shards or the Hub call, moot for one .tensors file

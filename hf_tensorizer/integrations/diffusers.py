@@ -140,12 +140,8 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
-    sources, indexes = artifact.open_weights(weights, **transport)  # names and dtypes; the loads authenticate
-    try:
-        missing, unexpected = _stream(model, sources, indexes, dtype, keep_fp32, device_map, engine)
-    finally:
-        for src in sources:
-            src.close()
+    with artifact.open_weights(weights, **transport) as opened:  # names and dtypes; the loads authenticate
+        missing, unexpected = _stream(model, opened.sources, opened.indexes, dtype, keep_fp32, device_map, engine)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")

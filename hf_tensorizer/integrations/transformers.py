@@ -63,7 +63,8 @@ class TensorizedStateDict(dict):
 
     def __init__(self, uris: str | list[str], options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
-        self.sources, self.indexes = artifact.open_weights([uris] if isinstance(uris, str) else uris, **transport)
+        self.weights = artifact.open_weights([uris] if isinstance(uris, str) else uris, **transport)
+        self.sources, self.indexes = self.weights.sources, self.weights.indexes
         self.file_of: dict[str, int] = {}  # tensor name -> index into sources
         try:
             for i, index in enumerate(self.indexes):
@@ -80,8 +81,7 @@ class TensorizedStateDict(dict):
 
     def close(self) -> None:
         """Close the weight sources (connections, descriptors)."""
-        for src in self.sources:
-            src.close()
+        self.weights.close()
 
 
 def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, load_config: Any) -> dict[str, Any]:

@@ -70,19 +70,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 CLIENT_OPTIONS = ("endpoint_url", "region", "profile", "anonymous", "addressing_style", "retries", "timeout")
 
 
-def with_shared_client(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` plus one ready ``client`` built from them, for opening many objects with the same settings:
-    a boto3 client costs ~0.1 s of CPU to build, which each of dozens of small files would pay again.
-    ``options`` that already hold a client are returned as they are.
+def shared_client(options: dict[str, Any]) -> Any:
+    """One ready client built from transport ``options``, for opening many objects with the same settings: a
+    boto3 client costs ~0.1 s of CPU to build, which each of dozens of small files would pay again. The caller
+    closes it once the sources using it are closed.
 
     Raises:
         SourceError / UsageError: as :func:`make_s3_client`.
     """
-    if options.get("client") is not None:
-        return options
     settings = {k: options[k] for k in CLIENT_OPTIONS if k in options}
     pool = max(constants.REMOTE_CONCURRENCY, int(options.get("concurrency", 0))) * 2
-    return {**options, "client": make_s3_client(max_pool_connections=pool, **settings)}
+    return make_s3_client(max_pool_connections=pool, **settings)
 
 
 def make_s3_client(
@@ -279,6 +277,7 @@ class S3Source(RangedSource):
         if not self.key:
             raise InvalidURIError(f"no key in {uri!r}; expected s3://bucket/key")
         self.uri = f"s3://{self.bucket}/{self.key}"
+        self._owns_client = client is None  # a client handed in belongs to the caller (shared by many sources)
         self._client = client or make_s3_client(
             endpoint_url=endpoint_url,
             region=region,
@@ -297,11 +296,19 @@ class S3Source(RangedSource):
         try:
             head = self._client.head_object(**kwargs)
         except (BotoCoreError, ClientError) as exc:
-            raise _translate(exc, self.uri, SourceError, client=self._client, bucket=self.bucket) from exc
+            error = _translate(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
+            self.close()
+            raise error from exc
         self.size = int(head["ContentLength"])
         self.etag: str | None = head.get("ETag")
         vid = head.get("VersionId")
         self.version_id: str | None = vid if vid and vid != "null" else None
+
+    def close(self) -> None:
+        """Stop the range reads' executor and, when this source made its client, close the client's connections."""
+        super().close()
+        if self._owns_client:
+            self._client.close()
 
     def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
