@@ -9,6 +9,7 @@ import http.client
 import random
 import threading
 import time
+from typing import Any
 
 import pytest
 
