@@ -158,6 +158,16 @@ def hub_offline(offline: bool | None = None) -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _api(token: str | bool | None, endpoint: str | None, offline: bool | None) -> Any:
+    """An ``HfApi`` for the metadata calls below, or None offline."""
+    if hub_offline(offline):
+        return None
+    from huggingface_hub import HfApi
+
+    resolved = _resolve_token(token)
+    return HfApi(endpoint=hub_endpoint(endpoint), token=resolved if resolved else False)
+
+
 def list_repo_paths(
     uri: str, *, token: str | bool | None = None, endpoint: str | None = None, offline: bool | None = None, **_: Any
 ) -> list[str] | None:
@@ -166,13 +176,10 @@ def list_repo_paths(
     no access, an old server): callers then ask for files one by one. Other transport options are ignored.
     """
     parsed = parse_hf_uri(uri)
-    if hub_offline(offline):
+    api = _api(token, endpoint, offline)
+    if api is None:
         return None
-    from huggingface_hub import HfApi
-
-    resolved = _resolve_token(token)
     try:
-        api = HfApi(endpoint=hub_endpoint(endpoint), token=resolved if resolved else False)
         files = api.list_repo_files(parsed.repo_id, revision=parsed.revision, repo_type=parsed.repo_type)
     except Exception:  # any failure only costs the fallback's extra requests
         return None
@@ -186,13 +193,10 @@ def resolve_commit(
     """The commit the revision of the ``hf://`` URI points to now (one request), or None when it cannot be told
     (offline, no access). Other transport options are ignored."""
     parsed = parse_hf_uri(uri)
-    if hub_offline(offline):
+    api = _api(token, endpoint, offline)
+    if api is None:
         return None
-    from huggingface_hub import HfApi
-
-    resolved = _resolve_token(token)
     try:
-        api = HfApi(endpoint=hub_endpoint(endpoint), token=resolved if resolved else False)
         sha = api.repo_info(parsed.repo_id, revision=parsed.revision, repo_type=parsed.repo_type).sha
     except Exception:  # callers fall back to a file's commit, or to no pin
         return None
