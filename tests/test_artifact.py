@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer.errors import FormatError
-from hf_tensorizer.integrations import artifact
+from hf_tensorizer.integrations import artifact, manifest
 
-HEADER = {"format": artifact.ARTIFACT_FORMAT, "version": artifact.ARTIFACT_VERSION, "library": "transformers"}
+HEADER = {"format": manifest.ARTIFACT_FORMAT, "version": manifest.ARTIFACT_VERSION, "library": "transformers"}
 
 
 def _manifest(files: Any) -> bytes:
@@ -45,10 +45,10 @@ json_values = st.recursive(
 def test_files_are_safe_paths_or_refused(files: list[Any]) -> None:
     base = os.path.realpath("/tmp/cache-root")
     try:
-        manifest = artifact.parse_manifest(_manifest(files))
+        parsed = manifest.parse_manifest(_manifest(files))
     except FormatError:
         return
-    names = manifest["files"]
+    names = parsed["files"]
     assert all(isinstance(n, str) and _inside(base, n) for n in names)
     assert len(set(names)) == len(names)
     assert not any(n.startswith(m + "/") for n in names for m in names)  # no file is also a folder
@@ -58,7 +58,7 @@ def test_files_are_safe_paths_or_refused(files: list[Any]) -> None:
 @given(doc=st.one_of(json_values, st.dictionaries(st.sampled_from(["format", "files", "version"]), json_values)))
 def test_arbitrary_json_parses_or_raises_format_error(doc: Any) -> None:
     try:
-        artifact.parse_manifest(json.dumps(doc).encode())
+        manifest.parse_manifest(json.dumps(doc).encode())
     except FormatError:
         pass
 
@@ -67,14 +67,14 @@ def test_arbitrary_json_parses_or_raises_format_error(doc: Any) -> None:
 @given(raw=st.binary(max_size=200))
 def test_arbitrary_bytes_parse_or_raise_format_error(raw: bytes) -> None:
     try:
-        artifact.parse_manifest(raw)
+        manifest.parse_manifest(raw)
     except FormatError:
         pass
 
 
 def test_deeply_nested_json_is_a_format_error() -> None:
     with pytest.raises(FormatError):
-        artifact.parse_manifest(b"[" * 100_000 + b"]" * 100_000)
+        manifest.parse_manifest(b"[" * 100_000 + b"]" * 100_000)
 
 
 @pytest.mark.parametrize(
