@@ -15,7 +15,8 @@ import pytest
 
 from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
 from hf_tensorizer.sources import open_sink, open_source
-from hf_tensorizer.sources.s3 import S3Sink, S3Source, _body_reader, _translate
+from hf_tensorizer.sources.s3 import S3Source, _body_reader, _translate
+from hf_tensorizer.sources.s3_sink import S3Sink
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -119,7 +119,7 @@ def open_sink(uri: str | os.PathLike[str] | Sink, **options: Any) -> Sink:
             raise UsageError(f"unknown options for a local file: {sorted(options)}")
         return FileSink(local_path(uri))
     if scheme == "s3":
-        from .s3 import S3Sink
+        from .s3_sink import S3Sink
 
         return S3Sink(os.fspath(uri), **options)
     if scheme == "hf":

@@ -1,15 +1,11 @@
-"""S3 (and S3-compatible) sources and sinks through boto3.
+"""S3 (and S3-compatible) sources through boto3, and the client both directions share.
 
 Reading: one HEAD pins the object (size, ETag, VersionId); every range is a ``get_object`` with ``Range``,
 ``IfMatch`` and, on versioned buckets, ``VersionId``, streamed straight into the caller's buffers. botocore
 retries the request phase (5xx, throttling, connection errors); a body that breaks mid-stream (dropped
 connection, read timeout) is retried by :class:`RangedSource`, resuming at the first byte not yet received.
 
-Writing: :class:`S3Sink` is a streaming multipart upload. ``write`` fills part buffers; full parts upload from a
-small thread pool with a bounded number in flight, so memory stays under ``(concurrency + 2) × part_size``. The
-first part is held back until ``commit`` so that ``rewrite_head`` can patch the index at the front (S3 assembles
-parts by number, not by upload order). Small objects go up as one ``put_object``. Any failure aborts the
-multipart upload: no object appears and no parts are left billed.
+Writing is :mod:`.s3_sink` (streaming multipart uploads), with the client and errors made here.
 
 Credentials come from boto3's chain (env vars, shared config and profiles, session tokens, SSO, container and
 instance roles); ``anonymous=True`` sends unsigned requests for public buckets. Errors and messages never include
@@ -20,28 +16,21 @@ from __future__ import annotations
 
 import http.client
 import re
-import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from .. import constants
 from ..errors import (
     InvalidURIError,
     ObjectChangedError,
-    SinkError,
     SourceError,
     TensorizerError,
     UsageError,
 )
-from .base import Sink
 from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, readinto1
 
-__all__ = ["S3Sink", "S3Source", "make_s3_client", "parse_s3_uri"]
+__all__ = ["S3Source", "make_s3_client", "parse_s3_uri", "shared_client"]
 
-MIN_PART_SIZE = 5 * constants.MiB  # S3's minimum for every part but the last
-MAX_PART_SIZE = 5 * constants.GiB
-MAX_PARTS = 10_000
 _SLICE = 1 << 20  # slow path (no http.client response underneath): bounds what a failure makes us fetch twice
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # permissive: legacy and S3-compatible names
 _NO_CREDENTIALS = (
@@ -365,253 +354,3 @@ def _parse_content_range(value: str | None, uri: str) -> tuple[int, int, int | N
         raise SourceError(f"{uri}: missing or malformed Content-Range {value!r} in a ranged GET")
     total = None if match.group(3) == "*" else int(match.group(3))
     return int(match.group(1)), int(match.group(2)), total
-
-
-class S3Sink(Sink):
-    """A streaming multipart upload to ``s3://bucket/key``, committed atomically.
-
-    Memory: at most ``(concurrency + 2) × part_size`` (the held first part, the part being filled and the parts
-    in flight). Objects that fit in one part are sent with one ``put_object``. After 1000 parts the part size
-    doubles (every 1000 parts) so the 10,000-part limit is not reached before S3's 5 TiB object limit.
-
-    Args:
-        uri: ``s3://bucket/key``.
-        part_size: bytes per part (≥ 5 MiB).
-        concurrency: parts uploading at once.
-        endpoint_url, region, profile, anonymous, addressing_style, retries, timeout: as for :class:`S3Source`.
-        content_type: the object's Content-Type.
-        extra_args: extra ``create_multipart_upload`` / ``put_object`` parameters (``ServerSideEncryption``,
-            ``SSEKMSKeyId``, ``StorageClass``, ``Metadata``, ``ACL``...).
-        client: a ready boto3 S3 client.
-
-    Raises:
-        InvalidURIError: malformed URI or no key.
-        UsageError: ``part_size`` below 5 MiB or ``concurrency`` below 1.
-    """
-
-    can_rewrite_head = True
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        part_size: int = constants.S3_UPLOAD_PART_BYTES,
-        concurrency: int = constants.S3_UPLOAD_CONCURRENCY,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        profile: str | None = None,
-        anonymous: bool = False,
-        addressing_style: str | None = None,
-        retries: int = constants.REMOTE_RETRIES,
-        timeout: float = constants.REMOTE_TIMEOUT_S,
-        content_type: str = "application/octet-stream",
-        extra_args: Mapping[str, Any] | None = None,
-        client: Any = None,
-    ) -> None:
-        self.bucket, self.key = parse_s3_uri(uri)
-        if not self.key or self.key.endswith("/"):
-            raise InvalidURIError(f"no object key in {uri!r}; expected s3://bucket/key")
-        self.uri = f"s3://{self.bucket}/{self.key}"
-        if part_size < MIN_PART_SIZE or part_size > MAX_PART_SIZE:
-            raise UsageError(f"part_size must be between 5 MiB and 5 GiB (S3 limits), got {part_size}")
-        if concurrency < 1:
-            raise UsageError(f"concurrency must be >= 1, got {concurrency}")
-        try:
-            self._client = client or make_s3_client(
-                endpoint_url=endpoint_url,
-                region=region,
-                profile=profile,
-                anonymous=anonymous,
-                addressing_style=addressing_style,
-                max_pool_connections=concurrency + 2,
-                retries=retries,
-                timeout=timeout,
-            )
-        except SourceError as exc:
-            raise SinkError(str(exc)) from exc
-        self.part_size = part_size
-        self.concurrency = concurrency
-        self._extra = {"ContentType": content_type, **(extra_args or {})}
-        self._first: bytearray | None = None  # part 1, held until commit so rewrite_head can patch it
-        self._buf = bytearray()
-        self._part_number = 1  # number of the part being filled
-        self._written = 0
-        self.upload_id: str | None = None
-        self._etags: dict[int, str] = {}
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._futures: list[Future[None]] = []
-        self._executor: ThreadPoolExecutor | None = None
-        self._error: BaseException | None = None
-        self._state = "open"
-
-    # --- Sink API ----------------------------------------------------------------------------------------
-
-    def write(self, data: memoryview | bytes) -> None:
-        self._check_open()
-        view = memoryview(data).cast("B")
-        try:
-            while len(view):
-                take = min(self.part_size - len(self._buf), len(view))
-                self._buf += view[:take]
-                view = view[take:]
-                self._written += take
-                if len(self._buf) >= self.part_size:
-                    self._seal()
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, TensorizerError):
-                raise
-            if isinstance(exc, Exception):
-                raise SinkError(f"{self.uri}: upload failed: {exc}") from exc
-            raise
-
-    def rewrite_head(self, data: bytes) -> None:
-        self._check_open()
-        head = self._first if self._first is not None else self._buf
-        if len(data) > len(head):
-            self.abort()
-            raise SinkError(
-                f"{self.uri}: cannot rewrite {len(data)} head bytes; only the first part ({len(head)} bytes) is held "
-                "back (use a larger part_size)"
-            )
-        head[: len(data)] = data
-
-    def commit(self) -> None:
-        self._check_open()
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            if self.upload_id is None:  # under two parts: the held first part and the rest in one PUT
-                body = bytes(self._first or b"") + bytes(self._buf)
-                self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **self._extra)
-            else:
-                if self._buf:
-                    self._submit(self._part_number, self._buf)
-                    self._buf = bytearray()
-                assert self._first is not None
-                self._submit(1, self._first)
-                self._first = None
-                self._wait_all()
-                parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-                self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
-                )
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, TensorizerError):
-                raise
-            if isinstance(exc, (BotoCoreError, ClientError)):
-                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
-            if isinstance(exc, Exception):
-                raise SinkError(f"{self.uri}: commit failed: {exc}") from exc
-            raise
-        self._state = "committed"
-        self._shutdown()
-
-    def abort(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        # Let running part uploads finish first: aborting while a part is still uploading can leave that part
-        # stored (and billed) after the abort.
-        for fut in list(self._futures):
-            fut.cancel()
-        for fut in list(self._futures):
-            if not fut.cancelled():
-                fut.exception()
-        self._shutdown()
-        self._first = None
-        self._buf = bytearray()
-        if self.upload_id is not None:
-            try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-            except Exception:  # abort must not raise; a bucket lifecycle rule is the backstop
-                pass
-
-    # --- internals ---------------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise SinkError(f"{self.uri}: sink already {self._state}")
-
-    def _seal(self) -> None:
-        """The current buffer is a full part: hold it (part 1) or upload it."""
-        buf, self._buf = self._buf, bytearray()
-        number = self._part_number
-        self._part_number += 1
-        if number % 1000 == 0:  # keep far below the 10,000-part limit for very large objects
-            self.part_size = min(self.part_size * 2, MAX_PART_SIZE)
-        if number == 1:
-            self._first = buf
-            return
-        if self.upload_id is None:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            try:
-                resp = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self._extra)
-            except (BotoCoreError, ClientError) as exc:
-                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
-            self.upload_id = resp["UploadId"]
-        self._submit(number, buf)
-
-    def _submit(self, number: int, buf: bytearray) -> None:
-        if number > MAX_PARTS:
-            raise SinkError(f"{self.uri}: more than {MAX_PARTS} parts; use a larger part_size")
-        self._raise_background_error()
-        self._slots.acquire()  # backpressure: at most `concurrency` parts in memory in flight
-        self._raise_background_error_and_release()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-s3-upload")
-        try:
-            fut = self._executor.submit(self._upload_part, number, buf)
-        except BaseException:
-            self._slots.release()
-            raise
-        fut.add_done_callback(self._part_done)
-        self._futures.append(fut)
-
-    def _upload_part(self, number: int, buf: bytearray) -> None:
-        resp = self._client.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=buf
-        )
-        with self._lock:
-            self._etags[number] = resp["ETag"]
-
-    def _part_done(self, fut: Future[None]) -> None:
-        self._slots.release()
-        if not fut.cancelled() and fut.exception() is not None:
-            with self._lock:
-                if self._error is None:
-                    self._error = fut.exception()
-
-    def _raise_background_error(self) -> None:
-        with self._lock:
-            error = self._error
-        if error is not None:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            if isinstance(error, (BotoCoreError, ClientError)):
-                raise _translate(error, self.uri, SinkError, client=self._client, bucket=self.bucket) from error
-            raise SinkError(f"{self.uri}: uploading a part failed: {error}") from error
-
-    def _raise_background_error_and_release(self) -> None:
-        try:
-            self._raise_background_error()
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def _wait_all(self) -> None:
-        for fut in self._futures:
-            fut.exception()
-        self._raise_background_error()
-
-    def _shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        self._futures = []
-
-    def __repr__(self) -> str:
-        return f"S3Sink({self.uri!r}, state={self._state})"
