@@ -146,6 +146,11 @@ def test_bad_stock_checkpoints(tmp_path: Path, http_server: Any) -> None:
     index.write_text(index.read_text().replace('"model-00001', '"../model-00001'))
     with pytest.raises(FormatError):
         transformers.AutoModelForCausalLM.from_pretrained(http_server.url("escape"))
+    shutil.copytree(folder, http_server.dir / "twice")
+    first, second = sorted((http_server.dir / "twice").glob("model-0000*.safetensors"))[:2]
+    shutil.copy(first, second)  # the second shard now repeats the first one's tensors
+    with pytest.raises(FormatError, match="appears in two weight files"):
+        transformers.AutoModelForCausalLM.from_pretrained(http_server.url("twice"))
     (http_server.dir / "config-only").mkdir()
     shutil.copy(folder / "config.json", http_server.dir / "config-only")
     with pytest.raises(UsageError, match=r"no model\.tensors and no safetensors"):

@@ -497,11 +497,21 @@ def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) 
 
 
 class OpenWeights:
-    """The weight files of one load, open: their ``sources`` and ``indexes`` (same order), and the client they
-    share. :meth:`close` (or ``with``) closes them all."""
+    """The weight files of one load, open: their ``sources`` and ``indexes`` (same order), ``file_of`` (tensor
+    name -> position in those lists), and the client they share. :meth:`close` (or ``with``) closes them all.
+
+    Raises:
+        FormatError: a tensor appears in two weight files.
+    """
 
     def __init__(self, sources: list[Source], indexes: list[FileIndex], stack: contextlib.ExitStack) -> None:
         self.sources, self.indexes, self._stack = sources, indexes, stack
+        self.file_of: dict[str, int] = {}
+        for i, index in enumerate(indexes):
+            for name in index.tensors:
+                if name in self.file_of:
+                    raise FormatError(f"tensor {name!r} appears in two weight files ({sources[i].uri})")
+                self.file_of[name] = i
 
     def close(self) -> None:
         self._stack.close()
@@ -519,7 +529,7 @@ def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
     up). Nothing stays open on failure.
 
     Raises:
-        SourceError / FormatError: the first file that cannot be opened or parsed.
+        SourceError / FormatError: the first file that cannot be opened or parsed, or a tensor in two files.
     """
     from ..engine.reader import read_index
 
@@ -538,10 +548,10 @@ def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
             for src in sources:
                 if src is not None:
                     stack.callback(src.close)
+        return OpenWeights([s for s in sources if s is not None], indexes, stack)
     except BaseException:
         stack.close()
         raise
-    return OpenWeights([s for s in sources if s is not None], indexes, stack)
 
 
 # Stock save_pretrained arguments that concern safetensors shards or the Hub call, moot for one .tensors file

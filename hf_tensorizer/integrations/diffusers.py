@@ -22,9 +22,7 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer
 from ..engine.staging import reuse_blocks
-from ..errors import FormatError, UsageError
-from ..format.index import FileIndex
-from ..sources import Source
+from ..errors import UsageError
 from . import artifact
 from .transformers import current_options, split_options
 
@@ -37,26 +35,16 @@ _IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token
 
 def _stream(
     model: torch.nn.Module,
-    sources: list[Source],
-    indexes: list[FileIndex],
+    weights: artifact.OpenWeights,
     dtype: torch.dtype | None,
     keep_fp32: Any,
     device_map: dict[str, Any],
     engine: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
-    """Load the tensors of ``sources`` (weight files, with their ``indexes``) into ``model``, one read per
-    (device, dtype, file) group; returns the (missing, unexpected) keys.
-
-    Raises:
-        FormatError: a tensor appears in two weight files.
-    """
+    """Load the open ``weights`` into ``model``, one read per (device, dtype, file) group; returns the
+    (missing, unexpected) keys."""
     expected = list(model.state_dict(keep_vars=True).keys())
-    file_of: dict[str, int] = {}
-    for i, index in enumerate(indexes):
-        for name in index.tensors:
-            if name in file_of:
-                raise FormatError(f"tensor {name!r} appears in two weight files ({sources[i].uri})")
-            file_of[name] = i
+    file_of, indexes, sources = weights.file_of, weights.indexes, weights.sources
     groups: dict[tuple[torch.device, torch.dtype | None, int], list[str]] = defaultdict(list)
     for key in expected:
         if key not in file_of:
@@ -141,7 +129,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
     with artifact.open_weights(weights, **transport) as opened:  # names and dtypes; the loads authenticate
-        missing, unexpected = _stream(model, opened.sources, opened.indexes, dtype, keep_fp32, device_map, engine)
+        missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, engine)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")

@@ -27,7 +27,7 @@ import torch
 
 from ..engine import TensorDeserializer, TensorSerializer
 from ..engine.staging import reuse_blocks
-from ..errors import FormatError, UsageError
+from ..errors import UsageError
 from . import artifact
 
 _DESERIALIZER_ARGS = frozenset(inspect.signature(TensorDeserializer.__init__).parameters) - {
@@ -64,18 +64,9 @@ class TensorizedStateDict(dict):
     def __init__(self, uris: str | list[str], options: dict[str, Any] | None = None) -> None:
         engine, transport = split_options(options)
         self.weights = artifact.open_weights([uris] if isinstance(uris, str) else uris, **transport)
-        self.sources, self.indexes = self.weights.sources, self.weights.indexes
-        self.file_of: dict[str, int] = {}  # tensor name -> index into sources
-        try:
-            for i, index in enumerate(self.indexes):
-                for name, e in index.tensors.items():
-                    if name in self.file_of:
-                        raise FormatError(f"tensor {name!r} appears in two weight files ({self.sources[i].uri})")
-                    self.file_of[name] = i
-                    self[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
-        except BaseException:
-            self.close()
-            raise
+        for name, i in self.weights.file_of.items():
+            e = self.weights.indexes[i].tensors[name]
+            self[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
         self.engine_options = engine
         self.metrics: list[Any] = []
 
@@ -112,11 +103,11 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
             device = torch.device("cpu")
         else:
             device = _as_device(get_device(device_map, renamed, valid_torch_device=True))
-        groups[(device, placeholder.file_of[key])].append(key)
+        groups[(device, placeholder.weights.file_of[key])].append(key)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
     with reuse_blocks():  # one pinned staging block for every group and shard, not one each
         for (device, file), names in groups.items():
-            source, index = placeholder.sources[file], placeholder.indexes[file]
+            source, index = placeholder.weights.sources[file], placeholder.weights.indexes[file]
             options = placeholder.engine_options
             with TensorDeserializer(source, device=device, filter=names, index=index, **options) as d:
                 out.update(d.items())
