@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from .engine import TensorDeserializer, read_index
 from .engine.plan import Piece
-from .engine.reader import TensorDeserializer, read_index
 from .engine.staging import reuse_blocks
 from .errors import (
     DecryptionError,

@@ -18,7 +18,7 @@ import torch
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.crypto import EncryptionKey, FileKeys
 from hf_tensorizer.crypto.seal import BlockCipher, open_section, sealed_header
-from hf_tensorizer.engine.reader import read_index
+from hf_tensorizer.engine.header import read_index
 from hf_tensorizer.errors import DecryptionError, TensorizerError, TruncatedFileError
 from hf_tensorizer.format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, encode_index
 from hf_tensorizer.sources import Source

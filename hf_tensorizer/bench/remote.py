@@ -140,9 +140,9 @@ def _load_pipeline(uri: str, opts: dict[str, Any], *, staged: bool) -> tuple[dic
     import torch
 
     from hf_tensorizer import constants
+    from hf_tensorizer.engine.header import read_index
     from hf_tensorizer.engine.pipeline import load_cpu, load_staged
     from hf_tensorizer.engine.plan import plan_chunks
-    from hf_tensorizer.engine.reader import read_index
     from hf_tensorizer.engine.staging import StagingPool
     from hf_tensorizer.sources import open_source
 

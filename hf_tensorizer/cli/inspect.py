@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.reader import read_index
+    from ..engine.header import read_index
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
     with open_source(args.uri, **options) as src:

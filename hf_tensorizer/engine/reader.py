@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES, staging_allocation_default
-from ..errors import TensorizerError, TruncatedFileError, UsageError
+from ..errors import TensorizerError, UsageError
 from ..format.dtypes import is_floating
-from ..format.foreign import read_foreign_index
-from ..format.index import PREAMBLE_SIZE, FileIndex, TensorEntry, TensorKind, decode_index, decode_preamble
+from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
-from ..sources.file import FileSource
 from . import pagecache
+from .header import read_index
 from .memory import host_view
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
@@ -28,35 +27,6 @@ if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
 
 STRATEGIES = ("auto", "pread", "odirect", "register")
-_FIRST_READ = 64 << 10  # one small request usually returns the preamble and the whole index
-
-
-def read_index(source: str | os.PathLike[str] | Source, **source_options: Any) -> FileIndex:
-    """Read and validate the preamble and index of ``source`` (one or two small reads).
-
-    Args:
-        source: a local path, URI or open :class:`Source` (left open).
-
-    Raises:
-        FormatError: and its subclasses, for anything malformed (see :mod:`hf_tensorizer.errors`).
-        SourceError: the bytes could not be read.
-    """
-    if not isinstance(source, Source):
-        with open_source(source, **source_options) as src:
-            return read_index(src)
-    size = source.size
-    head = source.read(0, min(size, _FIRST_READ)) if size else b""
-    foreign = read_foreign_index(source, head)  # upstream tensorizer or safetensors, sniffed by first bytes
-    if foreign is not None:
-        return foreign
-    pre = decode_preamble(head, file_size=size)  # a short file raises the precise error here
-    end = PREAMBLE_SIZE + pre.index_length
-    raw = head[PREAMBLE_SIZE:end]
-    if end > len(head):  # a large index: one more request for the rest
-        raw += source.read(len(head), end - len(head))
-    if len(raw) < pre.index_length:
-        raise TruncatedFileError("file ends inside its index")
-    return decode_index(pre, raw)
 
 
 class LoadInfo(NamedTuple):
@@ -73,7 +43,7 @@ def _default_threads(device: torch.device, source: Source) -> int:
     if NUM_READERS > 0:
         return NUM_READERS
     cpus = os.cpu_count() or 2
-    if not isinstance(source, FileSource):
+    if source.fileno() is None:
         return max(4, source.preferred_concurrency)
     # CPU loads are bound by faulting in the fresh destination pages; more threads than cores overlap the
     # faults (2-core VM: 1 reader 1.6 GB/s, 4 readers 3.0 GB/s; docs/benchmarks.md)
@@ -322,7 +292,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             return dests
         direct_fd = None
         if strategy == "odirect":
-            assert isinstance(self._source, FileSource)
             direct_fd = self._source.direct_fileno()
             if direct_fd is None:
                 metrics.strategy = "pread"
@@ -498,4 +467,4 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathL
     return s.close()
 
 
-__all__ = ["LoadInfo", "TensorDeserializer", "TensorizerError", "load_state_dict", "read_index", "save_state_dict"]
+__all__ = ["LoadInfo", "TensorDeserializer", "TensorizerError", "load_state_dict", "save_state_dict"]

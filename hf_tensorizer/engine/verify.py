@@ -8,9 +8,9 @@ from typing import Any
 
 from ..errors import TensorizerError, UsageError
 from ..sources import Source, open_source
+from .header import read_index
 from .pipeline import StageTimes, Verifier, _Work, run_threads
 from .plan import plan_chunks
-from .reader import read_index
 
 
 @dataclass

@@ -531,7 +531,7 @@ def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
     Raises:
         SourceError / FormatError: the first file that cannot be opened or parsed, or a tensor in two files.
     """
-    from ..engine.reader import read_index
+    from ..engine.header import read_index
 
     stack = contextlib.ExitStack()
     try:

@@ -46,7 +46,12 @@ class Source(abc.ABC):
         return bytes(buf)
 
     def fileno(self) -> int | None:
-        """An OS file descriptor when the bytes are a local file (enables mmap and O_DIRECT)."""
+        """An OS file descriptor when the bytes are a local file (enables mmap and page-cache checks)."""
+        return None
+
+    def direct_fileno(self) -> int | None:
+        """A second descriptor opened with ``O_DIRECT`` (reads bypass the page cache), when the bytes are a
+        local file on a filesystem that supports it; ``None`` otherwise. Owned by the source."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

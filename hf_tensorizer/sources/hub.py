@@ -372,6 +372,9 @@ class HubSource(Source):
     def fileno(self) -> int | None:
         return self._inner.fileno()
 
+    def direct_fileno(self) -> int | None:
+        return self._inner.direct_fileno()
+
     def close(self) -> None:
         self._inner.close()
 
