@@ -21,8 +21,7 @@ from .engine import (
 )
 from .format import FileIndex, TensorEntry, TensorKind
 from .integrations import disable, enable, enabled
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "FileIndex",

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer.errors import FormatError
-from hf_tensorizer.integrations import artifact, manifest
+from hf_tensorizer.integrations import cache as artifact_cache
+from hf_tensorizer.integrations import manifest, weights
 
 HEADER = {"format": manifest.ARTIFACT_FORMAT, "version": manifest.ARTIFACT_VERSION, "library": "transformers"}
 
@@ -25,8 +26,8 @@ def _manifest(files: Any) -> bytes:
 def _inside(base: str, name: str) -> bool:
     path = os.path.realpath(os.path.join(base, name))
     return path.startswith(base + os.sep) and os.path.basename(path) not in (
-        artifact.MANIFEST_NAME,
-        artifact.REMOTE_MARKER,
+        manifest.MANIFEST_NAME,
+        manifest.REMOTE_MARKER,
     )
 
 
@@ -101,10 +102,10 @@ def test_hostile_manifest_from_a_server_writes_nothing(
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(cache))
     art = http_server.dir / "art"
     art.mkdir()
-    (art / artifact.MANIFEST_NAME).write_bytes(_manifest(files))
+    (art / manifest.MANIFEST_NAME).write_bytes(_manifest(files))
     (art / "config.json").write_text("{}")
     with pytest.raises(FormatError):
-        artifact.resolve(http_server.url("art"))
+        artifact_cache.resolve(http_server.url("art"))
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
 
@@ -118,7 +119,7 @@ def test_hostile_model_index_without_manifest(
     for body in (b"[1, 2]", b"{not json", json.dumps({"../up": ["diffusers", "UNet2DConditionModel"]}).encode()):
         (art / "model_index.json").write_bytes(body)
         with pytest.raises(FormatError):
-            artifact.resolve(http_server.url("pipe"))
+            artifact_cache.resolve(http_server.url("pipe"))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -127,10 +128,10 @@ def test_valid_manifest_round_trip(http_server: Any, tmp_path: Path, monkeypatch
     art = http_server.dir / "ok"
     (art / "unet").mkdir(parents=True)
     files = ["config.json", "unet/config.json", "unet/model.tensors", ".gitattributes"]
-    (art / artifact.MANIFEST_NAME).write_bytes(_manifest(files))
+    (art / manifest.MANIFEST_NAME).write_bytes(_manifest(files))
     for f in files:
         (art / f).write_text(f)
-    folder = artifact.resolve(http_server.url("ok"))
+    folder = artifact_cache.resolve(http_server.url("ok"))
     assert (Path(folder) / "unet" / "config.json").read_text() == "unet/config.json"
     assert not (Path(folder) / "unet" / "model.tensors").exists()  # weights stay remote
-    assert artifact.weights_uris(os.path.join(folder, "unet")) == [http_server.url("ok") + "/unet/model.tensors"]
+    assert weights.weights_uris(os.path.join(folder, "unet")) == [http_server.url("ok") + "/unet/model.tensors"]

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer import TensorDeserializer, read_index
-from hf_tensorizer.compat import iter_safetensors_indexes, load_safetensors_state_dict, safetensors_shards
 from hf_tensorizer.errors import (
     FormatError,
     HeaderTooLargeError,
@@ -20,6 +19,7 @@ from hf_tensorizer.errors import (
     TruncatedFileError,
     UnknownDtypeError,
 )
+from hf_tensorizer.integrations.weights import iter_safetensors_indexes, load_safetensors_state_dict, safetensors_shards
 from hf_tensorizer.sources import Source
 
 st_torch = pytest.importorskip("safetensors.torch")

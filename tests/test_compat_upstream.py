@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer import TensorDeserializer, TensorKind, read_index
-from hf_tensorizer.compat import is_upstream, open_upstream, verify_upstream
 from hf_tensorizer.crypto import EncryptionKey, Passphrase
 from hf_tensorizer.errors import (
     DecryptionError,
@@ -30,8 +29,9 @@ from hf_tensorizer.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from hf_tensorizer.format import upstream
 from hf_tensorizer.sources import Source
+from hf_tensorizer.upstream import format as upstream
+from hf_tensorizer.upstream import is_upstream, open_upstream, verify_upstream
 
 tensorizer = pytest.importorskip("tensorizer")
 from tensorizer.serialization import DecryptionParams, EncryptionParams  # noqa: E402

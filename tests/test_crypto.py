@@ -12,8 +12,8 @@ from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.cli import main as cli_main
 from hf_tensorizer.constants import DEFAULT_BLOCK_SIZE, ENCRYPTED_BLOCK_SIZE, KEY_ENV
 from hf_tensorizer.crypto import EncryptionKey, Passphrase
-from hf_tensorizer.crypto.convert import convert
 from hf_tensorizer.engine.header import read_index
+from hf_tensorizer.engine.reencrypt import convert
 from hf_tensorizer.errors import DecryptionError, HashMismatchError, MissingKeyError, UsageError
 from hf_tensorizer.sources import Sink
 

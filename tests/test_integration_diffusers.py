@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from helpers import meta_tensors  # noqa: E402
 
 import hf_tensorizer  # noqa: E402
-from hf_tensorizer.integrations import artifact  # noqa: E402
 from hf_tensorizer.integrations.diffusers import save_model, save_pipeline  # noqa: E402
+from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
 
 
 def _tokenizer(tmp_path: Path) -> Any:
@@ -73,7 +73,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, np.ndarray
 def test_pipeline_local_round_trip(reference: tuple[Any, np.ndarray], tmp_path: Path) -> None:
     pipe, image = reference
     pipe.save_pretrained(tmp_path / "sd", tensorized=True)
-    manifest = json.loads((tmp_path / "sd" / artifact.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / "sd" / MANIFEST_NAME).read_text())
     for comp in ("unet", "vae", "text_encoder"):
         assert f"{comp}/model.tensors" in manifest["files"]
     assert "scheduler/scheduler_config.json" in manifest["files"]
@@ -103,8 +103,7 @@ def test_stock_pipeline_streams_from_s3_and_file_uri(reference: tuple[Any, np.nd
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A pipeline saved by stock diffusers (safetensors per component, no model.tensors) loads from S3 and
     from a file:// URI with every component's weights streamed through our engine: the same image."""
-    from hf_tensorizer.integrations import diffusers as integration
-    from hf_tensorizer.integrations import transformers as tf_integration
+    from hf_tensorizer.integrations import weights  # every load of weights, any library, goes through here
 
     pipe, image = reference
     pipe.save_pretrained(tmp_path / "stock")  # hooks on, but not tensorized: stock safetensors
@@ -123,8 +122,7 @@ def test_stock_pipeline_streams_from_s3_and_file_uri(reference: tuple[Any, np.nd
 
         monkeypatch.setattr(module, "TensorDeserializer", counting)
 
-    spy(integration)
-    spy(tf_integration)
+    spy(weights)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
     for uri in (f"s3://{s3_bucket}/stock-sd", (tmp_path / "stock").as_uri()):
         read.clear()

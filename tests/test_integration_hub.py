@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_tensorizer.errors import UsageError  # noqa: E402
-from hf_tensorizer.integrations.hub import TAG, push_to_hub  # noqa: E402
+from hf_tensorizer.integrations.push import TAG, push_to_hub  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hf_enabled")
 
@@ -69,15 +69,17 @@ def test_push_keeps_existing_card_and_rejects_unknown(hub: Any) -> None:
 
 def test_branch_loads_are_pinned_to_one_commit(hub: Any) -> None:
     """A load from a branch reads every file (configs, index, weights) from the commit it pointed to."""
-    from hf_tensorizer.integrations import artifact
+    from hf_tensorizer.integrations.cache import resolve
+    from hf_tensorizer.integrations.weights import weights_uris
+    from hf_tensorizer.sources.hub import pin_revision
 
     model = _gpt2()
     first = model.push_to_hub("tester/pinned", tensorized=True, token=hub.token)
-    pinned = artifact.pin_hub_revision("hf://tester/pinned")
+    pinned = pin_revision("hf://tester/pinned")
     assert pinned == f"hf://tester/pinned@{first.oid}"
-    assert artifact.pin_hub_revision(pinned) == pinned  # already a commit: no request, no change
-    folder = artifact.resolve("hf://tester/pinned")
-    assert artifact.weights_uris(folder) == [f"hf://tester/pinned@{first.oid}/model.tensors"]
+    assert pin_revision(pinned) == pinned  # already a commit: no request, no change
+    folder = resolve("hf://tester/pinned")
+    assert weights_uris(folder) == [f"hf://tester/pinned@{first.oid}/model.tensors"]
     torch.manual_seed(1)
     second = _gpt2().push_to_hub("tester/pinned", tensorized=True, token=hub.token)  # the branch moves on
-    assert artifact.pin_hub_revision("hf://tester/pinned") == f"hf://tester/pinned@{second.oid}"
+    assert pin_revision("hf://tester/pinned") == f"hf://tester/pinned@{second.oid}"

@@ -17,8 +17,9 @@ from helpers import meta_tensors  # noqa: E402
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer import read_index  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
-from hf_tensorizer.integrations import artifact  # noqa: E402
-from hf_tensorizer.integrations.transformers import TensorizerMixin, save_tensorized  # noqa: E402
+from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
+from hf_tensorizer.integrations.mixin import TensorizerMixin  # noqa: E402
+from hf_tensorizer.integrations.transformers_save import save_tensorized  # noqa: E402
 from hf_tensorizer.sources import open_source  # noqa: E402
 
 VOCAB = 96
@@ -165,7 +166,7 @@ def test_artifact_files_config_generation_tokenizer(tmp_path: Path) -> None:
     ref.generation_config.max_new_tokens = 7
     tok = _tokenizer(tmp_path)
     ref.save_pretrained(tmp_path / "art", tensorized=True, tokenizer=tok)
-    manifest = json.loads((tmp_path / "art" / artifact.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / "art" / MANIFEST_NAME).read_text())
     assert "model.tensors" in manifest["files"] and "config.json" in manifest["files"]
     assert "tokenizer.json" in manifest["files"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "art")
@@ -231,12 +232,12 @@ vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=
 vae.save_pretrained(sys.argv[2], tensorized=True)
 back = AutoencoderKL.from_pretrained(sys.argv[2])
 assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), back.state_dict().values(), strict=True))
-from hf_tensorizer.integrations import _after_import
+from hf_tensorizer.integrations import import_hooks
 
-assert "diffusers" not in _after_import._finder.callbacks  # fired once, then forgotten
+assert "diffusers" not in import_hooks._finder.callbacks  # fired once, then forgotten
 hf_tensorizer.disable()
 assert AutoencoderKL.from_pretrained.__func__.__module__.startswith("diffusers")
-assert _after_import._finder not in sys.meta_path  # nothing left behind
+assert import_hooks._finder not in sys.meta_path  # nothing left behind
 print("patched after import")
 """
 
@@ -280,7 +281,7 @@ def test_http_artifact(tmp_path: Path, http_server: Any) -> None:
     # weights were streamed, not cached: the cache folder holds only the small files
     cached = {p.name for p in Path(os.environ["HF_TENSORIZER_CACHE"]).rglob("*") if p.is_file()}
     assert "model.tensors" not in cached and "config.json" in cached
-    (http_server.dir / "gpt2" / artifact.MANIFEST_NAME).unlink()  # no manifest: well-known names are probed
+    (http_server.dir / "gpt2" / MANIFEST_NAME).unlink()  # no manifest: well-known names are probed
     assert torch.equal(_logits(ref), _logits(transformers.GPT2LMHeadModel.from_pretrained(uri)))
 
 
@@ -305,7 +306,7 @@ def test_s3_weights_pinned_once_per_load(
     """The weights object is pinned when its index is read: an overwrite that lands before the tensors are
     read is ignored (versioned bucket: the pinned version is read) or reported, never mixed in."""
     from hf_tensorizer.errors import ObjectChangedError
-    from hf_tensorizer.integrations import transformers as integration
+    from hf_tensorizer.integrations import weights as integration  # where every load opens its deserializers
 
     if versioned:
         s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})

@@ -111,7 +111,7 @@ def s3(_moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def lm_server(s3: tuple[str, str, Path]) -> Iterator[tuple[Server, Any, Any]]:
     """A server for a tiny Llama stored on S3, and the same model loaded from S3 in this process."""
-    from hf_tensorizer.integrations.transformers import save_tensorized
+    from hf_tensorizer.integrations.transformers_save import save_tensorized
 
     endpoint, bucket, cache = s3
     uri = f"s3://{bucket}/tiny-llama"
@@ -213,7 +213,7 @@ def test_ready_wait_holds_early_requests(tmp_path: Path, monkeypatch: pytest.Mon
     import asyncio
     import threading
 
-    from hf_tensorizer.integrations.transformers import save_tensorized
+    from hf_tensorizer.integrations.transformers_save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     model, tok = causal_lm(hidden=32, layers=1), byte_tokenizer()
@@ -245,7 +245,7 @@ def test_encrypted_artifact_with_key_file(tmp_path: Path, monkeypatch: pytest.Mo
     pytest.importorskip("nacl")
     from hf_tensorizer.crypto import EncryptionKey
     from hf_tensorizer.errors import MissingKeyError
-    from hf_tensorizer.integrations.transformers import save_tensorized
+    from hf_tensorizer.integrations.transformers_save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_TENSORIZER_KEY", raising=False)

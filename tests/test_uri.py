@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hf_tensorizer.errors import InvalidURIError
 from hf_tensorizer.sources import open_sink, redact, scheme_of
-from hf_tensorizer.sources.hub import HfURI, format_hf_uri, parse_hf_uri
+from hf_tensorizer.sources.hub_repo import HfURI, format_hf_uri, parse_hf_uri
 from hf_tensorizer.sources.s3 import parse_s3_uri
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .peers import ARTIFACT_DIR, FORMAT_FILES
-from .proc import Log, _collect, _error_line, _kill, _log, _popen
+from .proc import Log, collect, error_line, kill, log, popen
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -154,7 +154,7 @@ def prepare(
     formats: Sequence[str] = ("st", "bin", "hft", "tz"),
     *,
     timeout: float = 600.0,
-    log: Log = _log,
+    log: Log = log,
 ) -> dict[str, Any]:
     """Write the checkpoint in ``formats`` under ``d`` (reusing what a matching earlier run wrote).
 
@@ -204,16 +204,16 @@ def prepare(
     while pending or running:
         while pending and len(running) < jobs:
             fmt = pending.pop(0)
-            running.append((fmt, _popen(["write", str(d), fmt, gen])))
+            running.append((fmt, popen(["write", str(d), fmt, gen])))
         fmt, proc = running.pop(0)
         try:
-            res, out = _collect(proc, timeout)
+            res, out = collect(proc, timeout)
         except BaseException:
             for _, other in running:
-                _kill(other)
+                kill(other)
             raise
         if res is None:
-            meta["errors"][fmt] = _error_line(out)
+            meta["errors"][fmt] = error_line(out)
             log(f"  {fmt}: FAILED: {meta['errors'][fmt]}")
             continue
         checks = res.pop("checks")

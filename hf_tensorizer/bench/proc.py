@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the hf_te
 Log = Callable[[str], None]
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _popen(args: list[str], *, module: str = "hf_tensorizer.bench.runner",
+def popen(args: list[str], *, module: str = "hf_tensorizer.bench.runner",
            env: dict[str, str] | None = None) -> subprocess.Popen[str]:  # fmt: skip
     """``python -m module *args`` in a new session (killable as a group), output piped, this package importable."""
     full = {**os.environ, **(env or {})}
@@ -37,15 +37,15 @@ def _popen(args: list[str], *, module: str = "hf_tensorizer.bench.runner",
     )
 
 
-def _collect(proc: subprocess.Popen[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
+def collect(proc: subprocess.Popen[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
     """Wait for a child; (its result line, its output). A child past ``timeout`` is killed: (None, 'timeout')."""
     try:
         out, _ = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        _kill(proc)
+        kill(proc)
         return None, f"timeout after {timeout:.0f} s"
     except BaseException:
-        _kill(proc)
+        kill(proc)
         raise
     for line in reversed(out.splitlines()):
         if line.startswith(MARK):
@@ -54,7 +54,7 @@ def _collect(proc: subprocess.Popen[str], timeout: float) -> tuple[dict[str, Any
     return None, out
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
+def kill(proc: subprocess.Popen[str]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group (start_new_session)
     except ProcessLookupError:
@@ -62,7 +62,7 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     proc.communicate()
 
 
-def _error_line(out: str) -> str:
+def error_line(out: str) -> str:
     lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "Error" in ln or "Exception" in ln or ln.startswith(("error", "timeout")):

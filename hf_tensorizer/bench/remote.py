@@ -34,8 +34,8 @@ from typing import Any
 
 from .checkpoint import prepare, read_meta
 from .peers import MiB, gbps, read_parallel
-from .proc import MARK, _collect, _error_line, _log
-from .proc import _popen as spawn
+from .proc import MARK, collect, error_line, log
+from .proc import popen as spawn
 from .servers import AWS_ENV, curl_parallel, http_server, moto_server
 
 Log = Callable[[str], None]
@@ -64,15 +64,15 @@ def parse_config(name: str) -> dict[str, int]:
 # Child processes ---------------------------------------------------------------------------------------
 
 
-def _popen(args: list[str]) -> subprocess.Popen[str]:
+def popen(args: list[str]) -> subprocess.Popen[str]:
     return spawn(args, module="hf_tensorizer.bench.remote", env=AWS_ENV)
 
 
 def child(job: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """Run ``job`` (see :func:`run_job`) in a fresh process; raises with the child's last error line."""
-    res, out = _collect(_popen(["job", json.dumps(job)]), timeout)
+    res, out = collect(popen(["job", json.dumps(job)]), timeout)
     if res is None:
-        raise RuntimeError(f"{job['kind']} failed: {_error_line(out)}")
+        raise RuntimeError(f"{job['kind']} failed: {error_line(out)}")
     return res
 
 
@@ -508,7 +508,7 @@ def _machine() -> str:
 # CLI ---------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, log: Log = _log) -> dict[str, Any]:
+def run(args: argparse.Namespace, log: Log = log) -> dict[str, Any]:
     """Prepare, start the servers, run the selected sections; returns the results (also written to --out)."""
     import importlib.metadata
 

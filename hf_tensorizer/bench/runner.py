@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import prepare, read_meta, verify, write_format
 from .peers import FORMAT_FILES, PEERS, Ctx, Peer, evict, gbps, limits, read_parallel, resolve
-from .proc import MARK, Log, _collect, _error_line, _log, _popen
+from .proc import MARK, Log, collect, error_line, log, popen
 
 if TYPE_CHECKING:
     pass
@@ -211,7 +211,7 @@ def run_bench(
     budget: float | None = None,
     with_limits: bool = True,
     threads: int = 16,
-    log: Log = _log,
+    log: Log = log,
 ) -> dict[str, Any]:
     """Prepare (if needed), measure the limits, then time every loader in fresh processes.
 
@@ -283,12 +283,12 @@ def run_bench(
         if not runnable:
             raise BenchStopped("nothing to run")
         if with_limits:
-            res, out = _collect(
-                _popen(["limits", str(d), device, "--threads", str(threads)]),
+            res, out = collect(
+                popen(["limits", str(d), device, "--threads", str(threads)]),
                 min(120.0, max(5.0, deadline - time.monotonic())),
             )
             if res is None:
-                log(f"limits failed: {_error_line(out)}")
+                log(f"limits failed: {error_line(out)}")
             else:
                 results["limits"], results["env"] = res["limits"], res["env"]
                 log("limits (GB/s): " + ", ".join(f"{k} {v}" for k, v in res["limits"].items()))
@@ -309,8 +309,8 @@ def run_bench(
                 row["note"] = "budget ran out"
                 continue
             t = time.monotonic()
-            res, out = _collect(
-                _popen(["load", str(d), p.name, device] + (["--cold"] if is_cold else [])), min(timeout, deadline - now)
+            res, out = collect(
+                popen(["load", str(d), p.name, device] + (["--cold"] if is_cold else [])), min(timeout, deadline - now)
             )
             durations[p.name] = time.monotonic() - t
             _record(row, res, out, is_cold, log)
@@ -337,7 +337,7 @@ def _record(row: dict[str, Any], res: dict[str, Any] | None, out: str, cold: boo
     mode = "cold" if cold else "warm"
     if res is None:
         status = "timeout" if out.startswith("timeout") else "error"
-        _mark(row, status, _error_line(out))
+        _mark(row, status, error_line(out))
         log(f"  {row['loader']:<14} {mode}  {status.upper()}: {row['note']}")
         return
     if not res["ok"]:

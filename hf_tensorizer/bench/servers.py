@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .proc import ROOT, _popen
+from .proc import ROOT, popen
 
 # fake credentials for the moto server (never real ones: the benchmark talks to 127.0.0.1 only)
 AWS_ENV = {
@@ -130,7 +130,7 @@ def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") ->
 @contextmanager
 def moto_server() -> Iterator[str]:
     """moto's ThreadedMotoServer in a child process (its own GIL); yields the endpoint URL."""
-    proc = _popen(["moto"], module="hf_tensorizer.bench.remote", env=AWS_ENV)
+    proc = popen(["moto"], module="hf_tensorizer.bench.remote", env=AWS_ENV)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()

@@ -125,7 +125,7 @@ def _decrypt(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, **kwargs: Any) -> int:
-    from ..crypto.convert import convert
+    from ..engine.reencrypt import convert
 
     t = time.perf_counter()
     index = convert(args.src, args.dest, **kwargs)

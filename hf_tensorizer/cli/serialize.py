@@ -161,7 +161,7 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
         return dest
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..integrations.transformers import save_tensorized
+    from ..integrations.transformers_save import save_tensorized
 
     config = AutoConfig.from_pretrained(model_id, revision=revision)
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..engine.verify import verify_file
+from ..engine.verify_file import verify_file
 from . import describe
 
 

@@ -13,13 +13,12 @@ Reading::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ..constants import KEY_ENV
 from ..errors import DecryptionError, MissingKeyError
 from ..format.index import FileIndex
-from .keys import EncryptionKey, KeySource, KeySpec, Passphrase, as_key_source
+from .keys import EncryptionKey, KeySource, KeySpec, Passphrase, as_key_source, key_or_env
 from .seal import SCHEME, BlockCipher, FileKeys, FileSealer, make_transform, open_section, verify_header
 
 __all__ = [
@@ -33,7 +32,7 @@ __all__ = [
     "KeySpec",
     "Passphrase",
     "authenticate",
-    "open_transform",
+    "make_transform",
 ]
 
 
@@ -57,25 +56,11 @@ def authenticate(index: FileIndex, encryption: KeySpec | None, uri: str = "file"
         if encryption is not None:
             raise DecryptionError(f"{uri} is not encrypted, but a key was given: refusing an unauthenticated file")
         raise MissingKeyError(f"{uri} is not encrypted")
-    if encryption is None:
-        try:
-            encryption = EncryptionKey.from_env(KEY_ENV)
-        except MissingKeyError:
-            raise MissingKeyError(
-                f"{uri} is encrypted: pass encryption=EncryptionKey(...)/Passphrase(...) or set {KEY_ENV}"
-            ) from None
+    encryption = key_or_env(
+        encryption, f"{uri} is encrypted: pass encryption=EncryptionKey(...)/Passphrase(...) or set {KEY_ENV}"
+    )
     source = as_key_source(encryption)
     assert index.encryption is not None  # decode_index ties the section to the feature flag
     keys = open_section(index.encryption, source, uri)
     macs = verify_header(index, keys, uri)
     return keys, macs
-
-
-def open_transform(index: FileIndex, encryption: KeySpec | None, uri: str = "file") -> Callable[..., None]:
-    """Authenticate the header (see :func:`authenticate`) and return the engine's decrypting transform."""
-    if getattr(index, "upstream", None) is not None:  # a CoreWeave tensorizer file, see hf_tensorizer.compat
-        from ..compat import upstream_transform
-
-        return upstream_transform(index, encryption, uri)
-    keys, macs = authenticate(index, encryption, uri)
-    return make_transform(index, keys, macs)

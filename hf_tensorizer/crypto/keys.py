@@ -25,7 +25,8 @@ MAX_OPSLIMIT = 16
 MAX_MEMLIMIT = 4 << 30
 
 
-def _nacl() -> Any:
+def nacl_module() -> Any:
+    """PyNaCl, imported on first use (an optional extra); a clear error when it is not installed."""
     try:
         import nacl.bindings
         import nacl.pwhash.argon2id
@@ -70,7 +71,7 @@ class EncryptionKey:
     @classmethod
     def generate(cls) -> EncryptionKey:
         """A new key from the OS CSPRNG (libsodium ``randombytes``)."""
-        return cls(_nacl().utils.random(KEY_BYTES))
+        return cls(nacl_module().utils.random(KEY_BYTES))
 
     @classmethod
     def from_text(cls, text: str) -> EncryptionKey:
@@ -168,7 +169,7 @@ class EncryptionKey:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, EncryptionKey):
             return NotImplemented
-        return bool(_nacl().bindings.sodium_memcmp(self._raw, other._raw))
+        return bool(nacl_module().bindings.sodium_memcmp(self._raw, other._raw))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -191,7 +192,7 @@ class Passphrase:
     __slots__ = ("_pw", "memlimit", "opslimit")
 
     def __init__(self, passphrase: str | bytes, *, opslimit: int | None = None, memlimit: int | None = None) -> None:
-        argon = _nacl().pwhash.argon2id
+        argon = nacl_module().pwhash.argon2id
         pw = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
         if not pw:
             raise UsageError("the passphrase is empty")
@@ -213,7 +214,7 @@ class Passphrase:
         return cls(value)
 
     def new_kdf(self) -> dict[str, Any]:
-        salt = _nacl().utils.random(PWHASH_SALT_BYTES)
+        salt = nacl_module().utils.random(PWHASH_SALT_BYTES)
         return {"alg": ARGON2_ALG, "opslimit": self.opslimit, "memlimit": self.memlimit, "salt": salt.hex()}
 
     def master_key(self, kdf: dict[str, Any]) -> bytes:
@@ -232,14 +233,14 @@ class Passphrase:
             salt = b""
         if len(salt) != PWHASH_SALT_BYTES:
             raise DecryptionError("malformed Argon2id salt in the file")
-        return bytes(_nacl().pwhash.argon2id.kdf(KEY_BYTES, self._pw, salt, opslimit=ops, memlimit=mem))
+        return bytes(nacl_module().pwhash.argon2id.kdf(KEY_BYTES, self._pw, salt, opslimit=ops, memlimit=mem))
 
     def __repr__(self) -> str:
         return f"Passphrase(<secret>, opslimit={self.opslimit}, memlimit={self.memlimit})"
 
 
 def _check_argon_params(ops: int, mem: int, error: type[Exception]) -> None:
-    argon = _nacl().pwhash.argon2id
+    argon = nacl_module().pwhash.argon2id
     if not argon.OPSLIMIT_MIN <= ops <= MAX_OPSLIMIT:
         raise error(f"Argon2id opslimit {ops} outside [{argon.OPSLIMIT_MIN}, {MAX_OPSLIMIT}]")
     if not argon.MEMLIMIT_MIN <= mem <= MAX_MEMLIMIT:
@@ -262,3 +263,22 @@ def as_key_source(spec: KeySpec) -> KeySource:
     if isinstance(spec, KeySource):
         return spec
     raise UsageError(f"encryption= must be an EncryptionKey, a Passphrase or 32 bytes, not {type(spec).__name__}")
+
+
+def key_or_env(encryption: KeySpec | None, missing: str) -> KeySpec:
+    """``encryption``, or else the key configured in ``HF_TENSORIZER_KEY``.
+
+    Args:
+        encryption: a key or passphrase the caller gave, or ``None``.
+        missing: the message of the error when there is neither (say how to pass a key where it is raised).
+
+    Raises:
+        MissingKeyError: no key given and none in the environment.
+        UsageError: the environment variable does not hold a key.
+    """
+    if encryption is not None:
+        return encryption
+    try:
+        return EncryptionKey.from_env(KEY_ENV)
+    except MissingKeyError:
+        raise MissingKeyError(missing) from None

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import DecryptionError, EncryptionError, TensorizerError
-from ..format.index import PREAMBLE_SIZE, FileIndex, Preamble, encode_header, encode_index
-from .keys import KeySource, _nacl
+from ..format.index import PREAMBLE_SIZE, FileIndex, Preamble, encode_header, encode_index, whole_block
+from .keys import KeySource, nacl_module
 
 SCHEME = "xsalsa20poly1305-blake2b-v1"
 FILE_SALT_BYTES = 32
@@ -41,7 +41,7 @@ _MAC_HEX = "0" * (2 * MAC_BYTES)
 
 def _sodium() -> tuple[Any, Any]:
     """PyNaCl's cffi handle on libsodium. Its calls release the GIL, so blocks open in parallel."""
-    _nacl()
+    nacl_module()
     from nacl._sodium import ffi, lib
 
     if not hasattr(lib, "crypto_secretbox_open_easy"):  # pragma: no cover - PyNaCl < 1.5
@@ -50,11 +50,13 @@ def _sodium() -> tuple[Any, Any]:
 
 
 def _blake(key: bytes, person: bytes, data: bytes = b"", size: int = 32) -> bytes:
-    return _nacl().bindings.crypto_generichash_blake2b_salt_personal(data, digest_size=size, key=key, person=person)
+    return nacl_module().bindings.crypto_generichash_blake2b_salt_personal(
+        data, digest_size=size, key=key, person=person
+    )
 
 
 def _equal(a: bytes, b: bytes) -> bool:
-    return len(a) == len(b) and bool(_nacl().bindings.sodium_memcmp(a, b))
+    return len(a) == len(b) and bool(nacl_module().bindings.sodium_memcmp(a, b))
 
 
 class FileKeys:
@@ -77,7 +79,7 @@ class FileKeys:
 def new_section(source: KeySource) -> tuple[dict[str, Any], FileKeys]:
     """A fresh ``encryption`` index section (random salts) and the keys it describes."""
     kdf = source.new_kdf()
-    salt = _nacl().utils.random(FILE_SALT_BYTES)
+    salt = nacl_module().utils.random(FILE_SALT_BYTES)
     keys = FileKeys(source.master_key(kdf), salt)
     return {"scheme": SCHEME, "kdf": kdf, "salt": salt.hex(), "key_check": keys.check.hex()}, keys
 
@@ -208,16 +210,15 @@ class BlockCipher:
 
 
 def make_transform(index: FileIndex, keys: FileKeys, macs: dict[str, list[bytes]]) -> Callable[..., None]:
-    """The engine's per-piece hook: each piece is one whole block, decrypted in place."""
-    from ..engine.plan import block_of
-
+    """The engine's per-piece hook ``transform(piece, data)``: each piece (a tensor's ``entry``, the
+    ``tensor_offset`` and ``length`` of its bytes) is one whole block, decrypted in place."""
     cipher = BlockCipher(keys, index.block_size)
     block_size = index.block_size
 
     def transform(piece: Any, data: memoryview) -> None:
         if piece.length == 0:
             return
-        block = block_of(piece, block_size)
+        block = whole_block(piece.tensor_offset, piece.length, piece.entry.length, block_size)
         if block is None:
             raise TensorizerError(f"internal: piece of {piece.entry.name!r} is not a whole encryption block")
         name = piece.entry.name

@@ -1,28 +1,32 @@
-"""Reading the header of any supported file from a :class:`~hf_tensorizer.sources.Source`.
+"""Reading the index of any supported file from a :class:`~hf_tensorizer.sources.Source`.
 
-The format modules decode bytes; this module decides which bytes to fetch: one small first read that
-usually holds the whole header, the format sniffed from its first bytes, then whatever more the format
-needs (the rest of a large index; upstream tensorizer's per-tensor headers).
+The format decoders (:mod:`hf_tensorizer.format.sniff`) are pure: they say which byte ranges they need. This
+module fetches them: one small first read that usually holds the whole header, then whatever more the format
+asks for (the rest of a large index; upstream tensorizer's per-tensor headers, in parallel on remote sources).
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import TruncatedFileError
-from ..format.foreign import read_foreign_index
-from ..format.index import PREAMBLE_SIZE, FileIndex, decode_index, decode_preamble
+from ..format.index import FileIndex
+from ..format.sniff import Reads, decode_any
 from ..sources import Source, open_source
 
 _FIRST_READ = 64 << 10  # one small request usually returns the preamble and the whole index
 
 
 def read_index(source: str | os.PathLike[str] | Source, **source_options: Any) -> FileIndex:
-    """Read and validate the preamble and index of ``source`` (one or two small reads).
+    """Read and validate the header and index of ``source`` (one or a few small reads).
 
     Args:
         source: a local path, URI or open :class:`Source` (left open).
+        **source_options: transport options when ``source`` is a URI.
+
+    Returns:
+        The validated index (an ``UpstreamIndex`` for upstream tensorizer files).
 
     Raises:
         FormatError: and its subclasses, for anything malformed (see :mod:`hf_tensorizer.errors`).
@@ -33,14 +37,18 @@ def read_index(source: str | os.PathLike[str] | Source, **source_options: Any) -
             return read_index(src)
     size = source.size
     head = source.read(0, min(size, _FIRST_READ)) if size else b""
-    foreign = read_foreign_index(source, head)  # upstream tensorizer or safetensors, sniffed by first bytes
-    if foreign is not None:
-        return foreign
-    pre = decode_preamble(head, file_size=size)  # a short file raises the precise error here
-    end = PREAMBLE_SIZE + pre.index_length
-    raw = head[PREAMBLE_SIZE:end]
-    if end > len(head):  # a large index: one more request for the rest
-        raw += source.read(len(head), end - len(head))
-    if len(raw) < pre.index_length:
-        raise TruncatedFileError("file ends inside its index")
-    return decode_index(pre, raw)
+    decoder = decode_any(size, head)
+    try:
+        reads = next(decoder)
+        while True:
+            reads = decoder.send(_read_ranges(source, reads))
+    except StopIteration as done:
+        return done.value
+
+
+def _read_ranges(source: Source, reads: Reads) -> list[bytes]:
+    """The bytes of each range; remote sources fetch many ranges concurrently (a round trip each)."""
+    if source.fileno() is not None or len(reads) < 4:
+        return [source.read(off, n) for off, n in reads]
+    with ThreadPoolExecutor(min(len(reads), max(1, source.preferred_concurrency))) as pool:
+        return list(pool.map(lambda r: source.read(*r), reads))

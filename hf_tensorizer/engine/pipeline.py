@@ -103,7 +103,7 @@ class Verifier:
             )
 
 
-class _Work:
+class ChunkQueue:
     """Shared state of one load: the chunk queue, the first error, and per-thread timings."""
 
     def __init__(self, chunks: Sequence[Chunk]) -> None:
@@ -129,7 +129,7 @@ class _Work:
         self.stop.set()
 
 
-def run_threads(work: _Work, n: int, body: Callable[[int, StageTimes], None]) -> None:
+def run_threads(work: ChunkQueue, n: int, body: Callable[[int, StageTimes], None]) -> None:
     """Run ``body(thread_index, times)`` on ``n`` threads; re-raise the first failure here."""
 
     def main(i: int) -> None:
@@ -167,7 +167,7 @@ def load_cpu(
     transform: Transform | None = None,
 ) -> StageTimes:
     """Read every chunk straight into the destination tensors (``dests`` maps entry name to tensor)."""
-    work = _Work(chunks)
+    work = ChunkQueue(chunks)
     views = {name: host_view(t) for name, t in dests.items()}
     scratch = memoryview(bytearray(64 << 10))  # gap bytes between coalesced tensors: read and dropped
 
@@ -227,7 +227,7 @@ def load_staged(
     is_cuda = device.type == "cuda"
     flat = {name: as_bytes(t) for name, t in dests.items()}
     events: dict[int, torch.cuda.Event] = {}
-    work = _Work(chunks)
+    work = ChunkQueue(chunks)
 
     def run_chunks(stream: torch.cuda.Stream | None, times: StageTimes) -> None:
         while (chunk := work.take()) is not None:
@@ -333,7 +333,7 @@ def load_registered(
     cudart = torch.cuda.cudart()
     device = next(iter(dests.values())).device
     flat = {name: as_bytes(t) for name, t in dests.items()}
-    work = _Work(windows)
+    work = ChunkQueue(windows)
 
     def unpin(event: torch.cuda.Event, addr: int) -> None:
         event.synchronize()  # a never-recorded event returns at once

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..format.index import TensorEntry
+from ..format.index import TensorEntry, whole_block
 
 MAX_GAP = 64 << 10  # reading a small gap beats a second request; larger gaps are skipped
 
@@ -85,10 +85,7 @@ def plan_chunks(entries: Iterable[TensorEntry], unit: int, *, max_gap: int = MAX
 
 def block_of(piece: Piece, block_size: int) -> int | None:
     """The index of the digest block that ``piece`` covers exactly, or None if it covers a partial one."""
-    if piece.tensor_offset % block_size:
-        return None
-    expected = min(block_size, piece.entry.length - piece.tensor_offset)
-    return piece.tensor_offset // block_size if piece.length == expected else None
+    return whole_block(piece.tensor_offset, piece.length, piece.entry.length, block_size)
 
 
 def aligned_span(chunk: Chunk, alignment: int, file_size: int) -> tuple[int, int]:

@@ -120,7 +120,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             if self.index.encrypted or encryption is not None:
                 if transform is not None:
                     raise UsageError("transform= and encryption cannot be combined")
-                from ..crypto import open_transform
+                from .decrypt import open_transform
 
                 # authenticates the whole header before any planning, filtering or tensor access
                 transform = open_transform(self.index, encryption, self._source.uri)
@@ -133,7 +133,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             if verify_hash and self.index.digest == "none" and transform is None:  # MACs still verify encrypted
                 raise UsageError(
                     f"{self._source.uri} has no digests to verify (safetensors, upstream tensorizer or digest='none'; "
-                    "upstream files: hf_tensorizer.compat.open_upstream(..., verify_hash=True))"
+                    "upstream files: hf_tensorizer.upstream.open_upstream(..., verify_hash=True))"
                 )
             self.dtype = dtype
             self.verify_hash = verify_hash

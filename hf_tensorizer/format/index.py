@@ -365,3 +365,12 @@ def _check_layout(tensors: dict[str, TensorEntry], pre: Preamble) -> None:
     for e in sorted((t for t in tensors.values() if t.alias is None and t.length), key=lambda t: t.offset):
         _need(e.offset >= end, f"tensor {e.name!r} at {e.offset} overlaps tensor {prev!r} (ends at {end})")
         end, prev = e.offset + e.length, e.name
+
+
+def whole_block(tensor_offset: int, length: int, tensor_length: int, block_size: int) -> int | None:
+    """The number of the digest/encryption block that the bytes ``[tensor_offset, tensor_offset + length)`` of a
+    tensor ``tensor_length`` bytes long cover exactly, or None when they cover a partial block or several."""
+    if tensor_offset % block_size:
+        return None
+    expected = min(block_size, tensor_length - tensor_offset)
+    return tensor_offset // block_size if length == expected else None

@@ -1,4 +1,4 @@
-"""Reader for safetensors files: ``[u64 header length][JSON header][data]``, offsets relative to the data.
+"""safetensors files, bytes -> validated index, no I/O: ``[u64 header length][JSON header][data]``.
 
 The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional
 ``"__metadata__"`` map of strings. Everything is validated against the file size (typed
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -46,12 +47,15 @@ def _u(v: Any) -> bool:
     return type(v) is int and 0 <= v < 1 << 62
 
 
-def read_safetensors_index(source: Any, head: bytes) -> FileIndex:
+def decode_safetensors(size: int, head: bytes) -> Generator[list[tuple[int, int]], list[bytes], FileIndex]:
     """Parse and validate a safetensors header.
 
+    A generator: when the header is longer than ``head`` it yields the one ``(offset, length)`` range it still
+    needs and is sent its bytes; its return value is the index (see ``hf_tensorizer.engine.header``).
+
     Args:
-        source: the :class:`~hf_tensorizer.sources.Source` to read from.
-        head: the first bytes of the file (the header is read from ``source`` when longer).
+        size: the file size in bytes.
+        head: the first bytes of the file.
 
     Raises:
         HeaderTooLargeError: the header length exceeds ``MAX_HEADER_BYTES``.
@@ -59,7 +63,6 @@ def read_safetensors_index(source: Any, head: bytes) -> FileIndex:
         UnknownDtypeError: a dtype this reader does not support (F4, F6 types, ...).
         FormatError: malformed JSON or inconsistent entries.
     """
-    size = source.size
     if len(head) < 8:
         raise TruncatedFileError(f"safetensors file is {size} bytes, too short for its header length")
     n = struct.unpack_from("<Q", head)[0]
@@ -69,7 +72,7 @@ def read_safetensors_index(source: Any, head: bytes) -> FileIndex:
         raise TruncatedFileError(f"safetensors header ends at {8 + n}, file is {size} bytes")
     raw = bytes(head[8 : 8 + n])
     if len(raw) < n:
-        raw += source.read(8 + len(raw), n - len(raw))
+        raw += (yield [(8 + len(raw), n - len(raw))])[0]
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -1,30 +1,53 @@
-"""Hugging Face integrations: the explicit switch that makes ``from_pretrained`` read tensorized artifacts.
+"""Hugging Face integrations: ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` of tensorized artifacts.
 
-Nothing in transformers or diffusers changes until :func:`enable` is called (or inside :func:`enabled`).
-Enabled, ``from_pretrained`` of a tensorized artifact (a URI with scheme ``s3``/``http``/``https``/``hf``/
-``file``, or a local folder holding ``model.tensors``) loads through hf_tensorizer; every other argument
-falls through to the stock implementation unchanged.
+Nothing in transformers or diffusers changes until :func:`enable` is called (or inside :func:`enabled`); a single
+model class can opt in without the switch through :class:`~.mixin.TensorizerMixin`. Enabled,
+``from_pretrained`` of a tensorized artifact (a URI with scheme ``s3``/``http``/``https``/``hf``/``file``, or a
+local folder holding ``model.tensors``) loads through hf_tensorizer; every other argument falls through to the
+stock implementation unchanged.
+
+Where things live:
+
+- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact, and its manifest;
+- :mod:`.routing` — which calls load through us; :mod:`.options` — ``tensorizer_options``, split and checked;
+- :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
+- :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
+- :mod:`.publish` — writing an artifact; :mod:`.push` — publishing it to the Hub;
+- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers` — the libraries' load and save paths;
+- :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it patches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
-from ._after_import import after_import, cancel
-from .artifact import MANIFEST_NAME, WEIGHTS_NAME, is_artifact, resolve
+from .import_hooks import after_import, cancel
+from .layout import WEIGHTS_NAME
+from .manifest import MANIFEST_NAME
+from .routing import is_artifact
 
-__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "disable", "enable", "enabled", "is_artifact", "is_enabled", "resolve"]
+__all__ = [
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "TensorizerMixin",
+    "disable",
+    "enable",
+    "enabled",
+    "is_artifact",
+    "is_enabled",
+    "resolve",
+]
 
 _lock = threading.RLock()
 _depth = 0  # enable() calls not yet matched by disable(); nested enabled() blocks are fine
 
 
 def _available(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
@@ -32,27 +55,27 @@ def enable() -> None:
     """Patch transformers (and diffusers, when installed) to load and save tensorized artifacts.
 
     Patched: ``PreTrainedModel.from_pretrained`` / ``save_pretrained(..., tensorized=True)`` /
-    ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs,
-    tokenizers and generation configs (a remote artifact URI is fetched to a local folder first), and of the
-    processor / image processor / feature extractor classes; diffusers' ``ModelMixin`` and
-    ``DiffusionPipeline`` likewise. Processor classes and diffusers are patched when they are imported, if
-    that happens after ``enable()`` (importing them costs 1.5 s and 0.3 s, which a program that never uses
-    them should not pay). Calls nest: the hooks stay until every ``enable()`` is matched by :func:`disable`.
+    ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs, tokenizers
+    and generation configs (a remote artifact URI is fetched to a local folder first), and of the processor /
+    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise.
+    Processor classes and diffusers are patched when they are imported, if that happens after ``enable()``
+    (importing them costs 1.5 s and 0.3 s, which a program that never uses them should not pay). Calls nest: the
+    hooks stay until every ``enable()`` is matched by :func:`disable`.
     """
     global _depth
     with _lock:
         if _available("transformers"):
-            from . import transformers as _tf
+            from . import hooks
 
-            _tf.patch()  # incremental: covers processor classes imported since an earlier enable()
-            after_import(_tf.LAZY_MODULES, _tf.patch)
+            hooks.patch_transformers()  # incremental: covers processor classes imported since an earlier enable()
+            after_import(hooks.LAZY_MODULES, hooks.patch_transformers)
         if _depth == 0 and _available("diffusers"):
-            from . import diffusers as _df
+            from . import hooks
 
             if "diffusers" in sys.modules:
-                _df.patch()
+                hooks.patch_diffusers()
             else:
-                after_import(["diffusers"], _df.patch)
+                after_import(["diffusers"], hooks.patch_diffusers)
         _depth += 1
 
 
@@ -66,14 +89,9 @@ def disable() -> None:
         if _depth:
             return
         cancel()
-        if _available("diffusers"):
-            from . import diffusers as _df
+        from . import patches
 
-            _df.unpatch()
-        if _available("transformers"):
-            from . import transformers as _tf
-
-            _tf.unpatch()
+        patches.restore()
 
 
 def is_enabled() -> bool:
@@ -89,3 +107,15 @@ def enabled() -> Iterator[None]:
         yield
     finally:
         disable()
+
+
+def __getattr__(name: str) -> Any:  # the heavier parts load on first use
+    if name == "resolve":
+        from .cache import resolve
+
+        return resolve
+    if name == "TensorizerMixin":
+        from .mixin import TensorizerMixin
+
+        return TensorizerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,18 +13,21 @@ every tensor is read straight into its final device and dtype.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
 
-from ..engine import TensorDeserializer, TensorSerializer
-from ..engine.staging import reuse_blocks
+from ..engine import TensorSerializer
 from ..errors import UsageError
-from . import artifact
-from .transformers import current_options, split_options
+from ..sources.uri import redact
+from . import patches
+from .cache import resolve
+from .layout import WEIGHTS_NAME
+from .options import pipeline_options, pop_options, transport_only
+from .publish import ArtifactWriter
+from .routing import reached_through
+from .weights import OpenWeights, Target, device_for, locate, open_weights, stream_to_devices
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
@@ -35,45 +38,28 @@ _IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token
 
 def _stream(
     model: torch.nn.Module,
-    weights: artifact.OpenWeights,
+    weights: OpenWeights,
     dtype: torch.dtype | None,
     keep_fp32: Any,
     device_map: dict[str, Any],
     engine: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
-    """Load the open ``weights`` into ``model``, one read per (device, dtype, file) group; returns the
-    (missing, unexpected) keys."""
+    """Load the open ``weights`` into ``model`` on their devices and dtypes; returns the (missing, unexpected)
+    keys."""
     expected = list(model.state_dict(keep_vars=True).keys())
-    file_of, indexes, sources = weights.file_of, weights.indexes, weights.sources
-    groups: dict[tuple[torch.device, torch.dtype | None, int], list[str]] = defaultdict(list)
+    targets: dict[str, Target] = {}
     for key in expected:
-        if key not in file_of:
+        if key not in weights.file_of:
             continue
         target = dtype
         if target is not None and keep_fp32 and any(m in key.split(".") for m in keep_fp32):
             target = torch.float32
-        if target is not None and not indexes[file_of[key]].tensors[key].dtype.is_floating_point:
+        if target is not None and not weights.entry(key).dtype.is_floating_point:
             target = None
-        groups[(_device_of(device_map, key), target, file_of[key])].append(key)
-    with reuse_blocks():  # one pinned staging block for every group and file, not one each
-        for (device, target, file), keys in groups.items():
-            with TensorDeserializer(sources[file], device=device, dtype=target, filter=keys, index=indexes[file],
-                                    **engine) as d:  # fmt: skip
-                d.load_into_module(model, strict=False)
-    return [k for k in expected if k not in file_of], sorted(set(file_of).difference(expected))
-
-
-def _device_of(device_map: dict[str, Any], name: str) -> torch.device:
-    """The device of ``name``: the value of the longest module prefix of ``name`` in ``device_map``."""
-    parts = name.split(".")
-    for i in range(len(parts), -1, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in device_map:
-            value = device_map[prefix]
-            if value == "disk":
-                raise UsageError("device_map with 'disk' offload is not supported for tensorized loads")
-            return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
-    raise UsageError(f"device_map does not place {name!r}")
+        targets[key] = (device_for(device_map, key), target)
+    for d in stream_to_devices(weights, targets, engine):
+        d.load_into_module(model, strict=False)
+    return [k for k in expected if k not in weights.file_of], sorted(set(weights.file_of).difference(expected))
 
 
 def _keep_fp32(cls: type, dtype: torch.dtype | None) -> list[str]:
@@ -93,8 +79,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     """
     import accelerate
 
-    options = kwargs.pop("tensorizer_options", None) or current_options.get() or {}
-    engine, transport = split_options(options)
+    options = pop_options(kwargs)
     if kwargs.pop("quantization_config", None) is not None:
         raise UsageError("quantization_config is not supported for tensorized diffusers loads")
     for k in _IGNORED:
@@ -106,7 +91,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     output_loading_info = kwargs.pop("output_loading_info", False)
     subfolder = kwargs.pop("subfolder", None) or ""
     root = os.fspath(pretrained_model_name_or_path)
-    folder, weights = artifact.locate(root, subfolder, **transport)
+    folder, weights = locate(root, subfolder, **options.transport)
 
     config, unused = cls.load_config(folder, return_unused_kwargs=True, **kwargs)
     dtype_orig = cls._set_default_torch_dtype(dtype) if dtype is not None else None
@@ -128,14 +113,14 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
-    with artifact.open_weights(weights, **transport) as opened:  # names and dtypes; the loads authenticate
-        missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, engine)
+    with open_weights(weights, **options.transport) as opened:  # names and dtypes; the loads authenticate
+        missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, dict(options.engine))
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise UsageError(f"{artifact.redact(root)} lacks weights the model needs: {still_meta[:10]}")
+        raise UsageError(f"{redact(root)} lacks weights the model needs: {still_meta[:10]}")
     # buffers were built on the CPU (non-persistent ones are never in the file): move them to their device
     for name, buf in list(model.named_buffers()):
-        device = _device_of(device_map, name)
+        device = device_for(device_map, name)
         if buf.device != device:
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name)
@@ -167,9 +152,9 @@ def save_model(model: Any, dest: str | os.PathLike[str], *, tensorizer_options: 
         ``dest`` as a string.
     """
     dest = os.fspath(dest)
-    with artifact.Staging(dest, tensorizer_options) as staging:
+    with ArtifactWriter(dest, transport_only(tensorizer_options)) as staging:
         _write_model(model, staging.folder, staging.weights(), staging.transport, **serializer_options)
-        staging.publish([artifact.WEIGHTS_NAME], "diffusers")
+        staging.publish([WEIGHTS_NAME], "diffusers")
     return dest
 
 
@@ -183,11 +168,11 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    from .transformers import write_model
+    from .transformers_save import write_model
 
     dest = os.fspath(dest)
     weights: list[str] = []
-    with artifact.Staging(dest, tensorizer_options) as staging:
+    with ArtifactWriter(dest, transport_only(tensorizer_options)) as staging:
         pipe.save_config(staging.folder)
         for name, comp in pipe.components.items():
             if comp is None:
@@ -203,99 +188,32 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
                 continue
             else:
                 raise UsageError(f"pipeline component {name!r} ({type(comp).__name__}) cannot be saved")
-            weights.append(f"{name}/{artifact.WEIGHTS_NAME}")
+            weights.append(f"{name}/{WEIGHTS_NAME}")
         staging.publish(weights, "diffusers")
     return dest
 
 
 def load_pipeline(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` for a tensorized pipeline: small files fetched, components streamed.
+    """``cls.from_pretrained`` for a tensorized (or stock, behind a URI) pipeline: small files fetched, components
+    streamed.
 
-    Stock diffusers does the assembly (model_index.json, schedulers, tokenizers); each component with
-    weights loads through :func:`load_model` or the transformers integration (hooks enabled for the call).
+    Stock diffusers does the assembly (model_index.json, schedulers, tokenizers); each component with weights loads
+    through :func:`load_model` or the transformers integration, so the hooks must be enabled (``enable()``), as they
+    are whenever this runs from the patched ``DiffusionPipeline.from_pretrained``.
+
+    Raises:
+        UsageError: the hooks are not enabled, or unknown ``tensorizer_options``.
     """
-    from . import enabled
+    from diffusers import DiffusionPipeline
 
-    options = kwargs.pop("tensorizer_options", None) or current_options.get() or {}
-    _engine, transport = split_options(options)
-    folder = artifact.resolve(os.fspath(pretrained_model_name_or_path), **transport)
-    with enabled():
-        from diffusers import DiffusionPipeline
-
-        original = _ORIGINALS.get((DiffusionPipeline, "from_pretrained"), DiffusionPipeline.__dict__["from_pretrained"])
-        # components load from the local (cached) folders; their remote weights need the same options
-        token = current_options.set(options)
-        try:
-            with artifact.reached_through(pretrained_model_name_or_path, folder):
-                pipe = original.__func__(cls, folder, **kwargs)
-        finally:
-            current_options.reset(token)
+    if not patches.is_patched(DiffusionPipeline, "from_pretrained"):
+        raise UsageError("loading a pipeline through hf_tensorizer needs hf_tensorizer.enable() (or enabled())")
+    options = pop_options(kwargs)
+    folder = resolve(os.fspath(pretrained_model_name_or_path), **options.transport)
+    stock = patches.stock(DiffusionPipeline, "from_pretrained")
+    # components load from the local (cached) folders; their remote weights need the same options
+    with pipeline_options(options), reached_through(pretrained_model_name_or_path, folder):
+        pipe = stock.__func__(cls, folder, **kwargs)
     if hasattr(pipe, "register_to_config"):
         pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     return pipe
-
-
-# ---- patches ------------------------------------------------------------------------------------------------
-
-_ORIGINALS: dict[tuple[type, str], Any] = {}
-
-
-def patch() -> None:
-    """Install the diffusers hooks (idempotent). See :func:`hf_tensorizer.enable`."""
-    from diffusers import DiffusionPipeline, ModelMixin
-
-    if _ORIGINALS:
-        return
-    model_fp = ModelMixin.__dict__["from_pretrained"]
-    model_save = ModelMixin.__dict__["save_pretrained"]
-    pipe_fp = DiffusionPipeline.__dict__["from_pretrained"]
-    pipe_save = DiffusionPipeline.__dict__["save_pretrained"]
-
-    @functools.wraps(model_fp.__func__)
-    def model_from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, **kwargs: Any) -> Any:
-        if artifact.is_artifact(pretrained_model_name_or_path, kwargs.get("subfolder") or ""):
-            return load_model(cls, pretrained_model_name_or_path, **kwargs)
-        return model_fp.__func__(cls, pretrained_model_name_or_path, **kwargs)
-
-    @functools.wraps(model_save)
-    def model_save_pretrained(self: Any, save_directory: Any, *args: Any, tensorized: bool = False, **kw: Any) -> Any:
-        if tensorized or artifact.looks_like_uri(save_directory):
-            return save_model(self, save_directory, **artifact.save_options(kw, ("tensorizer_options",)))
-        return model_save(self, save_directory, *args, **kw)
-
-    @functools.wraps(pipe_fp.__func__)
-    def pipe_from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, **kwargs: Any) -> Any:
-        if artifact.looks_like_uri(pretrained_model_name_or_path) or _is_pipeline_artifact(
-            pretrained_model_name_or_path
-        ):
-            return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
-        return pipe_fp.__func__(cls, pretrained_model_name_or_path, **kwargs)
-
-    @functools.wraps(pipe_save)
-    def pipe_save_pretrained(self: Any, save_directory: Any, *args: Any, tensorized: bool = False, **kw: Any) -> Any:
-        if tensorized or artifact.looks_like_uri(save_directory):
-            return save_pipeline(self, save_directory, **artifact.save_options(kw, ("tensorizer_options",)))
-        return pipe_save(self, save_directory, *args, **kw)
-
-    for cls, name, orig, new in (
-        (ModelMixin, "from_pretrained", model_fp, classmethod(model_from_pretrained)),
-        (ModelMixin, "save_pretrained", model_save, model_save_pretrained),
-        (DiffusionPipeline, "from_pretrained", pipe_fp, classmethod(pipe_from_pretrained)),
-        (DiffusionPipeline, "save_pretrained", pipe_save, pipe_save_pretrained),
-    ):
-        _ORIGINALS[(cls, name)] = orig
-        setattr(cls, name, new)
-
-
-def _is_pipeline_artifact(path: Any) -> bool:
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-        return False
-    manifest = os.path.join(os.fspath(path), artifact.MANIFEST_NAME)
-    return os.path.isfile(manifest) and os.path.isfile(os.path.join(os.fspath(path), "model_index.json"))
-
-
-def unpatch() -> None:
-    """Restore what :func:`patch` replaced."""
-    for (cls, name), orig in list(_ORIGINALS.items()):
-        setattr(cls, name, orig)
-    _ORIGINALS.clear()

@@ -70,7 +70,7 @@ def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] 
     Raises:
         FormatError: a file name a reader would refuse.
     """
-    from .. import __version__
+    from ..version import __version__
 
     files = sorted(set(files))
     for name in files:

@@ -2,6 +2,12 @@
 
 ``open_source`` and ``open_sink`` are the one opener for every location: local paths and ``file://``,
 ``http://``/``https://``, ``s3://bucket/key`` and ``hf://org/repo[@revision]/path``.
+
+- :mod:`.base` — the ``Source`` (random-access reads into the caller's buffers) and ``Sink`` (sequential,
+  atomic writes) interfaces, with the capabilities a transport declares (``fileno``, ``direct_fileno``);
+- :mod:`.uri` — URI syntax: scheme, join, redact, local paths;
+- :mod:`.file`, :mod:`.http`, :mod:`.s3` / :mod:`.s3_sink`, :mod:`.hub` / :mod:`.hub_repo` — one module per
+  transport (:mod:`.ranged` is what HTTP and S3 share: parallel ranged GETs, retries, resumption).
 """
 
 from __future__ import annotations
@@ -10,30 +16,28 @@ import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from ..errors import InvalidURIError, UsageError
 from .base import Sink, Source
 from .file import FileSink, FileSource
+from .uri import REMOTE_SCHEMES, is_remote, join, local_path, looks_like_uri, redact, scheme_of
 
-__all__ = ["FileSink", "FileSource", "Sink", "Source", "open_sink", "open_source", "scheme_of"]
-
-REMOTE_SCHEMES = ("http", "https", "s3", "hf")
-
-
-def scheme_of(uri: str | os.PathLike[str]) -> str:
-    """``"file"``, ``"http"``, ``"https"``, ``"s3"`` or ``"hf"``.
-
-    Raises:
-        InvalidURIError: an unknown scheme (``ftp://...``) or a malformed URI.
-    """
-    text = os.fspath(uri)
-    if "://" not in text:
-        return "file"
-    scheme = text.split("://", 1)[0].lower()
-    if scheme == "file" or scheme in REMOTE_SCHEMES:
-        return scheme
-    raise InvalidURIError(f"unsupported URI scheme {scheme!r} in {redact(text)!r}")
+__all__ = [
+    "REMOTE_SCHEMES",
+    "FileSink",
+    "FileSource",
+    "Sink",
+    "Source",
+    "is_remote",
+    "join",
+    "local_path",
+    "looks_like_uri",
+    "open_sink",
+    "open_source",
+    "redact",
+    "scheme_of",
+    "shared_transport",
+]
 
 
 @contextlib.contextmanager
@@ -53,28 +57,6 @@ def shared_transport(uri: str | os.PathLike[str], options: dict[str, Any]) -> It
         yield {**options, "client": client}
     finally:
         client.close()
-
-
-def local_path(uri: str | os.PathLike[str]) -> str:
-    """The filesystem path of a local path or ``file://`` URI."""
-    text = os.fspath(uri)
-    if text.startswith("file://"):
-        parsed = urlparse(text)
-        if parsed.netloc not in ("", "localhost"):
-            raise InvalidURIError(f"file URI with a remote host is not supported: {text!r}")
-        return unquote(parsed.path)
-    return text
-
-
-def redact(uri: str) -> str:
-    """``uri`` without user info or query string, for messages and logs."""
-    if "://" not in uri:
-        return uri
-    p = urlparse(uri)
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
-    return f"{p.scheme}://{host}{p.path}"
 
 
 def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:

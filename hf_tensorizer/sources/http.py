@@ -38,8 +38,8 @@ from ..errors import (
     SourceError,
     TensorizerError,
 )
-from . import redact
 from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, parse_retry_after, readinto1
+from .uri import redact
 
 __all__ = ["HTTPSource"]
 

@@ -148,17 +148,17 @@ class ModelRunner:
         return options
 
     def _load_tensorized(self) -> None:
-        from hf_tensorizer.integrations import artifact
-        from hf_tensorizer.integrations.transformers import split_options
+        from hf_tensorizer.integrations.cache import resolve
+        from hf_tensorizer.integrations.layout import WEIGHTS_NAME
+        from hf_tensorizer.integrations.options import TensorizerOptions
+        from hf_tensorizer.integrations.routing import is_artifact, looks_like_uri
 
-        options = self._options()
-        _engine, transport = split_options(options)
+        options = TensorizerOptions.parse(self._options())
+        transport = options.transport
         uri = self.config.model_uri
-        if not artifact.looks_like_uri(uri) and not (
-            artifact.is_artifact(uri) or os.path.isfile(os.path.join(uri, "model_index.json"))
-        ):
-            raise UsageError(f"{uri} is not a tensorized artifact (no {artifact.WEIGHTS_NAME} or model_index.json)")
-        folder = artifact.resolve(uri, **transport)  # the small files (configs, tokenizer), never the weights
+        if not looks_like_uri(uri) and not (is_artifact(uri) or os.path.isfile(os.path.join(uri, "model_index.json"))):
+            raise UsageError(f"{uri} is not a tensorized artifact (no {WEIGHTS_NAME} or model_index.json)")
+        folder = resolve(uri, **transport)  # the small files (configs, tokenizer), never the weights
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             from diffusers import DiffusionPipeline
 

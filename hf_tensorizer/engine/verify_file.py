@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import TensorizerError, UsageError
 from ..sources import Source, open_source
 from .header import read_index
-from .pipeline import StageTimes, Verifier, _Work, run_threads
+from .pipeline import ChunkQueue, StageTimes, Verifier, run_threads
 from .plan import plan_chunks
 
 
@@ -47,12 +47,12 @@ def verify_file(
         verifier = Verifier(index)
         transform = None
         if index.encrypted or encryption is not None:
-            from ..crypto import open_transform
+            from .decrypt import open_transform
 
             transform = open_transform(index, encryption, src.uri)
         chunks = plan_chunks(index.data_entries, index.block_size)
         failed: set[str] = set()
-        work = _Work(chunks)
+        work = ChunkQueue(chunks)
 
         def body(_: int, times: StageTimes) -> None:
             buf = bytearray(max((c.length for c in chunks), default=0))

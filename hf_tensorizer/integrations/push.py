@@ -1,4 +1,4 @@
-"""Publishing tensorized artifacts to the Hugging Face Hub, with a model card tagged ``hf_tensorizer``.
+"""Publishing tensorized artifacts to the Hugging Face Hub (``push_to_hub``), with a model card.
 
 The artifact is staged in a temporary folder and uploaded in one commit (``HfApi.upload_folder``), so a
 repository never shows a half-uploaded artifact. Load it back with ``from_pretrained("hf://org/repo")``.
@@ -84,7 +84,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from ..sources.hub import hub_endpoint
+    from ..sources.hub_repo import hub_endpoint
 
     api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
     library, save = _saver(obj, tokenizer=tokenizer, processor=processor)
@@ -148,7 +148,7 @@ def _saver(obj: Any, *, tokenizer: Any, processor: Any) -> tuple[str, Any]:
     from transformers import PreTrainedModel
 
     if isinstance(obj, PreTrainedModel):
-        from .transformers import save_tensorized
+        from .transformers_save import save_tensorized
 
         return "transformers", lambda folder, **kw: save_tensorized(
             obj, folder, tokenizer=tokenizer, processor=processor, **kw

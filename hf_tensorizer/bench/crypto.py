@@ -1,6 +1,6 @@
 """Encryption benchmarks: raw block decrypt GB/s per thread count, and encrypted vs plain loads.
 
-Run: ``python -m hf_tensorizer.crypto.bench --mib 512 --dir /tmp`` (add ``--device cuda`` on a GPU box).
+Run: ``python -m hf_tensorizer.bench.crypto --mib 512 --dir /tmp`` (add ``--device cuda`` on a GPU box).
 Prints one JSON object per measurement line, so results can be pasted into docs/security.md.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .keys import EncryptionKey
-from .seal import BlockCipher, FileKeys
+from ..crypto.keys import EncryptionKey
+from ..crypto.seal import BlockCipher, FileKeys
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Reader for files written by CoreWeave's upstream ``tensorizer`` (format versions 1-5).
+"""Upstream tensorizer files, the format facts: bytes -> validated index, no I/O (format versions 1-5).
 
 Layout (all integers little-endian, no alignment anywhere)::
 
@@ -10,6 +10,9 @@ The index entries give name, kind, dtype, shape and absolute header/data offsets
 header repeats them and adds the hashes and, for encrypted files, the crypt info (nonce and one MAC
 per chunk). Everything here is validated against the file size before the engine may use it, and
 each problem raises a typed :class:`~hf_tensorizer.errors.FormatError`. See docs/compat.md.
+
+:func:`decode_upstream` is a generator in the sans-I/O style: it yields the byte ranges it needs next and is
+sent their bytes (``hf_tensorizer.engine.header`` drives it over a Source), so parsing stays pure.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +31,13 @@ import torch
 from ..constants import MAX_INDEX_BYTES
 from ..errors import (
     FormatError,
-    HashMismatchError,
     HeaderTooLargeError,
     TruncatedFileError,
     UnknownDtypeError,
     UnsupportedVersionError,
 )
-from .dtypes import DTYPES
-from .index import FEATURE_ENCRYPTED, FileIndex, TensorEntry, TensorKind
+from ..format.dtypes import DTYPES
+from ..format.index import FEATURE_ENCRYPTED, FileIndex, TensorEntry, TensorKind
 
 UPSTREAM_MAGIC = b"|TZR|"
 _FILE_HEADER = struct.Struct("<I32sQ8xQ")  # version, feature flags, tensor_size, unused, tensor_count
@@ -155,22 +156,23 @@ class _Reader:
         return self.unpack(fmt)[0]
 
 
-class _Growing:
-    """A cursor over the metadata block, fetched from the source in growing reads as entries need it."""
+class _NeedMore(Exception):
+    """The metadata block bytes at hand end before the entries do: fetch more and parse again."""
 
-    def __init__(self, source: Any, start: int, length: int, head: bytes) -> None:
-        self.source, self.start, self.length = source, start, length
-        self.data = bytearray(head[start : start + length])
-        self.pos = 0
+
+class _Block:
+    """A cursor over the part of the metadata block at hand (``data``) of a block ``length`` bytes long."""
+
+    def __init__(self, data: bytes, length: int) -> None:
+        self.data, self.length, self.pos = data, length, 0
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
         if end > len(self.data):
             if end > self.length:
                 raise TruncatedFileError(f"upstream index: entry runs past the metadata block ({self.length} bytes)")
-            want = min(self.length, max(end, 2 * len(self.data), 64 << 10))
-            self.data += self.source.read(self.start + len(self.data), want - len(self.data))
-        out = bytes(self.data[self.pos : end])
+            raise _NeedMore
+        out = self.data[self.pos : end]
         self.pos = end
         return out
 
@@ -195,7 +197,7 @@ class _Raw:
     data_length: int
 
 
-def _parse_entries(block: _Growing, count: int, versioned: bool) -> list[_Raw]:
+def _parse_entries(block: _Block, count: int, versioned: bool) -> list[_Raw]:
     out: list[_Raw] = []
     for i in range(count):
         entry_version = block.one("I") if versioned else 1
@@ -238,12 +240,8 @@ def _validate(raws: list[_Raw], meta_end: int, size: int, version: int) -> None:
         end, prev = e.data_offset + e.data_length, e.name
 
 
-def _fetch_headers(source: Any, raws: list[_Raw]) -> dict[str, tuple[bytes, int]]:
-    """Read every per-tensor header: ``name -> (buffer, offset of the header inside it)``.
-
-    Headers close to each other (small tensors between them) share one read; remote sources get the
-    groups in parallel, so hundreds of tensors cost a few round trips.
-    """
+def _header_groups(raws: list[_Raw]) -> list[list[_Raw]]:
+    """Per-tensor headers close to each other (small tensors between them) are fetched in one read."""
     groups: list[list[_Raw]] = []
     for e in sorted(raws, key=lambda e: e.header_offset):
         g = groups[-1] if groups else None
@@ -255,20 +253,7 @@ def _fetch_headers(source: Any, raws: list[_Raw]) -> dict[str, tuple[bytes, int]
             g.append(e)
         else:
             groups.append([e])
-
-    def read(g: list[_Raw]) -> list[tuple[str, tuple[bytes, int]]]:
-        start = g[0].header_offset
-        buf = source.read(start, g[-1].data_offset - start)
-        return [(e.name, (buf, e.header_offset - start)) for e in g]
-
-    from ..sources.file import FileSource
-
-    if isinstance(source, FileSource) or len(groups) < 4:
-        results = [read(g) for g in groups]
-    else:
-        with ThreadPoolExecutor(min(len(groups), max(1, getattr(source, "preferred_concurrency", 8)))) as pool:
-            results = list(pool.map(read, groups))
-    return {name: v for part in results for name, v in part}
+    return groups
 
 
 def _parse_crypt(body: bytes, e: _Raw) -> dict[str, Any]:
@@ -340,20 +325,24 @@ def _parse_tensor_header(buf: bytes, at: int, e: _Raw, encrypted: bool) -> tuple
     return UpstreamTensor(e.header_offset, module_index, bytes(prefix), crc, sha), crypt
 
 
-def read_upstream_index(source: Any, head: bytes) -> UpstreamIndex:
+def decode_upstream(size: int, head: bytes) -> Generator[list[tuple[int, int]], list[bytes], UpstreamIndex]:
     """Parse an upstream file's header, index and per-tensor headers into a validated index.
 
+    A generator: it yields lists of ``(offset, length)`` ranges it needs and is sent their bytes, in order;
+    its return value is the index (``hf_tensorizer.engine.header.read_index`` drives it).
+
     Args:
-        source: the :class:`~hf_tensorizer.sources.Source` to read from.
-        head: the first bytes of the file (any length; more is read as needed).
+        size: the file size in bytes.
+        head: the first bytes of the file (any length; more is asked for as needed).
 
     Raises:
         FormatError: and its typed subclasses for anything malformed or inconsistent.
     """
-    size = source.size
     _need(bytes(head[:5]) == UPSTREAM_MAGIC, "not an upstream tensorizer file")
+    head = bytes(head)
     if len(head) < HEADER_END:
-        head = source.read(0, min(size, HEADER_END))
+        if size > len(head):
+            head += (yield [(len(head), min(size, HEADER_END) - len(head))])[0]
         if len(head) < HEADER_END:
             raise TruncatedFileError(f"upstream file is {size} bytes, shorter than its {HEADER_END}-byte header")
     version, raw_flags, _tensor_size, count = _FILE_HEADER.unpack_from(head, 5)
@@ -372,11 +361,19 @@ def read_upstream_index(source: Any, head: bytes) -> UpstreamIndex:
     if HEADER_END + meta_len > size:
         raise TruncatedFileError(f"upstream metadata block ends at {HEADER_END + meta_len}, file is {size} bytes")
     _need(count <= meta_len // _MIN_ENTRY, f"{count} tensors cannot fit a {meta_len}-byte metadata block")
-    block = _Growing(source, HEADER_END, meta_len, bytes(head))
-    raws = _parse_entries(block, count, versioned)
+    block = head[HEADER_END : HEADER_END + meta_len]
+    while True:  # entries are parsed from what is at hand; more of the block is asked for when they run past it
+        try:
+            raws = _parse_entries(_Block(block, meta_len), count, versioned)
+            break
+        except _NeedMore:
+            want = min(meta_len, max(2 * len(block), 64 << 10))
+            block += (yield [(HEADER_END + len(block), want - len(block))])[0]
     meta_end = HEADER_END + meta_len
     _validate(raws, meta_end, size, version)
-    fetched = _fetch_headers(source, raws)
+    groups = _header_groups(raws)
+    bufs = yield [(g[0].header_offset, g[-1].data_offset - g[0].header_offset) for g in groups]
+    fetched = {e.name: (buf, e.header_offset - g[0].header_offset) for g, buf in zip(groups, bufs) for e in g}
     tensors: dict[str, TensorEntry] = {}
     extra: dict[str, UpstreamTensor] = {}
     chunk_sizes: set[int] = set()
@@ -406,33 +403,15 @@ def read_upstream_index(source: Any, head: bytes) -> UpstreamIndex:
     )
 
 
-def verify_upstream_hashes(index: UpstreamIndex, tensors: Mapping[str, torch.Tensor],
-                           progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Check loaded tensors against the CRC32/SHA-256 in their upstream headers.
+def hash_matches(info: UpstreamTensor, data: bytes | memoryview) -> bool:
+    """Whether ``data`` (a tensor's stored bytes) matches the CRC32/SHA-256 of its upstream header.
 
-    Upstream hashes cover the per-tensor header and the whole tensor, so they are checked per tensor
-    after loading (tensors must be in their stored dtype; GPU tensors are copied back to the host).
-
-    Raises:
-        HashMismatchError: naming every tensor whose bytes do not match.
+    Upstream hashes cover the per-tensor header (with the hash slots zeroed) followed by the whole tensor.
+    A tensor whose header has no hash matches trivially.
     """
-    from ..engine.memory import as_bytes, host_view
-
-    bad: list[str] = []
-    for name, t in tensors.items():
-        info = index.upstream.get(name)
-        entry = index.tensors.get(name)
-        if info is None or entry is None or (info.crc32 is None and info.sha256 is None):
-            continue
-        data = host_view(as_bytes(t.detach().contiguous().cpu())) if entry.length else memoryview(b"")
-        ok = info.crc32 is None or zlib.crc32(data, zlib.crc32(info.hash_prefix)) == info.crc32
-        if info.sha256 is not None:
-            h = hashlib.sha256(info.hash_prefix)
-            h.update(data)
-            ok = ok and h.digest() == info.sha256
-        if not ok:
-            bad.append(name)
-        if progress is not None:
-            progress(name)
-    if bad:
-        raise HashMismatchError(f"upstream hashes do not match for tensors {bad[:10]}", tensors=bad)
+    ok = info.crc32 is None or zlib.crc32(data, zlib.crc32(info.hash_prefix)) == info.crc32
+    if info.sha256 is not None:
+        h = hashlib.sha256(info.hash_prefix)
+        h.update(data)
+        ok = ok and h.digest() == info.sha256
+    return ok

@@ -1,13 +1,13 @@
-"""Encrypting, decrypting and re-keying existing files (``hf-tensorizer encrypt`` / ``decrypt``)."""
+"""Encrypting, decrypting and re-keying existing files (CLI `encrypt` / `decrypt`): the reader feeding the writer."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from ..crypto.keys import KeySpec
 from ..errors import UsageError
 from ..format.index import FileIndex
-from .keys import KeySpec
 
 
 def convert(
@@ -43,8 +43,8 @@ def convert(
         HashMismatchError: a block of ``src`` does not match its digest.
         UsageError: ``src`` and ``dest`` are the same path.
     """
-    from ..engine.reader import TensorDeserializer
-    from ..engine.writer import TensorSerializer
+    from .reader import TensorDeserializer
+    from .writer import TensorSerializer
 
     if "://" not in os.fspath(src) and os.path.exists(dest) and os.path.samefile(src, dest):
         raise UsageError("source and destination are the same file; write to a new path")

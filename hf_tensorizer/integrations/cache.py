@@ -1,0 +1,151 @@
+"""The local copy of a remote artifact's small files, so ``AutoConfig``, ``AutoTokenizer`` & co. work unchanged.
+
+Loading fetches every file but the weights (listed by the manifest, or probed) into
+``cache_root()/artifacts/<hash of the URI>``; the weights are never copied to disk, they stream from the remote
+root, which a ``.hf_tensorizer_remote`` marker in each cached folder remembers. A fetch goes into a fresh folder
+that is swapped in whole, so a reader never sees a half-updated copy. The cache root is ``$HF_TENSORIZER_CACHE``
+or ``~/.cache/hf_tensorizer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ..errors import FormatError, SourceError
+from ..sources import shared_transport
+from ..sources.hub import pin_revision
+from ..sources.uri import is_remote, join, local_path, redact, scheme_of
+from .layout import WEIGHTS_NAME
+from .manifest import MANIFEST_NAME, REMOTE_MARKER, check_relative, parse_manifest
+from .parallel import concurrently
+from .probe import probe, read_bytes
+
+CACHE_ENV = "HF_TENSORIZER_CACHE"
+
+
+def cache_root() -> str:
+    """``$HF_TENSORIZER_CACHE`` or ``~/.cache/hf_tensorizer``."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "hf_tensorizer")
+    return os.environ.get(CACHE_ENV, default)
+
+
+def read_manifest(root: str, **options: Any) -> dict[str, Any] | None:
+    """The artifact manifest at ``root``, or None when a local root has none.
+
+    Raises:
+        SourceError: a remote manifest cannot be read (missing included: the caller decides).
+        FormatError: the manifest is malformed.
+    """
+    if not is_remote(root):
+        path = os.path.join(local_path(root), MANIFEST_NAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = read_bytes(join(root, MANIFEST_NAME), **options)
+    return parse_manifest(raw, f"{redact(root)}/{MANIFEST_NAME}")
+
+
+def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
+    """A local folder holding the small files of the artifact at ``uri``.
+
+    Local paths and ``file://`` URIs are returned as they are. Remote artifacts are fetched (every file except
+    the weights) into the cache; each folder whose weights stay remote gets a marker so
+    :func:`~hf_tensorizer.integrations.weights.weights_uris` finds them. ``hf://`` roots are first pinned to the
+    commit their branch points to, so every file of the load comes from one commit.
+
+    Args:
+        uri: the artifact root.
+        **options: transport options (``endpoint_url``, ``token``, ``headers``, ...).
+
+    Returns:
+        The local folder.
+
+    Raises:
+        SourceError: a listed file could not be fetched, or nothing usable was found at ``uri``.
+        FormatError: the manifest (or a pipeline's ``model_index.json``) is malformed or names paths outside the
+            artifact; nothing is written then.
+    """
+    text = os.fspath(uri)
+    if not is_remote(text):
+        return local_path(text)
+    text = text.rstrip("/")
+    with shared_transport(text, options) as shared:
+        if scheme_of(text) == "hf":
+            text = pin_revision(text, probe=(MANIFEST_NAME, WEIGHTS_NAME, "config.json"), **shared)
+        return _fetch(text, **shared)
+
+
+def _fetch(root: str, **options: Any) -> str:
+    """:func:`resolve` for a remote root: read the manifest or probe, fetch the small files, mark the weights."""
+    try:
+        manifest = read_manifest(root, **options)
+        first_error: SourceError | None = None
+    except SourceError as exc:  # no manifest (or no access): probe well-known names, report this if all fail
+        manifest, first_error = None, exc
+    weights: dict[str, list[str]] = {}  # folder -> its weight files (model.tensors, or a safetensors checkpoint)
+    if manifest is not None:
+        files = [f for f in manifest.get("files", []) if not f.endswith(".tensors")]
+        for w in manifest.get("files", []):
+            if w.endswith(".tensors"):
+                folder, _, name = w.rpartition("/")
+                weights.setdefault(folder, []).append(name)
+    else:
+        files, weights = probe(root, first_error, **options)
+    weights.setdefault("", [])  # the root is marked even without weights: a model load then says what is missing
+    digest = hashlib.sha256(root.encode()).hexdigest()[:20]
+    dest = os.path.join(cache_root(), "artifacts", digest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
+    try:
+        for name, data in zip(files, concurrently(lambda n: read_bytes(join(root, n), **options), files)):
+            path = os.path.join(fresh, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        if manifest is not None:
+            with open(os.path.join(fresh, MANIFEST_NAME), "w", encoding="utf-8") as f:
+                json.dump(manifest, f)
+        for folder, names in weights.items():
+            os.makedirs(os.path.join(fresh, folder), exist_ok=True)
+            write_marker(os.path.join(fresh, folder), join(root, folder), names)
+        old = dest + ".old." + os.path.basename(fresh)
+        if os.path.exists(dest):
+            os.replace(dest, old)
+        os.replace(fresh, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_marker(folder: str, root: str, names: list[str]) -> None:
+    """Remember in ``folder`` that its weights ``names`` live under the remote ``root``."""
+    # owner-only: the URI may carry credentials (https://user:token@host/...)
+    fd = os.open(os.path.join(folder, REMOTE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"root": root, "weights": names}, f)
+
+
+def read_marker(path: str) -> tuple[str, list[str]]:
+    """(remote folder, weight file names in it) from a marker :func:`write_marker` wrote.
+
+    Raises:
+        FormatError: the marker is malformed.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        root, names = doc["root"], doc["weights"]
+        if not isinstance(root, str) or not isinstance(names, list):
+            raise TypeError
+        return root, [check_relative(n, path) for n in names]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path} is not a valid hf_tensorizer remote marker; delete the cache folder") from exc

@@ -1,0 +1,42 @@
+"""``TensorizerMixin``: tensorized load and save for one model class, without the global switch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .options import KWARG
+from .publish import save_options
+from .routing import is_artifact, looks_like_uri
+from .transformers import load_pretrained
+from .transformers_save import save_tensorized
+
+SAVE_ARGS = ("tokenizer", "processor", KWARG)
+
+
+class TensorizerMixin:
+    """Put first in the bases of a ``PreTrainedModel`` subclass to give it tensorized load/save without enabling
+    the global hook::
+
+        class MyModel(TensorizerMixin, LlamaForCausalLM): ...
+        MyModel.from_pretrained("s3://bucket/my-model", device_map="cuda")
+        model.save_pretrained("s3://bucket/out", tensorized=True)
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:
+        if is_artifact(pretrained_model_name_or_path, kwargs.get("subfolder", "") or ""):
+            return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs.pop(KWARG, None)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)  # type: ignore[misc]
+
+    def save_pretrained(self, save_directory: Any, *args: Any, tensorized: bool = False, **kwargs: Any) -> Any:
+        if tensorized or looks_like_uri(save_directory):
+            return save_tensorized(self, save_directory, **save_options(kwargs, SAVE_ARGS))
+        return super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+
+    def push_to_hub(self, repo_id: str, *args: Any, tensorized: bool = False, **kwargs: Any) -> Any:
+        if tensorized:
+            from .push import push_to_hub
+
+            return push_to_hub(self, repo_id, **kwargs)
+        return super().push_to_hub(repo_id, *args, **kwargs)  # type: ignore[misc]

@@ -1,0 +1,99 @@
+"""What a remote folder without a manifest holds: a hand-made artifact, or a stock model or pipeline folder.
+
+The well-known small file names and weight names are probed (one request each, concurrently; the Hub lists a
+repository in one request instead); a pipeline's components are found through its ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import FormatError, SourceError
+from ..sources import open_source
+from ..sources.uri import join, redact, scheme_of
+from .layout import KNOWN_FILES, SAFETENSORS_NAMES, WEIGHTS_NAME
+from .manifest import MANIFEST_NAME, check_relative
+from .parallel import concurrently
+
+
+def read_bytes(uri: str, **options: Any) -> bytes:
+    """The whole content of one small object at ``uri``.
+
+    Raises:
+        SourceError: the object is missing or cannot be read.
+    """
+    with open_source(uri, **options) as src:
+        return src.read(0, src.size)
+
+
+def probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+    """The small files and the weights of each folder of a remote artifact without a manifest.
+
+    Args:
+        root: the remote folder.
+        first_error: why the manifest could not be read; reported when nothing is found either.
+        **options: transport options.
+
+    Returns:
+        ``(small files, {folder: weight file names})``, paths relative to ``root``; weights are ``model.tensors``
+        or else a safetensors checkpoint (shard index before single file).
+
+    Raises:
+        SourceError: nothing usable at ``root``.
+        FormatError: a malformed ``model_index.json``.
+    """
+    found, weights = _probe_folders(root, [""], **options)
+    if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
+        where = f"{redact(root)}/model_index.json"
+        try:
+            index = json.loads(read_bytes(join(root, "model_index.json"), **options))
+        except (ValueError, RecursionError) as exc:
+            raise FormatError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(index, dict):
+            raise FormatError(f"{where} is not a JSON object")
+        comps = [c for c, spec in index.items() if not c.startswith("_") and isinstance(spec, list)]
+        for comp in comps:
+            if "/" in comp:
+                raise FormatError(f"{where} names a component that is not a plain folder name: {comp!r}")
+            check_relative(comp, where)
+        more, comp_weights = _probe_folders(root, comps, **options)
+        found += more
+        weights.update(comp_weights)
+    if not found and not weights:
+        raise SourceError(
+            f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights): {first_error}"
+        ) from first_error
+    return found, weights
+
+
+def _probe_folders(root: str, folders: list[str], **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+    """The well-known small files that exist in each of ``folders`` (relative to ``root``) and each folder's
+    weights: ``model.tensors``, else the first safetensors name present."""
+    weight_names = (WEIGHTS_NAME, *SAFETENSORS_NAMES)
+    paths = [f"{d}/{n}" if d else n for d in folders for n in (*KNOWN_FILES, *weight_names)]
+    listing = None
+    if scheme_of(root) == "hf":  # the Hub lists a repository in one request
+        from ..sources.hub_repo import list_repo_paths
+
+        listing = list_repo_paths(root, **options)
+    if listing is not None:
+        present = set(paths).intersection(listing)
+    else:
+        present = {p for p, ok in zip(paths, concurrently(lambda p: exists(join(root, p), **options), paths)) if ok}
+    found = [p for p in paths if p in present and p.rsplit("/", 1)[-1] in KNOWN_FILES]
+    weights: dict[str, list[str]] = {}
+    for d in folders:
+        name = next((n for n in weight_names if (f"{d}/{n}" if d else n) in present), None)
+        if name is not None:
+            weights[d] = [name]
+    return found, weights
+
+
+def exists(uri: str, **options: Any) -> bool:
+    """Whether an object can be opened at ``uri``."""
+    try:
+        with open_source(uri, **options):
+            return True
+    except SourceError:
+        return False

@@ -1,0 +1,130 @@
+"""Writing an artifact: assembled locally, small files uploaded, the manifest last (so a manifest means complete).
+
+A local destination is written in place; a remote one (``s3://``, ``hf://``) is assembled in a temporary folder
+whose small files are uploaded at the end. Weights never touch the temporary folder: the serializer streams them
+to their final location.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import UsageError
+from ..sources import open_sink, shared_transport
+from ..sources.uri import is_remote, join, local_path
+from .layout import WEIGHTS_NAME
+from .manifest import MANIFEST_NAME, REMOTE_MARKER, write_manifest
+from .parallel import concurrently
+
+
+def list_files(folder: str) -> list[str]:
+    """Every file under ``folder`` as ``/``-separated relative paths (markers and temporaries skipped)."""
+    out = []
+    for dirpath, _dirs, names in os.walk(folder):
+        for n in names:
+            if n in (REMOTE_MARKER, MANIFEST_NAME) or n.endswith(".tmp"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, n), folder)
+            out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def write_bytes(uri: str, data: bytes, **options: Any) -> None:
+    """Write one small object atomically (local file, S3 object, Hub file).
+
+    Raises:
+        SinkError: the write failed; nothing partial is left.
+    """
+    sink = open_sink(uri, **options)
+    try:
+        sink.write(data)
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def upload_folder(folder: str, dest: str, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
+    """Copy every small file of ``folder`` to ``dest`` (local folder or URI). Returns the relative names."""
+    names = [n for n in list_files(folder) if n not in set(skip)]
+    with shared_transport(dest, options) as shared:
+
+        def upload(name: str) -> None:
+            with open(os.path.join(folder, name), "rb") as f:
+                write_bytes(join(dest, name), f.read(), **shared)
+
+        concurrently(upload, names)
+    return names
+
+
+class ArtifactWriter:
+    """Where an artifact is assembled before it is published to ``dest``.
+
+    Args:
+        dest: the artifact root (local folder or ``s3://`` / ``hf://`` prefix).
+        transport: transport options for a remote ``dest``.
+
+    Use as a context manager: the temporary folder of a remote ``dest`` is removed at the end.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str], transport: Mapping[str, Any] | None = None) -> None:
+        self.dest = os.fspath(dest)
+        self.transport = dict(transport or {})
+        self.remote = is_remote(self.dest)
+        self.folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if self.remote else local_path(self.dest)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def weights(self, *subfolder: str) -> str:
+        """The final location of ``[subfolder/]model.tensors``."""
+        if self.remote:
+            return join(self.dest, *subfolder, WEIGHTS_NAME)
+        return os.path.join(self.folder, *subfolder, WEIGHTS_NAME)
+
+    def publish(self, weights: Iterable[str], library: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Upload the small files (remote ``dest``) and write the manifest listing them and ``weights``."""
+        files = list_files(self.folder)
+        if self.remote:
+            upload_folder(self.folder, self.dest, **self.transport)
+        manifest = write_manifest(sorted(set(files) | set(weights)), library, extra)
+        write_bytes(join(self.dest if self.remote else self.folder, MANIFEST_NAME), manifest, **self.transport)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.remote:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# Stock save_pretrained arguments that concern safetensors shards or the Hub call, moot for one .tensors file
+_MOOT_SAVE_ARGS = frozenset({
+    "is_main_process", "state_dict", "save_function", "push_to_hub", "max_shard_size", "safe_serialization",
+    "variant", "token", "save_peft_format", "save_original_format",
+})  # fmt: skip
+
+
+def save_options(kwargs: Mapping[str, Any], accepted: Iterable[str] = ()) -> dict[str, Any]:
+    """The arguments of a ``save_pretrained(..., tensorized=True)`` call that the tensorized save takes.
+
+    Every :class:`~hf_tensorizer.TensorSerializer` argument (``encryption``, ``digest``, ``metadata``, ...) and
+    those in ``accepted`` pass; stock-only ones that make no sense for one file are dropped.
+
+    Raises:
+        UsageError: an argument that is neither (a typo must not silently drop, say, ``encryption``).
+    """
+    from ..engine.writer import TensorSerializer
+
+    known = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "dest", "sink_options"}
+    known |= set(accepted)
+    out = {}
+    for key, value in kwargs.items():
+        if key in known:
+            out[key] = value
+        elif key not in _MOOT_SAVE_ARGS:
+            raise UsageError(f"save_pretrained(tensorized=True) does not take {key!r}")
+    return out

@@ -1,0 +1,104 @@
+"""Saving transformers models as tensorized artifacts: the hub key layout, config, generation config, weights.
+
+The weights are written under the keys stock ``save_pretrained`` writes: the same
+``remove_tied_weights_from_state_dict`` and ``revert_weight_conversion``, so fused runtime keys never reach a
+file. :func:`write_model` is also used for the text encoders of diffusers pipelines.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..engine import TensorSerializer
+from ..errors import UsageError
+from .layout import WEIGHTS_NAME
+from .options import transport_only
+from .publish import ArtifactWriter
+
+
+def hub_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the keys stock ``save_pretrained`` writes (hub layout, ties removed).
+
+    Raises:
+        UsageError: the model is quantized, or has weights on the meta device (disk offload).
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise UsageError("saving quantized models tensorized is not supported; save the unquantized model")
+    state_dict = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        state_dict.pop(key, None)
+    meta = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise UsageError(f"model has weights on the meta device (offloaded?): {meta[:5]}; load it fully first")
+    state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+    return revert_weight_conversion(model, state_dict)
+
+
+def save_tensorized(
+    model: Any,
+    dest: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    processor: Any = None,
+    metadata: dict[str, str] | None = None,
+    tensorizer_options: dict[str, Any] | None = None,
+    **serializer_options: Any,
+) -> str:
+    """Write ``model`` as a tensorized artifact to a local folder or ``s3://`` / ``hf://`` prefix.
+
+    Writes config.json, generation_config.json (generative models), the tokenizer/processor files when given,
+    ``model.tensors`` (hub key layout) and, last, the ``hf_tensorizer.json`` manifest.
+
+    Args:
+        model: a ``PreTrainedModel``.
+        dest: the artifact root.
+        tokenizer: optional tokenizer saved alongside (so ``AutoTokenizer.from_pretrained(dest)`` works).
+        processor: optional processor / image processor / feature extractor saved alongside.
+        metadata: extra string metadata stored in the weights file.
+        tensorizer_options: transport options for remote destinations (``endpoint_url``, ``token``, ...).
+        **serializer_options: :class:`~hf_tensorizer.TensorSerializer` arguments (``digest``, ``block_size``, ...).
+
+    Returns:
+        ``dest`` as a string.
+
+    Raises:
+        UsageError: the model cannot be saved this way; SinkError: writing failed.
+    """
+    dest = os.fspath(dest)
+    transport = transport_only(tensorizer_options)
+    with ArtifactWriter(dest, transport) as staging:
+        if model.is_remote_code():
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, staging.folder, config=model.config)
+        write_model(model, staging.folder, staging.weights(), staging.transport, metadata=metadata,
+                    **serializer_options)  # fmt: skip
+        for extra in (tokenizer, processor):
+            if extra is not None:
+                extra.save_pretrained(staging.folder)
+        staging.publish([WEIGHTS_NAME], "transformers", {"architectures": model.config.architectures})
+    return dest
+
+
+def write_model(model: Any, folder: str, weights: str, transport: dict[str, Any], *,
+                metadata: dict[str, str] | None = None, **serializer_options: Any) -> None:  # fmt: skip
+    """A transformers model's config, generation config (into ``folder``) and weights (to ``weights``).
+
+    Also used for the text encoders of diffusers pipelines.
+    """
+    state_dict = hub_state_dict(model)  # raises before anything is written for unsupported models
+    config = model.config
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    meta = {"format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
+    with TensorSerializer(weights, metadata=meta, **serializer_options, **transport) as s:
+        s.write_state_dict(state_dict)
