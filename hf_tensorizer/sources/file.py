@@ -7,7 +7,7 @@ import tempfile
 import weakref
 from collections.abc import Sequence
 
-from ..errors import SinkError, SourceError, TruncatedFileError
+from ..errors import SinkError, SourceError, TruncatedFileError, UsageError
 from .base import Sink, Source
 
 _IOV_MAX = 1024
@@ -47,6 +47,8 @@ class FileSource(Source):
         self.read_into_many(offset, [buf])
 
     def read_into_many(self, offset: int, bufs: Sequence[memoryview], fd: int | None = None) -> None:
+        if offset < 0:  # preadv at offset -1 reads at the file position (0): silently the wrong bytes
+            raise UsageError(f"negative offset {offset}")
         fd = self._fd if fd is None else fd
         pending = [memoryview(b).cast("B") for b in bufs if len(b)]
         first = 0  # pending[first:] still need bytes (an index, not pop(0): that is quadratic in the buffers)
