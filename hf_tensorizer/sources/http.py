@@ -39,7 +39,7 @@ from ..errors import (
     TensorizerError,
 )
 from . import redact
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, parse_retry_after, readinto1
+from .ranged import RangedSource, RetryPolicy, TransientError, Cursor, describe_error, fill, parse_retry_after, readinto1
 
 __all__ = ["HTTPSource"]
 
@@ -77,13 +77,19 @@ def _origin(url: str) -> _Origin:
 
 
 class _ConnectionPool:
-    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first."""
+    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first.
 
-    def __init__(self, origin: _Origin, *, ssl_context: ssl.SSLContext | None, timeout: float, maxsize: int) -> None:
+    Shared by every :class:`HTTPSource` of the process with the same origin and TLS settings (see
+    :class:`_PoolRegistry`): the shards of one checkpoint, and the small files of an artifact, reuse each other's
+    warm connections instead of each opening its own.
+    """
+
+    def __init__(self, origin: _Origin, *, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
         self.origin = origin
         self._ssl_context = ssl_context
         self._timeout = timeout
-        self._maxsize = maxsize
+        self.maxsize = 0  # idle connections kept: the sum of the users' concurrency (set by the registry)
+        self.opened = 0  # connections made so far (for tests and benchmarks)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -93,6 +99,7 @@ class _ConnectionPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
+            self.opened += 1
         scheme, host, port = self.origin
         if scheme == "https":
             return _HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl_context), False
@@ -100,10 +107,18 @@ class _ConnectionPool:
 
     def put(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < self._maxsize:
+            if not self._closed and len(self._idle) < self.maxsize:
                 self._idle.append(conn)
                 return
         conn.close()
+
+    def trim(self) -> None:
+        """Close idle connections beyond ``maxsize`` (after a user left)."""
+        with self._lock:
+            extra = self._idle[: max(0, len(self._idle) - self.maxsize)]
+            del self._idle[: len(extra)]
+        for conn in extra:
+            conn.close()
 
     def close(self) -> None:
         with self._lock:
@@ -111,6 +126,50 @@ class _ConnectionPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+# origin + everything that changes how a connection is made: sources that agree on these can share connections
+_PoolKey = tuple[str, str, int, bool, "str | None", float]
+
+
+class _PoolRegistry:
+    """The process-wide connection pools, one per :data:`_PoolKey`, reference-counted: a pool lives while a source
+    uses it and its idle connections are closed when the last user closes. Bounded: a pool keeps at most the sum of
+    its current users' ``concurrency`` idle connections."""
+
+    def __init__(self) -> None:
+        self._pools: dict[_PoolKey, tuple[_ConnectionPool, int]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: _PoolKey, ssl_context: ssl.SSLContext | None, concurrency: int) -> _ConnectionPool:
+        with self._lock:
+            pool, users = self._pools.get(key, (None, 0))
+            if pool is None:
+                pool = _ConnectionPool(key[:3], ssl_context=ssl_context, timeout=key[5])  # type: ignore[arg-type]
+            pool.maxsize += max(2, concurrency)
+            self._pools[key] = (pool, users + 1)
+            return pool
+
+    def release(self, key: _PoolKey, concurrency: int) -> None:
+        with self._lock:
+            pool, users = self._pools[key]
+            pool.maxsize -= max(2, concurrency)
+            if users > 1:
+                self._pools[key] = (pool, users - 1)
+            else:
+                del self._pools[key]
+        if users > 1:
+            pool.trim()
+        else:
+            pool.close()
+
+    def pool(self, origin: _Origin) -> _ConnectionPool | None:
+        """A live pool to ``origin`` (any TLS settings), for tests and benchmarks."""
+        with self._lock:
+            return next((p for k, (p, _) in self._pools.items() if k[:3] == origin), None)
+
+
+POOLS = _PoolRegistry()
 
 
 @dataclass
@@ -205,14 +264,18 @@ class HTTPSource(RangedSource):
         self._ssl_context: ssl.SSLContext | None = None
         if parts.scheme.lower() == "https" or ca_bundle is not None:
             self._ssl_context = self._make_ssl_context(verify, ca_bundle)
-        self._pools: dict[_Origin, _ConnectionPool] = {}
+        self._pools: dict[_Origin, tuple[_PoolKey, _ConnectionPool]] = {}  # the shared pools this source holds
         self._pools_lock = threading.Lock()
 
         # pinned validators
         self.etag: str | None = None
         self.last_modified: str | None = None
         self._pin_lock = threading.Lock()
-        self.size = self._retrying("opening", self._probe)
+        try:
+            self.size = self._retrying("opening", self._probe)
+        except BaseException:
+            self.close()  # hand back the shared pool
+            raise
 
     # --- setup -------------------------------------------------------------------------------------------
 
@@ -286,13 +349,16 @@ class HTTPSource(RangedSource):
 
     def _pool_for(self, origin: _Origin) -> _ConnectionPool:
         with self._pools_lock:
-            pool = self._pools.get(origin)
-            if pool is None:
-                if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
-                    self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
-                ctx = self._ssl_context
-                pool = _ConnectionPool(origin, ssl_context=ctx, timeout=self._timeout, maxsize=max(2, self.concurrency))
-                self._pools[origin] = pool
+            held = self._pools.get(origin)
+            if held is not None:
+                return held[1]
+            if self._closed:
+                raise SourceError(f"{self.uri}: source is closed")
+            if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
+                self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
+            key: _PoolKey = (*origin, self._verify, self._ca_bundle, self._timeout)
+            pool = POOLS.acquire(key, self._ssl_context if origin[0] == "https" else None, self.concurrency)
+            self._pools[origin] = (key, pool)
             return pool
 
     def _headers_for(self, url: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -347,7 +413,7 @@ class HTTPSource(RangedSource):
                 if reused and isinstance(exc, _STALE_ERRORS):
                     continue  # the server closed an idle keep-alive connection: not a real failure
                 scheme, host, port = pool.origin
-                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {_describe(exc)}") from exc
+                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {describe_error(exc)}") from exc
 
     def _finish(self, r: _Response, *, reuse: bool) -> None:
         """Return the connection to the pool when the response was fully consumed, else close it."""
@@ -422,7 +488,7 @@ class HTTPSource(RangedSource):
 
     # --- data --------------------------------------------------------------------------------------------
 
-    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         extra = {"Range": f"bytes={first}-{last}"}
         if self.etag is not None:
             if not self.etag.startswith("W/"):  # If-Match uses strong comparison: a weak tag would never match
@@ -463,16 +529,16 @@ class HTTPSource(RangedSource):
         except TensorizerError:
             raise
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"GET bytes={first}-{last}: {_describe(exc)}") from exc
+            raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
         finally:
             self._finish(r, reuse=reuse)
 
     def close(self) -> None:
         super().close()
         with self._pools_lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            pool.close()
+            held, self._pools = list(self._pools.values()), {}
+        for key, _pool in held:
+            POOLS.release(key, self.concurrency)
 
     def __repr__(self) -> str:
         return f"HTTPSource({self.uri!r}, size={self.size})"

@@ -27,9 +27,9 @@ from ..errors import (
     TensorizerError,
     UsageError,
 )
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, readinto1
+from .ranged import RangedSource, RetryPolicy, TransientError, Cursor, describe_error, fill, readinto1
 
-__all__ = ["S3Source", "make_s3_client", "parse_s3_uri", "shared_client"]
+__all__ = ["S3Source", "make_s3_client", "parse_s3_uri", "shared_client", "translate_error"]
 
 _SLICE = 1 << 20  # slow path (no http.client response underneath): bounds what a failure makes us fetch twice
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # permissive: legacy and S3-compatible names
@@ -139,7 +139,7 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
-def _translate(
+def translate_error(
     exc: BaseException, uri: str, cls: type[TensorizerError], *, client: Any = None, bucket: str | None = None
 ) -> TensorizerError:
     """A clear error for a botocore exception; never includes credentials."""
@@ -285,7 +285,7 @@ class S3Source(RangedSource):
         try:
             head = self._client.head_object(**kwargs)
         except (BotoCoreError, ClientError) as exc:
-            error = _translate(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
+            error = translate_error(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
             self.close()
             raise error from exc
         self.size = int(head["ContentLength"])
@@ -299,7 +299,7 @@ class S3Source(RangedSource):
         if self._owns_client:
             self._client.close()
 
-    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={first}-{last}"}
@@ -315,7 +315,7 @@ class S3Source(RangedSource):
                 raise TransientError(f"get_object: {code or status}") from exc
             if code in ("NoSuchKey", "NotFound", "404") or status == 404:
                 raise ObjectChangedError(f"{self.uri} was deleted while it was being read") from exc
-            raise _translate(exc, self.uri, SourceError) from exc
+            raise translate_error(exc, self.uri, SourceError) from exc
         except BotoCoreError as exc:  # connection errors botocore already retried: count them as ours too
             raise TransientError(f"get_object: {exc}") from exc
         body = resp["Body"]
@@ -340,7 +340,7 @@ class S3Source(RangedSource):
         except TensorizerError:
             raise
         except (OSError, http.client.HTTPException, BotoCoreError) as exc:
-            raise TransientError(f"reading bytes {first}-{last}: {_describe(exc)}") from exc
+            raise TransientError(f"reading bytes {first}-{last}: {describe_error(exc)}") from exc
         finally:
             finish(ok)
 
