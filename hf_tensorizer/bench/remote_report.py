@@ -97,5 +97,3 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} CPUs, loopback"
-
-

@@ -39,7 +39,16 @@ from ..errors import (
     TensorizerError,
 )
 from . import redact
-from .ranged import RangedSource, RetryPolicy, TransientError, Cursor, describe_error, fill, parse_retry_after, readinto1
+from .ranged import (
+    Cursor,
+    RangedSource,
+    RetryPolicy,
+    TransientError,
+    describe_error,
+    fill,
+    parse_retry_after,
+    readinto1,
+)
 
 __all__ = ["HTTPSource"]
 

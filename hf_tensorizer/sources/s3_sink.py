@@ -17,7 +17,7 @@ from typing import Any
 from .. import constants
 from ..errors import InvalidURIError, SinkError, SourceError, TensorizerError, UsageError
 from .base import Sink
-from .s3 import translate_error, make_s3_client, parse_s3_uri
+from .s3 import make_s3_client, parse_s3_uri, translate_error
 
 __all__ = ["S3Sink"]
 
