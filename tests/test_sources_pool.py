@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from hf_tensorizer.sources import open_sink, open_source, shared_transport
-from hf_tensorizer.sources.http import POOLS, HTTPSource
+from hf_tensorizer.sources.http import HTTPSource
+from hf_tensorizer.sources.http_pool import POOLS
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -158,7 +158,7 @@ def _warm(kind: str, uri: str) -> None:
     import torch  # noqa: F401
 
     import hf_tensorizer.engine.reader
-    import hf_tensorizer.sources.http
+    import hf_tensorizer.sources.http  # noqa: F401
 
     if uri.startswith("s3://"):
         import boto3  # noqa: F401

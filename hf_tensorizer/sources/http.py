@@ -2,7 +2,8 @@
 
 Design:
 
-* Connections come from a small per-origin pool of ``http.client`` connections (keep-alive, TCP_NODELAY). We use
+* Connections come from a per-origin pool of ``http.client`` connections (keep-alive, TCP_NODELAY) shared by every
+  source of the process (:mod:`.http_pool`). We use
   ``http.client`` rather than urllib3 because its ``HTTPResponse.readinto`` writes straight into the caller's
   memoryview; urllib3's ``readinto`` reads into a new ``bytes`` and copies.
 * Every read is one ranged GET (or several concurrent ones for a read larger than ``part_size``). Bodies are read
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import socket
 import ssl
 import threading
 from collections.abc import Mapping
@@ -39,6 +39,7 @@ from ..errors import (
     TensorizerError,
 )
 from . import redact
+from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, origin_of
 from .ranged import (
     Cursor,
     RangedSource,
@@ -61,131 +62,11 @@ _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
 _STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.BadStatusLine)
 
 
-# --- HTTP ------------------------------------------------------------------------------------------------
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_Origin = tuple[str, str, int]
-
-
-def _origin(url: str) -> _Origin:
-    p = urlsplit(url)
-    scheme = p.scheme.lower()
-    return scheme, (p.hostname or "").lower(), p.port or (443 if scheme == "https" else 80)
-
-
-class _ConnectionPool:
-    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first.
-
-    Shared by every :class:`HTTPSource` of the process with the same origin and TLS settings (see
-    :class:`_PoolRegistry`): the shards of one checkpoint, and the small files of an artifact, reuse each other's
-    warm connections instead of each opening its own.
-    """
-
-    def __init__(self, origin: _Origin, *, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
-        self.origin = origin
-        self._ssl_context = ssl_context
-        self._timeout = timeout
-        self.maxsize = 0  # idle connections kept: the sum of the users' concurrency (set by the registry)
-        self.opened = 0  # connections made so far (for tests and benchmarks)
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the server)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-            self.opened += 1
-        scheme, host, port = self.origin
-        if scheme == "https":
-            return _HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl_context), False
-        return _HTTPConnection(host, port, timeout=self._timeout), False
-
-    def put(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self.maxsize:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def trim(self) -> None:
-        """Close idle connections beyond ``maxsize`` (after a user left)."""
-        with self._lock:
-            extra = self._idle[: max(0, len(self._idle) - self.maxsize)]
-            del self._idle[: len(extra)]
-        for conn in extra:
-            conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-# origin + everything that changes how a connection is made: sources that agree on these can share connections
-_PoolKey = tuple[str, str, int, bool, "str | None", float]
-
-
-class _PoolRegistry:
-    """The process-wide connection pools, one per :data:`_PoolKey`, reference-counted: a pool lives while a source
-    uses it and its idle connections are closed when the last user closes. Bounded: a pool keeps at most the sum of
-    its current users' ``concurrency`` idle connections."""
-
-    def __init__(self) -> None:
-        self._pools: dict[_PoolKey, tuple[_ConnectionPool, int]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, key: _PoolKey, ssl_context: ssl.SSLContext | None, concurrency: int) -> _ConnectionPool:
-        with self._lock:
-            pool, users = self._pools.get(key, (None, 0))
-            if pool is None:
-                pool = _ConnectionPool(key[:3], ssl_context=ssl_context, timeout=key[5])  # type: ignore[arg-type]
-            pool.maxsize += max(2, concurrency)
-            self._pools[key] = (pool, users + 1)
-            return pool
-
-    def release(self, key: _PoolKey, concurrency: int) -> None:
-        with self._lock:
-            pool, users = self._pools[key]
-            pool.maxsize -= max(2, concurrency)
-            if users > 1:
-                self._pools[key] = (pool, users - 1)
-            else:
-                del self._pools[key]
-        if users > 1:
-            pool.trim()
-        else:
-            pool.close()
-
-    def pool(self, origin: _Origin) -> _ConnectionPool | None:
-        """A live pool to ``origin`` (any TLS settings), for tests and benchmarks."""
-        with self._lock:
-            return next((p for k, (p, _) in self._pools.items() if k[:3] == origin), None)
-
-
-POOLS = _PoolRegistry()
-
-
 @dataclass
 class _Response:
     resp: http.client.HTTPResponse
     conn: http.client.HTTPConnection
-    pool: _ConnectionPool
+    pool: ConnectionPool
     url: str
     from_cache: bool  # the request went to a remembered redirect target (which may have expired)
 
@@ -264,7 +145,7 @@ class HTTPSource(RangedSource):
         if parts.port:
             netloc += f":{parts.port}"
         self._url = f"{parts.scheme.lower()}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
-        self._home = _origin(self._url)
+        self._home = origin_of(self._url)
         self._target: str | None = None  # where the last redirect chain ended, to skip it on later requests
         self._max_redirects = max_redirects
         self._timeout = float(timeout)
@@ -273,7 +154,7 @@ class HTTPSource(RangedSource):
         self._ssl_context: ssl.SSLContext | None = None
         if parts.scheme.lower() == "https" or ca_bundle is not None:
             self._ssl_context = self._make_ssl_context(verify, ca_bundle)
-        self._pools: dict[_Origin, tuple[_PoolKey, _ConnectionPool]] = {}  # the shared pools this source holds
+        self._pools: dict[Origin, tuple[PoolKey, ConnectionPool]] = {}  # the shared pools this source holds
         self._pools_lock = threading.Lock()
 
         # pinned validators
@@ -356,7 +237,7 @@ class HTTPSource(RangedSource):
 
     # --- requests ----------------------------------------------------------------------------------------
 
-    def _pool_for(self, origin: _Origin) -> _ConnectionPool:
+    def _pool_for(self, origin: Origin) -> ConnectionPool:
         with self._pools_lock:
             held = self._pools.get(origin)
             if held is not None:
@@ -365,14 +246,14 @@ class HTTPSource(RangedSource):
                 raise SourceError(f"{self.uri}: source is closed")
             if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
                 self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
-            key: _PoolKey = (*origin, self._verify, self._ca_bundle, self._timeout)
+            key: PoolKey = (*origin, self._verify, self._ca_bundle, self._timeout)
             pool = POOLS.acquire(key, self._ssl_context if origin[0] == "https" else None, self.concurrency)
             self._pools[origin] = (key, pool)
             return pool
 
     def _headers_for(self, url: str, extra: Mapping[str, str]) -> dict[str, str]:
         headers = dict(self._headers)
-        if _origin(url) != self._home:  # never hand credentials to another host (CDN, storage bucket)
+        if origin_of(url) != self._home:  # never hand credentials to another host (CDN, storage bucket)
             for key in list(headers):
                 if key.lower() in _SENSITIVE_HEADERS:
                     del headers[key]
@@ -386,7 +267,7 @@ class HTTPSource(RangedSource):
         for _ in range(self._max_redirects + 1):
             parts = urlsplit(url)
             target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (f"?{parts.query}" if parts.query else "")
-            pool = self._pool_for(_origin(url))
+            pool = self._pool_for(origin_of(url))
             headers = self._headers_for(url, extra)
             resp, conn = self._send(pool, method, target, headers)
             status = resp.status
@@ -404,7 +285,7 @@ class HTTPSource(RangedSource):
         raise SourceError(f"{self.uri}: more than {self._max_redirects} redirects")
 
     def _send(
-        self, pool: _ConnectionPool, method: str, target: str, headers: Mapping[str, str]
+        self, pool: ConnectionPool, method: str, target: str, headers: Mapping[str, str]
     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         while True:
             conn, reused = pool.get()
