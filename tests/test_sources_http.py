@@ -448,7 +448,7 @@ def test_https_with_custom_ca_bundle(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=6), data=st.data())
 def test_views_of_and_cursor_cover_exactly_the_range(sizes, data):
-    from hf_tensorizer.sources.ranged import _Cursor, _views_of
+    from hf_tensorizer.sources.ranged import Cursor, _views_of
 
     total = sum(sizes)
     start = data.draw(st.integers(0, total))
@@ -457,7 +457,7 @@ def test_views_of_and_cursor_cover_exactly_the_range(sizes, data):
     views = _views_of([memoryview(b) for b in bufs], start, length)
     assert sum(len(v) for v in views) == length
     # write a pattern through a cursor in random steps, as a transport would
-    cursor = _Cursor(views)
+    cursor = Cursor(views)
     pattern = bytes(range(256)) * 2
     while cursor.done < length:
         view = cursor.next_view(data.draw(st.integers(1, 64)))

@@ -15,7 +15,7 @@ import pytest
 
 from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
 from hf_tensorizer.sources import open_sink, open_source
-from hf_tensorizer.sources.s3 import S3Source, _body_reader, _translate
+from hf_tensorizer.sources.s3 import S3Source, _body_reader, translate_error
 from hf_tensorizer.sources.s3_sink import S3Sink
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,10 +134,10 @@ def test_access_denied_and_rejected_credentials_messages():
         return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
                            "GetObject")  # fmt: skip
 
-    assert "access denied" in str(_translate(err("AccessDenied", 403), "s3://b/k", SourceError))
-    assert "credentials were rejected" in str(_translate(err("InvalidAccessKeyId", 403), "s3://b/k", SourceError))
-    assert isinstance(_translate(err("PreconditionFailed", 412), "s3://b/k", SourceError), ObjectChangedError)
-    assert isinstance(_translate(err("AccessDenied", 403), "s3://b/k", SinkError), SinkError)
+    assert "access denied" in str(translate_error(err("AccessDenied", 403), "s3://b/k", SourceError))
+    assert "credentials were rejected" in str(translate_error(err("InvalidAccessKeyId", 403), "s3://b/k", SourceError))
+    assert isinstance(translate_error(err("PreconditionFailed", 412), "s3://b/k", SourceError), ObjectChangedError)
+    assert isinstance(translate_error(err("AccessDenied", 403), "s3://b/k", SinkError), SinkError)
 
 
 def test_object_overwritten_mid_load_raises(moto_s3, s3_client, s3_bucket):

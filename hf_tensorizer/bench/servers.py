@@ -28,6 +28,8 @@ AWS_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 
+NGINX_BUCKET = "bucket"  # nginx also serves its folder as this anonymous path-style S3 bucket
+
 # Servers -----------------------------------------------------------------------------------------------
 
 
@@ -84,6 +86,9 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         location / {{ }}
+        # the same folder as an anonymous, path-style S3 bucket: GET/HEAD /BUCKET/key with Range and If-Match
+        # (nginx answers both for static files) is all an unsigned boto3 read of an object needs
+        location /{bucket}/ {{ alias {root}/; }}
     }}
 }}
 """
@@ -92,6 +97,9 @@ http {{
 @contextmanager
 def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") -> Iterator[tuple[str, str]]:
     """Serve ``root`` on 127.0.0.1; yields ``(base_url, description)``. Stops the server on exit.
+
+    nginx also serves ``root`` as the anonymous, path-style S3 bucket :data:`NGINX_BUCKET` at ``base_url``:
+    ``S3Source("s3://bucket/<path>", endpoint_url=base_url, addressing_style="path", anonymous=True)``.
 
     Args:
         root: the directory served.
@@ -118,7 +126,8 @@ def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") ->
         port = _free_port()
         user = "user root root;" if os.geteuid() == 0 else ""  # workers must read root-owned checkpoints
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, user=user, port=port, root=root.resolve()))
+        conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, user=user, port=port, root=root.resolve(),
+                                          bucket=NGINX_BUCKET))  # fmt: skip
         proc = subprocess.Popen([nginx, "-c", str(conf), "-p", tmp], stderr=subprocess.DEVNULL)
         try:
             _wait_port(port, proc, "nginx")

@@ -7,6 +7,7 @@ to their final location.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -69,13 +70,16 @@ class ArtifactWriter:
         dest: the artifact root (local folder or ``s3://`` / ``hf://`` prefix).
         transport: transport options for a remote ``dest``.
 
-    Use as a context manager: the temporary folder of a remote ``dest`` is removed at the end.
+    Use as a context manager: within it, :attr:`transport` carries one client shared by every object the save
+    writes (weights, small files, manifest: one S3 client, not one per object); at the end the client is closed
+    and the temporary folder of a remote ``dest`` removed.
     """
 
     def __init__(self, dest: str | os.PathLike[str], transport: Mapping[str, Any] | None = None) -> None:
         self.dest = os.fspath(dest)
         self.transport = dict(transport or {})
         self.remote = is_remote(self.dest)
+        self._shared = contextlib.ExitStack()
         self.folder = tempfile.mkdtemp(prefix="hf_tensorizer-save-") if self.remote else local_path(self.dest)
         os.makedirs(self.folder, exist_ok=True)
 
@@ -94,9 +98,12 @@ class ArtifactWriter:
         write_bytes(join(self.dest if self.remote else self.folder, MANIFEST_NAME), manifest, **self.transport)
 
     def __enter__(self) -> ArtifactWriter:
+        if self.remote:
+            self.transport = self._shared.enter_context(shared_transport(self.dest, self.transport))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._shared.close()
         if self.remote:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 
 Design:
 
-* Connections come from a small per-origin pool of ``http.client`` connections (keep-alive, TCP_NODELAY). We use
+* Connections come from a per-origin pool of ``http.client`` connections (keep-alive, TCP_NODELAY) shared by every
+  source of the process (:mod:`.http_pool`). We use
   ``http.client`` rather than urllib3 because its ``HTTPResponse.readinto`` writes straight into the caller's
   memoryview; urllib3's ``readinto`` reads into a new ``bytes`` and copies.
 * Every read is one ranged GET (or several concurrent ones for a read larger than ``part_size``). Bodies are read
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import socket
 import ssl
 import threading
 from collections.abc import Mapping
@@ -38,7 +38,17 @@ from ..errors import (
     SourceError,
     TensorizerError,
 )
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, parse_retry_after, readinto1
+from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, origin_of
+from .ranged import (
+    Cursor,
+    RangedSource,
+    RetryPolicy,
+    TransientError,
+    describe_error,
+    fill,
+    parse_retry_after,
+    readinto1,
+)
 from .uri import redact
 
 __all__ = ["HTTPSource"]
@@ -52,72 +62,11 @@ _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
 _STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.BadStatusLine)
 
 
-# --- HTTP ------------------------------------------------------------------------------------------------
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_Origin = tuple[str, str, int]
-
-
-def _origin(url: str) -> _Origin:
-    p = urlsplit(url)
-    scheme = p.scheme.lower()
-    return scheme, (p.hostname or "").lower(), p.port or (443 if scheme == "https" else 80)
-
-
-class _ConnectionPool:
-    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first."""
-
-    def __init__(self, origin: _Origin, *, ssl_context: ssl.SSLContext | None, timeout: float, maxsize: int) -> None:
-        self.origin = origin
-        self._ssl_context = ssl_context
-        self._timeout = timeout
-        self._maxsize = maxsize
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the server)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        scheme, host, port = self.origin
-        if scheme == "https":
-            return _HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl_context), False
-        return _HTTPConnection(host, port, timeout=self._timeout), False
-
-    def put(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self._maxsize:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
 @dataclass
 class _Response:
     resp: http.client.HTTPResponse
     conn: http.client.HTTPConnection
-    pool: _ConnectionPool
+    pool: ConnectionPool
     url: str
     from_cache: bool  # the request went to a remembered redirect target (which may have expired)
 
@@ -196,7 +145,7 @@ class HTTPSource(RangedSource):
         if parts.port:
             netloc += f":{parts.port}"
         self._url = f"{parts.scheme.lower()}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
-        self._home = _origin(self._url)
+        self._home = origin_of(self._url)
         self._target: str | None = None  # where the last redirect chain ended, to skip it on later requests
         self._max_redirects = max_redirects
         self._timeout = float(timeout)
@@ -205,14 +154,18 @@ class HTTPSource(RangedSource):
         self._ssl_context: ssl.SSLContext | None = None
         if parts.scheme.lower() == "https" or ca_bundle is not None:
             self._ssl_context = self._make_ssl_context(verify, ca_bundle)
-        self._pools: dict[_Origin, _ConnectionPool] = {}
+        self._pools: dict[Origin, tuple[PoolKey, ConnectionPool]] = {}  # the shared pools this source holds
         self._pools_lock = threading.Lock()
 
         # pinned validators
         self.etag: str | None = None
         self.last_modified: str | None = None
         self._pin_lock = threading.Lock()
-        self.size = self._retrying("opening", self._probe)
+        try:
+            self.size = self._retrying("opening", self._probe)
+        except BaseException:
+            self.close()  # hand back the shared pool
+            raise
 
     # --- setup -------------------------------------------------------------------------------------------
 
@@ -284,20 +237,23 @@ class HTTPSource(RangedSource):
 
     # --- requests ----------------------------------------------------------------------------------------
 
-    def _pool_for(self, origin: _Origin) -> _ConnectionPool:
+    def _pool_for(self, origin: Origin) -> ConnectionPool:
         with self._pools_lock:
-            pool = self._pools.get(origin)
-            if pool is None:
-                if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
-                    self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
-                ctx = self._ssl_context
-                pool = _ConnectionPool(origin, ssl_context=ctx, timeout=self._timeout, maxsize=max(2, self.concurrency))
-                self._pools[origin] = pool
+            held = self._pools.get(origin)
+            if held is not None:
+                return held[1]
+            if self._closed:
+                raise SourceError(f"{self.uri}: source is closed")
+            if origin[0] == "https" and self._ssl_context is None:  # redirected from http to https
+                self._ssl_context = self._make_ssl_context(self._verify, self._ca_bundle)
+            key: PoolKey = (*origin, self._verify, self._ca_bundle, self._timeout)
+            pool = POOLS.acquire(key, self._ssl_context if origin[0] == "https" else None, self.concurrency)
+            self._pools[origin] = (key, pool)
             return pool
 
     def _headers_for(self, url: str, extra: Mapping[str, str]) -> dict[str, str]:
         headers = dict(self._headers)
-        if _origin(url) != self._home:  # never hand credentials to another host (CDN, storage bucket)
+        if origin_of(url) != self._home:  # never hand credentials to another host (CDN, storage bucket)
             for key in list(headers):
                 if key.lower() in _SENSITIVE_HEADERS:
                     del headers[key]
@@ -311,7 +267,7 @@ class HTTPSource(RangedSource):
         for _ in range(self._max_redirects + 1):
             parts = urlsplit(url)
             target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (f"?{parts.query}" if parts.query else "")
-            pool = self._pool_for(_origin(url))
+            pool = self._pool_for(origin_of(url))
             headers = self._headers_for(url, extra)
             resp, conn = self._send(pool, method, target, headers)
             status = resp.status
@@ -329,7 +285,7 @@ class HTTPSource(RangedSource):
         raise SourceError(f"{self.uri}: more than {self._max_redirects} redirects")
 
     def _send(
-        self, pool: _ConnectionPool, method: str, target: str, headers: Mapping[str, str]
+        self, pool: ConnectionPool, method: str, target: str, headers: Mapping[str, str]
     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         while True:
             conn, reused = pool.get()
@@ -347,7 +303,7 @@ class HTTPSource(RangedSource):
                 if reused and isinstance(exc, _STALE_ERRORS):
                     continue  # the server closed an idle keep-alive connection: not a real failure
                 scheme, host, port = pool.origin
-                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {_describe(exc)}") from exc
+                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {describe_error(exc)}") from exc
 
     def _finish(self, r: _Response, *, reuse: bool) -> None:
         """Return the connection to the pool when the response was fully consumed, else close it."""
@@ -422,7 +378,7 @@ class HTTPSource(RangedSource):
 
     # --- data --------------------------------------------------------------------------------------------
 
-    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         extra = {"Range": f"bytes={first}-{last}"}
         if self.etag is not None:
             if not self.etag.startswith("W/"):  # If-Match uses strong comparison: a weak tag would never match
@@ -463,16 +419,16 @@ class HTTPSource(RangedSource):
         except TensorizerError:
             raise
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"GET bytes={first}-{last}: {_describe(exc)}") from exc
+            raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
         finally:
             self._finish(r, reuse=reuse)
 
     def close(self) -> None:
         super().close()
         with self._pools_lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            pool.close()
+            held, self._pools = list(self._pools.values()), {}
+        for key, _pool in held:
+            POOLS.release(key, self.concurrency)
 
     def __repr__(self) -> str:
         return f"HTTPSource({self.uri!r}, size={self.size})"

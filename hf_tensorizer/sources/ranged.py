@@ -21,7 +21,7 @@ from .. import constants
 from ..errors import SourceError, TruncatedFileError, UsageError
 from .base import Source
 
-__all__ = ["RangedSource", "RetryPolicy", "TransientError", "readinto1"]
+__all__ = ["Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
 
 T = TypeVar("T")
 
@@ -84,7 +84,7 @@ def parse_retry_after(value: str | None) -> float | None:
 # --- scatter cursor --------------------------------------------------------------------------------------
 
 
-class _Cursor:
+class Cursor:
     """Where the next received byte goes in a list of buffers; ``done`` counts bytes that landed."""
 
     def __init__(self, views: Sequence[memoryview]) -> None:
@@ -106,7 +106,7 @@ class _Cursor:
             self._index += 1
 
 
-def fill(cursor: _Cursor, expected: int, read: Callable[[memoryview, bool], int]) -> None:
+def fill(cursor: Cursor, expected: int, read: Callable[[memoryview, bool], int]) -> None:
     """Receive ``expected`` body bytes into ``cursor``, one ``read(view, first)`` call at a time.
 
     ``cursor.done`` always counts the bytes that landed, so a retry after a failure resumes at the exact byte.
@@ -147,7 +147,7 @@ class RangedSource(Source):
     """Bounds checks, part splitting and the resumable retry loop shared by the remote sources.
 
     Subclasses set ``uri`` and ``size`` and implement :meth:`_attempt`, one request for a byte range that
-    writes into a :class:`_Cursor` and raises :class:`TransientError` for failures worth retrying.
+    writes into a :class:`Cursor` and raises :class:`TransientError` for failures worth retrying.
 
     Args:
         concurrency: parallel ranged requests one large read is split into; also ``preferred_concurrency``.
@@ -214,7 +214,7 @@ class RangedSource(Source):
     # subclass hook --------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         """Request bytes ``first..last`` (inclusive) and write them at the cursor.
 
         May return early (a server may send less than asked); must raise :class:`TransientError` for a
@@ -231,7 +231,7 @@ class RangedSource(Source):
 
     def _fetch(self, start: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received."""
-        cursor = _Cursor(views)
+        cursor = Cursor(views)
         total = cursor.total
         failures = 0
         attempts = 0
@@ -305,7 +305,7 @@ def readinto1(resp: http.client.HTTPResponse, view: memoryview, first: bool) -> 
     return n
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """A short description of a network error (no URLs: http.client errors carry none)."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"

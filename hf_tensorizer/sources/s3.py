@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +28,9 @@ from ..errors import (
     TensorizerError,
     UsageError,
 )
-from .ranged import RangedSource, RetryPolicy, TransientError, _Cursor, _describe, fill, readinto1
+from .ranged import Cursor, RangedSource, RetryPolicy, TransientError, describe_error, fill, readinto1
 
-__all__ = ["S3Source", "make_s3_client", "parse_s3_uri", "shared_client"]
+__all__ = ["S3Source", "make_s3_client", "parse_s3_uri", "shared_client", "translate_error"]
 
 _SLICE = 1 << 20  # slow path (no http.client response underneath): bounds what a failure makes us fetch twice
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # permissive: legacy and S3-compatible names
@@ -101,7 +102,7 @@ def make_s3_client(
         SourceError: the profile does not exist or boto3 is not installed.
     """
     try:
-        import boto3
+        import boto3  # noqa: F401 - fail early with the install hint
         from botocore import UNSIGNED
         from botocore.config import Config
         from botocore.exceptions import ProfileNotFound
@@ -126,10 +127,33 @@ def make_s3_client(
     if addressing_style:
         options["s3"] = {"addressing_style": addressing_style}
     try:
-        session = boto3.session.Session(profile_name=profile)
+        session = _boto3_session(profile)
+        return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=Config(**options))
     except ProfileNotFound as exc:
         raise SourceError(f"AWS profile {profile!r} not found in the shared config files") from exc
-    return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=Config(**options))
+
+
+_LOADER: list[Any] = []  # the process-wide botocore data loader (service models), made on first use
+_LOADER_LOCK = threading.Lock()
+
+
+def _boto3_session(profile: str | None) -> Any:
+    """A new boto3 session (credentials and config resolved afresh) whose botocore session shares one process-wide
+    data loader: parsing botocore's S3 model and endpoint data costs ~0.15 s of CPU, paid by the first client of a
+    process only (later ones take ~15 ms)."""
+    import boto3
+    import botocore.loaders
+    import botocore.session
+
+    with _LOADER_LOCK:
+        if not _LOADER:
+            _LOADER.append(botocore.loaders.create_loader())
+        loader = _LOADER[0]
+        core = botocore.session.get_session()
+        core.register_component("data_loader", loader)
+        session = boto3.session.Session(profile_name=profile, botocore_session=core)
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))  # boto3 appends its data path each time
+    return session
 
 
 def _error_code(exc: BaseException) -> tuple[str, int]:
@@ -139,7 +163,7 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
-def _translate(
+def translate_error(
     exc: BaseException, uri: str, cls: type[TensorizerError], *, client: Any = None, bucket: str | None = None
 ) -> TensorizerError:
     """A clear error for a botocore exception; never includes credentials."""
@@ -285,7 +309,7 @@ class S3Source(RangedSource):
         try:
             head = self._client.head_object(**kwargs)
         except (BotoCoreError, ClientError) as exc:
-            error = _translate(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
+            error = translate_error(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
             self.close()
             raise error from exc
         self.size = int(head["ContentLength"])
@@ -299,7 +323,7 @@ class S3Source(RangedSource):
         if self._owns_client:
             self._client.close()
 
-    def _attempt(self, first: int, last: int, cursor: _Cursor) -> None:
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={first}-{last}"}
@@ -315,7 +339,7 @@ class S3Source(RangedSource):
                 raise TransientError(f"get_object: {code or status}") from exc
             if code in ("NoSuchKey", "NotFound", "404") or status == 404:
                 raise ObjectChangedError(f"{self.uri} was deleted while it was being read") from exc
-            raise _translate(exc, self.uri, SourceError) from exc
+            raise translate_error(exc, self.uri, SourceError) from exc
         except BotoCoreError as exc:  # connection errors botocore already retried: count them as ours too
             raise TransientError(f"get_object: {exc}") from exc
         body = resp["Body"]
@@ -340,7 +364,7 @@ class S3Source(RangedSource):
         except TensorizerError:
             raise
         except (OSError, http.client.HTTPException, BotoCoreError) as exc:
-            raise TransientError(f"reading bytes {first}-{last}: {_describe(exc)}") from exc
+            raise TransientError(f"reading bytes {first}-{last}: {describe_error(exc)}") from exc
         finally:
             finish(ok)
 

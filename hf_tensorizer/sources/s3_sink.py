@@ -17,7 +17,7 @@ from typing import Any
 from .. import constants
 from ..errors import InvalidURIError, SinkError, SourceError, TensorizerError, UsageError
 from .base import Sink
-from .s3 import _translate, make_s3_client, parse_s3_uri
+from .s3 import make_s3_client, parse_s3_uri, translate_error
 
 __all__ = ["S3Sink"]
 
@@ -41,7 +41,8 @@ class S3Sink(Sink):
         content_type: the object's Content-Type.
         extra_args: extra ``create_multipart_upload`` / ``put_object`` parameters (``ServerSideEncryption``,
             ``SSEKMSKeyId``, ``StorageClass``, ``Metadata``, ``ACL``...).
-        client: a ready boto3 S3 client.
+        client: a ready boto3 S3 client, e.g. the one :func:`~hf_tensorizer.sources.shared_transport` builds for a
+            root: its connection pool is reused, and it is left open (its owner closes it).
 
     Raises:
         InvalidURIError: malformed URI or no key.
@@ -75,6 +76,7 @@ class S3Sink(Sink):
             raise UsageError(f"part_size must be between 5 MiB and 5 GiB (S3 limits), got {part_size}")
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1, got {concurrency}")
+        self._owns_client = client is None  # a client handed in (the root's, shared) belongs to the caller
         try:
             self._client = client or make_s3_client(
                 endpoint_url=endpoint_url,
@@ -161,12 +163,13 @@ class S3Sink(Sink):
             if isinstance(exc, TensorizerError):
                 raise
             if isinstance(exc, (BotoCoreError, ClientError)):
-                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
+                raise translate_error(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
             if isinstance(exc, Exception):
                 raise SinkError(f"{self.uri}: commit failed: {exc}") from exc
             raise
         self._state = "committed"
         self._shutdown()
+        self._release_client()
 
     def abort(self) -> None:
         if self._state != "open":
@@ -187,8 +190,14 @@ class S3Sink(Sink):
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
             except Exception:  # abort must not raise; a bucket lifecycle rule is the backstop
                 pass
+        self._release_client()
 
     # --- internals ---------------------------------------------------------------------------------------
+
+    def _release_client(self) -> None:
+        """Close the client's connections when this sink made it; a passed-in client stays open for its owner."""
+        if self._owns_client:
+            self._client.close()
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -210,7 +219,7 @@ class S3Sink(Sink):
             try:
                 resp = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self._extra)
             except (BotoCoreError, ClientError) as exc:
-                raise _translate(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
+                raise translate_error(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
             self.upload_id = resp["UploadId"]
         self._submit(number, buf)
 
@@ -251,7 +260,7 @@ class S3Sink(Sink):
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(error, (BotoCoreError, ClientError)):
-                raise _translate(error, self.uri, SinkError, client=self._client, bucket=self.bucket) from error
+                raise translate_error(error, self.uri, SinkError, client=self._client, bucket=self.bucket) from error
             raise SinkError(f"{self.uri}: uploading a part failed: {error}") from error
 
     def _raise_background_error_and_release(self) -> None:

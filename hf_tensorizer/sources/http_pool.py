@@ -1,0 +1,135 @@
+"""Keep-alive connections for :mod:`.http`: one pool per origin and TLS settings, shared by every
+:class:`~.http.HTTPSource` of the process and reference-counted (:data:`POOLS`)."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+from urllib.parse import urlsplit
+
+__all__ = ["POOLS", "ConnectionPool", "HTTPConnection", "HTTPSConnection", "Origin", "PoolKey", "PoolRegistry",
+           "origin_of"]  # fmt: skip
+
+
+class HTTPConnection(http.client.HTTPConnection):
+    """``http.client`` connection with TCP_NODELAY (ranged GETs are small requests on a busy connection)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class HTTPSConnection(http.client.HTTPSConnection):
+    """As :class:`HTTPConnection`, over TLS."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+Origin = tuple[str, str, int]
+
+
+def origin_of(url: str) -> Origin:
+    """``(scheme, host, port)`` of ``url``, lower-cased, with the default port filled in."""
+    p = urlsplit(url)
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), p.port or (443 if scheme == "https" else 80)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one origin; a LIFO so the warmest connection is reused first.
+
+    Shared by every :class:`HTTPSource` of the process with the same origin and TLS settings (see
+    :class:`PoolRegistry`): the shards of one checkpoint, and the small files of an artifact, reuse each other's
+    warm connections instead of each opening its own.
+    """
+
+    def __init__(self, origin: Origin, *, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
+        self.origin = origin
+        self._ssl_context = ssl_context
+        self._timeout = timeout
+        self.maxsize = 0  # idle connections kept: the sum of the users' concurrency (set by the registry)
+        self.opened = 0  # connections made so far (for tests and benchmarks)
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed by the server)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+            self.opened += 1
+        scheme, host, port = self.origin
+        if scheme == "https":
+            return HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl_context), False
+        return HTTPConnection(host, port, timeout=self._timeout), False
+
+    def put(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.maxsize:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def trim(self) -> None:
+        """Close idle connections beyond ``maxsize`` (after a user left)."""
+        with self._lock:
+            extra = self._idle[: max(0, len(self._idle) - self.maxsize)]
+            del self._idle[: len(extra)]
+        for conn in extra:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+# origin + everything that changes how a connection is made: sources that agree on these can share connections
+PoolKey = tuple[str, str, int, bool, "str | None", float]
+
+
+class PoolRegistry:
+    """The process-wide connection pools, one per :data:`PoolKey`, reference-counted: a pool lives while a source
+    uses it and its idle connections are closed when the last user closes. Bounded: a pool keeps at most the sum of
+    its current users' ``concurrency`` idle connections."""
+
+    def __init__(self) -> None:
+        self._pools: dict[PoolKey, tuple[ConnectionPool, int]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: PoolKey, ssl_context: ssl.SSLContext | None, concurrency: int) -> ConnectionPool:
+        with self._lock:
+            pool, users = self._pools.get(key, (None, 0))
+            if pool is None:
+                pool = ConnectionPool(key[:3], ssl_context=ssl_context, timeout=key[5])  # type: ignore[arg-type]
+            pool.maxsize += max(2, concurrency)
+            self._pools[key] = (pool, users + 1)
+            return pool
+
+    def release(self, key: PoolKey, concurrency: int) -> None:
+        with self._lock:
+            pool, users = self._pools[key]
+            pool.maxsize -= max(2, concurrency)
+            if users > 1:
+                self._pools[key] = (pool, users - 1)
+            else:
+                del self._pools[key]
+        if users > 1:
+            pool.trim()
+        else:
+            pool.close()
+
+    def pool(self, origin: Origin) -> ConnectionPool | None:
+        """A live pool to ``origin`` (any TLS settings), for tests and benchmarks."""
+        with self._lock:
+            return next((p for k, (p, _) in self._pools.items() if k[:3] == origin), None)
+
+
+POOLS = PoolRegistry()
