@@ -23,6 +23,8 @@ DEFAULT_ALIGNMENT = 4096  # data offsets of tensors >= this size; O_DIRECT and D
 SMALL_ALIGNMENT = 64  # smaller tensors pack at this alignment so many tiny tensors do not balloon the file
 DEFAULT_BLOCK_SIZE = 16 * MiB  # digest (and encryption) block; also the default unit of a read
 MAX_INDEX_BYTES = _env_int("HF_TENSORIZER_MAX_INDEX_BYTES", 256 * MiB)
+# Integrations: an artifact's small files (configs, tokenizers) are fetched whole; a larger one is refused
+MAX_SMALL_FILE_BYTES = _env_int("HF_TENSORIZER_MAX_SMALL_FILE_BYTES", 256 * MiB)
 
 # Engine -----------------------------------------------------------------------------------------------
 STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned pool cap (<= 2 GiB default)

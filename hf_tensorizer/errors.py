@@ -80,6 +80,10 @@ class ObjectChangedError(SourceError):
     """The remote object changed while it was being read (ETag, version or commit moved)."""
 
 
+class ObjectTooLargeError(SourceError):
+    """An object that is read whole (a config, a tokenizer, a shard index) is larger than the configured cap."""
+
+
 class SinkError(TensorizerError, OSError):
     """Writing to a destination failed; nothing partial was left behind."""
 

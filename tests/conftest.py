@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes ``servers`` im
 # Before anything imports huggingface_hub (it reads these once): an isolated HF home, no telemetry, and a dead
 # loopback endpoint so a test that forgets to point at a local server fails fast instead of going online.
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-tensorizer-tests-hf-home-"))
+# the integrations' cache of small artifact files: never the real ~/.cache/hf_tensorizer
+os.environ.setdefault("HF_TENSORIZER_CACHE", tempfile.mkdtemp(prefix="hf-tensorizer-tests-cache-"))
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -74,7 +74,10 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     """
     text = os.fspath(uri)
     if not is_remote(text):
-        return local_path(text)
+        path = local_path(text)
+        if text.startswith("file://") and not os.path.isdir(path):  # a URI is ours: never a Hub id to look up
+            raise SourceError(f"{text}: no such folder")
+        return path
     text = text.rstrip("/")
     with shared_transport(text, options) as shared:
         if scheme_of(text) == "hf":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import FormatError, SourceError
+from .. import constants
+from ..errors import FormatError, ObjectTooLargeError, SourceError
 from ..sources import open_source
 from ..sources.uri import join, redact, scheme_of
 from .layout import KNOWN_FILES, SAFETENSORS_NAMES, WEIGHTS_NAME
@@ -18,12 +19,19 @@ from .parallel import concurrently
 
 
 def read_bytes(uri: str, **options: Any) -> bytes:
-    """The whole content of one small object at ``uri``.
+    """The whole content of one small object at ``uri`` (at most ``HF_TENSORIZER_MAX_SMALL_FILE_BYTES``).
 
     Raises:
         SourceError: the object is missing or cannot be read.
+        ObjectTooLargeError: it is larger than the cap (a manifest may list any file: never read GBs whole).
     """
+    cap = constants.MAX_SMALL_FILE_BYTES
     with open_source(uri, **options) as src:
+        if src.size > cap:
+            raise ObjectTooLargeError(
+                f"{redact(uri)} is {src.size} bytes, more than the {cap} bytes an artifact's small file may have "
+                "(raise HF_TENSORIZER_MAX_SMALL_FILE_BYTES if it is meant to be this large)"
+            )
         return src.read(0, src.size)
 
 
