@@ -3,6 +3,7 @@ opened through one ``shared_transport`` block share one boto3 client (and its po
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 
 from hf_tensorizer.sources import open_sink, open_source, shared_transport
 from hf_tensorizer.sources.http import HTTPSource
-from hf_tensorizer.sources.http_pool import POOLS
+from hf_tensorizer.sources.http_pool import POOLS, origin_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,11 +28,21 @@ def _connections(http_server) -> set[int]:
     return {e["port"] for e in http_server.log() if e["path"].startswith(http_server.url_path(""))}
 
 
+def _private(timeout: float = 9.0) -> dict[str, float]:
+    """Options that give a test pools of its own: the pool key holds the timeout, and other tests of the session
+    may keep sources to the same server open (a shared pool would then outlive this test's sources)."""
+    return {**FAST, "timeout": timeout + (next(_UNIQUE) * 1e-3)}
+
+
+_UNIQUE = itertools.count(1)
+
+
 def test_sources_to_one_host_share_a_pool(http_server):
+    opts = _private()
     files = {f"shard-{i}.bin": _data(512 * KiB + i, seed=i) for i in range(6)}
     urls = {name: http_server.write(name, data) for name, data in files.items()}
     concurrency = 4
-    sources = [HTTPSource(url, concurrency=concurrency, part_size=32 * KiB, **FAST) for url in urls.values()]
+    sources = [HTTPSource(url, concurrency=concurrency, part_size=32 * KiB, **opts) for url in urls.values()]
     try:
         assert len({id(s._pool_for(s._home)) for s in sources}) == 1
         for src, data in zip(sources, files.values()):  # one after the other, as a load reads its shards
@@ -59,35 +70,38 @@ def test_sources_to_one_host_share_a_pool(http_server):
     finally:
         for src in sources:
             src.close()
-    assert POOLS.pool(sources[0]._home) is None  # the last user closed it
+    assert POOLS.pool(sources[0]._home, opts["timeout"]) is None  # the last user closed it
 
 
 def test_pool_outlives_a_closed_user_and_differs_by_timeout(http_server):
     url = http_server.write("m.bin", _data(64 * KiB))
-    a = HTTPSource(url, **FAST)
-    b = HTTPSource(url, **FAST)
-    other = HTTPSource(url, **{**FAST, "timeout": 7})
+    opts = _private()
+    a = HTTPSource(url, **opts)
+    b = HTTPSource(url, **opts)
+    other = HTTPSource(url, **_private(7))
     try:
         assert a._pool_for(a._home) is b._pool_for(b._home)
         assert other._pool_for(other._home) is not a._pool_for(a._home)  # connections made with another timeout
         a.close()
         buf = bytearray(b.size)
         b.read_into(0, memoryview(buf))  # still served by the shared pool
-        assert b._pool_for(b._home) is POOLS.pool(b._home) or POOLS.pool(b._home) is not None
+        assert b._pool_for(b._home) is POOLS.pool(b._home, opts["timeout"])
     finally:
         for s in (a, b, other):
             s.close()
-    assert POOLS.pool(a._home) is None
+    assert POOLS.pool(a._home, opts["timeout"]) is None
 
 
 def test_failed_open_releases_the_pool(http_server):
     from hf_tensorizer.errors import SourceError
 
+    opts = _private()
     with pytest.raises(SourceError, match="not found"):
-        HTTPSource(http_server.url("missing.bin"), **FAST)
-    src = HTTPSource(http_server.write("m.bin", b"x"), **FAST)
+        HTTPSource(http_server.url("missing.bin"), **opts)
+    assert POOLS.pool(origin_of(http_server.url("missing.bin")), opts["timeout"]) is None
+    src = HTTPSource(http_server.write("m.bin", b"x"), **opts)
     src.close()
-    assert POOLS.pool(src._home) is None
+    assert POOLS.pool(src._home, opts["timeout"]) is None
 
 
 def test_s3_shards_and_sinks_share_the_roots_client(moto_s3, s3_client, s3_bucket):

@@ -126,10 +126,11 @@ class PoolRegistry:
         else:
             pool.close()
 
-    def pool(self, origin: Origin) -> ConnectionPool | None:
-        """A live pool to ``origin`` (any TLS settings), for tests and benchmarks."""
+    def pool(self, origin: Origin, timeout: float | None = None) -> ConnectionPool | None:
+        """A live pool to ``origin`` (any TLS settings; with ``timeout``, only that timeout's), for tests and
+        benchmarks."""
         with self._lock:
-            return next((p for k, (p, _) in self._pools.items() if k[:3] == origin), None)
+            return next((p for k, (p, _) in self._pools.items() if k[:3] == origin and timeout in (None, k[5])), None)
 
 
 POOLS = PoolRegistry()
