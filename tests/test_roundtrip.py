@@ -36,6 +36,8 @@ MODES: dict[str, dict] = {
     "mmap": {"mmap": True},
     "mmap_verify": {"mmap": True, "verify_hash": True},
     "pread": {"strategy": "pread", "num_readers": 2},
+    "lazy_pread": {"lazy": True, "strategy": "pread"},
+    "pread_verify": {"strategy": "pread", "verify_hash": True, "num_readers": 3},
     "odirect": {"strategy": "odirect"},
     "odirect_verify": {"strategy": "odirect", "verify_hash": True, "num_readers": 3},
     "odirect_small_chunks": {"strategy": "odirect", "chunk_bytes": 3 * 4096, "num_readers": 4},
@@ -94,16 +96,19 @@ def test_all_torch_dtypes_with_storage_are_listed() -> None:
             assert DTYPES[name] is getattr(torch, name)
 
 
-@pytest.mark.parametrize("mode", ["default", "mmap", "odirect", "lazy"])
+@pytest.mark.parametrize("mode", ["default", "mmap", "pread", "odirect", "lazy", "lazy_pread"])
 def test_returned_tensors_own_their_memory(dtype_file: tuple[Path, dict[str, torch.Tensor]], mode: str) -> None:
     path, tensors = dtype_file
     with TensorDeserializer(path, **MODES[mode]) as d:
         loaded = {n: d[n] for n in d}
+    # on CPU a plain local file is mapped by default; the copying strategies must return tensors of their own
+    mapped = d.metrics.strategy == "mmap"
+    assert mapped == (mode in ("default", "mmap", "lazy"))
     seen: dict[int, str] = {}
     for name, t in loaded.items():
         if t.numel() == 0:
             continue
-        if mode != "mmap":  # an mmap tensor is a view of the file mapping, by design
+        if not mapped:  # a mapped tensor is a view of the private file mapping, by design
             storage = t.untyped_storage()
             assert storage.nbytes() == t.numel() * t.element_size(), f"{name} is a view of a larger buffer"
         ptr = t.data_ptr()
@@ -242,7 +247,7 @@ def test_small_chunks_split_large_tensors(tmp_path: Path) -> None:
     t = random_tensor(torch.float32, (50_000,), 9)  # 200 KB
     write_file(tmp_path / "c", {"big": t, "s": torch.arange(5)})
     for readers in (1, 2, 3, 4):
-        with TensorDeserializer(tmp_path / "c", chunk_bytes=4096, num_readers=readers) as d:
+        with TensorDeserializer(tmp_path / "c", chunk_bytes=4096, num_readers=readers, strategy="pread") as d:
             assert_same(d["big"], t)
             assert d.metrics.chunks >= math.ceil(t.numel() * 4 / 4096)
             assert d.metrics.threads == readers

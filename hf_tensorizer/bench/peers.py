@@ -263,6 +263,7 @@ PEERS: dict[str, Peer] = {
             "hftfp-st", "ours from_pretrained of the stock safetensors folder (file:// URI)", "st", stock=True
         ),
         _from_pretrained("hftfp-mmap", "ours from_pretrained, mmap=True (CPU)", "hft", mmap=True),
+        _from_pretrained("hftfp-pread", "ours from_pretrained, strategy=pread", "hft", strategy="pread"),
     )
 }
 

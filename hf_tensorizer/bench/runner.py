@@ -49,7 +49,8 @@ DEFAULT_CUDA_LOADERS = (
     "pt",
     "it",
 )
-DEFAULT_CPU_LOADERS = ("hft", "hft-mmap", "hftfp", "hftfp-mmap", "st", "pt", "hf", "tz", "tzmod", "fst", "runai")
+# hft: the default (``auto``: a zero-copy mapping on CPU); hft-pread / hftfp-pread: the parallel-read path, forced
+DEFAULT_CPU_LOADERS = ("hft", "hft-pread", "hftfp", "hftfp-pread", "st", "pt", "hf", "tz", "tzmod", "fst", "runai")
 PACKAGES = (
     "torch",
     "transformers",

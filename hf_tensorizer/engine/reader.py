@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap as _mmap
 import os
 import threading
 import time
@@ -18,6 +17,7 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .header import read_index
+from .mapping import FileMapping, run_parallel
 from .memory import host_view
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
@@ -26,7 +26,7 @@ from .staging import PAGE, StagingPool
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
 
-STRATEGIES = ("auto", "pread", "odirect", "register")
+STRATEGIES = ("auto", "mmap", "pread", "odirect", "register")
 
 
 class LoadInfo(NamedTuple):
@@ -69,9 +69,13 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         staging_bytes: cap of the staging pool (GPU loads); default 512 MiB, at most 2 GiB advised.
         staging_allocation: how pinned buffers are made: ``"lazy"``, ``"block"`` or ``"hugepage"``
             (see ``engine.staging.StagingPool``; default from ``HF_TENSORIZER_STAGING_ALLOCATION``).
-        strategy: ``"auto"``, ``"pread"`` (page-cache reads), ``"odirect"`` (bypass the page cache,
-            for cold local files), ``"register"`` (pin page-cache pages in place; CUDA, local files).
-        mmap: CPU only, local files only: tensors are zero-copy views of a private file mapping.
+        strategy: ``"auto"`` (CPU: ``"mmap"`` for a local, unencrypted file read without a cast, else
+            ``"pread"``; CUDA: ``"pread"`` or, for a cold local file, ``"odirect"``), ``"mmap"`` (tensors
+            are zero-copy views of a private copy-on-write mapping of the file, its pages faulted in by
+            ``num_readers`` threads; CPU, local files), ``"pread"`` (parallel reads into new tensors),
+            ``"odirect"`` (bypass the page cache, for cold local files), ``"register"`` (pin page-cache
+            pages in place; CUDA, local files). ``metrics.strategy`` says which one ran.
+        mmap: force ``strategy="mmap"`` (CPU, local, unencrypted files; with ``dtype=`` the cast copies).
         transform: in-place per-piece step applied after reading (the decryption hook).
         encryption: key or passphrase of an encrypted file (``EncryptionKey``, ``Passphrase`` or 32
             bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY`` for encrypted
@@ -147,15 +151,17 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             self.strategy = strategy
             self.mmap = mmap
             self.transform = transform
-            if mmap and (self.device.type != "cpu" or self._source.fileno() is None or transform is not None):
-                raise UsageError("mmap=True needs device='cpu', a local file, and no encryption or transform")
+            if (mmap or strategy == "mmap") and (
+                self.device.type != "cpu" or self._source.fileno() is None or transform is not None
+            ):
+                raise UsageError("mmap needs device='cpu', a local file, and no encryption or transform")
             if strategy == "register" and verify_hash:
                 raise UsageError("strategy='register' copies straight from the page cache and cannot verify digests")
             self._names = self._select(filter)
             self._wanted = frozenset(self._names)
             self._tensors: dict[str, torch.Tensor] = {}
             self._lock = threading.Lock()
-            self._mmap: _mmap.mmap | None = None
+            self._mapping: FileMapping | None = None
             self.metrics = LoadMetrics()
             if not lazy:
                 self._load([self.index.tensors[n] for n in self._names])
@@ -219,11 +225,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 data.setdefault(e.alias, self.index.tensors[e.alias])
         todo = [e for e in data.values() if e.name not in self._tensors]
         metrics = LoadMetrics(threads=self.num_readers)
-        if self.mmap:
-            loaded = self._load_mmap(todo)
-            metrics.strategy = "mmap"
-        else:
-            loaded = self._load_streamed(todo, metrics)
+        metrics.strategy = self._pick_strategy(todo)
+        loaded = self._load_mmap(todo) if metrics.strategy == "mmap" else self._load_streamed(todo, metrics)
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -251,22 +254,28 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             return t.to(self.dtype)
         return t
 
-    def _pick_strategy(self) -> str:
+    def _pick_strategy(self, todo: list[TensorEntry]) -> str:
+        """The strategy of this load: cheap checks of the request and the index, no scan of the data."""
         fd = self._source.fileno()
+        if self.mmap:
+            return "mmap"
         if self.strategy != "auto":
             if self.strategy in ("odirect", "register") and fd is None:
                 raise UsageError(f"strategy {self.strategy!r} needs a local file")
             if self.strategy == "register" and (self.device.type != "cuda" or self.transform is not None):
                 raise UsageError("strategy 'register' needs a CUDA device and an unencrypted file")
             return self.strategy
-        if fd is None or self.device.type != "cuda":
-            return "pread"  # CPU: reads go straight into the tensors; page cache readahead serves cold files
+        if self.device.type == "cpu":
+            # zero-copy needs the file's own bytes as the tensors: local, not decrypted, not cast
+            cast = self.dtype is not None and any(is_floating(e.dtype) and e.dtype != self.dtype for e in todo)
+            return "mmap" if fd is not None and self.transform is None and not cast else "pread"
+        if fd is None:
+            return "pread"
         resident = pagecache.resident_fraction(fd, self._source.size)
         return "pread" if resident is None or resident >= 0.5 else "odirect"
 
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
-        strategy = self._pick_strategy()
-        metrics.strategy = strategy
+        strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
@@ -311,26 +320,30 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         return dests
 
     def _load_mmap(self, todo: list[TensorEntry]) -> dict[str, torch.Tensor]:
-        if self._mmap is None:
+        """Views of one private mapping of the file (copies for unaligned tensors), pages faulted in now."""
+        if self._mapping is None:
             fd = self._source.fileno()
             if fd is None or fd < 0:
                 raise UsageError("the deserializer is closed")
-            # private mapping: tensors are writable without touching the file
-            self._mmap = _mmap.mmap(fd, self._source.size, flags=_mmap.MAP_PRIVATE,
-                                    prot=_mmap.PROT_READ | _mmap.PROT_WRITE)  # fmt: skip
-        out = {}
-        verifier = Verifier(self.index) if self.verify_hash else None
-        for e in todo:
-            if e.length == 0:
-                out[e.name] = _new_tensor(e, torch.device("cpu"))
-                continue
-            raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.length, offset=e.offset)
-            if verifier is not None:
-                view = host_view(raw)
-                for p in (p for c in plan_chunks([e], self.index.block_size) for p in c.pieces):
-                    verifier.check(p, view[p.tensor_offset : p.tensor_offset + p.length])
-            out[e.name] = raw.view(e.dtype).reshape(e.shape)
-        return out
+            self._mapping = FileMapping(fd, self._source.size)
+        mapping = self._mapping
+        if self.verify_hash:  # reading every block to check it also faults the pages in
+            verifier = Verifier(self.index)
+            pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
+            view = host_view(mapping.base)
+
+            def check(part: list) -> None:
+                for p in part:
+                    start = p.entry.offset + p.tensor_offset
+                    verifier.check(p, view[start : start + p.length])
+
+            n = max(1, min(self.num_readers, len(pieces)))
+            run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
+        else:
+            # faulting pages in is CPU work (page tables): more threads than cores only contend (2-core VM, 0.92 GB
+            # warm: 2 threads 18 GB/s, 4 threads 14; cold the same within noise; docs/benchmarks.md)
+            mapping.populate(todo, min(self.num_readers, os.cpu_count() or 1))
+        return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------
 
@@ -392,11 +405,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- lifetime --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the source and the file mapping. Loaded tensors stay valid (mmap views keep the map)."""
+        """Release the source and the file mapping. Loaded tensors stay valid (mapped views keep the map)."""
         self._closed = True
         if getattr(self, "_owns_source", False) and hasattr(self, "_source"):
             self._source.close()
-        self._mmap = None
+        self._mapping = None
 
     def __enter__(self) -> TensorDeserializer:
         return self

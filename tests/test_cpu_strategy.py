@@ -1,0 +1,228 @@
+"""CPU strategy: ``auto`` maps plain local files zero-copy and reads everything else in parallel; mapped
+tensors are private copies-on-write that outlive the deserializer, the file name and the file itself."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same, flip_byte, random_tensor, write_file
+
+from hf_tensorizer import TensorDeserializer, TensorSerializer
+from hf_tensorizer.crypto import EncryptionKey
+from hf_tensorizer.engine.header import read_index
+from hf_tensorizer.engine.mapping import FileMapping, is_zero_copy
+from hf_tensorizer.errors import HashMismatchError, UsageError
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {
+        "w": random_tensor(torch.float32, (300, 70), seed),
+        "h": random_tensor(torch.bfloat16, (5000,), seed + 1),
+        "i": random_tensor(torch.int64, (9,), seed + 2),
+        "e": torch.empty(0),
+        "big": random_tensor(torch.float16, (3 * 4096 + 5,), seed + 3),
+    }
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors = _tensors()
+    path = tmp_path / "m.tensors"
+    write_file(path, tensors, block_size=4096)
+    return path, tensors
+
+
+def _check(d: TensorDeserializer, tensors: dict[str, torch.Tensor]) -> None:
+    for name, expected in tensors.items():
+        assert_same(d[name], expected, name)
+
+
+def test_auto_maps_a_plain_local_file(plain: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = plain
+    with TensorDeserializer(path) as d:
+        assert d.metrics.strategy == "mmap"
+        _check(d, tensors)
+    with TensorDeserializer(path, dtype=torch.float32, filter=["w", "i"]) as d:  # nothing to cast: still mapped
+        assert d.metrics.strategy == "mmap"
+    with TensorDeserializer(path, lazy=True) as d:
+        assert_same(d["w"], tensors["w"])
+        assert d.metrics.strategy == "mmap"
+
+
+def test_auto_reads_in_parallel_when_it_cannot_map(plain: tuple[Path, dict[str, torch.Tensor]], http_server) -> None:
+    path, tensors = plain
+    with TensorDeserializer(path, strategy="pread") as d:  # the parallel-read path, forced
+        assert d.metrics.strategy == "pread"
+        _check(d, tensors)
+        assert d["w"].untyped_storage().nbytes() == d["w"].numel() * 4  # a tensor of its own, not a view
+    with TensorDeserializer(path, dtype=torch.float16) as d:  # a cast: the file's bytes are not the tensors
+        assert d.metrics.strategy == "pread"
+        assert_same(d["w"], tensors["w"].to(torch.float16))
+    url = http_server.write("m.tensors", path.read_bytes())
+    with TensorDeserializer(url) as d:  # remote
+        assert d.metrics.strategy == "pread"
+        _check(d, tensors)
+    key = EncryptionKey.generate()
+    enc = path.with_name("enc.tensors")
+    with TensorSerializer(enc, encryption=key) as s:
+        s.write_state_dict(tensors)
+    with TensorDeserializer(enc, encryption=key) as d:  # encrypted: decrypted copies
+        assert d.metrics.strategy == "pread"
+        _check(d, tensors)
+
+
+def test_explicit_mmap_is_checked(plain: tuple[Path, dict[str, torch.Tensor]], http_server) -> None:
+    path, tensors = plain
+    with TensorDeserializer(path, strategy="mmap") as d:
+        assert d.metrics.strategy == "mmap"
+        _check(d, tensors)
+    url = http_server.write("m2.tensors", path.read_bytes())
+    for source, kw in (
+        (url, {"strategy": "mmap"}),
+        (url, {"mmap": True}),
+        (path, {"strategy": "mmap", "device": "meta"}),
+    ):
+        with pytest.raises(UsageError, match="mmap"):
+            TensorDeserializer(source, **kw)
+
+
+def test_write_to_a_parameter_never_reaches_the_file(plain: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = plain
+    before = path.read_bytes()
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(300, 70, device="meta"))
+    with TensorDeserializer(path, filter=["w"]) as d:
+        assert d.metrics.strategy == "mmap"
+        d.load_into_module(model)
+    with torch.no_grad():
+        model.w.fill_(7.0)  # copy-on-write: this process's pages only
+    assert path.read_bytes() == before
+    with TensorDeserializer(path) as again:  # a second mapping of the file sees the file, not the write
+        assert_same(again["w"], tensors["w"])
+    assert bool((model.w.detach() == 7.0).all())
+
+
+def test_mapped_tensors_outlive_deserializer_name_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.tensors"
+    old, new = _tensors(0), _tensors(50)
+    write_file(path, old)
+    d = TensorDeserializer(path)
+    loaded = dict(d)
+    assert d.metrics.strategy == "mmap"
+    d.close()
+    del d
+    gc.collect()
+    other = tmp_path / "other.tensors"
+    write_file(other, new)
+    os.replace(other, path)  # an atomic update of the file name: the mapping keeps the old inode
+    gc.collect()
+    for name in old:
+        assert_same(loaded[name], old[name], name)
+    with TensorDeserializer(path) as fresh:  # the name now serves the new file
+        assert_same(fresh["w"], new["w"])
+        second = dict(fresh)
+    os.unlink(path)
+    gc.collect()
+    for name in new:
+        assert_same(second[name], new[name], name)
+        assert_same(loaded[name], old[name], name)
+
+
+def test_verify_hash_on_mapped_tensors(plain: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = plain
+    with TensorDeserializer(path, verify_hash=True, num_readers=3) as d:
+        assert d.metrics.strategy == "mmap"
+        _check(d, tensors)
+    flip_byte(path, read_index(path).tensors["big"].offset + 4096 + 7)
+    with pytest.raises(HashMismatchError, match="big"):
+        TensorDeserializer(path, verify_hash=True)
+    with pytest.raises(HashMismatchError, match="big"):
+        TensorDeserializer(path, verify_hash=True, strategy="pread")
+
+
+def _unaligned_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A valid safetensors file whose header is not padded: float tensors start at odd offsets."""
+    tensors = {
+        "a_u8": random_tensor(torch.uint8, (3,), 1),
+        "b_f32": random_tensor(torch.float32, (5000,), 2),
+        "c_bf16": random_tensor(torch.bfloat16, (7, 3), 3),
+        "d_f64": random_tensor(torch.float64, (11,), 4),
+    }
+    header, blobs, pos = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dt = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}[t.dtype]
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        blobs.append(raw)
+        pos += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if (8 + len(head)) % 2 == 0:
+        head += b" "  # JSON allows trailing spaces: the data starts at an odd offset
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    return tensors
+
+
+def test_unaligned_safetensors_tensors_load_correctly(tmp_path: Path) -> None:
+    path = tmp_path / "odd.safetensors"
+    tensors = _unaligned_safetensors(path)
+    index = read_index(path)
+    assert [n for n, e in index.tensors.items() if not is_zero_copy(e)], "the test needs unaligned tensors"
+    for kw in ({}, {"strategy": "mmap"}, {"strategy": "pread"}, {"lazy": True}):
+        with TensorDeserializer(path, **kw) as d:
+            for name, expected in tensors.items():
+                got = d[name]
+                assert_same(got, expected, name)
+                assert got.data_ptr() % got.element_size() == 0, name
+            assert d.metrics.strategy == kw.get("strategy", "mmap")
+
+
+def test_mapping_views_aligned_and_copies_unaligned(tmp_path: Path) -> None:
+    path = tmp_path / "odd.safetensors"
+    tensors = _unaligned_safetensors(path)
+    index = read_index(path)
+    with open(path, "rb") as f:
+        mapping = FileMapping(f.fileno(), index.file_size)
+    mapping.populate(list(index.tensors.values()), threads=2)
+    base = mapping.base.data_ptr()
+    for name, e in index.tensors.items():
+        t = mapping.tensor(e)
+        assert_same(t, tensors[name], name)
+        inside = base <= t.data_ptr() < base + index.file_size
+        assert inside == is_zero_copy(e), name
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_populate_in_parallel_covers_every_page(tmp_path: Path, threads: int) -> None:
+    tensors = {f"t{i}": random_tensor(torch.float32, (n,), i) for i, n in enumerate((1, 70000, 3, 2_000_000, 5))}
+    path = tmp_path / "p.tensors"
+    write_file(path, tensors)
+    with TensorDeserializer(path, num_readers=threads) as d:
+        assert d.metrics.strategy == "mmap" and d.metrics.threads == threads
+        for name, expected in tensors.items():
+            assert_same(d[name], expected, name)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.usefixtures("hf_enabled")
+@pytest.mark.parametrize("device_map", [None, "cpu"])
+def test_from_pretrained_maps_on_cpu(tmp_path: Path, device_map: str | None) -> None:
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "art", tensorized=True)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "art", device_map=device_map)
+    ids = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, loaded(ids).logits)
+    assert [m.strategy for m in loaded.hf_tensorizer_metrics] == ["mmap"]
