@@ -58,6 +58,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 with open(os.path.join(folder, "config.json")) as f:
     cls = getattr(transformers, json.load(f)["architectures"][0])
+t_stock_imports = time.time()
 if loader == "ours":
     import hf_tensorizer
     hf_tensorizer.enable()
@@ -96,8 +97,9 @@ if cuda:
     torch.cuda.synchronize()
 t_ready = time.time()
 check = [float(logits.double().sum()), float(logits.double().abs().sum())]
-print("__MARK__" + json.dumps({"t0": t0, "imports": t_imports, "built": t_built, "weights": t_weights,
-      "ready": t_ready, "check": check, "device": str(logits.device)}), flush=True)
+stamps = {"t0": t0, "stock_imports": t_stock_imports, "imports": t_imports, "built": t_built, "weights": t_weights,
+          "ready": t_ready}
+print("__MARK__" + json.dumps({**stamps, "check": check, "device": str(logits.device)}), flush=True)
 """.replace("__MARK__", MARK).replace("__TOKENS__", str(INPUT_TOKENS))
 
 
@@ -199,6 +201,8 @@ def run_one(d: str | Path, loader: str, device: str, *, cold: bool = False, time
         "ok": True,
         "phases": phases,
         "total_s": round(res["ready"] - spawned, 4),
+        # of ``imports``: what comes after torch + transformers (hf_tensorizer, enable(), accelerate, CUDA context)
+        "extra_imports_s": round(res["imports"] - res["stock_imports"], 4),
         "exit_s": round(exited - res["ready"], 4),
         "check": res["check"],
         "device": res["device"],
@@ -294,10 +298,10 @@ def run_ttr(
     _check_logits(rows)
     for row in rows.values():
         if row["runs"]:
-            row["median"] = {
-                k: round(statistics.median(r["phases"][k] if k in PHASES else r["total_s"] for r in row["runs"]), 4)
-                for k in (*PHASES, "total")
-            }
+            per_run = [
+                {**r["phases"], "total": r["total_s"], "extra_imports": r["extra_imports_s"]} for r in row["runs"]
+            ]
+            row["median"] = {k: round(statistics.median(r[k] for r in per_run), 4) for k in per_run[0]}
     stock = rows.get("stock", {}).get("median", {}).get("total")
     for row in rows.values():
         total = row.get("median", {}).get("total")
@@ -350,6 +354,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"\nseconds, median of {results['runs']} fresh processes each; {gb:.2f} GB bf16 on {results['device']}, "
         f"{'cold' if results['cold'] else 'warm'} page cache (phase medians need not add up to the total's)"
     )
+    extra = [f"{r['loader']} {r['median']['extra_imports']:.3f} s" for r in results["rows"] if r["status"] == "ok"]
+    lines.append("imports after torch + transformers (hf_tensorizer, enable(), accelerate): " + ", ".join(extra))
     return "\n".join(lines)
 
 
