@@ -7,21 +7,41 @@ Public API::
         s.write_module(model)
     with TensorDeserializer("s3://bucket/model.tensors", device="cuda") as d:
         d.load_into_module(meta_model)
+
+Names are imported on first use (PEP 562): ``import hf_tensorizer`` does not import torch, so the
+``hf-tensorizer`` CLI answers ``--help`` quickly. ``from hf_tensorizer import X`` and ``hf_tensorizer.X``
+work as before.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import errors
-from .engine import (
-    LoadInfo,
-    LoadMetrics,
-    TensorDeserializer,
-    TensorSerializer,
-    load_state_dict,
-    read_index,
-    save_state_dict,
-)
-from .format import FileIndex, TensorEntry, TensorKind
-from .integrations import disable, enable, enabled
 from .version import __version__
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "LoadInfo": "engine",
+    "LoadMetrics": "engine",
+    "TensorDeserializer": "engine",
+    "TensorSerializer": "engine",
+    "load_state_dict": "engine",
+    "read_index": "engine",
+    "save_state_dict": "engine",
+    "FileIndex": "format",
+    "TensorEntry": "format",
+    "TensorKind": "format",
+    "disable": "integrations",
+    "enable": "integrations",
+    "enabled": "integrations",
+    "TensorizerMixin": "integrations",
+}
+# subpackages reachable as attributes after a bare ``import hf_tensorizer`` (as when they were imported eagerly)
+_SUBMODULES = frozenset(
+    {"bench", "cli", "constants", "crypto", "engine", "format", "integrations", "sources", "upstream", "version"}
+)
 
 __all__ = [
     "FileIndex",
@@ -31,6 +51,7 @@ __all__ = [
     "TensorEntry",
     "TensorKind",
     "TensorSerializer",
+    "TensorizerMixin",
     "__version__",
     "disable",
     "enable",
@@ -40,3 +61,30 @@ __all__ = [
     "read_index",
     "save_state_dict",
 ]
+
+if TYPE_CHECKING:
+    from .engine import (
+        LoadInfo,
+        LoadMetrics,
+        TensorDeserializer,
+        TensorSerializer,
+        load_state_dict,
+        read_index,
+        save_state_dict,
+    )
+    from .format import FileIndex, TensorEntry, TensorKind
+    from .integrations import TensorizerMixin, disable, enable, enabled
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

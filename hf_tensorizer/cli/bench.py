@@ -1,4 +1,8 @@
-"""``hf-tensorizer bench``: our loader against its peers on this machine, warm and cold (docs/benchmarks.md)."""
+"""``hf-tensorizer bench``: our loader against its peers on this machine, warm and cold (docs/benchmarks.md).
+
+``hf-tensorizer bench ttr``: time to ready, from interpreter start to a model's first forward pass, in fresh
+processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained`` and the raw loader.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,19 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ..bench import ttr
     from ..bench.runner import add_bench_arguments, bench_main
 
     p = sub.add_parser("bench", help="compare load speed with safetensors, transformers and other loaders",
                        description=describe(__doc__))  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr}", required=False)
+    t = modes.add_parser(
+        "ttr",
+        help="time to ready: interpreter start to first forward, ours vs stock vs raw",
+        description=describe(ttr.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ttr.add_ttr_arguments(t)
+    t.set_defaults(func=ttr.ttr_main)

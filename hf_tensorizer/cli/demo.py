@@ -13,10 +13,12 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import describe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _model(layers: int, hidden: int) -> torch.nn.Module:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -54,6 +57,8 @@ def _touch(tensors: dict[str, torch.Tensor]) -> None:
 
 def _best(fn: Callable[[], dict[str, torch.Tensor]], repeats: int, device: str) -> tuple[float, float, dict]:
     """Best load time and best load-plus-touch time over ``repeats`` runs (page cache warm)."""
+    import torch
+
     best, best_touched, out = float("inf"), float("inf"), {}
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -71,6 +76,7 @@ def _best(fn: Callable[[], dict[str, torch.Tensor]], repeats: int, device: str) 
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..format.dtypes import dtype_name
-from ..sources import open_source
 from . import describe
 
 
@@ -21,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.header import read_index
+    from ..format.dtypes import dtype_name
+    from ..sources import open_source
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
     with open_source(args.uri, **options) as src:

@@ -16,12 +16,13 @@ import argparse
 import glob
 import os
 import time
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from . import describe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def read_state_dict(src: str) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors/.bin file or of every shard in a directory (no pickle code runs)."""
+    import torch
+
     if os.path.isdir(src):
         files = sorted(glob.glob(os.path.join(src, "*.safetensors"))) or sorted(
             glob.glob(os.path.join(src, "*.bin")) + glob.glob(os.path.join(src, "*.pt"))
@@ -105,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         written = serialize_model(args.hf_model_id, dest, revision=args.revision, dtype=args.dtype, **opts)
         print(f"wrote {written} from {args.hf_model_id} in {time.perf_counter() - t0:.2f} s")
         return 0
+    import torch
+
     from ..engine.writer import TensorSerializer
 
     sd = read_state_dict(src)
@@ -137,6 +142,7 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
     Returns:
         The artifact root written.
     """
+    import torch
     from huggingface_hub import hf_hub_download
 
     torch_dtype = getattr(torch, dtype) if dtype else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..engine.verify_file import verify_file
 from . import describe
 
 
@@ -22,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
+    from ..engine.verify_file import verify_file
     from .crypto import key_from_args
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
