@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,7 @@ from ..sources import Source, open_source
 from . import pagecache
 from .header import read_index
 from .memory import host_view
+from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
 from .staging import PAGE, StagingPool
@@ -27,13 +28,6 @@ if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
 
 STRATEGIES = ("auto", "pread", "odirect", "register")
-
-
-class LoadInfo(NamedTuple):
-    """What ``load_into_module`` did, like ``Module.load_state_dict``'s result."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 Filter = Callable[[str], bool] | Iterable[str] | None
@@ -335,59 +329,25 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- modules ---------------------------------------------------------------------------------
 
     def load_into_module(self, module: torch.nn.Module, *, strict: bool = True) -> LoadInfo:
-        """Fill ``module``'s parameters and persistent buffers from this file, in place.
+        """Fill ``module``'s parameters and buffers from this file, in place; nothing is left on meta.
 
-        Works on modules created on the meta device: each parameter is replaced by a ``Parameter``
-        holding the loaded tensor (``requires_grad`` kept), each buffer by the tensor (persistence
-        kept). Parameters that were one object (tied weights) stay one object.
+        Works on modules created on the meta device: parameters become ``Parameter``s holding the loaded
+        tensors (``requires_grad`` kept, tied weights stay tied), buffers keep their persistence, and
+        non-persistent buffers the file lacks are rebuilt by the model's own init hook (transformers models)
+        or refused. See :func:`hf_tensorizer.engine.modules.fill_module`.
 
         Args:
             module: the module to fill.
-            strict: raise if keys are missing or unexpected.
+            strict: raise if keys are missing or unexpected, or a tensor is left on meta.
 
         Returns:
             The missing and unexpected keys.
 
         Raises:
-            UsageError: with ``strict``, when the keys do not match; or a shape mismatch (always).
+            UsageError: with ``strict``, when the keys do not match; a shape mismatch; a non-persistent buffer
+                on meta that cannot be rebuilt (always).
         """
-        expected = list(module.state_dict(keep_vars=True).keys())
-        expected_set = set(expected)
-        missing = [k for k in expected if k not in self._wanted]
-        unexpected = [k for k in self._names if k not in expected_set]
-        if strict and (missing or unexpected):
-            raise UsageError(f"keys do not match the module: missing {missing[:10]}, unexpected {unexpected[:10]}")
-        replaced: dict[int, torch.nn.Parameter] = {}
-        originals: list[torch.nn.Parameter] = []  # keeps replaced ids alive: a freed id can be reused by a new one
-        for name in expected:
-            if name in missing:
-                continue
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            tensor = self[name]
-            if attr in owner._parameters and owner._parameters[attr] is not None:
-                old = owner._parameters[attr]
-                assert old is not None
-                _check_shape(name, old, tensor)
-                new = replaced.get(id(old))
-                if new is None:
-                    new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-                    replaced[id(old)] = new
-                    originals.append(old)
-                owner._parameters[attr] = new
-            elif attr in owner._buffers:
-                old_buf = owner._buffers[attr]
-                if old_buf is not None:
-                    _check_shape(name, old_buf, tensor)
-                owner._buffers[attr] = tensor
-            else:
-                raise UsageError(f"{name!r} is neither a parameter nor a buffer of the module")
-        # parameters tied to a loaded one but absent from state_dict keys (deduplicated names)
-        for sub in module.modules():
-            for attr, p in list(sub._parameters.items()):
-                if p is not None and id(p) in replaced:
-                    sub._parameters[attr] = replaced[id(p)]
-        return LoadInfo(missing, unexpected)
+        return fill_module(self, module, device=self.device, strict=strict)
 
     # ---- lifetime --------------------------------------------------------------------------------
 
@@ -445,11 +405,6 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
         raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
-
-
-def _check_shape(name: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    if tuple(old.shape) != tuple(new.shape):
-        raise UsageError(f"{name!r}: module expects shape {tuple(old.shape)}, file has {tuple(new.shape)}")
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:
