@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -17,6 +17,7 @@ from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
+from .decrypt import choose_transform
 from .header import read_index
 from .memory import host_view
 from .modules import LoadInfo, fill_module
@@ -68,9 +69,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         mmap: CPU only, local files only: tensors are zero-copy views of a private file mapping.
         transform: in-place per-piece step applied after reading (the decryption hook).
         encryption: key or passphrase of an encrypted file (``EncryptionKey``, ``Passphrase`` or 32
-            bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY`` for encrypted
-            files. The header is authenticated before anything else happens; giving a key for a file
-            that is not encrypted raises ``DecryptionError`` (no silent downgrade).
+            bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY``; ``False``: the
+            file is plain, ignore the variable. The header is authenticated before anything else happens; a
+            key (given or set) for a file that is not encrypted raises ``DecryptionError`` (no silent downgrade).
         index: the index of ``source``, when the caller already read it from this same open source
             (``read_index(source)``): saves reading the header again (a request, for remote sources).
         **source_options: passed to the transport when ``source`` is a URI.
@@ -99,7 +100,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy: str = "auto",
         mmap: bool = False,
         transform: Transform | None = None,
-        encryption: KeySpec | None = None,
+        encryption: KeySpec | Literal[False] | None = None,
         index: FileIndex | None = None,
         **source_options: Any,
     ) -> None:
@@ -111,13 +112,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             if index is not None and (self._owns_source or index.file_size != self._source.size):
                 raise UsageError("index= must come from read_index() of the same open Source")
             self.index = index if index is not None else read_index(self._source)
-            if self.index.encrypted or encryption is not None:
-                if transform is not None:
-                    raise UsageError("transform= and encryption cannot be combined")
-                from .decrypt import open_transform
-
-                # authenticates the whole header before any planning, filtering or tensor access
-                transform = open_transform(self.index, encryption, self._source.uri)
+            transform = choose_transform(self.index, encryption, transform, self._source.uri)
             self.device = torch.device(device) if device is not None else torch.device("cpu")
             if self.device.type == "cuda":
                 if not torch.cuda.is_available():
