@@ -21,8 +21,8 @@ PWHASH_SALT_BYTES = 16
 ARGON2_ALG = "argon2id13"
 # Caps on what a file may ask of the reader: the kdf record is read before it can be authenticated, so
 # a hostile file must not make the reader burn minutes or gigabytes. The writer enforces the same caps.
-MAX_OPSLIMIT = 16
-MAX_MEMLIMIT = 4 << 30
+MAX_OPSLIMIT = 4  # libsodium OPSLIMIT_SENSITIVE, the highest preset of libsodium and of upstream tensorizer
+MAX_MEMLIMIT = 1 << 30  # MEMLIMIT_SENSITIVE (1 GiB): the worst a file can ask is ~4 passes over 1 GiB, a few s
 
 
 def nacl_module() -> Any:

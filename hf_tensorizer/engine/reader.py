@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -16,9 +16,11 @@ from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
+from .decrypt import choose_transform
 from .header import read_index
 from .mapping import FileMapping, run_parallel
 from .memory import host_view
+from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
 from .staging import PAGE, StagingPool
@@ -27,13 +29,6 @@ if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
 
 STRATEGIES = ("auto", "mmap", "pread", "odirect", "register")
-
-
-class LoadInfo(NamedTuple):
-    """What ``load_into_module`` did, like ``Module.load_state_dict``'s result."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 Filter = Callable[[str], bool] | Iterable[str] | None
@@ -78,9 +73,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         mmap: force ``strategy="mmap"`` (CPU, local, unencrypted files; with ``dtype=`` the cast copies).
         transform: in-place per-piece step applied after reading (the decryption hook).
         encryption: key or passphrase of an encrypted file (``EncryptionKey``, ``Passphrase`` or 32
-            bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY`` for encrypted
-            files. The header is authenticated before anything else happens; giving a key for a file
-            that is not encrypted raises ``DecryptionError`` (no silent downgrade).
+            bytes; see hf_tensorizer.crypto). ``None`` falls back to ``HF_TENSORIZER_KEY``; ``False``: the
+            file is plain, ignore the variable. The header is authenticated before anything else happens; a
+            key (given or set) for a file that is not encrypted raises ``DecryptionError`` (no silent downgrade).
         index: the index of ``source``, when the caller already read it from this same open source
             (``read_index(source)``): saves reading the header again (a request, for remote sources).
         **source_options: passed to the transport when ``source`` is a URI.
@@ -109,7 +104,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy: str = "auto",
         mmap: bool = False,
         transform: Transform | None = None,
-        encryption: KeySpec | None = None,
+        encryption: KeySpec | Literal[False] | None = None,
         index: FileIndex | None = None,
         **source_options: Any,
     ) -> None:
@@ -121,13 +116,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             if index is not None and (self._owns_source or index.file_size != self._source.size):
                 raise UsageError("index= must come from read_index() of the same open Source")
             self.index = index if index is not None else read_index(self._source)
-            if self.index.encrypted or encryption is not None:
-                if transform is not None:
-                    raise UsageError("transform= and encryption cannot be combined")
-                from .decrypt import open_transform
-
-                # authenticates the whole header before any planning, filtering or tensor access
-                transform = open_transform(self.index, encryption, self._source.uri)
+            transform = choose_transform(self.index, encryption, transform, self._source.uri)
             self.device = torch.device(device) if device is not None else torch.device("cpu")
             if self.device.type == "cuda":
                 if not torch.cuda.is_available():
@@ -348,59 +337,25 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- modules ---------------------------------------------------------------------------------
 
     def load_into_module(self, module: torch.nn.Module, *, strict: bool = True) -> LoadInfo:
-        """Fill ``module``'s parameters and persistent buffers from this file, in place.
+        """Fill ``module``'s parameters and buffers from this file, in place; nothing is left on meta.
 
-        Works on modules created on the meta device: each parameter is replaced by a ``Parameter``
-        holding the loaded tensor (``requires_grad`` kept), each buffer by the tensor (persistence
-        kept). Parameters that were one object (tied weights) stay one object.
+        Works on modules created on the meta device: parameters become ``Parameter``s holding the loaded
+        tensors (``requires_grad`` kept, tied weights stay tied), buffers keep their persistence, and
+        non-persistent buffers the file lacks are rebuilt by the model's own init hook (transformers models)
+        or refused. See :func:`hf_tensorizer.engine.modules.fill_module`.
 
         Args:
             module: the module to fill.
-            strict: raise if keys are missing or unexpected.
+            strict: raise if keys are missing or unexpected, or a tensor is left on meta.
 
         Returns:
             The missing and unexpected keys.
 
         Raises:
-            UsageError: with ``strict``, when the keys do not match; or a shape mismatch (always).
+            UsageError: with ``strict``, when the keys do not match; a shape mismatch; a non-persistent buffer
+                on meta that cannot be rebuilt (always).
         """
-        expected = list(module.state_dict(keep_vars=True).keys())
-        expected_set = set(expected)
-        missing = [k for k in expected if k not in self._wanted]
-        unexpected = [k for k in self._names if k not in expected_set]
-        if strict and (missing or unexpected):
-            raise UsageError(f"keys do not match the module: missing {missing[:10]}, unexpected {unexpected[:10]}")
-        replaced: dict[int, torch.nn.Parameter] = {}
-        originals: list[torch.nn.Parameter] = []  # keeps replaced ids alive: a freed id can be reused by a new one
-        for name in expected:
-            if name in missing:
-                continue
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            tensor = self[name]
-            if attr in owner._parameters and owner._parameters[attr] is not None:
-                old = owner._parameters[attr]
-                assert old is not None
-                _check_shape(name, old, tensor)
-                new = replaced.get(id(old))
-                if new is None:
-                    new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-                    replaced[id(old)] = new
-                    originals.append(old)
-                owner._parameters[attr] = new
-            elif attr in owner._buffers:
-                old_buf = owner._buffers[attr]
-                if old_buf is not None:
-                    _check_shape(name, old_buf, tensor)
-                owner._buffers[attr] = tensor
-            else:
-                raise UsageError(f"{name!r} is neither a parameter nor a buffer of the module")
-        # parameters tied to a loaded one but absent from state_dict keys (deduplicated names)
-        for sub in module.modules():
-            for attr, p in list(sub._parameters.items()):
-                if p is not None and id(p) in replaced:
-                    sub._parameters[attr] = replaced[id(p)]
-        return LoadInfo(missing, unexpected)
+        return fill_module(self, module, device=self.device, strict=strict)
 
     # ---- lifetime --------------------------------------------------------------------------------
 
@@ -458,11 +413,6 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
         raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
-
-
-def _check_shape(name: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    if tuple(old.shape) != tuple(new.shape):
-        raise UsageError(f"{name!r}: module expects shape {tuple(old.shape)}, file has {tuple(new.shape)}")
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:

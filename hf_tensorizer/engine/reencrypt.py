@@ -43,19 +43,24 @@ def convert(
         HashMismatchError: a block of ``src`` does not match its digest.
         UsageError: ``src`` and ``dest`` are the same path.
     """
+    from ..sources import open_source
+    from .header import read_index
     from .reader import TensorDeserializer
     from .writer import TensorSerializer
 
     if "://" not in os.fspath(src) and os.path.exists(dest) and os.path.samefile(src, dest):
         raise UsageError("source and destination are the same file; write to a new path")
-    with TensorDeserializer(src, encryption=read_key, verify_hash=True, **source_options) as d:
-        index = d.index
-        if block_size is None and (write_key is not None) == index.encrypted:
-            block_size = index.block_size  # re-keying or copying: keep the layout
-        s = TensorSerializer(
-            dest, metadata=index.metadata, alignment=index.alignment, block_size=block_size,
-            digest=index.digest, encryption=write_key,
-        )  # fmt: skip
-        for name in index.tensors:  # index order puts an alias's target first, so ties are rebuilt
-            s.write_tensor(name, d[name], d.kind(name))
-        return s.close()
+    with open_source(src, **source_options) as source:
+        index = read_index(source)
+        # no read key and a plain source: copying it is what was asked, HF_TENSORIZER_KEY or not
+        key = read_key if read_key is not None or index.encrypted else False
+        with TensorDeserializer(source, encryption=key, verify_hash=True, index=index) as d:
+            if block_size is None and (write_key is not None) == index.encrypted:
+                block_size = index.block_size  # re-keying or copying: keep the layout
+            s = TensorSerializer(
+                dest, metadata=index.metadata, alignment=index.alignment, block_size=block_size,
+                digest=index.digest, encryption=write_key,
+            )  # fmt: skip
+            for name in index.tensors:  # index order puts an alias's target first, so ties are rebuilt
+                s.write_tensor(name, d[name], d.kind(name))
+            return s.close()

@@ -78,7 +78,8 @@ def decode_safetensors(size: int, head: bytes) -> Generator[list[tuple[int, int]
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"safetensors header is not valid UTF-8 JSON: {exc}") from None
     _need(isinstance(doc, dict), "safetensors header must be a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     _need(isinstance(metadata, dict), "safetensors __metadata__ must be an object")
     _need(all(isinstance(v, str) for v in metadata.values()), "safetensors __metadata__ must map str to str")
     data_start = 8 + n
@@ -102,11 +103,16 @@ def decode_safetensors(size: int, head: bytes) -> Generator[list[tuple[int, int]
         nbytes = math.prod(shape) * dtype.itemsize
         _need(end - begin == nbytes, f"{where}: {end - begin} bytes for shape {shape} of {dtype}")
         tensors[name] = TensorEntry(name, dtype, tuple(shape), TensorKind.PLAIN, data_start + begin, nbytes)
-    end_at, prev = data_start, None
+    # like the reference reader: in offset order each tensor starts where the previous one ended, and the last
+    # ends at the file's end; a gap, an overlap or trailing bytes means shifted tensors, not a valid file
+    end_at, prev = data_start, "the header"
     for e in sorted(tensors.values(), key=lambda e: (e.offset, e.length)):
-        _need(e.offset >= end_at or e.length == 0, f"tensor {e.name!r} overlaps tensor {prev!r}")
-        if e.length:
-            end_at, prev = e.offset + e.length, e.name
+        if e.offset != end_at:
+            how = "overlaps" if e.offset < end_at else f"leaves {e.offset - end_at} bytes unaccounted for after"
+            raise FormatError(f"tensor {e.name!r} {how} {prev}: data offsets must cover the data contiguously")
+        end_at, prev = e.offset + e.length, f"tensor {e.name!r}"
+    if end_at != size:
+        raise FormatError(f"safetensors data ends at {end_at}, file is {size} bytes: the data section is not covered")
     return FileIndex(
         tensors=tensors,
         metadata={str(k): v for k, v in metadata.items()},

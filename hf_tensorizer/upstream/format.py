@@ -348,13 +348,16 @@ def decode_upstream(size: int, head: bytes) -> Generator[list[tuple[int, int]], 
     version, raw_flags, _tensor_size, count = _FILE_HEADER.unpack_from(head, 5)
     if not 1 <= version <= MAX_VERSION:
         raise UnsupportedVersionError(f"upstream tensorizer version {version} is not supported (1..{MAX_VERSION})")
-    flags = int.from_bytes(raw_flags, "little") if version >= 4 else 0
+    # upstream reads the flags field in every version (writers before version 4 leave it zero) and refuses
+    # unknown bits in all of them; the encrypted bit means something from version 4 on
+    flags = int.from_bytes(raw_flags, "little")
     unknown = flags & ~(FLAG_ENCRYPTED | FLAG_VERSIONED_ENTRIES)
     if unknown:
         raise UnsupportedVersionError(f"upstream file needs unknown feature flags 0x{unknown:x}")
     versioned = bool(flags & FLAG_VERSIONED_ENTRIES)
     _need(not versioned or version >= 5, f"versioned index entries need version 5, file is version {version}")
-    encrypted = version == 3 or bool(flags & FLAG_ENCRYPTED)
+    encrypted = version == 3 or (version >= 4 and bool(flags & FLAG_ENCRYPTED))
+    _need(count > 0, "upstream tensor index is empty (0 tensors): upstream refuses such a file")
     meta_len = _Q.unpack_from(head, HEADER_END - 8)[0]
     if meta_len > MAX_INDEX_BYTES:
         raise HeaderTooLargeError(f"upstream metadata block of {meta_len} bytes exceeds {MAX_INDEX_BYTES}")
