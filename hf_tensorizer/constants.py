@@ -46,5 +46,14 @@ REMOTE_CONCURRENCY = _env_int("HF_TENSORIZER_REMOTE_CONCURRENCY", 16)  # keep-al
 REMOTE_PART_BYTES = _env_int("HF_TENSORIZER_REMOTE_PART_BYTES", 16 * MiB)  # larger reads split into ranged GETs
 REMOTE_RETRIES = _env_int("HF_TENSORIZER_REMOTE_RETRIES", 8)  # consecutive failed attempts before giving up
 REMOTE_TIMEOUT_S = _env_int("HF_TENSORIZER_REMOTE_TIMEOUT", 60)  # connect and per-socket-read timeout
+# Bounded time (docs/remote.md, "Timeouts and deadlines"): one open or one read call, retries and waits included,
+# ends by this deadline; engine reads are chunks (8 MiB), so only a broken server or link reaches it.
+REMOTE_DEADLINE_S = _env_int("HF_TENSORIZER_REMOTE_DEADLINE", 900)
+# A connection whose body delivers fewer than MIN_RATE x RATE_WINDOW bytes (60 KiB) in RATE_WINDOW seconds is a
+# trickle, not a slow link: the read fails. 0 turns the rule off.
+REMOTE_MIN_RATE = _env_int("HF_TENSORIZER_REMOTE_MIN_RATE", 2048)  # bytes per second
+REMOTE_RATE_WINDOW_S = _env_int("HF_TENSORIZER_REMOTE_RATE_WINDOW", 30)
+REMOTE_MAX_RETRY_AFTER_S = _env_int("HF_TENSORIZER_REMOTE_MAX_RETRY_AFTER", 30)  # longest wait a Retry-After gets
+REMOTE_CONNECT_RETRIES = _env_int("HF_TENSORIZER_REMOTE_CONNECT_RETRIES", 2)  # refused: quick retries (~0.75 s)
 S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 64 * MiB)  # multipart part (S3 minimum: 5 MiB)
 S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 4)  # parts uploading at once (memory bound)

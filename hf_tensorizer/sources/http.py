@@ -38,8 +38,9 @@ from ..errors import (
     SourceError,
     TensorizerError,
 )
-from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, origin_of
+from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, connect, origin_of
 from .ranged import (
+    Budget,
     Cursor,
     RangedSource,
     RetryPolicy,
@@ -86,6 +87,10 @@ class HTTPSource(RangedSource):
         backoff: first retry delay in seconds (doubles per consecutive failure, jittered).
         max_backoff: cap of one retry delay.
         max_retry_after: cap applied to a server's ``Retry-After``.
+        deadline: seconds opening, and each read call, may take in all (retries and waits included); 0: none.
+        min_rate: bytes per second a response body must keep up over ``rate_window`` seconds; 0: no minimum.
+        rate_window: seconds over which ``min_rate`` is measured.
+        connect_retries: quick retries of a refused connection (a restarting server) before failing.
         concurrency: connections kept alive, and ranged GETs one large read is split into.
         part_size: reads larger than 1.5 × this are split into concurrent ranged GETs.
         max_redirects: redirects followed per request.
@@ -94,7 +99,7 @@ class HTTPSource(RangedSource):
     Raises:
         InvalidURIError: the URL is malformed.
         SourceError: the object cannot be opened (not found, access denied, TLS failure, no range support,
-            unreachable after retries).
+            connection refused, compressed responses, unreachable after retries, past the deadline).
     """
 
     def __init__(
@@ -109,7 +114,11 @@ class HTTPSource(RangedSource):
         retries: int = constants.REMOTE_RETRIES,
         backoff: float = 0.25,
         max_backoff: float = 10.0,
-        max_retry_after: float = 120.0,
+        max_retry_after: float = constants.REMOTE_MAX_RETRY_AFTER_S,
+        deadline: float = constants.REMOTE_DEADLINE_S,
+        min_rate: float = constants.REMOTE_MIN_RATE,
+        rate_window: float = constants.REMOTE_RATE_WINDOW_S,
+        connect_retries: int = constants.REMOTE_CONNECT_RETRIES,
         concurrency: int = constants.REMOTE_CONCURRENCY,
         part_size: int = constants.REMOTE_PART_BYTES,
         max_redirects: int = 10,
@@ -119,7 +128,14 @@ class HTTPSource(RangedSource):
             concurrency=concurrency,
             part_size=part_size,
             policy=RetryPolicy(
-                retries=retries, backoff=backoff, max_backoff=max_backoff, max_retry_after=max_retry_after
+                retries=retries,
+                backoff=backoff,
+                max_backoff=max_backoff,
+                max_retry_after=max_retry_after,
+                deadline=deadline,
+                min_rate=min_rate,
+                rate_window=rate_window,
+                connect_retries=connect_retries,
             ),
         )
         try:
@@ -180,9 +196,9 @@ class HTTPSource(RangedSource):
         except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"cannot load the CA bundle {ca_bundle!r}: {exc}") from exc
 
-    def _probe(self) -> int:
+    def _probe(self, budget: Budget) -> int:
         """Size and validators: a HEAD, or a 1-byte ranged GET when HEAD is refused or lacks a length."""
-        r = self._request("HEAD", {})
+        r = self._request("HEAD", {}, budget)
         try:
             status = r.resp.status
             if 200 <= status < 300 and status != 206:
@@ -200,14 +216,15 @@ class HTTPSource(RangedSource):
         finally:
             self._finish(r, reuse=True)
         # HEAD not usable (405, a presigned URL that only signs GET, no Content-Length): ask for one byte.
-        return self._probe_range()
+        return self._probe_range(budget)
 
-    def _probe_range(self) -> int:
-        r = self._request("GET", {"Range": "bytes=0-0"})
+    def _probe_range(self, budget: Budget) -> int:
+        r = self._request("GET", {"Range": "bytes=0-0"}, budget)
         ok = False
         try:
             status = r.resp.status
             if status == 206:
+                self._check_encoding(r.resp)
                 first, _last, total = self._content_range(r.resp)
                 if first != 0 or total is None:
                     raise SourceError(f"{self.uri}: unusable Content-Range {r.resp.getheader('Content-Range')!r}")
@@ -260,7 +277,7 @@ class HTTPSource(RangedSource):
         headers.update(extra)
         return headers
 
-    def _request(self, method: str, extra: Mapping[str, str]) -> _Response:
+    def _request(self, method: str, extra: Mapping[str, str], budget: Budget) -> _Response:
         """Send one request, following redirects; returns the final response with its connection."""
         cached = self._target
         url = cached or self._url
@@ -269,7 +286,7 @@ class HTTPSource(RangedSource):
             target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (f"?{parts.query}" if parts.query else "")
             pool = self._pool_for(origin_of(url))
             headers = self._headers_for(url, extra)
-            resp, conn = self._send(pool, method, target, headers)
+            resp, conn = self._send(pool, method, target, headers, budget)
             status = resp.status
             location = resp.getheader("Location")
             if status in _REDIRECTS and location:
@@ -285,19 +302,21 @@ class HTTPSource(RangedSource):
         raise SourceError(f"{self.uri}: more than {self._max_redirects} redirects")
 
     def _send(
-        self, pool: ConnectionPool, method: str, target: str, headers: Mapping[str, str]
+        self, pool: ConnectionPool, method: str, target: str, headers: Mapping[str, str], budget: Budget
     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         while True:
             conn, reused = pool.get()
+            conn.timeout = budget.timeout(self._timeout)  # no socket wait runs past the deadline
             try:
+                if conn.sock is None:
+                    connect(conn, pool.origin, uri=self.uri, retries=self.policy.connect_retries, budget=budget)
+                else:
+                    conn.sock.settimeout(conn.timeout)
                 conn.request(method, target, headers=dict(headers))
                 return conn.getresponse(), conn
-            except ssl.SSLCertVerificationError as exc:
+            except TensorizerError:
                 conn.close()
-                raise SourceError(
-                    f"{self.uri}: TLS certificate verification failed ({exc.verify_message}); pass ca_bundle= "
-                    "with the CA that signed the server certificate, or verify=False"
-                ) from exc
+                raise
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if reused and isinstance(exc, _STALE_ERRORS):
@@ -343,6 +362,15 @@ class HTTPSource(RangedSource):
             raise SourceError(f"{self.uri}: malformed Content-Range {value!r}") from None
         return first, last, total
 
+    def _check_encoding(self, resp: http.client.HTTPResponse) -> None:
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":  # the bytes would be the compressed stream, not the object's
+            raise SourceError(
+                f"{self.uri}: the server compressed a ranged response (Content-Encoding: {encoding}) although the "
+                "request asked for identity; ranged reads need the stored bytes: turn compression off for this "
+                "file on the server or proxy"
+            )
+
     def _check_validators(self, resp: http.client.HTTPResponse) -> None:
         etag = resp.getheader("ETag")
         if self.etag is not None and etag is not None and etag.removeprefix("W/") != self.etag.removeprefix("W/"):
@@ -385,10 +413,12 @@ class HTTPSource(RangedSource):
                 extra["If-Match"] = self.etag
         elif self.last_modified is not None:
             extra["If-Unmodified-Since"] = self.last_modified
-        r = self._request("GET", extra)
+        r = self._request("GET", extra, cursor.budget or Budget(self.uri, self.policy, "reading"))
         reuse = False
         try:
             resp = r.resp
+            if resp.status in (200, 206):
+                self._check_encoding(resp)
             if resp.status == 206:
                 self._check_validators(resp)
                 got_first, got_last, total = self._content_range(resp)

@@ -1,5 +1,6 @@
 """Keep-alive connections for :mod:`.http`: one pool per origin and TLS settings, shared by every
-:class:`~.http.HTTPSource` of the process and reference-counted (:data:`POOLS`)."""
+:class:`~.http.HTTPSource` of the process and reference-counted (:data:`POOLS`); :func:`connect` tells the
+connection errors that cannot heal (refused, TLS handshake, unknown host) from those worth a retry."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 from urllib.parse import urlsplit
 
+from ..errors import SourceError
+from .ranged import Budget
+
 __all__ = ["POOLS", "ConnectionPool", "HTTPConnection", "HTTPSConnection", "Origin", "PoolKey", "PoolRegistry",
-           "origin_of"]  # fmt: skip
+           "connect", "origin_of"]  # fmt: skip
 
 
 class HTTPConnection(http.client.HTTPConnection):
@@ -30,6 +35,54 @@ class HTTPSConnection(http.client.HTTPSConnection):
 
 
 Origin = tuple[str, str, int]
+
+
+def connect(conn: http.client.HTTPConnection, origin: Origin, *, uri: str, retries: int, budget: Budget) -> None:
+    """Connect ``conn`` to ``origin``; errors that cannot heal by retrying fail at once.
+
+    Args:
+        conn: a new connection.
+        origin: where it goes, for messages.
+        uri: what messages name (redacted).
+        retries: quick retries of a refused connection (0.25 s, 0.5 s...: a restarting server).
+        budget: the operation's deadline.
+
+    Raises:
+        SourceError: refused (after the quick retries), a TLS handshake or certificate failure, an unknown host.
+        OSError: a failure worth retrying (timeout, reset, a connection cut during the TLS handshake).
+    """
+    where = f"{origin[1]}:{origin[2]}"
+    attempt = 0
+    while True:
+        try:
+            conn.connect()
+            return
+        except ConnectionRefusedError as exc:
+            conn.close()
+            if attempt >= retries:
+                raise SourceError(
+                    f"{uri}: Connection refused by {where} ({attempt + 1} attempts): nothing listens there; check "
+                    "the host and port, or that the server runs"
+                ) from exc
+            time.sleep(max(0.0, min(0.25 * 2**attempt, budget.remaining())))
+            budget.check(exc)
+            attempt += 1
+        except ssl.SSLCertVerificationError as exc:
+            raise SourceError(
+                f"{uri}: TLS certificate verification failed ({exc.verify_message}); pass ca_bundle= with the CA "
+                "that signed the server certificate, or verify=False"
+            ) from exc
+        except ssl.SSLError as exc:
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                raise  # the connection was cut during the handshake: worth a retry
+            raise SourceError(
+                f"{uri}: TLS handshake with {where} failed ({exc.reason or exc}); is it an https server? A plain "
+                "http:// server contacted with https:// fails like this"
+            ) from exc
+        except socket.gaierror as exc:
+            if exc.errno != socket.EAI_NONAME:
+                raise  # EAI_AGAIN and friends: a resolver hiccup
+            raise SourceError(f"{uri}: unknown host {origin[1]!r} ({exc.strerror})") from exc
 
 
 def origin_of(url: str) -> Origin:

@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .. import constants
 from ..errors import SinkError, SourceError, TensorizerError
 from .base import Sink, Source
 from .file import FileSink, FileSource
@@ -40,6 +39,21 @@ from .hub_repo import (
 )
 
 __all__ = ["HubSink", "HubSource", "pin_revision"]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection refusal is somewhere in ``exc``'s chain (whatever HTTP library wrapped it)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *(a for a in e.args if isinstance(a, BaseException))]
+    return False
 
 
 class HubSource(Source):
@@ -115,24 +129,25 @@ class HubSource(Source):
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         from .http import HTTPSource
-        from .ranged import RetryPolicy
+        from .ranged import Budget, RetryPolicy
 
         url = hf_hub_url(self.repo_id, self.path, revision=self.revision, repo_type=self.repo_type, endpoint=endpoint)
-        policy = RetryPolicy(
-            retries=http_options.get("retries", constants.REMOTE_RETRIES),
-            backoff=http_options.get("backoff", 0.25),
-            max_backoff=http_options.get("max_backoff", 10.0),
-        )
-        failures = 0
+        knobs = ("retries", "backoff", "max_backoff", "max_retry_after", "deadline", "connect_retries")
+        policy = RetryPolicy(**{k: http_options[k] for k in knobs if k in http_options})
+        budget = Budget(self.uri, policy, "resolving the revision")
+        failures = refused = 0
         while True:  # our retry policy, not huggingface_hub's fixed one (same knobs as the data requests)
             try:
                 meta = get_hf_file_metadata(url, token=token if token else False, endpoint=endpoint)
                 break
             except Exception as exc:
                 failures += 1
-                if not is_transient(exc) or failures > policy.retries:
+                refused += _refused(exc)  # nothing listens: a restarting server at most, a few quick retries
+                if not is_transient(exc) or failures > policy.retries or refused > policy.connect_retries:
                     raise hub_error(exc, self.uri, SourceError) from exc
-                time.sleep(policy.delay(failures))
+                delay = 0.25 * 2 ** (refused - 1) if refused else policy.delay(failures)
+                time.sleep(max(0.0, min(delay, budget.remaining())))
+                budget.check(exc)
         if not meta.commit_hash:
             raise SourceError(
                 f"{self.uri}: {endpoint} answered without an X-Repo-Commit header; is HF_ENDPOINT a Hub endpoint?"

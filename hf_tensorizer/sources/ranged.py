@@ -21,7 +21,7 @@ from .. import constants
 from ..errors import SourceError, TruncatedFileError, UsageError
 from .base import Source
 
-__all__ = ["Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
+__all__ = ["Budget", "Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class TransientError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter.
+    """Exponential backoff with jitter, and the bounds on time (docs/remote.md, "Timeouts and deadlines").
 
     Args:
         retries: consecutive failed attempts tolerated for one range (the count restarts when an attempt made
@@ -52,12 +52,21 @@ class RetryPolicy:
         backoff: first delay in seconds; doubles each consecutive failure.
         max_backoff: cap of one delay.
         max_retry_after: cap applied to a server's ``Retry-After``.
+        deadline: seconds one operation (opening, or one read call with all its parts, retries and waits) may
+            take; 0 turns it off. A ``Retry-After`` beyond what is left of it fails at once.
+        min_rate: bytes per second a response body must deliver, measured over ``rate_window``; 0 turns it off.
+        rate_window: seconds over which ``min_rate`` is measured.
+        connect_retries: quick retries of a refused connection (a server restarting) before failing.
     """
 
     retries: int = constants.REMOTE_RETRIES
     backoff: float = 0.25
     max_backoff: float = 10.0
-    max_retry_after: float = 120.0
+    max_retry_after: float = constants.REMOTE_MAX_RETRY_AFTER_S
+    deadline: float = constants.REMOTE_DEADLINE_S
+    min_rate: float = constants.REMOTE_MIN_RATE
+    rate_window: float = constants.REMOTE_RATE_WINDOW_S
+    connect_retries: int = constants.REMOTE_CONNECT_RETRIES
 
     def delay(self, failures: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
@@ -65,6 +74,65 @@ class RetryPolicy:
             return max(0.0, min(retry_after, self.max_retry_after))
         base = min(self.max_backoff, self.backoff * (2 ** max(0, failures - 1)))
         return base * random.uniform(0.5, 1.0)
+
+
+class Budget:
+    """The time left to one operation (opening a source, or one read call with all its parts) under ``policy``.
+
+    Args:
+        uri: what messages name (already redacted).
+        policy: the deadline and rate rule.
+        what: the operation, for messages (``"opening"``, ``"reading bytes 0-99"``).
+    """
+
+    def __init__(self, uri: str, policy: RetryPolicy, what: str) -> None:
+        self.uri = uri
+        self.policy = policy
+        self.what = what
+        self.end = time.monotonic() + policy.deadline if policy.deadline > 0 else math.inf
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (``inf`` without one)."""
+        return self.end - time.monotonic()
+
+    def timeout(self, timeout: float) -> float:
+        """A socket timeout that does not run (much) past the deadline."""
+        return max(0.05, min(timeout, self.remaining()))
+
+    def check(self, last: BaseException | None = None) -> None:
+        """Raises:
+        SourceError: the deadline has passed."""
+        if time.monotonic() >= self.end:
+            cause = f" (last error: {last})" if last is not None else ""
+            raise SourceError(
+                f"{self.uri}: {self.what} did not finish within the deadline of {self.policy.deadline:g} s{cause}; "
+                "a slow link needs a larger deadline= (HF_TENSORIZER_REMOTE_DEADLINE)"
+            )
+
+    def wait(self, failures: int, exc: TransientError) -> None:
+        """Sleep before the next attempt, never past the deadline.
+
+        Raises:
+            SourceError: the server's ``Retry-After`` reaches beyond the deadline, or the deadline passed.
+        """
+        left = self.remaining()
+        if exc.retry_after is not None and exc.retry_after > left:
+            raise SourceError(
+                f"{self.uri}: {self.what}: the server asked to retry later (Retry-After: {exc.retry_after:g} s, "
+                f"after {exc}), beyond the deadline of {self.policy.deadline:g} s ({max(0.0, left):.0f} s left)"
+            )
+        time.sleep(max(0.0, min(self.policy.delay(failures, exc.retry_after), left)))
+        self.check(exc)
+
+    def check_rate(self, received: int, seconds: float) -> None:
+        """Raises:
+        SourceError: a response delivered ``received`` bytes in ``seconds``, below the minimum rate."""
+        if self.policy.min_rate > 0 and received < self.policy.min_rate * seconds:
+            raise SourceError(
+                f"{self.uri}: {self.what}: the server is too slow ({received} bytes in {seconds:.1f} s, below the "
+                f"minimum of {self.policy.min_rate:g} bytes/s); a slow link needs a lower min_rate= "
+                "(HF_TENSORIZER_REMOTE_MIN_RATE, 0 turns the rule off)"
+            )
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -87,7 +155,8 @@ def parse_retry_after(value: str | None) -> float | None:
 class Cursor:
     """Where the next received byte goes in a list of buffers; ``done`` counts bytes that landed."""
 
-    def __init__(self, views: Sequence[memoryview]) -> None:
+    def __init__(self, views: Sequence[memoryview], budget: Budget | None = None) -> None:
+        self.budget = budget  # the operation's deadline and rate rule, checked as bytes land
         self.views = [v for v in views if len(v)]
         self.total = sum(len(v) for v in self.views)
         self.done = 0
@@ -110,17 +179,28 @@ def fill(cursor: Cursor, expected: int, read: Callable[[memoryview, bool], int])
     """Receive ``expected`` body bytes into ``cursor``, one ``read(view, first)`` call at a time.
 
     ``cursor.done`` always counts the bytes that landed, so a retry after a failure resumes at the exact byte.
+    With a :class:`Budget` on the cursor, a body trickling below its minimum rate (each socket read returns a
+    little data, so no timeout fires) or running past its deadline fails.
 
     Raises:
         TransientError: the stream ended early (a retry asks for the rest).
+        SourceError: too slow, or past the deadline.
     """
+    budget = cursor.budget
     got = 0
+    mark, mark_got = time.monotonic(), 0
     while got < expected:
         n = read(cursor.next_view(expected - got), got == 0)
         if not n:
             raise TransientError(f"connection closed after {got} of {expected} bytes")
         cursor.advance(n)
         got += n
+        if budget is not None:
+            now = time.monotonic()
+            if now - mark >= budget.policy.rate_window:
+                budget.check_rate(got - mark_got, now - mark)
+                mark, mark_got = now, got
+            budget.check()
 
 
 def _views_of(bufs: Sequence[memoryview | bytearray], offset: int, length: int) -> list[memoryview]:
@@ -184,16 +264,17 @@ class RangedSource(Source):
             return
         if self._closed:
             raise SourceError(f"{self.uri}: source is closed")
+        budget = Budget(self.uri, self.policy, f"reading bytes {offset}-{offset + total - 1}")
         nparts = math.ceil(total / self.part_size)
         if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
-            self._fetch(offset, views)
+            self._fetch(offset, views, budget)
             return
         step = math.ceil(total / nparts)
         futures: list[Future[None]] = []
         pool = self._pool_executor()
         for start in range(0, total, step):
             length = min(step, total - start)
-            futures.append(pool.submit(self._fetch, offset + start, _views_of(views, start, length)))
+            futures.append(pool.submit(self._fetch, offset + start, _views_of(views, start, length), budget))
         # Wait for every part even after a failure: returning early would let workers keep writing into
         # buffers the caller believes are free again.
         error: BaseException | None = None
@@ -229,9 +310,9 @@ class RangedSource(Source):
                 self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-part")
             return self._executor
 
-    def _fetch(self, start: int, views: Sequence[memoryview]) -> None:
+    def _fetch(self, start: int, views: Sequence[memoryview], budget: Budget) -> None:
         """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received."""
-        cursor = Cursor(views)
+        cursor = Cursor(views, budget)
         total = cursor.total
         failures = 0
         attempts = 0
@@ -259,19 +340,20 @@ class RangedSource(Source):
                     f"{self.uri}: reading bytes {start + cursor.done}-{start + total - 1} failed after "
                     f"{attempts} attempts: {exc}"
                 ) from exc
-            time.sleep(self.policy.delay(failures, exc.retry_after))
+            budget.wait(failures, exc)
 
-    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (one request, no body streaming) with the retry policy."""
+    def _retrying(self, what: str, fn: Callable[[Budget], T]) -> T:
+        """Run ``fn`` (one request, no body streaming) with the retry policy, under one :class:`Budget`."""
+        budget = Budget(self.uri, self.policy, what)
         failures = 0
         while True:
             try:
-                return fn()
+                return fn(budget)
             except TransientError as exc:
                 failures += 1
                 if failures > self.policy.retries:
                     raise SourceError(f"{self.uri}: {what} failed after {failures} attempts: {exc}") from exc
-                time.sleep(self.policy.delay(failures, exc.retry_after))
+                budget.wait(failures, exc)
 
 
 def readinto1(resp: http.client.HTTPResponse, view: memoryview, first: bool) -> int:

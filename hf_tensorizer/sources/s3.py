@@ -256,6 +256,9 @@ class S3Source(RangedSource):
         backoff: first retry delay in seconds for broken bodies (doubles, jittered).
         max_backoff: cap of one retry delay.
         timeout: connect and read timeout in seconds.
+        deadline: seconds each read call may take in all (body retries and waits included); 0: none.
+        min_rate: bytes per second a response body must keep up over ``rate_window`` seconds; 0: no minimum.
+        rate_window: seconds over which ``min_rate`` is measured.
         client: a ready boto3 S3 client (the options above that configure one are then ignored).
 
     Raises:
@@ -279,12 +282,22 @@ class S3Source(RangedSource):
         backoff: float = 0.25,
         max_backoff: float = 10.0,
         timeout: float = constants.REMOTE_TIMEOUT_S,
+        deadline: float = constants.REMOTE_DEADLINE_S,
+        min_rate: float = constants.REMOTE_MIN_RATE,
+        rate_window: float = constants.REMOTE_RATE_WINDOW_S,
         client: Any = None,
     ) -> None:
         super().__init__(
             concurrency=concurrency,
             part_size=part_size,
-            policy=RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff),
+            policy=RetryPolicy(
+                retries=retries,
+                backoff=backoff,
+                max_backoff=max_backoff,
+                deadline=deadline,
+                min_rate=min_rate,
+                rate_window=rate_window,
+            ),
         )
         self.bucket, self.key = parse_s3_uri(uri)
         if not self.key:

@@ -6,6 +6,7 @@ they were armed, across all connections, so arming one right before a read hits 
     proxy = FaultProxy("127.0.0.1", moto_port)
     proxy.arm("drop", after=1_000_000)      # the connection carrying the 1,000,001st byte is closed there
     proxy.arm("stall", after=0, seconds=3)  # the next response stalls for 3 s before its first byte
+    proxy.arm("trickle", after=0, seconds=0.5)  # from the next byte on, that connection sends 1 byte per 0.5 s
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 @dataclass
 class _Fault:
-    kind: str  # "drop" or "stall"
+    kind: str  # "drop", "stall" or "trickle"
     after: int
     seconds: float
     count: int
@@ -47,9 +48,10 @@ class FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def arm(self, kind: str, *, after: int = 0, seconds: float = 0.0, count: int = 1) -> None:
-        """Queue a fault: ``"drop"`` closes the connection, ``"stall"`` pauses it ``seconds``, once ``after``
-        more upstream bytes have been forwarded; ``count`` times."""
-        if kind not in ("drop", "stall"):
+        """Queue a fault: ``"drop"`` closes the connection, ``"stall"`` pauses it ``seconds``, ``"trickle"`` sends
+        everything it carries from then on one byte per ``seconds``, once ``after`` more upstream bytes have been
+        forwarded; ``count`` times."""
+        if kind not in ("drop", "stall", "trickle"):
             raise ValueError(kind)
         with self._lock:
             self._faults.append(_Fault(kind, after, seconds, count))
@@ -88,17 +90,29 @@ class FaultProxy:
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        trickle = 0.0  # seconds per byte once this connection was armed to trickle
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                if trickle:
+                    for i in range(len(data)):
+                        time.sleep(trickle)
+                        dst.sendall(data[i : i + 1])
+                    continue
                 if downstream:
                     action, data, rest = self._apply(data)
                     if data:
                         dst.sendall(data)
                     if action == "drop":
                         break
+                    if isinstance(action, tuple):  # trickle
+                        trickle = action[1]
+                        for i in range(len(rest)):
+                            time.sleep(trickle)
+                            dst.sendall(rest[i : i + 1])
+                        continue
                     if action is not None:  # stall
                         time.sleep(action)
                         if rest:
@@ -111,7 +125,7 @@ class FaultProxy:
             _close(src)
             _close(dst)
 
-    def _apply(self, data: bytes) -> tuple[str | float | None, bytes, bytes]:
+    def _apply(self, data: bytes) -> tuple[str | float | tuple[str, float] | None, bytes, bytes]:
         """``(action, bytes to send now, bytes to send after a stall)``."""
         with self._lock:
             if not self._faults:
@@ -128,6 +142,9 @@ class FaultProxy:
             if fault.kind == "drop":
                 self.cut += 1
                 return "drop", data[: max(room, 0)], b""
+            if fault.kind == "trickle":
+                self.stalled += 1
+                return ("trickle", fault.seconds), data[: max(room, 0)], data[max(room, 0) :]
             self.stalled += 1
             return fault.seconds, data[: max(room, 0)], data[max(room, 0) :]
 

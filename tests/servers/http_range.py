@@ -16,7 +16,10 @@ Control (JSON over HTTP on the same port, paths under ``/__control__/``):
     * ``kind``: ``"drop"`` (close the connection after ``after`` body bytes), ``"status"`` (answer ``status`` with
       optional ``retry_after``), ``"stall"`` (send ``after`` body bytes then sleep ``seconds``; ``after=-1``
       stalls before the status line), ``"ignore_range"`` (answer 200 with the whole body), ``"change"`` (after
-      ``skip`` matching requests, serve the file ``source`` at this path from then on: new bytes, new ETag).
+      ``skip`` matching requests, serve the file ``source`` at this path from then on: new bytes, new ETag),
+      ``"trickle"`` (send ``after`` body bytes, then one byte every ``interval`` seconds (0.5) for at most
+      ``seconds`` (60), then drop the connection), ``"gzip"`` (gzip the body, ``Content-Encoding: gzip``, as a
+      misconfigured compressing proxy does; ``Content-Range`` still names the requested range).
     * ``count`` (default 1; -1 = forever), ``skip`` (matching requests let through first), ``path`` (only this
       URL path; default any), ``methods`` (default ``["GET"]``).
 * ``POST config`` — persistent behaviour: ``token`` (require ``Authorization: Bearer <token>``), ``etag`` /
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import gzip
 import http.client
 import json
 import os
@@ -129,6 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "query": split.query,
                     "range": self.headers.get("Range"),
                     "if_match": self.headers.get("If-Match"),
+                    "accept_encoding": self.headers.get("Accept-Encoding"),
                     "auth": self.headers.get("Authorization") is not None,
                     "status": status,
                     "port": self.client_address[1],
@@ -280,6 +285,11 @@ class _Handler(BaseHTTPRequestHandler):
                     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             length = max(0, end - start + 1)
             self._record(status)
+            if fault and fault["kind"] == "gzip":
+                f.seek(start)
+                body = gzip.compress(f.read(length))
+                self._send(status, body, {**headers, "Content-Encoding": "gzip"})
+                return
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -291,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, f: Any, start: int, length: int, fault: dict[str, Any] | None) -> None:
         limit = length
-        if fault and fault["kind"] in ("drop", "stall"):
+        if fault and fault["kind"] in ("drop", "stall", "trickle"):
             limit = min(length, fault.get("after", 0))
         try:
             f.seek(start)
@@ -304,6 +314,17 @@ class _Handler(BaseHTTPRequestHandler):
                 sent += len(chunk)
             if fault and fault["kind"] == "drop" and limit < length:
                 self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if fault and fault["kind"] == "trickle" and limit < length:
+                self.wfile.flush()
+                until = time.monotonic() + fault.get("seconds", 60)
+                while sent < length and time.monotonic() < until:
+                    time.sleep(fault.get("interval", 0.5))
+                    self.wfile.write(f.read(1))
+                    self.wfile.flush()
+                    sent += 1
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
