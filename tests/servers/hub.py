@@ -7,7 +7,8 @@ Two listeners on 127.0.0.1, each a ``ThreadingHTTPServer`` in a daemon thread of
       (git blob sha1), ``Content-Length``, ``Range`` (206); files of ``lfs_threshold`` bytes or more answer
       ``302`` to the CDN with ``X-Linked-Size`` / ``X-Linked-Etag`` (sha256), like huggingface.co;
     * ``GET /api/{type}s/{repo}[/revision/{rev}]`` (``repo_info``), ``GET /api/{type}s/{repo}/tree/{rev}``
-      (``list_repo_files``), ``POST /api/repos/create`` (``create_repo``),
+      (``list_repo_files``), ``POST /api/repos/create`` (``create_repo``), ``POST /api/validate-yaml`` (accepts
+      every model card),
       ``POST /api/{type}s/{repo}/preupload/{rev}`` (always answers ``"regular"``, so uploads need neither LFS nor
       Xet) and ``POST /api/{type}s/{repo}/commit/{rev}`` (ndjson ``file`` / ``deletedFile`` operations);
     * errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) as the Hub does.
@@ -318,6 +319,9 @@ class _HubHandler(_Base):
         body = self.rfile.read(length) if length else b""
         if path == "/api/repos/create" and self.command == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if path == "/api/validate-yaml" and self.command == "POST":
+            # huggingface_hub checks a README's metadata here before a commit; every card is accepted
+            return self._json(200, {"errors": [], "warnings": []})
         m = re.fullmatch(
             r"/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|tree|preupload|commit)(?:/(.*))?)?", path
         )
