@@ -80,6 +80,11 @@ class ObjectChangedError(SourceError):
     """The remote object changed while it was being read (ETag, version or commit moved)."""
 
 
+class NetworkLimitError(SourceError):
+    """A remote read broke a time rule: its deadline passed, the server asked to wait past it (Retry-After), or
+    the bytes came slower than the minimum rate. The message names the URI and the option that sets the limit."""
+
+
 class ObjectTooLargeError(SourceError):
     """An object that is read whole (a config, a tokenizer, a shard index) is larger than the configured cap."""
 

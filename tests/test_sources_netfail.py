@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from hf_tensorizer.errors import SourceError
+from hf_tensorizer.errors import NetworkLimitError, SourceError
 from hf_tensorizer.sources.http import HTTPSource
 from hf_tensorizer.sources.hub import HubSource
 from hf_tensorizer.sources.s3 import S3Source
@@ -50,7 +50,7 @@ class _Clock:
 def test_retry_after_beyond_the_deadline_fails_at_once(http_server):
     src = HTTPSource(http_server.write("m.bin", _data(10_000)), deadline=20, **FAST)
     http_server.fault("status", "m.bin", status=429, retry_after=3600, count=-1)
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*Retry-After.*3600.*deadline") as err:
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*Retry-After.*3600.*deadline") as err:
         src.read(0, 100)
     assert clock.elapsed < 3
     assert "HTTP 429" in str(err.value)
@@ -59,7 +59,7 @@ def test_retry_after_beyond_the_deadline_fails_at_once(http_server):
 def test_retry_after_while_opening_fails_at_once(http_server):
     url = http_server.write("m.bin", _data(10_000))
     http_server.fault("status", "m.bin", status=503, retry_after=3600, count=-1, methods=["HEAD", "GET"])
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*opening.*Retry-After.*3600"):
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*opening.*Retry-After.*3600"):
         HTTPSource(url, deadline=20, **FAST)
     assert clock.elapsed < 3
 
@@ -67,7 +67,7 @@ def test_retry_after_while_opening_fails_at_once(http_server):
 def test_repeated_retry_after_stops_before_the_deadline(http_server):
     src = HTTPSource(http_server.write("m.bin", _data(10_000)), deadline=2.5, **{**FAST, "retries": 100})
     http_server.fault("status", "m.bin", status=503, retry_after=1, count=-1)
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*Retry-After: 1 s.*deadline of 2\.5"):
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*Retry-After: 1 s.*deadline of 2\.5"):
         src.read(0, 100)
     assert 1.5 < clock.elapsed < 6  # waited twice, then the third wait would end past the deadline
 
@@ -76,7 +76,7 @@ def test_endless_retries_stop_at_the_deadline(http_server):
     opts = {**FAST, "retries": 1000, "backoff": 0.2, "max_backoff": 0.2}
     src = HTTPSource(http_server.write("m.bin", _data(10_000)), deadline=2, **opts)
     http_server.fault("status", "m.bin", status=503, count=-1)
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*within the deadline of 2 s.*HTTP 503"):
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*within the deadline of 2 s.*HTTP 503"):
         src.read(0, 100)
     assert 1.9 < clock.elapsed < 6
 
@@ -85,7 +85,7 @@ def test_trickle_fails_on_the_minimum_rate(http_server):
     data = _data(200_000, seed=1)
     src = HTTPSource(http_server.write("m.bin", data), min_rate=10_000, rate_window=1, deadline=60, **FAST)
     http_server.fault("trickle", "m.bin", after=1000, interval=0.5, count=-1)
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*too slow.*bytes in") as err:
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*too slow.*bytes in") as err:
         src.read(0, len(data))
     assert clock.elapsed < 10
     assert "min_rate" in str(err.value)
@@ -95,7 +95,7 @@ def test_trickle_with_the_rate_rule_off_stops_at_the_deadline(http_server):
     data = _data(200_000, seed=2)
     src = HTTPSource(http_server.write("m.bin", data), min_rate=0, deadline=2, **FAST)
     http_server.fault("trickle", "m.bin", after=1000, interval=0.5, count=-1)
-    with _Clock() as clock, pytest.raises(SourceError, match=r"m\.bin.*deadline of 2"):
+    with _Clock() as clock, pytest.raises(NetworkLimitError, match=r"m\.bin.*deadline of 2"):
         src.read(0, len(data))
     assert clock.elapsed < 8
 
@@ -186,7 +186,7 @@ def test_s3_trickle_fails_on_the_minimum_rate(moto_s3, s3_client, s3_bucket):
             deadline=60, **{**FAST, "retries": 3},
         )  # fmt: skip
         proxy.arm("trickle", after=2000, seconds=0.05)
-        with _Clock() as clock, pytest.raises(SourceError, match=rf"s3://{s3_bucket}/m.*too slow"):
+        with _Clock() as clock, pytest.raises(NetworkLimitError, match=rf"s3://{s3_bucket}/m.*too slow"):
             src.read(0, len(data))
         assert clock.elapsed < 10
     finally:

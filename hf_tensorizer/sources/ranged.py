@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import constants
-from ..errors import SourceError, TruncatedFileError, UsageError
+from ..errors import NetworkLimitError, SourceError, TruncatedFileError, UsageError
 from .base import Source
 
 __all__ = ["Budget", "Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
@@ -104,7 +104,7 @@ class Budget:
         SourceError: the deadline has passed."""
         if time.monotonic() >= self.end:
             cause = f" (last error: {last})" if last is not None else ""
-            raise SourceError(
+            raise NetworkLimitError(
                 f"{self.uri}: {self.what} did not finish within the deadline of {self.policy.deadline:g} s{cause}; "
                 "a slow link needs a larger deadline= (HF_TENSORIZER_REMOTE_DEADLINE)"
             )
@@ -117,7 +117,7 @@ class Budget:
         """
         left = self.remaining()
         if exc.retry_after is not None and exc.retry_after > left:
-            raise SourceError(
+            raise NetworkLimitError(
                 f"{self.uri}: {self.what}: the server asked to retry later (Retry-After: {exc.retry_after:g} s, "
                 f"after {exc}), beyond the deadline of {self.policy.deadline:g} s ({max(0.0, left):.0f} s left)"
             )
@@ -128,7 +128,7 @@ class Budget:
         """Raises:
         SourceError: a response delivered ``received`` bytes in ``seconds``, below the minimum rate."""
         if self.policy.min_rate > 0 and received < self.policy.min_rate * seconds:
-            raise SourceError(
+            raise NetworkLimitError(
                 f"{self.uri}: {self.what}: the server is too slow ({received} bytes in {seconds:.1f} s, below the "
                 f"minimum of {self.policy.min_rate:g} bytes/s); a slow link needs a lower min_rate= "
                 "(HF_TENSORIZER_REMOTE_MIN_RATE, 0 turns the rule off)"
