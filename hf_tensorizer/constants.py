@@ -28,6 +28,8 @@ MAX_SMALL_FILE_BYTES = _env_int("HF_TENSORIZER_MAX_SMALL_FILE_BYTES", 256 * MiB)
 
 # Engine -----------------------------------------------------------------------------------------------
 STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned pool cap (<= 2 GiB default)
+# GPU loads: make the CUDA context and the pinned staging block in the background as soon as a load is known
+PREWARM = _env_int("HF_TENSORIZER_PREWARM", 1)
 CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 8 * MiB)  # measured best on an H200 (docs/benchmarks.md)
 NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU count
 

@@ -23,7 +23,8 @@ from .memory import host_view
 from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import plan_chunks, plan_windows
-from .staging import PAGE, StagingPool
+from .prewarm import prewarm
+from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
@@ -109,6 +110,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         **source_options: Any,
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
+        if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
+            prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
+                    num_readers=num_readers)  # fmt: skip
         self._owns_source = not isinstance(source, Source)
         self._source = open_source(source, **source_options)
         try:  # nothing may leak when construction fails: descriptors, pools, connections
@@ -294,9 +298,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             if direct_fd is None:
                 metrics.strategy = "pread"
         longest = max(c.length for c in chunks) + (2 * PAGE if direct_fd is not None else 0)
-        buffer_bytes = 1 << max(12, (longest - 1).bit_length())  # torch rounds pinned sizes to powers of two
-        # one buffer per reader plus two spare: a copy out of a buffer takes far less time than filling it
-        max_buffers = max(1, min(threads + 2, len(chunks), self.staging_bytes // buffer_bytes))
+        buffer_bytes, max_buffers = pool_shape(longest, threads, self.staging_bytes, len(chunks))
         pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda",
                            allocation=self.staging_allocation)  # fmt: skip
         try:

@@ -8,6 +8,7 @@ comes back to the pool together with a *fence* (a CUDA event). The pool never ho
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ import torch
 from ..errors import TensorizerError
 
 PAGE = 4096
+PREWARM_TTL_S = 30.0  # a block made ahead of a load that no load takes within this is released
+
+log = logging.getLogger(__name__)
 
 
 class Fence(Protocol):
@@ -96,12 +100,95 @@ def reuse_blocks() -> Iterator[None]:
             block.close()
 
 
+def pool_shape(longest_chunk: int, readers: int, staging_bytes: int, chunks: int | None = None) -> tuple[int, int]:
+    """``(buffer_bytes, max_buffers)`` of a load's pool: one buffer per reader plus two spare (a copy out of a buffer
+    takes far less time than filling it), each a power of two (torch rounds pinned sizes up to one), within the
+    staging cap and never more buffers than chunks."""
+    buffer_bytes = 1 << max(12, (longest_chunk - 1).bit_length())
+    count = min(readers + 2, staging_bytes // buffer_bytes, chunks if chunks is not None else readers + 2)
+    return buffer_bytes, max(1, count)
+
+
+def footprint(buffer_bytes: int, max_buffers: int) -> int:
+    """Bytes of the one allocation a ``"block"``/``"hugepage"`` pool carves its buffers from (page-aligned)."""
+    return -(-buffer_bytes // PAGE) * PAGE * max_buffers
+
+
+# Blocks being made ahead of a load (prewarm_block), per (pin, device): a pool for the same device waits for that
+# block instead of making (and pinning, under the driver lock) a second one. Made blocks wait in _parked.
+_warming: dict[tuple[bool, int | None], threading.Thread] = {}
+_prewarmed: set[int] = set()  # ids of parked blocks that came from prewarm_block and no pool took yet
+
+
+def prewarm_block(nbytes: int, *, pin: bool, device: int | None = None) -> threading.Thread | None:
+    """Make (and, with ``pin``, page-lock) a staging block of at least ``nbytes`` on a background thread.
+
+    Pinning holds the CUDA driver lock and stalls every copy running meanwhile; started when a load is known (before
+    its index is read, or while ``from_pretrained`` builds the model on meta) it is done before the first copy. The
+    next pool for the same device takes the block, waiting for it if it is still being made; a block no pool takes
+    within ``PREWARM_TTL_S`` is released. Failures are logged, never raised: the pool then makes its own block.
+
+    Args:
+        nbytes: the block size (rounded up to 2 MiB pages).
+        pin: page-lock it for ``device`` (which also creates that device's CUDA context on the thread).
+        device: the CUDA device index; ``None`` for an unpinned block.
+
+    Returns:
+        The thread making the block, or ``None`` when a big enough block is parked or being made already.
+    """
+    key = (pin, device if pin else None)
+    with _park_lock:
+        if key in _warming or any(b.nbytes >= nbytes and (b.pin, b.device) == key for b in _parked):
+            return None
+        thread = threading.Thread(target=_warm, args=(nbytes, key), name="hf_tensorizer-prewarm", daemon=True)
+        _warming[key] = thread
+    thread.start()
+    return thread
+
+
+def _warm(nbytes: int, key: tuple[bool, int | None]) -> None:
+    pin, device = key
+    block = None
+    try:
+        if pin:
+            torch.cuda.set_device(device)  # this thread's current device: the block registers for it
+        block = _HostBlock(nbytes, pin=pin)
+    except Exception as exc:  # the load makes its own block, as without prewarming
+        log.debug("staging block prewarm failed: %s", exc)
+    finally:
+        with _park_lock:
+            _warming.pop(key, None)
+            if block is not None:
+                _parked.append(block)
+                _prewarmed.add(id(block))
+    if block is not None:
+        timer = threading.Timer(PREWARM_TTL_S, _expire, args=(block,))
+        timer.daemon = True
+        timer.start()
+
+
+def _expire(block: _HostBlock) -> None:
+    """Release a prewarmed block that no pool took."""
+    with _park_lock:
+        if id(block) not in _prewarmed or not any(b is block for b in _parked):
+            return
+        _prewarmed.discard(id(block))
+        _parked[:] = [b for b in _parked if b is not block]
+    block.close()
+
+
 def _take_block(nbytes: int, pin: bool) -> _HostBlock:
-    """The parked block when it is big enough and pinned for the current device, else a new one."""
+    """The parked block when it is big enough and pinned for the current device, else a new one. A block being
+    made ahead of this load (:func:`prewarm_block`) is waited for first."""
     device = torch.cuda.current_device() if pin else None
+    with _park_lock:
+        warming = _warming.get((pin, device))
+    if warming is not None:
+        warming.join()
     with _park_lock:
         for i, block in enumerate(_parked):
             if block.nbytes >= nbytes and block.device == device and block.pin == pin:
+                _prewarmed.discard(id(block))
                 return _parked.pop(i)
     return _HostBlock(nbytes, pin=pin)
 
@@ -166,7 +253,7 @@ class StagingPool:
     def _carve(self) -> None:
         """Make every buffer now, as slices of one allocation."""
         stride = -(-self.buffer_bytes // PAGE) * PAGE
-        total = stride * self.max_buffers
+        total = footprint(self.buffer_bytes, self.max_buffers)
         if self.allocation == "hugepage":
             self._block = _take_block(total, self.pin)
             whole = self._block.tensor

@@ -15,10 +15,12 @@ Saving lives in :mod:`.transformers_save`, the patches in :mod:`.hooks`, the mix
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..engine.prewarm import prewarm
 from . import patches
 from .options import TensorizerOptions, pop_options
 from .weights import Target, as_device, locate, open_weights, stream_to_devices
@@ -87,6 +89,21 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     return out
 
 
+def prewarm_for(device_map: Any, engine: Mapping[str, Any]) -> None:
+    """Start the GPU load's first-use work (:func:`~hf_tensorizer.engine.prewarm.prewarm`) for the first CUDA device
+    ``device_map`` names (``"auto"`` and friends: device 0 when there is a GPU)."""
+    if device_map is None or not torch.cuda.is_available():
+        return
+    values = list(device_map.values()) if isinstance(device_map, Mapping) else [device_map]
+    for value in values:
+        if value in ("auto", "balanced", "balanced_low_0", "sequential"):
+            value = 0
+        if isinstance(value, int) or (isinstance(value, (str, torch.device)) and str(value).startswith("cuda")):
+            sizes = {k: engine[k] for k in ("chunk_bytes", "staging_bytes", "num_readers") if k in engine}
+            prewarm(value, allocation=engine.get("staging_allocation"), **sizes)
+            return
+
+
 def _pretrained_model() -> type:
     from transformers import PreTrainedModel
 
@@ -123,6 +140,7 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
         SourceError: the artifact cannot be read; UsageError: it has no weights, or unknown options.
     """
     options = pop_options(kwargs)
+    prewarm_for(kwargs.get("device_map"), options.engine)  # pins while the config is fetched and the model built
     subfolder = kwargs.pop("subfolder", "") or ""
     root = os.fspath(pretrained_model_name_or_path)
     folder, weights = locate(root, subfolder, **options.transport)
