@@ -292,6 +292,18 @@ def hft_kwargs(name: str) -> dict[str, Any]:
     return kw
 
 
+def loaders_legend() -> str:
+    """What each ``--loaders`` code means (the ``bench --help`` epilog)."""
+    width = max(len(n) for n in PEERS)
+    lines = ["loaders (--loaders codes):", f"  {'hft':<{width}}  ours, TensorDeserializer (strategy auto)"]
+    lines += [f"  {p.name:<{width}}  {p.label}{' (CUDA only)' if p.cuda_only else ''}" for p in PEERS.values()]
+    lines += [
+        "  hft-STRATEGY[N][-cMiB][-sMiB]: ours with strategy auto|pread|odirect|register|mmap, N reader threads,",
+        "  chunk size and staging pool in MiB; e.g. hft-pread16-c32 = strategy='pread', 16 readers, 32 MiB chunks",
+    ]
+    return "\n".join(lines)
+
+
 def resolve(name: str) -> Peer:
     """The Peer for a loader name (peers by name, ours as ``hft`` plus keyword variants)."""
     if name in PEERS:

@@ -13,10 +13,12 @@ from . import describe
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ..bench import ttr
+    from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
     p = sub.add_parser("bench", help="compare load speed with safetensors, transformers and other loaders",
-                       description=describe(__doc__))  # fmt: skip
+                       description=describe(__doc__), epilog=loaders_legend(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
     modes = p.add_subparsers(dest="bench_mode", metavar="{ttr}", required=False)

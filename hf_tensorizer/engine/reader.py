@@ -113,6 +113,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
                     num_readers=num_readers)  # fmt: skip
+        _refuse_upstream_spellings(source_options)
         self._owns_source = not isinstance(source, Source)
         self._source = open_source(source, **source_options)
         try:  # nothing may leak when construction fails: descriptors, pools, connections
@@ -415,6 +416,20 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
         raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
+
+
+# keyword spellings of CoreWeave's tensorizer: not ours, but worth a pointer (hf_tensorizer.upstream.compat)
+_UPSTREAM_SPELLINGS = ("filter_func", "lazy_load", "plaid_mode", "plaid_mode_buffers", "s3_access_key_id",
+                       "s3_secret_access_key", "s3_endpoint")  # fmt: skip
+
+
+def _refuse_upstream_spellings(options: Mapping[str, Any]) -> None:
+    found = [k for k in _UPSTREAM_SPELLINGS if k in options]
+    if found:
+        raise UsageError(
+            f"{found} are upstream tensorizer spellings: use ours (filter=, lazy=, endpoint_url= with AWS credentials "
+            "from the environment or profile=) or hf_tensorizer.upstream.compat_kwargs(...); see docs/compat.md"
+        )
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..crypto.keys import KeySpec
@@ -17,6 +18,7 @@ def convert(
     read_key: KeySpec | None = None,
     write_key: KeySpec | None = None,
     block_size: int | None = None,
+    sink_options: Mapping[str, Any] | None = None,
     **source_options: Any,
 ) -> FileIndex:
     """Rewrite ``src`` to ``dest``: encrypt (``write_key``), decrypt (``read_key``) or re-key (both).
@@ -33,6 +35,7 @@ def convert(
         write_key: key or passphrase for ``dest``; ``None`` writes a plain file.
         block_size: block size of ``dest`` (default: the source's when both are encrypted or both plain,
             else the writer's default for ``dest``: 4 MiB encrypted, 16 MiB plain).
+        sink_options: passed to the destination's transport (e.g. ``endpoint_url`` for ``s3://``).
         **source_options: passed to the source's transport.
 
     Returns:
@@ -59,7 +62,7 @@ def convert(
                 block_size = index.block_size  # re-keying or copying: keep the layout
             s = TensorSerializer(
                 dest, metadata=index.metadata, alignment=index.alignment, block_size=block_size,
-                digest=index.digest, encryption=write_key,
+                digest=index.digest, encryption=write_key, **(sink_options or {}),
             )  # fmt: skip
             for name in index.tensors:  # index order puts an alias's target first, so ties are rebuilt
                 s.write_tensor(name, d[name], d.kind(name))

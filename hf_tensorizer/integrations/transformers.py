@@ -72,17 +72,21 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     device_map = load_config.device_map or {"": "cpu"}
     prefix = getattr(model, "base_model_prefix", None)
     targets: dict[str, Target] = {}
+    rebuilt = non_persistent_buffer_names(model)
+    skipped: list[str] = []
     for key in placeholder:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = key, None
         if renamed not in meta_sd:
+            if renamed in rebuilt or key in rebuilt:
+                skipped.append(key)  # upstream write_module stores them; transformers rebuilds them from the config
             continue  # unexpected: reported by transformers, never read
         if pattern is not None and getattr(by_pattern.get(pattern), "force_cpu", False):
             targets[key] = (torch.device("cpu"), None)
         else:
             targets[key] = (as_device(get_device(device_map, renamed, valid_torch_device=True)), None)
-    out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
+    out: dict[str, Any] = {k: v for k, v in placeholder.items() if k not in skipped}  # unread: meta placeholder
     for d in stream_to_devices(placeholder.weights, targets, placeholder.engine_options):
         out.update(d.items())
         placeholder.metrics.append(d.metrics)
@@ -102,6 +106,16 @@ def prewarm_for(device_map: Any, engine: Mapping[str, Any]) -> None:
             sizes = {k: engine[k] for k in ("chunk_bytes", "staging_bytes", "num_readers") if k in engine}
             prewarm(value, allocation=engine.get("staging_allocation"), **sizes)
             return
+
+
+def non_persistent_buffer_names(model: torch.nn.Module) -> set[str]:
+    """The dotted names of ``model``'s non-persistent buffers (``state_dict`` leaves them out; upstream files hold
+    them)."""
+    return {
+        f"{path}.{attr}" if path else attr
+        for path, sub in model.named_modules(remove_duplicate=False)
+        for attr in sub._non_persistent_buffers_set
+    }
 
 
 def _pretrained_model() -> type:

@@ -14,6 +14,7 @@ import torch
 
 from ..engine import TensorSerializer
 from ..errors import UsageError
+from .extra_files import copy_extra_files, source_folder
 from .layout import WEIGHTS_NAME
 from .options import transport_only
 from .publish import ArtifactWriter
@@ -53,7 +54,8 @@ def save_tensorized(
     """Write ``model`` as a tensorized artifact to a local folder or ``s3://`` / ``hf://`` prefix.
 
     Writes config.json, generation_config.json (generative models), the tokenizer/processor files when given,
-    ``model.tensors`` (hub key layout) and, last, the ``hf_tensorizer.json`` manifest.
+    ``model.tensors`` (hub key layout), every other file of the folder the model was loaded from (sentence-transformers'
+    ``modules.json``, ``1_Pooling/``, ...; see :mod:`.extra_files`) and, last, the ``hf_tensorizer.json`` manifest.
 
     Args:
         model: a ``PreTrainedModel``.
@@ -82,6 +84,7 @@ def save_tensorized(
         for extra in (tokenizer, processor):
             if extra is not None:
                 extra.save_pretrained(staging.folder)
+        copy_extra_files(source_folder(model), staging.folder)  # modules.json, 1_Pooling/, README, ...
         staging.publish([WEIGHTS_NAME], "transformers", {"architectures": model.config.architectures})
     return dest
 

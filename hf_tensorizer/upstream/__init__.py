@@ -2,7 +2,8 @@
 
 - :mod:`.format` — the format facts: bytes -> validated index (pure; sans-I/O), and the per-tensor hashes;
 - :mod:`.crypto` — key derivation (raw keys, Argon2id passphrases) and the decrypting transform;
-- :mod:`.loading` — :func:`open_upstream` and :func:`verify_upstream` over the engine.
+- :mod:`.loading` — :func:`open_upstream` and :func:`verify_upstream` over the engine;
+- :mod:`.compat` — :func:`compat_kwargs`: upstream ``TensorDeserializer`` keyword spellings translated into ours.
 
 Upstream files are recognised by their first bytes wherever a file is read, so ``TensorDeserializer``,
 ``read_index`` and ``from_pretrained`` open them directly; the engine asks :mod:`.crypto` for the transform of an
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["UpstreamIndex", "is_upstream", "open_upstream", "upstream_transform", "verify_upstream"]
+__all__ = ["UpstreamIndex", "compat_kwargs", "is_upstream", "open_upstream", "upstream_transform", "verify_upstream"]
 
 _WHERE = {
     "UpstreamIndex": "format",
+    "compat_kwargs": "compat",
     "upstream_transform": "crypto",
     "is_upstream": "loading",
     "open_upstream": "loading",
