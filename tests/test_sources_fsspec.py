@@ -301,3 +301,19 @@ def test_fsspec_is_imported_only_for_its_schemes() -> None:
     )
     root = str(Path(__file__).resolve().parents[1])
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=root, timeout=60)
+
+
+def test_docs_example_runs_verbatim() -> None:
+    """The python block of docs/remote.md's "fsspec stores" section."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "remote.md").read_text()
+    section = text[text.index("\n## fsspec stores\n") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match
+    try:
+        exec(compile(match.group(1), "docs/remote.md", "exec"), {"__name__": "docs_example"})
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists("memory://models"):
+            fs.rm("memory://models", recursive=True)
