@@ -6,6 +6,8 @@
 * ``http_server`` — :mod:`servers.http_range` in a subprocess (one per session), reset for each test and given
   a fresh directory to serve.
 * ``hub_server`` — :mod:`servers.hub`, a local Hub with ``HF_ENDPOINT`` pointed at it.
+* ``gcs_emulator`` — :mod:`servers.gcs`, ``gcp-storage-emulator`` in a subprocess (one per session); skipped when
+  it or gcsfs is not installed. ``gcs_bucket`` is a fresh bucket on it and the ``storage_options`` that reach it.
 
 Nothing here reaches beyond 127.0.0.1: the defaults below send stray Hub or instance-metadata calls nowhere.
 """
@@ -34,6 +36,8 @@ os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # botocore must never probe 169.254.169.254
+# gcsfs (read at its import) would probe each bucket's type over gRPC, which the GCS emulator does not serve
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 _AWS_ENV = (
     "AWS_PROFILE",
@@ -200,3 +204,32 @@ def hf_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None
     hf_tensorizer.enable()
     yield
     hf_tensorizer.disable()
+
+
+# --- Google Cloud Storage (gcp-storage-emulator, through gcsfs) ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[str]:
+    """The endpoint URL of a GCS emulator shared by the session."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from servers.gcs import GCSEmulator
+
+    emulator = GCSEmulator()
+    yield emulator.endpoint
+    emulator.stop()
+
+
+_gcs_buckets = itertools.count()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator: str) -> tuple[str, dict[str, Any]]:
+    """``(bucket, storage_options)``: a fresh bucket on the emulator, and the gcsfs options that reach it."""
+    import fsspec
+
+    options = {"endpoint_url": gcs_emulator, "token": "anon", "project": "test"}
+    bucket = f"bucket-{os.getpid()}-{next(_gcs_buckets)}"
+    fsspec.filesystem("gs", **options).mkdir(bucket)
+    return bucket, options

@@ -1,10 +1,14 @@
 """The shared Source contract (tests/source_contract.py) run against every transport: a local file, HTTP (the range
-server subprocess), S3 (moto over real HTTP) and the Hub (the local Hub server, large objects through its CDN)."""
+server subprocess), S3 (moto over real HTTP), the Hub (the local Hub server, large objects through its CDN), fsspec
+(``memory://`` in process, ``gs://`` on the GCS emulator through gcsfs) and open file objects (``BytesIO``, an open
+file, a non-seekable stream)."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +173,140 @@ class TestHubSourceContract(SourceContract):
     @pytest.fixture
     def transport(self, hub_server: Any) -> Transport:
         return HubTransport(hub_server)
+
+
+# --- fsspec: memory:// and gs:// (GCS emulator) -----------------------------------------------------------------
+
+FSSPEC_OPTIONS = {k: v for k, v in REMOTE_OPTIONS.items() if k != "timeout"}  # fsspec protocols time out on their own
+
+
+class FsspecTransport(Transport):
+    """Objects put with the protocol's own filesystem, opened through ``open_source(uri, storage_options=...)``."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.root, self.options = root, storage_options or {}
+        self.fs = fsspec.filesystem(root.split("://", 1)[0], **self.options)
+
+    def put(self, data: bytes) -> str:
+        uri = f"{self.root}/{_fresh_name()}"
+        self.fs.pipe_file(uri, data)
+        return uri
+
+    def missing(self) -> str:
+        return f"{self.root}/missing.bin"
+
+    def replace(self, uri: str, data: bytes) -> None:
+        self.fs.pipe_file(uri, data)
+
+    def open(self, uri: str) -> Source:
+        return open_source(uri, storage_options=self.options, **FSSPEC_OPTIONS)
+
+
+class TestMemoryFsspecSourceContract(SourceContract):
+    on_replace = "changed"  # a new MemoryFile, a new creation time
+
+    @pytest.fixture
+    def transport(self) -> Iterator[Transport]:
+        root = f"memory://contract-{next(_names)}"
+        transport = FsspecTransport(root)
+        yield transport
+        if transport.fs.exists(root):
+            transport.fs.rm(root, recursive=True)
+
+
+class TestGCSSourceContract(SourceContract):
+    on_replace = "changed"  # a new generation
+
+    @pytest.fixture
+    def transport(self, gcs_bucket: tuple[str, dict[str, Any]]) -> Transport:
+        bucket, options = gcs_bucket
+        return FsspecTransport(f"gs://{bucket}/dir", options)
+
+
+# --- open file objects -----------------------------------------------------------------------------------------
+
+
+class Stream(io.RawIOBase):
+    """A non-seekable stream over bytes (like a pipe or an HTTP response), handing out at most 1000 bytes a read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        n = min(len(b), len(self._data), 1000)
+        b[:n] = self._data[:n]
+        self._data = self._data[n:]
+        return n
+
+
+class FileObjectTransport(Transport):
+    """Each put makes a file object (``kind``: bytesio, file or stream); URIs are keys into that table."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind, self.root = kind, root
+        self.objects: dict[str, Any] = {}
+        self.replaced: list[Any] = []
+
+    def _make(self, name: str, data: bytes) -> Any:
+        if self.kind == "bytesio":
+            return io.BytesIO(data)
+        if self.kind == "stream":
+            return Stream(data)
+        path = self.root / name
+        path.write_bytes(data)
+        return open(path, "rb")
+
+    def put(self, data: bytes) -> str:
+        name = _fresh_name()
+        self.objects[name] = self._make(name, data)
+        return name
+
+    def missing(self) -> str:
+        name = _fresh_name()
+        self.objects[name] = f = self._make(name, b"gone")
+        f.close()  # a file object that can no longer be read
+        return name
+
+    def replace(self, uri: str, data: bytes) -> None:
+        _atomic_write(self.root / uri, data)  # the open file stays on the old inode; later opens get the new one
+        self.replaced.append(self.objects[uri])
+        self.objects[uri] = open(self.root / uri, "rb")  # noqa: SIM115 - closed by close_all
+
+    def open(self, uri: str) -> Source:
+        return open_source(self.objects[uri])
+
+    def close_all(self) -> None:
+        for f in [*self.objects.values(), *self.replaced]:
+            f.close()
+
+
+class FileObjectContract(SourceContract):
+    kind = ""
+
+    @pytest.fixture
+    def transport(self, tmp_path: Path) -> Iterator[Transport]:
+        transport = FileObjectTransport(self.kind, tmp_path)
+        yield transport
+        transport.close_all()
+
+
+class TestBytesIOSourceContract(FileObjectContract):
+    kind = "bytesio"  # seek + readinto under a lock
+
+
+class TestOpenFileSourceContract(FileObjectContract):
+    kind = "file"  # pread on its descriptor
+    local = True
+    on_replace = "pinned"
+
+
+class TestStreamSourceContract(FileObjectContract):
+    kind = "stream"  # spooled to a temporary file, then pread
+    local = True

@@ -339,7 +339,7 @@ def test_malformed_urls():
     with pytest.raises(InvalidURIError):
         HTTPSource("http://127.0.0.1:notaport/x")
     with pytest.raises(InvalidURIError):
-        open_source("ftp://example.invalid/x")
+        open_source("nope://example.invalid/x")  # ftp:// is fsspec's now
 
 
 def test_open_source_dispatches_http(http_server):

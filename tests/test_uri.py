@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer.errors import InvalidURIError
-from hf_tensorizer.sources import open_sink, redact, scheme_of
+from hf_tensorizer.sources import looks_like_uri, open_sink, redact, scheme_of
 from hf_tensorizer.sources.hub_repo import HfURI, format_hf_uri, parse_hf_uri
 from hf_tensorizer.sources.s3 import parse_s3_uri
+from hf_tensorizer.sources.uri import is_native
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,7 +158,28 @@ def test_scheme_of():
     assert scheme_of("s3://b/k") == "s3"
     assert scheme_of("hf://o/r/x") == "hf"
     with pytest.raises(InvalidURIError, match="unsupported URI scheme"):
-        scheme_of("ftp://h/x")
+        scheme_of("nope://h/x")
+
+
+def test_fsspec_schemes():
+    """Protocols fsspec knows (built in or registered) are schemes too; ours stay ours."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    assert scheme_of("gs://b/k") == "gs"
+    assert scheme_of("AZ://c/k") == "az"
+    assert scheme_of("memory://x/y") == "memory"
+    assert scheme_of("ftp://h/x") == "ftp"
+    assert scheme_of("simplecache::gs://b/k") == "simplecache"
+    assert looks_like_uri("gs://b/model") and looks_like_uri("s3://b/k")
+    assert not looks_like_uri("nope://b/k") and not looks_like_uri("/tmp/x")
+    assert is_native("s3") and is_native("hf") and not is_native("gs")
+    with pytest.raises(InvalidURIError):
+        scheme_of("hf::gs://b/k")  # a chain must start with a wrapper protocol
+    with pytest.raises(InvalidURIError):
+        scheme_of("test-proto-xyz://a/b")
+    fsspec.register_implementation("test-proto-xyz", MemoryFileSystem, clobber=True)
+    assert scheme_of("test-proto-xyz://a/b") == "test-proto-xyz"
 
 
 def test_http_cannot_be_a_sink():

@@ -1,13 +1,15 @@
 """Sources and sinks: bytes at offsets, wherever they live.
 
 ``open_source`` and ``open_sink`` are the one opener for every location: local paths and ``file://``,
-``http://``/``https://``, ``s3://bucket/key`` and ``hf://org/repo[@revision]/path``.
+``http://``/``https://``, ``s3://bucket/key``, ``hf://org/repo[@revision]/path``, any other protocol fsspec knows
+(``gs://``, ``az://``, ``memory://``...) and open binary file objects.
 
 - :mod:`.base` — the ``Source`` (random-access reads into the caller's buffers) and ``Sink`` (sequential,
   atomic writes) interfaces, with the capabilities a transport declares (``fileno``, ``direct_fileno``);
 - :mod:`.uri` — URI syntax: scheme, join, redact, local paths;
-- :mod:`.file`, :mod:`.http`, :mod:`.s3` / :mod:`.s3_sink`, :mod:`.hub` / :mod:`.hub_repo` — one module per
-  transport (:mod:`.ranged` is what HTTP and S3 share: parallel ranged GETs, retries, resumption).
+- :mod:`.file`, :mod:`.http`, :mod:`.s3` / :mod:`.s3_sink`, :mod:`.hub` / :mod:`.hub_repo`, :mod:`.fsspec`,
+  :mod:`.fileobj` — one module per transport (:mod:`.ranged` is what the remote ones share: parallel ranged
+  reads, retries, resumption).
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from ..errors import InvalidURIError, UsageError
 from .base import Sink, Source
 from .file import FileSink, FileSource
+from .fileobj import FileObjectSink, FileObjectSource, is_readable_file, is_writable_file
 from .uri import REMOTE_SCHEMES, is_remote, join, local_path, looks_like_uri, redact, scheme_of
 
 __all__ = [
     "REMOTE_SCHEMES",
+    "FileObjectSink",
+    "FileObjectSource",
     "FileSink",
     "FileSource",
     "Sink",
@@ -59,13 +64,13 @@ def shared_transport(uri: str | os.PathLike[str], options: dict[str, Any]) -> It
         client.close()
 
 
-def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:
+def open_source(uri: str | os.PathLike[str] | Source | IO[bytes], **options: Any) -> Source:
     """Open ``uri`` for reading. A :class:`Source` passes through unchanged.
 
     Args:
-        uri: a local path or URI.
-        **options: transport options (``headers``, ``token``, ``endpoint_url``, ``concurrency``, ...),
-            see the transport's class.
+        uri: a local path, a URI, or an open binary file object (read from its current position; left open).
+        **options: transport options (``headers``, ``token``, ``endpoint_url``, ``concurrency``,
+            ``storage_options``...), see the transport's class.
 
     Raises:
         InvalidURIError: malformed URI or unknown scheme.
@@ -73,6 +78,10 @@ def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:
     """
     if isinstance(uri, Source):
         return uri
+    if is_readable_file(uri):
+        if options:
+            raise UsageError(f"unknown options for a file object: {sorted(options)}")
+        return FileObjectSource(uri)  # type: ignore[arg-type]
     scheme = scheme_of(uri)
     if scheme == "file":
         if options:  # a typo'd engine argument lands here: say so rather than drop it
@@ -86,15 +95,33 @@ def open_source(uri: str | os.PathLike[str] | Source, **options: Any) -> Source:
         from .s3 import S3Source
 
         return S3Source(os.fspath(uri), **options)
-    from .hub import HubSource
+    if scheme == "hf":
+        from .hub import HubSource
 
-    return HubSource(os.fspath(uri), **options)
+        return HubSource(os.fspath(uri), **options)
+    from .fsspec import FsspecSource
+
+    return FsspecSource(os.fspath(uri), **options)
 
 
-def open_sink(uri: str | os.PathLike[str] | Sink, **options: Any) -> Sink:
-    """Open ``uri`` for writing one object (atomically committed). A :class:`Sink` passes through."""
+def open_sink(uri: str | os.PathLike[str] | Sink | IO[bytes], **options: Any) -> Sink:
+    """Open ``uri`` for writing one object (atomically committed). A :class:`Sink` passes through.
+
+    Args:
+        uri: a local path, a URI (not ``http(s)://``), or an open binary file object (written from its current
+            position, flushed on commit, left open).
+        **options: transport options, see the transport's sink class.
+
+    Raises:
+        InvalidURIError: malformed URI, unknown scheme, or ``http(s)://``.
+        SinkError: the object cannot be created.
+    """
     if isinstance(uri, Sink):
         return uri
+    if is_writable_file(uri):
+        if options:
+            raise UsageError(f"unknown options for a file object: {sorted(options)}")
+        return FileObjectSink(uri)  # type: ignore[arg-type]
     scheme = scheme_of(uri)
     if scheme == "file":
         if options:
@@ -108,4 +135,8 @@ def open_sink(uri: str | os.PathLike[str] | Sink, **options: Any) -> Sink:
         from .hub import HubSink
 
         return HubSink(os.fspath(uri), **options)
-    raise InvalidURIError(f"writing to {scheme}:// is not supported; use a local path, s3:// or hf://")
+    if scheme in ("http", "https"):
+        raise InvalidURIError(f"writing to {scheme}:// is not supported; use a local path, s3://, hf:// or gs://...")
+    from .fsspec import FsspecSink
+
+    return FsspecSink(os.fspath(uri), **options)

@@ -1,0 +1,282 @@
+"""Any store fsspec reaches: ``gs://`` (gcsfs), ``az://``/``abfs://`` (adlfs), ``memory://`` and every other protocol
+fsspec knows, read and written through the protocol's own filesystem and credentials.
+
+Reading: one ``info`` pins the object (size and its version: GCS ``generation``, a ``VersionId``, an ETag, or the
+creation time); large reads split into parts fetched in parallel with ``cat_file(path, start, end)`` (for async
+filesystems such as gcsfs those run concurrently on fsspec's event loop) and copied into the caller's buffers.
+After each read the version is checked again: a read never returns bytes of an object replaced meanwhile
+(:class:`ObjectChangedError`); this costs one metadata request per read call (``verify_version=False`` skips it).
+
+Writing is atomic: object stores whose uploads only appear when complete (GCS resumable uploads) are written
+straight to the final name and the upload is cancelled on abort; every other protocol is written to a temporary
+name beside the target and moved into place on commit (removed on abort).
+
+Credentials: the protocol's own (``storage_options={...}`` passed to the filesystem, or its environment variables:
+``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_CONNECTION_STRING``...). A ready filesystem may be passed as
+``filesystem=``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .. import constants
+from ..errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
+from .base import Sink
+from .ranged import Cursor, RangedSource, RetryPolicy, TransientError
+from .uri import redact
+
+__all__ = ["DIRECT_UPLOAD_PROTOCOLS", "FsspecSink", "FsspecSource", "resolve_filesystem"]
+
+# the info() field that names an object's version, most specific first (a GCS etag also changes with metadata)
+_VERSION_FIELDS = ("generation", "VersionId", "version_id", "ETag", "etag", "created", "mtime", "LastModified")
+# protocols whose write files publish the object only when closed, and cancel the upload on discard()
+DIRECT_UPLOAD_PROTOCOLS = frozenset({"gs", "gcs"})
+
+
+def resolve_filesystem(uri: str, storage_options: Mapping[str, Any] | None, filesystem: Any, cls: type) -> tuple:
+    """``(filesystem, path, protocol)`` for ``uri``: fsspec's ``url_to_fs`` with ``storage_options``, or the
+    given ``filesystem`` with the path stripped of its protocol.
+
+    Raises:
+        InvalidURIError: fsspec does not know the protocol or cannot parse the URI.
+        ``cls`` (SourceError / SinkError): the protocol's package is not installed, or the filesystem failed.
+    """
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError as exc:  # pragma: no cover - fsspec comes with huggingface_hub
+        raise cls(f"{redact(uri)}: this scheme needs fsspec: pip install 'hf_tensorizer[fsspec]'") from exc
+    protocol = uri.split("://", 1)[0].split("::")[-1].lower()
+    try:
+        if filesystem is not None:
+            return filesystem, filesystem._strip_protocol(uri), protocol
+        fs, path = url_to_fs(uri, **dict(storage_options or {}))
+    except ImportError as exc:  # fsspec names the package to install ("Install gcsfs to access Google Storage")
+        raise cls(f"{redact(uri)}: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidURIError(f"{redact(uri)}: {exc}") from exc
+    except Exception as exc:  # a filesystem's constructor (credentials lookup, bad options)
+        raise cls(f"{redact(uri)}: cannot set up the {protocol}:// filesystem: {type(exc).__name__}: {exc}") from exc
+    return fs, path, protocol
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _version(info: Mapping[str, Any]) -> tuple[str, Any] | None:
+    for field in _VERSION_FIELDS:
+        if info.get(field) is not None:
+            return field, info[field]
+    return None
+
+
+class FsspecSource(RangedSource):
+    """An object on any fsspec filesystem, read in parallel ranged requests.
+
+    Args:
+        uri: ``protocol://path`` (``gs://bucket/key``, ``memory://dir/file``, ``simplecache::gs://...``).
+        storage_options: the filesystem's options (credentials, endpoint, project...), as for ``fsspec.open``.
+        filesystem: a ready ``fsspec.AbstractFileSystem`` to use instead of building one from the URI.
+        concurrency: parallel range requests one large read is split into.
+        part_size: reads larger than 1.5 × this are split into parts.
+        retries, backoff, max_backoff: the retry policy for failures the filesystem did not retry itself.
+        verify_version: check after every read that the object is still the version opened.
+
+    Raises:
+        InvalidURIError: an unknown protocol or a malformed URI.
+        SourceError: no such object, a directory, no access, or the protocol's package is missing.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: Any = None,
+        concurrency: int = constants.REMOTE_CONCURRENCY,
+        part_size: int = constants.REMOTE_PART_BYTES,
+        retries: int = constants.REMOTE_RETRIES,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        verify_version: bool = True,
+    ) -> None:
+        policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+        super().__init__(concurrency=concurrency, part_size=part_size, policy=policy)
+        self.uri = redact(uri)
+        self.fs, self.path, self.protocol = resolve_filesystem(uri, storage_options, filesystem, SourceError)
+        self.verify_version = verify_version
+        info = self._info()
+        if info.get("type", "file") != "file":
+            raise SourceError(f"{self.uri} is a {info.get('type')}, not an object")
+        size = info.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise SourceError(f"{self.uri}: the store reports no usable size ({size!r})")
+        self.size = size
+        self.version = _version(info)
+
+    # --- reads -------------------------------------------------------------------------------------------
+
+    def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        super().read_into_many(offset, bufs)
+        if self.verify_version and any(len(b) for b in bufs):
+            self._check_version()
+
+    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
+        try:
+            data = self.fs.cat_file(self.path, start=first, end=last + 1)
+        except FileNotFoundError as exc:
+            raise ObjectChangedError(f"{self.uri} was deleted while it was being read") from exc
+        except BaseException as exc:
+            raise self._classify(exc, f"reading bytes {first}-{last}") from exc
+        view = memoryview(data)[: last + 1 - first]
+        while len(view):  # scatter into the cursor's buffers
+            dest = cursor.next_view(len(view))
+            dest[:] = view[: len(dest)]
+            cursor.advance(len(dest))
+            view = view[len(dest) :]
+
+    def _check_version(self) -> None:
+        """Raise :class:`ObjectChangedError` when the object is no longer the size and version opened."""
+        info = self._info(ObjectChangedError(f"{self.uri} was deleted while it was being read; reload it"))
+        if info.get("size") != self.size or _version(info) != self.version:
+            raise ObjectChangedError(f"{self.uri} changed while it was being read (new size or version); reload it")
+
+    def _info(self, missing: SourceError | None = None) -> dict[str, Any]:
+        """The object's ``info``, retried; ``missing`` (default: "no such object") when it does not exist."""
+
+        def once() -> dict[str, Any]:
+            try:
+                return self.fs.info(self.path)
+            except FileNotFoundError as exc:
+                raise missing or SourceError(f"{self.uri}: no such object") from exc
+            except BaseException as exc:
+                raise self._classify(exc, "looking up the object") from exc
+
+        return self._retrying("looking up the object", once)
+
+    def _classify(self, exc: BaseException, what: str) -> BaseException:
+        """A :class:`TransientError` for failures worth retrying (connection, timeout), a SourceError otherwise."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, SourceError)):
+            return exc
+        if isinstance(exc, PermissionError):
+            return SourceError(f"{self.uri}: access denied ({what}); check the credentials in storage_options")
+        if isinstance(exc, (TimeoutError, ConnectionError)) or (
+            isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, IsADirectoryError))
+        ):
+            return TransientError(f"{what}: {_describe(exc)}")
+        return SourceError(f"{self.uri}: {what} failed: {_describe(exc)}")
+
+    def __repr__(self) -> str:
+        return f"FsspecSource({self.uri!r}, size={self.size}, version={self.version})"
+
+
+class FsspecSink(Sink):
+    """One object written atomically to any fsspec filesystem (see the module docstring for the two ways).
+
+    Args:
+        uri: ``protocol://path``.
+        storage_options: the filesystem's options (credentials...).
+        filesystem: a ready ``fsspec.AbstractFileSystem``.
+        block_size: the write file's buffer / upload chunk size (the protocol's default when None).
+
+    Raises:
+        InvalidURIError: an unknown protocol or a malformed URI.
+        SinkError: the object cannot be created (no access, missing package).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: Any = None,
+        block_size: int | None = None,
+    ) -> None:
+        self.uri = redact(uri)
+        self.fs, self.path, self.protocol = resolve_filesystem(uri, storage_options, filesystem, SinkError)
+        if not self.path or self.path.endswith("/"):
+            raise InvalidURIError(f"no object name in {self.uri!r}")
+        self.direct = self.protocol in DIRECT_UPLOAD_PROTOCOLS
+        # a temporary sibling, moved into place on commit; direct uploads appear only when complete
+        self._target = self.path if self.direct else f"{self.path}.{secrets.token_hex(6)}.tmp"
+        extra = {"block_size": block_size} if block_size else {}
+        try:
+            self._file = self.fs.open(self._target, "wb", **extra)
+        except BaseException as exc:
+            raise _sink_error(exc, self.uri, "cannot create the object") from exc
+        try:  # one pass when the temporary file can seek back (memory://, local-like stores)
+            self.can_rewrite_head = not self.direct and bool(self._file.seekable())
+        except (OSError, ValueError, AttributeError):
+            self.can_rewrite_head = False
+        self._state = "open"
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._check_open()
+        try:
+            self._file.write(memoryview(data).cast("B"))
+        except BaseException as exc:
+            self.abort()
+            raise _sink_error(exc, self.uri, "write failed") from exc
+
+    def rewrite_head(self, data: bytes) -> None:
+        self._check_open()
+        if not self.can_rewrite_head:
+            raise SinkError(f"{self.uri}: this upload cannot rewrite its head")
+        try:
+            end = self._file.tell()
+            self._file.seek(0)
+            self._file.write(data)
+            self._file.seek(end)
+        except BaseException as exc:
+            self.abort()
+            raise _sink_error(exc, self.uri, "rewriting the head failed") from exc
+
+    def commit(self) -> None:
+        self._check_open()
+        try:
+            self._file.close()  # a direct upload becomes the object here
+            if not self.direct:
+                self.fs.mv(self._target, self.path)
+        except BaseException as exc:
+            self.abort()
+            raise _sink_error(exc, self.uri, "commit failed") from exc
+        self._state = "committed"
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        try:
+            if self.direct:
+                self._file.discard()  # cancels the resumable upload; nothing was published
+            else:
+                self._file.close()
+        except Exception:  # abort must not raise; leftovers are the protocol's (unfinished uploads expire)
+            pass
+        finally:
+            if self.direct:  # never close() it, nor let its finalizer: that would publish what was written so far
+                self._file.closed = True
+        if not self.direct:
+            try:
+                self.fs.rm(self._target)
+            except Exception:
+                pass
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise SinkError(f"{self.uri}: sink already {self._state}")
+
+    def __repr__(self) -> str:
+        return f"FsspecSink({self.uri!r}, state={self._state})"
+
+
+def _sink_error(exc: BaseException, uri: str, what: str) -> BaseException:
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, SinkError, UsageError)):
+        return exc
+    if isinstance(exc, PermissionError):
+        return SinkError(f"{uri}: access denied ({what}); check the credentials in storage_options")
+    return SinkError(f"{uri}: {what}: {_describe(exc)}")

@@ -1,0 +1,319 @@
+"""fsspec stores (``memory://`` in process, ``gs://`` on the GCS emulator through gcsfs) and open file objects:
+bit-identical round trips through the serializer and deserializer, atomic sinks, typed errors, lazy imports."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+
+from hf_tensorizer import TensorDeserializer, TensorSerializer
+from hf_tensorizer.engine.header import read_index
+from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, TruncatedFileError
+from hf_tensorizer.sources import open_sink, open_source
+from hf_tensorizer.sources.fsspec import FsspecSink, FsspecSource
+
+pytestmark = pytest.mark.timeout(120)
+
+_n = itertools.count()
+FAST = {"retries": 2, "backoff": 0.01, "max_backoff": 0.02}
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(300, 257, generator=g),
+        "h": torch.randn(64, 3, generator=g).to(torch.bfloat16),
+        "i": torch.arange(1000, dtype=torch.int64),
+        "b": torch.rand(77, generator=g) > 0.5,
+    }
+
+
+def _reference(tmp_path: Path, sd: dict[str, torch.Tensor]) -> bytes:
+    path = tmp_path / f"ref-{next(_n)}.tensors"
+    with TensorSerializer(path) as s:
+        s.write_state_dict(sd)
+    return path.read_bytes()
+
+
+def _check_load(source: Any, sd: dict[str, torch.Tensor], **options: Any) -> None:
+    with TensorDeserializer(source, verify_hash=True, **options) as d:
+        assert set(d) == set(sd)
+        for k, v in sd.items():
+            assert d[k].dtype == v.dtype and torch.equal(d[k], v), k
+
+
+@pytest.fixture
+def memory_root() -> Any:
+    root = f"memory://fsspec-test-{next(_n)}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+# --- round trips ---------------------------------------------------------------------------------------------
+
+
+def test_memory_round_trip_is_bit_identical(tmp_path: Path, memory_root: str) -> None:
+    sd = _state_dict()
+    uri = f"{memory_root}/m/model.tensors"
+    with TensorSerializer(uri) as s:
+        s.write_state_dict(sd)
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file(uri) == _reference(tmp_path, sd)
+    assert fs.ls(f"{memory_root}/m", detail=False) == [f"/{memory_root[9:]}/m/model.tensors"]  # no temporary left
+    _check_load(uri, sd, concurrency=3, part_size=64 << 10)
+
+
+def test_gcs_round_trip_is_bit_identical(tmp_path: Path, gcs_bucket: tuple[str, dict[str, Any]]) -> None:
+    bucket, options = gcs_bucket
+    sd = _state_dict()
+    uri = f"gs://{bucket}/models/model.tensors"
+    with TensorSerializer(uri, storage_options=options) as s:
+        s.write_state_dict(sd)
+    fs = fsspec.filesystem("gs", **options)
+    assert fs.cat_file(uri) == _reference(tmp_path, sd)
+    assert read_index(uri, storage_options=options).file_size == fs.size(uri)
+    _check_load(uri, sd, storage_options=options, concurrency=4, part_size=64 << 10)
+
+
+def test_gcs_upload_in_several_chunks(gcs_bucket: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct upload larger than one chunk (resumable upload), then an abort that publishes nothing."""
+    bucket, options = gcs_bucket
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    raw = data.numpy().tobytes()
+    sink = open_sink(f"gs://{bucket}/big.bin", storage_options=options, block_size=1 << 20)
+    assert isinstance(sink, FsspecSink) and sink.direct and not sink.can_rewrite_head
+    for i in range(0, len(raw), 700_000):
+        sink.write(raw[i : i + 700_000])
+    sink.commit()
+    fs = fsspec.filesystem("gs", **options)
+    assert fs.cat_file(f"gs://{bucket}/big.bin") == raw
+
+    sink = open_sink(f"gs://{bucket}/aborted.bin", storage_options=options, block_size=1 << 20)
+    sink.write(raw)  # chunks already went up
+    # the emulator answers 501 to cancelling an upload session (gcsfs then retries for ~30 s); real GCS cancels it
+    cancelled: list[str] = []
+    monkeypatch.setattr(type(sink._file), "discard", lambda f: cancelled.append(f.path))
+    sink.abort()
+    assert cancelled == [f"{bucket}/aborted.bin"]
+    sink.abort()
+    fs.invalidate_cache()
+    assert not fs.exists(f"gs://{bucket}/aborted.bin")
+
+
+@pytest.mark.parametrize("kind", ["bytesio", "file"])
+def test_seekable_file_object_round_trip(tmp_path: Path, kind: str) -> None:
+    sd = _state_dict()
+    f: Any = io.BytesIO() if kind == "bytesio" else open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
+    with f:
+        f.write(b"prefix")  # the object starts where the file object is positioned
+        with TensorSerializer(f) as s:
+            s.write_state_dict(sd)
+        assert not f.closed  # the caller's
+        f.seek(6)
+        assert f.read() == _reference(tmp_path, sd)
+        f.seek(6)
+        assert read_index(f).file_size == len(_reference(tmp_path, sd))
+        assert f.tell() == 6  # reads leave the position as it was
+        _check_load(f, sd)
+        assert not f.closed
+
+
+class WriteOnlyStream(io.RawIOBase):
+    """A non-seekable destination (a pipe, a socket)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.chunks.append(bytes(b))
+        return len(b)
+
+
+class ReadOnlyStream(io.RawIOBase):
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self._f.readinto(b)
+
+
+def test_non_seekable_streams_round_trip(tmp_path: Path) -> None:
+    sd = _state_dict()
+    out = WriteOnlyStream()
+    sink = open_sink(out)
+    assert not sink.can_rewrite_head  # the serializer hashes in a first pass
+    with TensorSerializer(out) as s:
+        s.write_state_dict(sd)
+    data = b"".join(out.chunks)
+    assert data == _reference(tmp_path, sd)
+    src = open_source(ReadOnlyStream(data))
+    assert src.size == len(data) and src.fileno() is not None  # spooled to a temporary file
+    src.close()
+    _check_load(ReadOnlyStream(data), sd)
+
+
+def test_file_object_errors(tmp_path: Path) -> None:
+    buf = io.BytesIO(b"x" * 100)
+    buf.seek(0, 2)
+    with pytest.raises(Exception, match=r"seek\(0\)"):
+        open_source(buf)
+    with pytest.raises(Exception, match="binary mode"):
+        open_source(open(tmp_path / "t.txt", "w+"))  # noqa: SIM115
+    with pytest.raises(Exception, match="unknown options"):
+        open_source(io.BytesIO(b"abc"), concurrency=2)
+    with pytest.raises(TruncatedFileError):
+        open_source(io.BytesIO(b"abc")).read(1, 3)
+    sink = open_sink(buf)  # abort truncates back to where writing started
+    sink.write(b"more")
+    sink.abort()
+    assert buf.getvalue() == b"x" * 100
+
+
+# --- typed errors --------------------------------------------------------------------------------------------
+
+
+def test_missing_objects_and_unknown_schemes(memory_root: str, gcs_bucket: tuple[str, dict[str, Any]]) -> None:
+    with pytest.raises(SourceError, match="no such object"):
+        open_source(f"{memory_root}/missing.bin")
+    bucket, options = gcs_bucket
+    with pytest.raises(SourceError, match="no such object"):
+        open_source(f"gs://{bucket}/missing.bin", storage_options=options)
+    fsspec.filesystem("memory").pipe_file(f"{memory_root}/d/x", b"1")
+    with pytest.raises(SourceError, match="directory"):
+        open_source(f"{memory_root}/d")
+    with pytest.raises(InvalidURIError):
+        open_source("nope://b/k")
+    with pytest.raises(InvalidURIError):
+        open_sink("nope://b/k")
+    with pytest.raises(SourceError, match=r"(?i)install"):  # the protocol's package is not installed
+        open_source("dropbox://folder/x.bin")
+
+
+class LyingMemoryFS(MemoryFileSystem):
+    """Reports a size larger than the stored bytes (a hostile or inconsistent store)."""
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        info = super().info(path, **kwargs)
+        return {**info, "size": info["size"] + 1000} if info["type"] == "file" else info
+
+
+def test_hostile_sizes_raise_typed_errors(memory_root: str) -> None:
+    fs = fsspec.filesystem("memory")
+    uri = f"{memory_root}/obj.bin"
+    fs.pipe_file(uri, bytes(range(256)) * 100)
+    lying = LyingMemoryFS(skip_instance_cache=True)
+    src = FsspecSource(uri, filesystem=lying, **FAST)
+    assert src.size == 25_600 + 1000
+    with pytest.raises(SourceError):  # the store ends before the size it promised: retried, then a clear error
+        src.read(25_000, 1000)
+    src.close()
+    with pytest.raises(SourceError):  # a deserializer over it fails with a typed error, never wrong tensors
+        TensorDeserializer(uri, filesystem=lying, **FAST)
+
+
+def test_replaced_or_deleted_object_is_detected(memory_root: str) -> None:
+    fs = fsspec.filesystem("memory")
+    uri = f"{memory_root}/obj.bin"
+    fs.pipe_file(uri, b"a" * 5000)
+    with open_source(uri) as src:
+        fs.pipe_file(uri, b"b" * 3000)  # shorter: a size change
+        with pytest.raises(ObjectChangedError):
+            src.read(0, 10)
+    with open_source(uri) as src:
+        fs.rm(uri)
+        with pytest.raises(ObjectChangedError):
+            src.read(0, 10)
+    fs.pipe_file(uri, b"c" * 10)
+    with open_source(uri, verify_version=False) as src:  # opt-out: no metadata request per read
+        assert src.read(0, 10) == b"c" * 10
+
+
+def test_sink_abort_and_failure_leave_nothing(memory_root: str) -> None:
+    fs = fsspec.filesystem("memory")
+    uri = f"{memory_root}/out/model.tensors"
+    sink = open_sink(uri)
+    assert isinstance(sink, FsspecSink) and not sink.direct and sink.can_rewrite_head
+    sink.write(b"partial")
+    assert not fs.exists(uri)  # invisible until commit
+    sink.abort()
+    assert fs.find(memory_root) == []
+    with pytest.raises(SinkError):
+        sink.write(b"x")
+
+    class Boom(torch.nn.Module):
+        def state_dict(self, *a: Any, **k: Any) -> Any:
+            raise RuntimeError("boom")
+
+    sd = _state_dict()
+    s = TensorSerializer(uri)
+    s.write_state_dict(sd)
+    real_write = FsspecSink.write
+    calls = itertools.count()
+
+    def failing_write(self: FsspecSink, data: Any) -> None:
+        if next(calls) == 3:
+            raise OSError("disk on fire")
+        real_write(self, data)
+
+    FsspecSink.write = failing_write  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SinkError):
+            s.close()
+    finally:
+        FsspecSink.write = real_write  # type: ignore[method-assign]
+    assert fs.find(memory_root) == []  # no object, no temporary
+
+
+def test_storage_options_reach_the_filesystem(tmp_path: Path) -> None:
+    """``storage_options`` are the protocol's own (here: the wrapped protocol and cache folder of simplecache)."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("memory://so-test/x.bin", b"0123456789" * 1000)
+    uri = "simplecache::memory://so-test/x.bin"
+    options = {"simplecache": {"cache_storage": str(tmp_path / "cache")}}
+    with open_source(uri, storage_options=options) as src:
+        assert src.read(5, 10) == b"5678901234"
+    fs.rm("memory://so-test", recursive=True)
+
+
+def test_fsspec_is_imported_only_for_its_schemes() -> None:
+    probe = (
+        "import sys; from hf_tensorizer.sources import scheme_of, open_source; import io;"
+        "scheme_of('s3://b/k'); scheme_of('/tmp/x'); scheme_of('hf://o/r/x'); open_source(io.BytesIO(b'x')).close();"
+        "assert 'fsspec' not in sys.modules, 'fsspec imported';"
+        "scheme_of('gs://b/k'); assert 'fsspec' in sys.modules; assert 'gcsfs' not in sys.modules"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=root, timeout=60)
+
+
+def test_docs_example_runs_verbatim() -> None:
+    """The python block of docs/remote.md's "fsspec stores" section."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "remote.md").read_text()
+    section = text[text.index("\n## fsspec stores\n") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match
+    try:
+        exec(compile(match.group(1), "docs/remote.md", "exec"), {"__name__": "docs_example"})
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists("memory://models"):
+            fs.rm("memory://models", recursive=True)
