@@ -155,13 +155,15 @@ def prepare(
     *,
     timeout: float = 600.0,
     log: Log = log,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint in ``formats`` under ``d`` (reusing what a matching earlier run wrote).
 
     ``st``: hf/ (config.json + model.safetensors), ``bin``: model.bin (torch.save), ``hft``: model.tensors
     (ours) and the artifact folder around it (:func:`write_artifact`), ``tz``: tensorizer.tensors (upstream).
     Tensors are generated on ``device``'s type (the GPU when it is CUDA) in parallel writer processes.
-    Returns meta (also saved as meta.json).
+    Returns meta (also saved as meta.json). ``in_process``: write here, one format after the other (no writer
+    process: saves an interpreter start per format where torch is already imported, e.g. for tiny checkpoints).
     """
     d = Path(d)
     shape = Shape(layers, hidden, vocab)
@@ -194,7 +196,7 @@ def prepare(
             "errors": {},
         }
     gen = "cuda" if device.startswith("cuda") else "cpu"
-    jobs = max(1, min(len(todo), _mem_available() // max(1, 2 * meta["bytes"])))
+    jobs = 1 if in_process else max(1, min(len(todo), _mem_available() // max(1, 2 * meta["bytes"])))
     log(
         f"prepare {d}: {meta['tensors']} tensors, {meta['bytes'] / 1e9:.2f} GB, formats {','.join(todo)} "
         f"(generated on {gen}, {jobs} writer(s) at a time)"
@@ -202,16 +204,20 @@ def prepare(
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen[str]]] = []
     while pending or running:
-        while pending and len(running) < jobs:
+        if in_process:
             fmt = pending.pop(0)
-            running.append((fmt, popen(["write", str(d), fmt, gen])))
-        fmt, proc = running.pop(0)
-        try:
-            res, out = collect(proc, timeout)
-        except BaseException:
-            for _, other in running:
-                kill(other)
-            raise
+            res, out = write_format(d, fmt, gen), ""
+        else:
+            while pending and len(running) < jobs:
+                fmt = pending.pop(0)
+                running.append((fmt, popen(["write", str(d), fmt, gen])))
+            fmt, proc = running.pop(0)
+            try:
+                res, out = collect(proc, timeout)
+            except BaseException:
+                for _, other in running:
+                    kill(other)
+                raise
         if res is None:
             meta["errors"][fmt] = error_line(out)
             log(f"  {fmt}: FAILED: {meta['errors'][fmt]}")

@@ -2,6 +2,8 @@
 
 ``hf-tensorizer bench ttr``: time to ready, from interpreter start to a model's first forward pass, in fresh
 processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained`` and the raw loader.
+
+``hf-tensorizer bench scale``: how load time and memory grow with model size, from a local file and over HTTP.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import ttr
+    from ..bench import scale, ttr
     from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr}", required=False)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,scale}", required=False)
     t = modes.add_parser(
         "ttr",
         help="time to ready: interpreter start to first forward, ours vs stock vs raw",
@@ -30,3 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     ttr.add_ttr_arguments(t)
     t.set_defaults(func=ttr.ttr_main)
+    s = modes.add_parser(
+        "scale",
+        help="how load time and memory grow with model size (local file and HTTP)",
+        description=describe(scale.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scale.add_scale_arguments(s)
+    s.set_defaults(func=scale.scale_main)
