@@ -77,3 +77,19 @@ def test_huge_small_file_is_refused_before_it_is_read(
     with pytest.raises(ObjectTooLargeError, match=r"tokenizer\.json"):
         cache.resolve(http_server.url("huge"))
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_an_auto_class_fetches_a_remote_artifact_once(http_server: Any, tmp_path: Path) -> None:
+    """The URI travels one way: the Auto class resolves it to the cached folder and hands that folder on (config,
+    model class, generation config), so the manifest and small files are fetched once per call."""
+    model = _tiny_llama()
+    save_tensorized(model, http_server.dir / "once")
+    uri = http_server.url("once")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(uri)
+    gets = [e["path"] for e in http_server.log() if e["method"] == "GET"]  # an open is a HEAD, a read a GET
+    manifest_gets = [p for p in gets if p.endswith(f"/once/{MANIFEST_NAME}")]
+    config_gets = [p for p in gets if p.endswith("/once/config.json")]
+    assert len(manifest_gets) == 1, manifest_gets
+    assert len(config_gets) == 1, config_gets
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
