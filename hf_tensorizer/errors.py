@@ -64,6 +64,21 @@ class DecryptionError(EncryptionError):
 class MissingKeyError(EncryptionError):
     """The file is encrypted and no key or passphrase was given."""
 
+    def advise(self, how: str) -> MissingKeyError:
+        """This error with its advice on passing a key replaced by ``how``.
+
+        The library's message ends in ``: pass encryption=...``, the way a Python caller passes a key; the CLI, the
+        server and ``from_pretrained`` call this to say how their own users pass one instead.
+
+        Args:
+            how: the advice, e.g. ``"give --key-file PATH"``.
+
+        Returns:
+            A new error (or this one, when its message gives no such advice).
+        """
+        head, sep, _ = str(self).partition(": pass ")
+        return MissingKeyError(f"{head}: {how}") if sep else self
+
 
 # --- sources and sinks -----------------------------------------------------------------------------
 

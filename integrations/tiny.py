@@ -69,10 +69,12 @@ def causal_lm(
 
 
 def clip_tokenizer(folder: str | None = None) -> Any:
-    """A ``CLIPTokenizer`` over lower-case letters (vocab written to ``folder`` or a temp folder)."""
+    """A ``CLIPTokenizer`` over lower-case letters (vocab written to ``folder``, or to a temporary folder)."""
     import transformers
 
-    folder = folder or tempfile.mkdtemp(prefix="tiny-clip-tok-")
+    if folder is None:  # the tokenizer reads its files once: a folder removed again right after
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
+            return clip_tokenizer(tmp)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
     for c in "abcdefghijklmnopqrstuvwxyz":
         vocab[c] = len(vocab)

@@ -68,7 +68,8 @@ def test_errors_are_clear_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "junk.tensors").write_bytes(b"not a tensors file at all" * 10)
     r = _cli("inspect", str(tmp_path / "junk.tensors"))
     assert r.returncode == 2 and "bad magic" in r.stderr
-    r = _cli("serialize", str(tmp_path / "missing.xyz"), str(tmp_path / "o.tensors"))
+    (tmp_path / "weights.xyz").write_bytes(b"?")
+    r = _cli("serialize", str(tmp_path / "weights.xyz"), str(tmp_path / "o.tensors"))
     assert r.returncode == 2 and "cannot tell the format" in r.stderr
     r = _cli("serialize", "--hf-model-id", str(tmp_path))
     assert r.returncode == 2 and "--dest" in r.stderr

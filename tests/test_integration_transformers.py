@@ -343,8 +343,9 @@ def test_encrypted_artifact(tmp_path: Path) -> None:
     key = EncryptionKey.generate()
     save_tensorized(ref, tmp_path / "enc", encryption=key)
     assert read_index(open_source(str(tmp_path / "enc" / "model.tensors"))).encrypted
-    with pytest.raises(MissingKeyError):
+    with pytest.raises(MissingKeyError, match=r"pass tensorizer_options=\{'encryption': key\}") as err:
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "enc")
+    assert "encryption=EncryptionKey" not in str(err.value)  # the engine's advice, which from_pretrained lacks
     for cls in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
         model = cls.from_pretrained(tmp_path / "enc", tensorizer_options={"encryption": key})
         assert torch.equal(_logits(model), _logits(ref))

@@ -49,4 +49,11 @@ def test_notebook_runs(path: Path, kernel_path: Path, tmp_path: Path, monkeypatc
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
                                      resources={"metadata": {"path": str(path.parent)}})  # fmt: skip
+    tmp = tmp_path / "tmp"  # the kernel's (and its children's) temp folder: the notebook must leave it empty
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
+    left = [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own, shared cache
+    assert not left, f"left behind in the temp folder: {left}"
+    printed = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any("IProgress not found" in t for t in printed)

@@ -82,7 +82,7 @@ class Server:
         raise AssertionError("server did not become ready")
 
     def predict(self, body: Any, **kw: Any) -> Any:
-        return httpx.post(f"{self.base}/v1/models/{self.name}:predict", json=body, timeout=120, **kw)
+        return httpx.post(f"{self.base}/v1/models/{self.name}:predict", json=body, **{"timeout": 120, **kw})
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -179,6 +179,79 @@ def test_bad_requests(lm_server: tuple[Server, Any, Any], body: Any, status: int
     assert r.status_code == status and needle in r.json()["error"], r.text
 
 
+def test_hostile_requests(lm_server: tuple[Server, Any, Any]) -> None:
+    """Oversized prompts never reach the model thread; odd JSON is a 400, a wrong method a 405."""
+    server, _, _ = lm_server
+    url = f"{server.base}/v1/models/{server.name}:predict"
+    cases = [  # (body, needle); the tiny Llama has 2048 positions, the byte tokenizer one token per byte
+        ({"instances": ["x" * 100_000]}, "100,000 characters"),  # refused before tokenizing: never 114 s
+        ({"instances": ["x" * 3000]}, "prompt is 3000 tokens; at most 2048"),
+        ({"instances": [{"prompt": "x" * 2040, "max_new_tokens": 16}]}, "exceed the model's 2048 positions"),
+        ({"instances": ["x"], "parameters": []}, '"parameters" must be an object'),
+    ]
+    for body, needle in cases:
+        r = server.predict(body, timeout=30)
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+    raw = {b'{"instances": ["\\ud800"]}': "lone surrogate", b"[" * 50_000 + b"]" * 50_000: "nested too deep"}
+    for content, needle in raw.items():
+        r = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+    r = httpx.get(url)
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+    assert server.predict({"instances": ["still fine"]}).status_code == 200
+
+
+def test_max_input_tokens_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_input_tokens`` (``--max-input-tokens``) lowers the cap below the model's positions."""
+    from hf_tensorizer.integrations.transformers_save import save_tensorized
+
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    save_tensorized(causal_lm(hidden=32, layers=1), tmp_path / "lm", tokenizer=byte_tokenizer())
+    runner = ModelRunner(ServerConfig(model_uri=str(tmp_path / "lm"), max_input_tokens=8))
+    try:
+        runner.load()
+        assert (runner.max_input_tokens, runner.max_positions) == (8, 2048)
+        with pytest.raises(ValueError, match="129 characters; at most 128"):
+            runner.parse({"instances": ["y" * 129]})
+        with pytest.raises(ValueError, match="prompt is 9 tokens; at most 8"):
+            runner.submit(runner.parse({"instances": ["12345678", "123456789"]})).result()
+        assert len(runner.submit(runner.parse({"instances": ["12345678"]})).result()) == 1
+    finally:
+        hf_tensorizer.disable()
+        runner.shutdown()
+
+
+def test_refuses_model_without_lm_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``BertModel`` artifact is refused at load with the reason, not served with a random LM head."""
+    import json
+
+    from hf_tensorizer.integrations.transformers_save import save_tensorized
+
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    config = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37)  # fmt: skip
+    torch.manual_seed(0)
+    save_tensorized(transformers.BertModel(config).eval(), tmp_path / "bert", tokenizer=byte_tokenizer())
+    runner = ModelRunner(ServerConfig(model_uri=str(tmp_path / "bert")))
+    try:
+        with pytest.raises(hf_tensorizer.errors.UsageError, match="BertModel, not a causal language model"):
+            runner.load()
+        assert not runner.ready.is_set() and "not a causal language model" in (runner.error or "")
+        # a config naming no architecture: the missing weights (the head) are what gives it away
+        cfg_path = tmp_path / "bert" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("architectures")
+        cfg_path.write_text(json.dumps(cfg))
+        monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache2"))
+        second = ModelRunner(ServerConfig(model_uri=str(tmp_path / "bert")))
+        with pytest.raises(hf_tensorizer.errors.UsageError, match=r"lacks weights the model needs.*cls"):
+            second.load()
+        second.shutdown()
+    finally:
+        hf_tensorizer.disable()
+        runner.shutdown()
+
+
 def test_wrong_model_and_invalid_json(lm_server: tuple[Server, Any, Any]) -> None:
     server, _, _ = lm_server
     assert httpx.get(f"{server.base}/v1/models/other").status_code == 404
@@ -259,9 +332,10 @@ def test_encrypted_artifact_with_key_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert pred["output_ids"] == reference_ids(model, tok, "secret", 4)
     runner.shutdown()
     keyless = ModelRunner(ServerConfig(model_uri=str(tmp_path / "enc")))
-    with pytest.raises(MissingKeyError):
+    with pytest.raises(MissingKeyError, match="start the server with --key-file"):
         keyless.load()
     assert keyless.error and "MissingKeyError" in keyless.error and not keyless.ready.is_set()
+    assert "encryption=" not in keyless.error  # the library's Python advice does not fit a server
 
 
 def test_stock_safetensors_model_on_s3(s3: tuple[str, str, Path], tmp_path: Path) -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
-from ..errors import TensorizerError
+from ..constants import KEY_ENV
+from ..errors import MissingKeyError, TensorizerError
+
+_PYTHON_ONLY_ADVICE = re.compile(r",? or pass anonymous=True for a public bucket| \(or anonymous=True for public\)")
 
 # modules under hf_tensorizer.cli that register subcommands; optional ones may be missing
 _COMMANDS = ("serialize", "inspect", "verify", "bench", "demo", "crypto")
@@ -39,15 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: every failure is one ``hf-tensorizer: error: ...`` line on stderr.
+
+    Returns:
+        0 on success, 1 for an unexpected error, 2 for an hf_tensorizer error, 130 after Ctrl-C, 143 after
+        SIGTERM (both interrupt a write cleanly: nothing partial is left behind).
+    """
+    from .signals import Terminated, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except MissingKeyError as exc:  # the library's advice names Python's encryption= argument
+        prefix = "from-" if args.command == "encrypt" else ""
+        how = f"give --{prefix}key-file, --{prefix}key-env, --{prefix}passphrase-env or --{prefix}passphrase"
+        return _fail(exc.advise(how + ("" if prefix else f" (or set {KEY_ENV})")), 2)
     except TensorizerError as exc:
-        print(f"hf-tensorizer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        # the S3 advice on public buckets names a Python argument (anonymous=True) the command line lacks
+        return _fail(_PYTHON_ONLY_ADVICE.sub("", str(exc)), 2)
+    except KeyboardInterrupt as exc:
+        signal_name = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"hf-tensorizer: error: interrupted ({signal_name}); partial output removed", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a dependency's error (transformers, torch, boto3): one line, not a traceback
+        return _fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+def _fail(message: object, code: int) -> int:
+    text = " ".join(str(message).split()) or type(message).__name__  # one line, whatever the message holds
+    print(f"hf-tensorizer: error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 Builds a small Llama-shaped model from a config (random weights, fixed seed), writes it as
 ``.tensors``, safetensors, a ``torch.save`` file and a transformers directory, loads each back on the
 best available device (page cache warm, best of three), checks the weights are identical, and prints
-a comparison table.
+a comparison table. The files (about 1.3 GB at the default size) go to a temporary folder removed at the end;
+with ``--dir`` they are kept there.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "demo", help="serialize and load a small model, compare with other loaders", description=describe(__doc__)
     )
-    p.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
+    p.add_argument("--dir", default=None, help="keep the files in this folder (default: a temporary one, removed)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -76,6 +78,19 @@ def _best(fn: Callable[[], dict[str, torch.Tensor]], repeats: int, device: str) 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
+        code = _run(args, args.dir)
+        print(f"files kept in {args.dir} (--dir)")
+        return code
+    work = tempfile.mkdtemp(prefix="hf-tensorizer-demo-")
+    try:
+        return _run(args, work)
+    finally:  # also after an error, Ctrl-C or SIGTERM
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: str) -> int:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -84,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.writer import TensorSerializer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    work = args.dir or tempfile.mkdtemp(prefix="hf-tensorizer-demo-")
-    os.makedirs(work, exist_ok=True)
     model = _model(args.layers, args.hidden)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     nbytes = sum(v.numel() * v.element_size() for v in sd.values())
@@ -143,5 +156,4 @@ def run(args: argparse.Namespace) -> int:
     print("\nload + touch reads one byte per page afterwards: mmap-based loaders (safetensors, torch.load mmap)")
     print("defer their reads to first access, so only that column compares them fairly on CPU. hf_tensorizer's")
     print("default on CPU maps the file too (private copy-on-write) but faults every page in during the load.")
-    print(f"files in {work}")
     return 0 if all(r[3] for r in rows) else 1

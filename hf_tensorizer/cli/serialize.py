@@ -8,6 +8,11 @@ Two forms; in both the destination is given as the last positional argument or a
   local directory) to a ``from_pretrained``-able artifact: ``model.tensors`` plus config, generation
   config and tokenizer / processor / scheduler files, under a local folder, ``s3://bucket/prefix`` or
   ``hf://org/repo``.
+
+Interrupted (Ctrl-C, or SIGTERM as a Kubernetes Job gets) a write leaves nothing behind: the local temporary
+``DEST.<random>.tmp`` is removed, an S3 multipart upload aborted. SIGKILL cannot be caught: a local stray is
+removed by the next successful write of DEST; for S3 add a bucket lifecycle rule
+(AbortIncompleteMultipartUpload, e.g. after 1 day) so an upload cut short that way stops being billed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from ..errors import FormatError, SourceError, UsageError
 from . import describe
 
 if TYPE_CHECKING:
@@ -51,9 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def read_state_dict(src: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors/.bin file or of every shard in a directory (no pickle code runs)."""
-    import torch
+    """Tensors of a safetensors/.bin file or of every shard in a directory (no pickle code runs).
 
+    Raises:
+        SourceError: ``src`` does not exist or cannot be read.
+        FormatError: the file is not a state dict of its format (a pickle that would run code, a damaged file).
+        UsageError: ``src`` is of no format known here.
+    """
+    if not os.path.exists(src):
+        raise SourceError(f"{src}: no such file or directory")
     if os.path.isdir(src):
         files = sorted(glob.glob(os.path.join(src, "*.safetensors"))) or sorted(
             glob.glob(os.path.join(src, "*.bin")) + glob.glob(os.path.join(src, "*.pt"))
@@ -65,15 +76,37 @@ def read_state_dict(src: str) -> dict[str, torch.Tensor]:
             out.update(read_state_dict(f))
         return out
     if src.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(src)
+        try:
+            return load_file(src)
+        except (SafetensorError, OSError) as exc:
+            raise FormatError(f"{src} is not a readable safetensors file: {exc}") from None
     if src.endswith((".bin", ".pt", ".pth")):
-        sd = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(sd, dict):
-            raise UsageError(f"{src} does not hold a state dict")
-        return sd
+        return _torch_load(src)
     raise UsageError(f"cannot tell the format of {src}: expected .safetensors, .bin/.pt or a directory")
+
+
+def _torch_load(src: str) -> dict[str, torch.Tensor]:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        # only the zip format can be mapped; a legacy (pre-1.6) file is read whole
+        sd = torch.load(src, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(src))
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: the pickle would run code
+        found = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        raise FormatError(f"{src} is not a plain state dict, refused without running it ("
+                          f"{found[0] if found else 'it calls code'}); convert it with code you trust"
+                          ) from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FormatError(f"{src} is not a readable torch file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{src} does not hold a state dict (name -> tensor)")
+    return sd
 
 
 def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,6 +182,8 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
     endpoint = options.pop("endpoint_url", None)
     transport = {"endpoint_url": endpoint} if endpoint else {}
     local = os.path.isdir(model_id)
+    if not local and (os.path.exists(model_id) or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise UsageError(f"--hf-model-id {model_id}: not a model directory (nor a Hub id, org/name)")
     if local:
         is_pipeline = os.path.exists(os.path.join(model_id, "model_index.json"))
     else:
@@ -169,7 +204,10 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
 
     from ..integrations.transformers_save import save_tensorized
 
-    config = AutoConfig.from_pretrained(model_id, revision=revision)
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as exc:  # not found on the Hub, offline, no config.json in the folder
+        raise SourceError(f"cannot load the config of {model_id}: {str(exc).splitlines()[0]}") from None
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
     model = auto.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
     try:

@@ -262,7 +262,10 @@ class TensorSerializer:
         show = self.progress if self.progress is not None else total > (1 << 30)
         if not show:
             return None
-        from tqdm.auto import tqdm
+        from importlib.util import find_spec
+
+        # tqdm.auto picks the notebook widget in Jupyter, which without ipywidgets prints "IProgress not found"
+        tqdm = __import__("tqdm.auto" if find_spec("ipywidgets") else "tqdm.std", fromlist=["tqdm"]).tqdm
 
         return tqdm(total=total, unit="B", unit_scale=True, desc="serializing")
 

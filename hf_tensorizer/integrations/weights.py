@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from ..constants import KEY_ENV
 from ..engine import TensorDeserializer, read_index
 from ..engine.staging import reuse_blocks
-from ..errors import FormatError, HeaderTooLargeError, SourceError, UsageError
+from ..errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceError, UsageError
 from ..format.index import FileIndex
 from ..sources import Source, open_source, shared_transport
 from ..sources.uri import join, parent, redact, scheme_of
@@ -235,8 +236,13 @@ def stream_to_devices(
         groups[(device, dtype, weights.file_of[name])].append(name)
     with reuse_blocks():
         for (device, dtype, file), names in groups.items():
-            with TensorDeserializer(weights.sources[file], device=device, dtype=dtype, filter=names,
-                                    index=weights.indexes[file], **engine) as d:  # fmt: skip
+            try:
+                d = TensorDeserializer(weights.sources[file], device=device, dtype=dtype, filter=names,
+                                       index=weights.indexes[file], **engine)  # fmt: skip
+            except MissingKeyError as exc:  # the engine's advice names its own encryption= argument
+                raise exc.advise(f"pass tensorizer_options={{'encryption': key}} (an EncryptionKey or a "
+                                 f"Passphrase) or set {KEY_ENV}") from None  # fmt: skip
+            with d:
                 yield d
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -88,8 +90,10 @@ def _close_fds(fds: list[int | None]) -> None:
 class FileSink(Sink):
     """Writes to a temporary file beside ``path`` and renames it into place on commit.
 
-    A crash or an error before ``commit`` leaves at most a stray ``.tmp`` file, never a file at
-    ``path`` that looks complete.
+    An error, Ctrl-C or (through the CLI) SIGTERM before ``commit`` removes the temporary file; only a process
+    killed outright (SIGKILL, power loss) leaves a stray ``<name>.<random>.tmp``, never a file at ``path`` that
+    looks complete. The next successful write of the same ``path`` removes such strays: the live writer holds an
+    exclusive ``flock`` on its temporary file, so one that can be locked belongs to no running writer.
     """
 
     can_rewrite_head = True
@@ -100,7 +104,7 @@ class FileSink(Sink):
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory)
+            fd, self._tmp = _locked_temp(self.path, directory)
         except OSError as exc:
             raise SinkError(f"cannot create a file in {directory}: {exc.strerror}") from exc
         self._f = os.fdopen(fd, "wb", buffering=0)
@@ -129,6 +133,7 @@ class FileSink(Sink):
             self.abort()
             raise SinkError(f"cannot commit {self.path}: {exc.strerror}") from exc
         self._done = True
+        _remove_stale_temps(self.path)
 
     def abort(self) -> None:
         if self._done:
@@ -141,3 +146,39 @@ class FileSink(Sink):
                 os.unlink(self._tmp)
             except FileNotFoundError:
                 pass
+
+
+def _locked_temp(path: str, directory: str) -> tuple[int, str]:
+    """A new ``<name>.<random>.tmp`` beside ``path``, held with an exclusive ``flock`` ("a writer is alive")."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without flock: others then never remove our strays
+            return fd, tmp
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)  # a concurrent clean-up took it for a stray between mkstemp and flock: take another
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove ``<path>.<random>.tmp`` files that no live writer holds (left by a killed write of ``path``)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8 random characters
+    try:
+        candidates = [e for e in os.listdir(directory) if pattern.fullmatch(e)]
+    except OSError:
+        return
+    for entry in candidates:
+        stray = os.path.join(directory, entry)
+        try:
+            fd = os.open(stray, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer runs
+            os.unlink(stray)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra tensorizer_options, JSON values (num_readers=8, verify_hash=true, "
                         "endpoint_url=http://...); repeat")  # fmt: skip
     p.add_argument("--max-new-tokens-limit", type=int, default=512)
+    p.add_argument("--max-input-tokens", type=int, default=0, metavar="N",
+                   help="longest prompt accepted, in tokens (default and upper bound: the model's maximum "
+                        "positions); longer ones get a 400 without reaching the model")  # fmt: skip
     p.add_argument("--ready-wait", type=float, default=0.0, metavar="SECONDS",
                    help="hold predict requests arriving during the load up to SECONDS instead of a 503")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -52,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(model_uri=args.model_uri, model_name=args.model_name, precision=args.precision,
                           device=args.device, loader=args.loader, key_file=args.key_file,
                           tensorizer_options=dict(args.tensorizer_option),
-                          max_new_tokens_limit=args.max_new_tokens_limit, ready_wait_s=args.ready_wait)  # fmt: skip
+                          max_new_tokens_limit=args.max_new_tokens_limit, ready_wait_s=args.ready_wait,
+                          max_input_tokens=args.max_input_tokens)  # fmt: skip
     runner = ModelRunner(config)
     failure: list[str] = []
     server: uvicorn.Server | None = None

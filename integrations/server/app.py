@@ -7,8 +7,9 @@ Routes:
 * ``GET /v1/models`` — ``{"models": [name]}``.
 * ``GET /v1/models/{name}`` — readiness of the model: 200 ``{"name", "ready": true, ...}``, 503 while loading.
 * ``POST /v1/models/{name}:predict`` — ``{"instances": [...], "parameters": {...}}`` → ``{"predictions": [...]}``;
-  503 while loading (or, with ``ready_wait_s``, held until the weights are in), 400 for a malformed body, 404 for
-  another model name.
+  503 while loading (or, with ``ready_wait_s``, held until the weights are in), 400 for a malformed body (also
+  one nested too deep to parse, a lone surrogate, a prompt over the input cap), 404 for another model name, 405 for
+  another method.
 
 The weights load on a background thread started with the app, so liveness answers during the load (as a
 KServe predictor does) and readiness flips when they are in memory. A failed load calls ``on_load_failure``
@@ -87,6 +88,13 @@ def create_app(runner: ModelRunner, on_load_failure: Callable[[str], None] | Non
     async def models() -> dict[str, Any]:
         return {"models": [name]}
 
+    @app.api_route("/v1/models/{model}:predict", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"])
+    async def predict_wrong_method(model: str) -> JSONResponse:
+        # without this route GET .../m:predict matches /v1/models/{model} with model "m:predict": a 404
+        response = _error(405, "predict takes POST")
+        response.headers["Allow"] = "POST"
+        return response
+
     @app.get("/v1/models/{model}")
     async def model_status(model: str) -> JSONResponse:
         if model != name:
@@ -107,6 +115,8 @@ def create_app(runner: ModelRunner, on_load_failure: Callable[[str], None] | Non
             body = await request.json()
         except ValueError as exc:
             return _error(400, f"body is not valid JSON: {exc}")
+        except RecursionError:  # json's decoder recurses per nesting level
+            return _error(400, "body is not valid JSON: nested too deep")
         try:
             instances = runner.parse(body)
             predictions = await asyncio.wrap_future(runner.submit(instances))

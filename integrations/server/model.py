@@ -21,13 +21,17 @@ from typing import Any
 
 import torch
 
-from hf_tensorizer.errors import UsageError
+from hf_tensorizer.constants import KEY_ENV
+from hf_tensorizer.errors import MissingKeyError, UsageError
 from hf_tensorizer.sources import redact
 
 log = logging.getLogger("integrations.server")
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOADERS = ("hf_tensorizer", "hf")
+# A prompt longer than this many characters per allowed token is refused before it is tokenized: no tokenizer
+# turns 16 characters into less than one token in practice, and the check costs nothing on the event loop.
+CHARS_PER_TOKEN = 16
 
 
 class BadRequest(ValueError):
@@ -48,6 +52,8 @@ class ServerConfig:
     max_new_tokens_limit: int = 512
     max_steps_limit: int = 200
     max_instances: int = 64
+    # prompt tokens accepted; 0: the model's maximum positions (a larger value is lowered to that too)
+    max_input_tokens: int = 0
     # >0: a predict request arriving while the weights load waits up to this long instead of getting 503
     # (what Knative's activator does for a service scaled from zero); 0: answer 503 at once (KServe's default)
     ready_wait_s: float = 0.0
@@ -76,6 +82,10 @@ def _float_in(lo: float, hi: float) -> Any:
 def _str(name: str, v: Any) -> str:
     if not isinstance(v, str):
         raise BadRequest(f"{name} must be a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\\ud800" parses to a lone surrogate no tokenizer can encode
+        raise BadRequest(f"{name} is not valid Unicode (a lone surrogate escape)") from None
     return v
 
 
@@ -106,6 +116,8 @@ class ModelRunner:
         self.finished = threading.Event()  # set when loading ends, whether it worked or not
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self.max_positions: int | None = None  # the model's (text encoder's, for pipelines) context length
+        self.max_input_tokens = config.max_input_tokens or None  # set from the model once loaded
         # One worker: the model is never used by two requests at the same time (generation mutates caches,
         # pipelines mutate their scheduler); requests queue in arrival order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -129,9 +141,15 @@ class ModelRunner:
                 self._load_tensorized()
             else:
                 self._load_stock()
+            self._set_limits()
         except BaseException as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            reason = exc
+            if isinstance(exc, MissingKeyError):  # the library's advice names Python's encryption= argument
+                reason = exc.advise(f"start the server with --key-file PATH or set {KEY_ENV}")
+            self.error = f"{type(reason).__name__}: {reason}"
             self.finished.set()
+            if reason is not exc:
+                raise reason from None
             raise
         self.load_seconds = time.perf_counter() - start
         log.info("loaded %s (%s, %s) in %.2f s", redact(self.config.model_uri), self.task, self.config.precision,
@@ -173,10 +191,13 @@ class ModelRunner:
         import hf_tensorizer
 
         hf_tensorizer.enable()
+        _check_causal_lm(folder, uri)
         # the fetched folder, not the URI: its marker names the (pinned) weights, so nothing is fetched twice
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=self.dtype, device_map=self.config.device, tensorizer_options=options
-        )
+        self.model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=self.dtype, device_map=self.config.device, tensorizer_options=options,
+            output_loading_info=True,
+        )  # fmt: skip
+        _check_complete(info, uri)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.task = "text-generation"
 
@@ -192,7 +213,11 @@ class ModelRunner:
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(uri, dtype=self.dtype, device_map=self.config.device)
+            _check_causal_lm(uri, uri)
+            self.model, info = AutoModelForCausalLM.from_pretrained(uri, dtype=self.dtype,
+                                                                    device_map=self.config.device,
+                                                                    output_loading_info=True)  # fmt: skip
+            _check_complete(info, uri)
             self.tokenizer = AutoTokenizer.from_pretrained(uri)
             self.task = "text-generation"
 
@@ -202,6 +227,19 @@ class ModelRunner:
         pipe.set_progress_bar_config(disable=True)
         self.model = pipe
         self.task = "text-to-image"
+
+    def _set_limits(self) -> None:
+        """The context length of the loaded model and the prompt cap derived from it and the flag."""
+        if self.task == "text-generation":
+            cfg = self.model.config
+            positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        else:  # a pipeline: its tokenizer truncates to the text encoder's positions
+            positions = getattr(getattr(self.model, "tokenizer", None), "model_max_length", None)
+        if not isinstance(positions, int) or not 0 < positions < 10**7:  # tokenizers say 1e30 when unknown
+            positions = None
+        self.max_positions = positions
+        cap = self.config.max_input_tokens or positions
+        self.max_input_tokens = min(cap, positions) if cap and positions else cap
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -216,7 +254,7 @@ class ModelRunner:
         extra = set(body) - {"instances", "parameters"}
         if extra:
             raise BadRequest(f"unknown top-level fields {sorted(extra)}")
-        instances, shared = body["instances"], body.get("parameters") or {}
+        instances, shared = body["instances"], body.get("parameters", {})
         if not isinstance(instances, list) or not instances:
             raise BadRequest('"instances" must be a non-empty list')
         if len(instances) > self.config.max_instances:
@@ -235,8 +273,18 @@ class ModelRunner:
                 raise BadRequest(f"instance {i}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
             if "prompt" not in item:
                 raise BadRequest(f'instance {i}: "prompt" is required')
-            out.append({k: fields[k](f"instance {i}: {k}", v) for k, v in item.items()})
+            inst_out = {k: fields[k](f"instance {i}: {k}", v) for k, v in item.items()}
+            self._check_length(i, inst_out)
+            out.append(inst_out)
         return out
+
+    def _check_length(self, i: int, inst: Mapping[str, Any]) -> None:
+        """Refuse prompts far longer than the cap before any tokenizer sees them (the cheap, coarse check)."""
+        cap = self.max_input_tokens
+        for k in ("prompt", "negative_prompt"):
+            if cap and k in inst and len(inst[k]) > cap * CHARS_PER_TOKEN:
+                raise BadRequest(f"instance {i}: {k} has {len(inst[k]):,} characters; at most "
+                                 f"{cap * CHARS_PER_TOKEN:,} ({cap} tokens) are accepted")  # fmt: skip
 
     def submit(self, instances: list[dict[str, Any]]) -> Future[list[dict[str, Any]]]:
         """Queue validated instances on the model thread; the future holds the predictions."""
@@ -245,12 +293,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _generate(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        encoded = [self._encode(i, inst) for i, inst in enumerate(instances)]  # every check before any work
         out = []
-        for inst in instances:
+        for inst, ids in zip(instances, encoded, strict=True):
             # one prompt at a time: no padding, so each answer equals an unbatched in-process generate()
-            ids = self.tokenizer(inst["prompt"], return_tensors="pt")["input_ids"].to(self.model.device)
-            if ids.shape[1] == 0:
-                raise BadRequest("prompt encodes to zero tokens")
+            ids = ids.to(self.model.device)
             kwargs = {k: inst[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
                       if k in inst}  # fmt: skip
             if kwargs.get("do_sample"):
@@ -264,6 +311,18 @@ class ModelRunner:
             out.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "output_ids": new,
                         "prompt_tokens": int(ids.shape[1])})  # fmt: skip
         return out
+
+    def _encode(self, i: int, inst: Mapping[str, Any]) -> torch.Tensor:
+        ids = self.tokenizer(inst["prompt"], return_tensors="pt")["input_ids"]
+        n, new = ids.shape[1], inst.get("max_new_tokens", 16)
+        if n == 0:
+            raise BadRequest(f"instance {i}: prompt encodes to zero tokens")
+        if self.max_input_tokens and n > self.max_input_tokens:
+            raise BadRequest(f"instance {i}: prompt is {n} tokens; at most {self.max_input_tokens} are accepted")
+        if self.max_positions and n + new > self.max_positions:
+            raise BadRequest(f"instance {i}: {n} prompt tokens + max_new_tokens {new} exceed the model's "
+                             f"{self.max_positions} positions")  # fmt: skip
+        return ids
 
     @torch.inference_mode()
     def _images(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -280,6 +339,28 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_causal_lm(folder: str, uri: str) -> None:
+    """Refuse, before any weight is read, a config whose architecture is not a causal LM: AutoModelForCausalLM
+    would build one around it (``BertModel`` -> ``BertLMHeadModel``) with a randomly initialised head."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = AutoConfig.from_pretrained(folder).architectures or []
+    lms = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs and not any(a in lms or a.endswith("ForCausalLM") for a in archs):
+        raise UsageError(f"{redact(uri)} holds a {', '.join(archs)}, not a causal language model: served as text "
+                         "generation its LM head would be random; serialize a *ForCausalLM model")  # fmt: skip
+
+
+def _check_complete(info: Mapping[str, Any], uri: str) -> None:
+    """Refuse a model some of whose weights the artifact lacks (they would be random)."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise UsageError(f"{redact(uri)} lacks weights the model needs, which would be random: "
+                         f"{', '.join(missing[:5])}{more}")  # fmt: skip
 
 
 def _hub_file_exists(repo_id: str, name: str) -> bool:
