@@ -12,6 +12,7 @@ CUDA torch: its layout is checked bit for bit at the tensor level, the model loa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ pytestmark = [
 ]
 
 INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
+#: where the quantized models load; tests/gpu/quantized.sh sets cuda:0 (bitsandbytes' CUDA kernels)
+DEVICE = os.environ.get("HFT_TEST_QUANT_DEVICE", "cpu")
 
 
 def _llama() -> Any:
@@ -46,7 +49,7 @@ def _llama() -> Any:
 
 def _logits(model: Any) -> torch.Tensor:
     with torch.no_grad():
-        return model(INPUT).logits
+        return model(INPUT.to(model.device)).logits
 
 
 def _plain_checkpoint(root: Path) -> Path:
@@ -116,7 +119,7 @@ def _stock_checkpoint(root: Path, fmt: str) -> Path:
         return _compressed_tensors_checkpoint(root, fmt)
     qc = _quant_config(fmt)
     model = transformers.AutoModelForCausalLM.from_pretrained(_plain_checkpoint(root), quantization_config=qc,
-                                                              device_map="cpu")  # fmt: skip
+                                                              device_map=DEVICE)  # fmt: skip
     path = root / fmt
     model.save_pretrained(path)
     return path
@@ -129,7 +132,7 @@ FORMATS = ["torchao", "bnb8", "bnb4", "ct_fp8", "ct_int4"]
 def test_prequantized_round_trip(fmt: str, tmp_path: Path) -> None:
     stock = _stock_checkpoint(tmp_path, fmt)
     auto = transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(stock, device_map="cpu")  # a local safetensors folder: stock loading
+    model = auto.from_pretrained(stock, device_map=DEVICE)  # a local safetensors folder: stock loading
     assert model.hf_quantizer is not None and model.hf_quantizer.pre_quantized
     model.save_pretrained(tmp_path / "art", tensorized=True)  # stock 5.x cannot re-save this model at all
     expected = _logits(model)
@@ -152,7 +155,7 @@ def test_prequantized_round_trip(fmt: str, tmp_path: Path) -> None:
     assert ours_qc["quant_method"] == stock_qc["quant_method"] and ours_qc.items() <= stock_qc.items()
 
     for uri in (tmp_path / "art", f"file://{stock}"):
-        loaded = auto.from_pretrained(uri, device_map="cpu")
+        loaded = auto.from_pretrained(uri, device_map=DEVICE)
         assert loaded.hf_quantizer is not None
         assert type(loaded.model.layers[0].self_attn.q_proj) is type(model.model.layers[0].self_attn.q_proj)
         assert torch.equal(_logits(loaded), expected), uri
@@ -163,7 +166,7 @@ def test_quantize_on_load_streams(fmt: str, tmp_path: Path, monkeypatch: pytest.
     plain = _plain_checkpoint(tmp_path)
     auto = transformers.AutoModelForCausalLM
     auto.from_pretrained(plain).save_pretrained(tmp_path / "art", tensorized=True)
-    expected = _logits(auto.from_pretrained(plain, quantization_config=_quant_config(fmt), device_map="cpu"))
+    expected = _logits(auto.from_pretrained(plain, quantization_config=_quant_config(fmt), device_map=DEVICE))
 
     windows: list[quantized.Window] = []
 
@@ -177,7 +180,7 @@ def test_quantize_on_load_streams(fmt: str, tmp_path: Path, monkeypatch: pytest.
     total = sum(v.nbytes for v in safetensors_torch.load_file(plain / "model.safetensors").values())
     for uri in (tmp_path / "art", f"file://{plain}"):
         windows.clear()
-        model = auto.from_pretrained(uri, quantization_config=_quant_config(fmt), device_map="cpu")
+        model = auto.from_pretrained(uri, quantization_config=_quant_config(fmt), device_map=DEVICE)
         assert torch.equal(_logits(model), expected), uri
         (w,) = windows
         largest = 128 * 64 * 2  # the embedding (and lm_head), bf16
@@ -282,10 +285,9 @@ def test_gptq_model_loads_like_stock(tmp_path: Path) -> None:
     shutil.copy(stock / "config.json", art / "config.json")
     assert main(["serialize", str(stock), str(art / "model.tensors")]) == 0
     auto = transformers.AutoModelForCausalLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    expected = auto.from_pretrained(stock, device_map=device)(INPUT.to(device)).logits
+    expected = _logits(auto.from_pretrained(stock, device_map=DEVICE))
     for uri in (art, f"file://{stock}"):
-        assert torch.equal(auto.from_pretrained(uri, device_map=device)(INPUT.to(device)).logits, expected)
+        assert torch.equal(_logits(auto.from_pretrained(uri, device_map=DEVICE)), expected)
 
 
 def test_serialize_cli_keeps_torchao_metadata(tmp_path: Path) -> None:
@@ -297,5 +299,85 @@ def test_serialize_cli_keeps_torchao_metadata(tmp_path: Path) -> None:
     shutil.copy(stock / "config.json", art / "config.json")
     assert main(["serialize", str(stock / "model.safetensors"), str(art / "model.tensors")]) == 0
     auto = transformers.AutoModelForCausalLM
-    expected = _logits(auto.from_pretrained(stock, device_map="cpu"))
-    assert torch.equal(_logits(auto.from_pretrained(art, device_map="cpu")), expected)
+    expected = _logits(auto.from_pretrained(stock, device_map=DEVICE))
+    assert torch.equal(_logits(auto.from_pretrained(art, device_map=DEVICE)), expected)
+
+
+# ---- diffusers: quantize-on-load ------------------------------------------------------------------------------
+
+
+def _vae(tmp_path: Path) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  norm_num_groups=32)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(tmp_path / "vae_art", tensorized=True)
+    return tmp_path
+
+
+def test_diffusers_quantize_on_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _vae(tmp_path)
+    pytest.importorskip("torchao")
+    import diffusers
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    def qc() -> Any:
+        return diffusers.TorchAoConfig(Int8WeightOnlyConfig())
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with hf_tensorizer_disabled():
+        ref = diffusers.AutoencoderKL.from_pretrained(
+            root / "vae", quantization_config=qc(), torch_dtype=torch.bfloat16
+        )
+    with torch.no_grad():
+        expected = ref(x).sample
+    windows: list[quantized.Window] = []
+
+    class Spy(quantized.Window):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            windows.append(self)
+
+    monkeypatch.setattr(quantized, "WINDOW_BYTES", 64 << 10)
+    monkeypatch.setattr("hf_tensorizer.integrations.diffusers_quantized.Window", Spy)
+    for uri in (root / "vae_art", f"file://{root / 'vae'}"):
+        windows.clear()
+        model = diffusers.AutoencoderKL.from_pretrained(uri, quantization_config=qc(), torch_dtype=torch.bfloat16)
+        assert model.hf_quantizer is not None
+        assert any(type(p).__name__ == "Int8Tensor" for p in model.parameters())
+        with torch.no_grad():
+            assert torch.equal(model(x).sample, expected), uri
+        (w,) = windows
+        assert w.reads > 3 and w.peak_bytes < (64 << 10) + 64 * 64 * 9 * 4, (w.reads, w.peak_bytes)
+    with pytest.raises(UsageError, match="quantized diffusers"):
+        model.save_pretrained(tmp_path / "again", tensorized=True)
+
+
+def test_diffusers_prequantized_is_a_usage_error(tmp_path: Path) -> None:
+    root = _vae(tmp_path)
+    import diffusers
+
+    cfg = json.loads((root / "vae_art" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "torchao", "quant_type": "int8wo"}
+    (root / "vae_art" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="pre-quantized diffusers"):
+        diffusers.AutoencoderKL.from_pretrained(root / "vae_art")
+
+
+def hf_tensorizer_disabled() -> Any:
+    """The stock path for one block (the reference), inside a test that has the hooks on."""
+    import contextlib
+
+    import hf_tensorizer
+
+    @contextlib.contextmanager
+    def off() -> Any:
+        hf_tensorizer.disable()
+        try:
+            yield
+        finally:
+            hf_tensorizer.enable()
+
+    return off()

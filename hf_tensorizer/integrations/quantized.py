@@ -158,8 +158,12 @@ class Window:
     """
 
     def __init__(self, weights: OpenWeights, targets: Mapping[str, Target], engine: Mapping[str, Any],
-                 metrics: list[Any], window_bytes: int = WINDOW_BYTES) -> None:  # fmt: skip
-        from transformers.core_model_loading import dot_natural_key  # the order stock loads in
+                 metrics: list[Any], window_bytes: int | None = None) -> None:  # fmt: skip
+        window_bytes = WINDOW_BYTES if window_bytes is None else window_bytes  # read now: tests lower it
+        try:
+            from transformers.core_model_loading import dot_natural_key  # the order transformers loads in
+        except ImportError:  # diffusers alone: by name
+            dot_natural_key = None
 
         self._weights, self._targets, self._engine, self._metrics = weights, dict(targets), engine, metrics
         self._lock = threading.Lock()
@@ -178,6 +182,13 @@ class Window:
             size += nbytes
         self.peak_bytes = 0
         self.reads = 0
+
+    def each(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every window not read yet, in order, as ``name -> tensor`` (drop each before asking for the next)."""
+        for window in self._windows:
+            names = list(window)
+            if names:
+                yield {n: self.take(n) for n in names}
 
     def take(self, name: str) -> torch.Tensor:
         """Tensor ``name``, read with its window if not read yet; handed out once.
@@ -204,7 +215,7 @@ def lazy_tensors(weights: OpenWeights, targets: Mapping[str, Target], engine: Ma
                  window_bytes: int | None = None) -> dict[str, LazyTensor]:  # fmt: skip
     """One :class:`LazyTensor` per key of ``targets``, all sharing one :class:`Window` of ``window_bytes``
     (default :data:`WINDOW_BYTES`)."""
-    window = Window(weights, targets, engine, metrics, WINDOW_BYTES if window_bytes is None else window_bytes)
+    window = Window(weights, targets, engine, metrics, window_bytes)
     out = {}
     for name in targets:
         e = weights.entry(name)
