@@ -109,6 +109,20 @@ def _torch_load(src: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def read_metadata(src: str) -> dict[str, str]:
+    """The ``__metadata__`` string maps of a safetensors file or of every shard in a directory, merged (what a
+    quantizer needs beyond the tensors, such as torchao's JSON description of its tensor subclasses)."""
+    files = sorted(glob.glob(os.path.join(src, "*.safetensors"))) if os.path.isdir(src) else [src]
+    out: dict[str, str] = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt") as st:
+                out.update(st.metadata() or {})
+    return out
+
+
 def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
     from .crypto import key_from_args
 
@@ -146,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.writer import TensorSerializer
 
     sd = read_state_dict(src)
+    opts["metadata"] = {**read_metadata(src), **opts["metadata"]}  # e.g. torchao's description of its tensors
     if args.dtype:
         dtype = getattr(torch, args.dtype)
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

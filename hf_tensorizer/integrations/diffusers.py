@@ -21,7 +21,7 @@ import torch
 from ..engine import TensorSerializer
 from ..errors import UsageError
 from ..sources.uri import redact
-from . import patches
+from . import diffusers_quantized, patches
 from .cache import resolve
 from .layout import WEIGHTS_NAME
 from .options import pipeline_options, pop_options, transport_only
@@ -75,13 +75,12 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     hooks), ``max_memory``, ``subfolder``, ``output_loading_info`` and ``tensorizer_options``.
 
     Raises:
-        UsageError: no weights, quantization requested, or weights missing from the file.
+        UsageError: no weights, a pre-quantized checkpoint, or weights missing from the file.
     """
     import accelerate
 
     options = pop_options(kwargs)
-    if kwargs.pop("quantization_config", None) is not None:
-        raise UsageError("quantization_config is not supported for tensorized diffusers loads")
+    quantization_config = kwargs.pop("quantization_config", None)
     for k in _IGNORED:
         kwargs.pop(k, None)
     dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
@@ -94,6 +93,9 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     folder, weights = locate(root, subfolder, **options.transport)
 
     config, unused = cls.load_config(folder, return_unused_kwargs=True, **kwargs)
+    quantizer = diffusers_quantized.quantizer_for(config, quantization_config)
+    if quantizer is not None:
+        dtype, device_map = diffusers_quantized.prepare(quantizer, dtype, device_map)
     dtype_orig = cls._set_default_torch_dtype(dtype) if dtype is not None else None
     try:
         with accelerate.init_empty_weights():  # parameters on meta; buffers real (rebuilt like stock)
@@ -101,7 +103,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     finally:
         if dtype_orig is not None:
             torch.set_default_dtype(dtype_orig)
-    keep_fp32 = _keep_fp32(cls, dtype)
+    keep_fp32 = _keep_fp32(cls, dtype) if getattr(quantizer, "use_keep_in_fp32_modules", True) else []
     if isinstance(device_map, str) and device_map in _AUTO_MAPS:
         from diffusers.models.model_loading_utils import _determine_device_map
 
@@ -110,11 +112,17 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
         device_map = {"": "cpu"}
     elif not isinstance(device_map, dict):
         device_map = {"": device_map}
+    if quantizer is not None:  # layers replaced before any weight loads, as stock
+        quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep_fp32)
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
     with open_weights(weights, **options.transport) as opened:  # names and dtypes; the loads authenticate
-        missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, dict(options.engine))
+        if quantizer is None:
+            missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, dict(options.engine))
+        else:  # quantized as they stream, a window at a time
+            missing, unexpected = diffusers_quantized.stream(model, opened, quantizer, dtype, keep_fp32, device_map,
+                                                             dict(options.engine))  # fmt: skip
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise UsageError(f"{redact(root)} lacks weights the model needs: {still_meta[:10]}")
@@ -128,6 +136,8 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     if len({str(v) for v in device_map.values()}) > 1:
         accelerate.dispatch_model(model, device_map=device_map)
     model.register_to_config(_name_or_path=root)
+    if quantizer is not None:
+        diffusers_quantized.finish(model, quantizer, dtype)
     model.eval()
     if output_loading_info:
         return model, {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
@@ -138,6 +148,9 @@ def _write_model(
     model: Any, folder: str, weights_dest: str, transport: dict[str, Any], *, metadata: dict[str, str] | None = None,
     **serializer_options: Any,
 ) -> None:  # fmt: skip
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise UsageError("saving quantized diffusers models tensorized is not supported; save the unquantized model "
+                         "and load it with quantization_config=...")  # fmt: skip
     model.save_config(folder)
     meta = {"format": "pt", "hf_tensorizer.layout": "diffusers", "class": type(model).__name__, **(metadata or {})}
     with TensorSerializer(weights_dest, metadata=meta, **serializer_options, **transport) as s:

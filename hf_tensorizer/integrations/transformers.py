@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..engine.prewarm import prewarm
-from . import patches
+from . import patches, quantized
 from .options import TensorizerOptions, pop_options
 from .weights import Target, as_device, locate, open_weights, stream_to_devices
 
@@ -87,6 +87,9 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
         else:
             targets[key] = (as_device(get_device(device_map, renamed, valid_torch_device=True)), None)
     out: dict[str, Any] = {k: v for k, v in placeholder.items() if k not in skipped}  # unread: meta placeholder
+    if quantized.quantizes_on_load(load_config.hf_quantizer):  # read as the quantizer asks: no full-precision copy
+        return {**out, **quantized.lazy_tensors(placeholder.weights, targets, placeholder.engine_options,
+                                                placeholder.metrics)}  # fmt: skip
     for d in stream_to_devices(placeholder.weights, targets, placeholder.engine_options):
         out.update(d.items())
         placeholder.metrics.append(d.metrics)
@@ -127,6 +130,7 @@ def _pretrained_model() -> type:
 def _hooked_load_pretrained_model(model: Any, state_dict: Any, checkpoint_files: Any, load_config: Any, *a: Any,
                                   **kw: Any) -> Any:  # fmt: skip
     if isinstance(state_dict, TensorizedStateDict):
+        quantized.prepare_quantizer(load_config.hf_quantizer, state_dict.weights)
         state_dict = stream_state_dict(model, state_dict, load_config)
     stock = patches.stock(_pretrained_model(), "_load_pretrained_model")
     return stock.__func__(model, state_dict, checkpoint_files, load_config, *a, **kw)

@@ -18,27 +18,41 @@ from .extra_files import copy_extra_files, source_folder
 from .layout import WEIGHTS_NAME
 from .options import transport_only
 from .publish import ArtifactWriter
+from .quantized import quantized_state_dict, without_load_operations
 
 
 def hub_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """``model``'s weights under the keys stock ``save_pretrained`` writes (hub layout, ties removed).
 
     Raises:
-        UsageError: the model is quantized, or has weights on the meta device (disk offload).
+        UsageError: the model has weights on the meta device (disk offload), or is quantized with a method that
+            cannot be saved (see :func:`hub_state_dict_and_metadata`).
+    """
+    return hub_state_dict_and_metadata(model)[0]
+
+
+def hub_state_dict_and_metadata(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`hub_state_dict` and the weights file metadata stock writes (a quantizer's, e.g. torchao's).
+
+    Raises:
+        UsageError: weights on the meta device, or a quantization that cannot be saved.
     """
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    metadata: dict[str, str] = {}
     if getattr(model, "hf_quantizer", None) is not None:
-        raise UsageError("saving quantized models tensorized is not supported; save the unquantized model")
-    state_dict = model.state_dict()
+        state_dict, metadata = quantized_state_dict(model)
+    else:
+        state_dict = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         state_dict.pop(key, None)
     meta = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:
         raise UsageError(f"model has weights on the meta device (offloaded?): {meta[:5]}; load it fully first")
     state_dict = remove_tied_weights_from_state_dict(state_dict, model)
-    return revert_weight_conversion(model, state_dict)
+    with without_load_operations(model):  # a quantizer's load converters have no reverse
+        return revert_weight_conversion(model, state_dict), metadata
 
 
 def save_tensorized(
@@ -95,13 +109,13 @@ def write_model(model: Any, folder: str, weights: str, transport: dict[str, Any]
 
     Also used for the text encoders of diffusers pipelines.
     """
-    state_dict = hub_state_dict(model)  # raises before anything is written for unsupported models
+    state_dict, quant_meta = hub_state_dict_and_metadata(model)  # raises before anything is written
     config = model.config
     config.dtype = str(model.dtype).split(".")[1]
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
-    meta = {"format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
+    meta = {**quant_meta, "format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
     with TensorSerializer(weights, metadata=meta, **serializer_options, **transport) as s:
         s.write_state_dict(state_dict)
