@@ -112,9 +112,9 @@ class HubSource(Source):
             self._inner = self._open_cached(cache_dir)
         else:
             self._inner = self._open_remote(resolve_token(token), hub_endpoint(endpoint), cache_dir, http_options)
-            if not isinstance(self._inner, FileSource) and self.etag and self.commit_hash:
-                if write_through if write_through is not None else write_through_default():
-                    self._tee = self._open_tee(cache_dir)
+            wanted = write_through if write_through is not None else write_through_default()
+            if wanted and not isinstance(self._inner, FileSource) and self.etag and self.commit_hash:
+                self._tee = self._open_tee(cache_dir)
         self.size = self._inner.size
         self.preferred_concurrency = self._inner.preferred_concurrency
 
