@@ -23,6 +23,7 @@ import socket
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["WRITE_THROUGH_ENV", "CacheTee", "cached_copy", "remember_branch", "write_through_default"]
@@ -30,9 +31,11 @@ __all__ = ["WRITE_THROUGH_ENV", "CacheTee", "cached_copy", "remember_branch", "w
 WRITE_THROUGH_ENV = "HF_TENSORIZER_HUB_WRITE_THROUGH"
 _TRUE = ("1", "ON", "YES", "TRUE")
 _TMP_PREFIX = ".hf_tensorizer-"
-# Bytes a full load never reads (alignment padding between tensors) are fetched at the end when they are few:
-# at most this many ranges, and at most 1 MiB or 1 % of the file in all. More means a partial load: no write.
-_MAX_GAPS = 64
+# Bytes a full load never reads (alignment padding where a read chunk ends at a tensor, under 4 KiB each) are
+# fetched at the end, concurrently, when each gap is at most 64 KiB and all of them at most 1 MiB or 1 % of the
+# file. A larger gap is a partial load (a filter left tensors out): nothing is written.
+_MAX_GAP_BYTES = 64 << 10
+_FILL_THREADS = 16
 _lock = threading.Lock()
 _branches: dict[tuple[str, str, str], set[str]] = {}  # (repo_type, repo_id, commit) -> branches seen on it
 
@@ -205,12 +208,16 @@ class CacheTee:
             return False
         gaps = self.gaps()
         missing = sum(n for _, n in gaps)
-        if gaps and (len(gaps) > _MAX_GAPS or missing > max(1 << 20, self.size // 100)):
+        if any(n > _MAX_GAP_BYTES for _, n in gaps) or missing > max(1 << 20, self.size // 100):
             self._drop(None)  # a partial load: the rest was never wanted
             return False
         try:
-            for offset, length in gaps:
-                self.write(offset, fill(offset, length))
+            if len(gaps) == 1:
+                self.write(gaps[0][0], fill(*gaps[0]))
+            elif gaps:
+                with ThreadPoolExecutor(min(_FILL_THREADS, len(gaps)), "hf_tensorizer-fill") as pool:
+                    for (offset, _), data in zip(gaps, pool.map(lambda g: fill(*g), gaps)):
+                        self.write(offset, data)
         except Exception as exc:  # the padding could not be read: the cache simply stays cold
             self._drop(f"reading the bytes between tensors: {exc}")
             return False
