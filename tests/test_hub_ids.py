@@ -138,3 +138,40 @@ def test_write_through_then_offline_bit_identical(hub_server: Any, monkeypatch: 
     offline = transformers.AutoModelForCausalLM.from_pretrained("tester/wt", cache_dir=cache)
     for a, b in zip(first.state_dict().values(), offline.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_pushed_card_is_discoverable_and_its_snippet_runs(hub_server: Any, tmp_path: Path) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    from hf_tensorizer.integrations.push import CARD_SECTION, push_to_hub
+
+    model = _gpt2(6)
+    push_to_hub(model, "tester/card", token=hub_server.token)
+    readme = Path(hf_hub_download("tester/card", "README.md", cache_dir=tmp_path / "dl")).read_text()
+    card = ModelCard(readme)
+    assert card.data.library_name == "transformers"
+    assert {"hf_tensorizer", "tensorized"} <= set(card.data.tags)
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert 'AutoModelForCausalLM.from_pretrained("tester/card"' in snippet
+    check = "\nimport torch\nx = torch.tensor([[1, 5, 9, 13]])\nprint(model(x).logits.sum().item())\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    env.update(
+        HF_ENDPOINT=hub_server.endpoint,
+        HF_HOME=str(tmp_path / "home"),
+        HF_TENSORIZER_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    argv = [sys.executable, "-c", snippet + check]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        assert abs(float(proc.stdout.split()[-1]) - model(X).logits.sum().item()) < 1e-3
+    # a second push keeps the card (and its one section)
+    push_to_hub(model, "tester/card", token=hub_server.token, tags=["tiny"])
+    again = Path(hf_hub_download("tester/card", "README.md", cache_dir=tmp_path / "dl2")).read_text()
+    assert again.count(CARD_SECTION) == 1 and "tiny" in ModelCard(again).data.tags

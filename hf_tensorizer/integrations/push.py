@@ -57,7 +57,7 @@ def loader_for(obj: Any) -> str:
 def _section(repo_id: str, library: str, loader: str) -> str:
     return f"""{CARD_SECTION}
 
-The weights are one [hf_tensorizer](https://pypi.org/project/hf_tensorizer/) file (`model.tensors`) that streams
+The weights are one hf_tensorizer file (`model.tensors`) that streams
 straight to the GPU (or CPU), chunk by chunk, without a copy through local disk; the configuration and tokenizer
 files are the usual ones. With hf_tensorizer's hooks on, the usual `{library}` call loads it:
 
