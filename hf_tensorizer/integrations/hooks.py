@@ -5,6 +5,8 @@
   artifacts; ``_load_pretrained_model`` streams a ``TensorizedStateDict``.
 - The Auto classes, configs, tokenizers, generation configs and processor families: a remote URI given to their
   ``from_pretrained`` is fetched to its local cached folder first (:func:`resolving`).
+- Everywhere: a bare Hub id whose repository holds a tensorized artifact is taken as its ``hf://`` URI
+  (:func:`~.hub_ids.route_hub_id`); every other id stays stock.
 - diffusers' ``ModelMixin`` and ``DiffusionPipeline``: the same for models and whole pipelines.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 from . import patches
 from .cache import resolve
 from .diffusers import load_model, load_pipeline, save_model, save_pipeline
+from .hub_ids import route_hub_id
 from .options import KWARG, TensorizerOptions
 from .publish import save_options
 from .routing import is_artifact, is_pipeline_artifact, looks_like_uri, reached_through
@@ -36,7 +39,23 @@ def _pretrained_model() -> type:
     return PreTrainedModel
 
 
+def _named(result: Any, name: str) -> Any:
+    """``result`` (a model, config, tokenizer... or ``(model, info)``) named ``name``, as a stock load names it."""
+    obj = result[0] if isinstance(result, tuple) else result
+    for target, attr in ((obj, "name_or_path"), (getattr(obj, "config", None), "_name_or_path"),
+                         (obj, "_name_or_path")):  # fmt: skip
+        if target is not None and isinstance(getattr(target, attr, None), str):
+            try:
+                setattr(target, attr, name)
+            except AttributeError:  # a read-only property
+                pass
+    return result
+
+
 def _from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+    path = route_hub_id(pretrained_model_name_or_path, kwargs)
+    if path is not pretrained_model_name_or_path:  # a Hub id naming an artifact
+        return _named(load_pretrained(cls, path, *args, **kwargs), pretrained_model_name_or_path)
     if is_artifact(pretrained_model_name_or_path, kwargs.get("subfolder", "") or ""):
         return load_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
     kwargs.pop(KWARG, None)  # an Auto class passes the options on; a stock load has no use for them
@@ -75,6 +94,8 @@ def resolving(orig: Callable[..., Any], *, static: bool = False, forwards: bool 
         args = list(args)  # type: ignore[assignment]
         pos = 0 if static else 1
         path = args[pos] if len(args) > pos else kwargs.get("pretrained_model_name_or_path")
+        hub_id = path
+        path = route_hub_id(path, kwargs)  # a Hub id naming an artifact: its hf:// URI, options in kwargs
         given = kwargs.get(KWARG) if forwards else kwargs.pop(KWARG, None)
         options = TensorizerOptions.parse(given)
         if forwards and given is not None:
@@ -87,7 +108,8 @@ def resolving(orig: Callable[..., Any], *, static: bool = False, forwards: bool 
             else:
                 kwargs["pretrained_model_name_or_path"] = local
         with reached_through(path, local):
-            return orig(*args, **kwargs)
+            result = orig(*args, **kwargs)
+        return _named(result, hub_id) if path is not hub_id else result
 
     return wrapper
 
@@ -158,6 +180,9 @@ def _diffusers() -> tuple[type, type]:
 
 
 def _model_from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, **kwargs: Any) -> Any:
+    path = route_hub_id(pretrained_model_name_or_path, kwargs)
+    if path is not pretrained_model_name_or_path:
+        return load_model(cls, path, **kwargs)
     if is_artifact(pretrained_model_name_or_path, kwargs.get("subfolder") or ""):
         return load_model(cls, pretrained_model_name_or_path, **kwargs)
     kwargs.pop(KWARG, None)
@@ -171,6 +196,9 @@ def _model_save_pretrained(self: Any, save_directory: Any, *args: Any, tensorize
 
 
 def _pipe_from_pretrained(cls: type, pretrained_model_name_or_path: Any = None, **kwargs: Any) -> Any:
+    path = route_hub_id(pretrained_model_name_or_path, kwargs)
+    if path is not pretrained_model_name_or_path:
+        return load_pipeline(cls, path, **kwargs)
     if looks_like_uri(pretrained_model_name_or_path) or is_pipeline_artifact(pretrained_model_name_or_path):
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
     kwargs.pop(KWARG, None)

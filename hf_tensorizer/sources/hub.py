@@ -4,7 +4,10 @@ Reading resolves the file once through ``huggingface_hub`` (size, ETag and the c
 and then streams ranges over HTTP from the ``resolve/<commit>/...`` URL: pinned to the commit, a branch that
 moves mid-load cannot mix two versions. Large files redirect to a CDN; the redirect target is remembered and
 the token is never sent to it. With ``HF_HUB_OFFLINE=1`` the copy in the local Hugging Face cache is read
-instead (or a clear error says it is missing).
+instead (or a clear error says it is missing). Online, a file of a pinned commit that the Hugging Face cache
+already holds complete (``snapshot_download``, an earlier load) is read from local disk, with no request; with
+``write_through`` a file read whole from the Hub is also written into that cache as it streams
+(:mod:`.hub_cache`).
 
 Writing stages the bytes in a temporary file and uploads it with ``HfApi.upload_file`` on commit (from a path, so
 Xet storage and large-file handling apply). The repository must exist: creating one is an explicit decision.
@@ -26,6 +29,7 @@ from typing import Any
 from ..errors import SinkError, SourceError, TensorizerError
 from .base import Sink, Source
 from .file import FileSink, FileSource
+from .hub_cache import CacheTee, cached_copy, remember_branch, write_through_default
 from .hub_repo import (
     COMMIT_RE,
     format_hf_uri,
@@ -64,8 +68,11 @@ class HubSource(Source):
         token: a Hub token; default ``HF_TOKEN`` or the saved login; ``False`` sends none.
         endpoint: the Hub URL; default ``HF_ENDPOINT`` or https://huggingface.co.
         revision: used when the URI has no ``@revision``; default ``"main"``.
-        cache_dir: the Hugging Face cache to read in offline mode (default: huggingface_hub's).
+        cache_dir: the Hugging Face cache (default: huggingface_hub's): read offline, and online for a pinned
+            commit it holds; written into with ``write_through``.
         offline: force offline (True) or online (False); default ``HF_HUB_OFFLINE``.
+        write_through: copy the file into the Hugging Face cache as it is read from the Hub (published only
+            when every byte was read; nothing visible otherwise); default ``HF_TENSORIZER_HUB_WRITE_THROUGH``.
         **http_options: passed to :class:`~hf_tensorizer.sources.http.HTTPSource` (``concurrency``,
             ``part_size``, ``retries``, ``timeout``, ``headers``, ``ca_bundle``...).
 
@@ -87,6 +94,7 @@ class HubSource(Source):
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         offline: bool | None = None,
+        write_through: bool | None = None,
         **http_options: Any,
     ) -> None:
         parsed = parse_hf_uri(uri, require_path=True)
@@ -96,12 +104,37 @@ class HubSource(Source):
         self.commit_hash: str | None = None
         self.etag: str | None = None
         self._inner: Source
-        if hub_offline(offline):
+        self._tee: CacheTee | None = None
+        local = None if not COMMIT_RE.fullmatch(self.revision) else self._local(self.revision, cache_dir)
+        if local is not None:  # a pinned commit already in the HF cache: no request at all
+            self._inner = local
+        elif hub_offline(offline):
             self._inner = self._open_cached(cache_dir)
         else:
-            self._inner = self._open_remote(resolve_token(token), hub_endpoint(endpoint), http_options)
+            self._inner = self._open_remote(resolve_token(token), hub_endpoint(endpoint), cache_dir, http_options)
+            wanted = write_through if write_through is not None else write_through_default()
+            if wanted and not isinstance(self._inner, FileSource) and self.etag and self.commit_hash:
+                self._tee = self._open_tee(cache_dir)
         self.size = self._inner.size
         self.preferred_concurrency = self._inner.preferred_concurrency
+
+    def _local(self, commit: str, cache_dir: str | os.PathLike[str] | None) -> Source | None:
+        path = cached_copy(self.repo_id, self.path, commit, self.repo_type, cache_dir)
+        if path is None:
+            return None
+        self.commit_hash = commit
+        return FileSource(path)
+
+    def _open_tee(self, cache_dir: str | os.PathLike[str] | None) -> CacheTee | None:
+        assert self.commit_hash and self.etag
+        try:
+            return CacheTee(self.repo_id, self.repo_type, self.path, self.commit_hash, self.etag, self._inner.size,
+                            cache_dir)  # fmt: skip
+        except OSError as exc:  # a read-only or full cache: load anyway, uncached
+            import warnings
+
+            warnings.warn(f"hf_tensorizer: not caching {self.uri}: {exc}", stacklevel=3)
+            return None
 
     def _open_cached(self, cache_dir: str | os.PathLike[str] | None) -> Source:
         from huggingface_hub import hf_hub_download
@@ -125,7 +158,9 @@ class HubSource(Source):
         self.commit_hash = match.group(1) if match else None
         return FileSource(local)
 
-    def _open_remote(self, token: str | None, endpoint: str, http_options: dict[str, Any]) -> Source:
+    def _open_remote(
+        self, token: str | None, endpoint: str, cache_dir: str | os.PathLike[str] | None, http_options: dict[str, Any]
+    ) -> Source:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         from .http import HTTPSource
@@ -152,8 +187,12 @@ class HubSource(Source):
             raise SourceError(
                 f"{self.uri}: {endpoint} answered without an X-Repo-Commit header; is HF_ENDPOINT a Hub endpoint?"
             )
-        self.commit_hash = meta.commit_hash
         self.etag = meta.etag
+        remember_branch(self.repo_id, self.repo_type, self.revision, meta.commit_hash)
+        local = self._local(meta.commit_hash, cache_dir)
+        if local is not None:  # the metadata request told the commit, and the cache holds it: no download
+            return local
+        self.commit_hash = meta.commit_hash
         pinned = hf_hub_url(
             self.repo_id, self.path, revision=meta.commit_hash, repo_type=self.repo_type, endpoint=endpoint
         )
@@ -166,12 +205,21 @@ class HubSource(Source):
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         self._inner.read_into(offset, buf)
+        if self._tee is not None:  # the chunk passes through on its way to the engine: no second pass
+            self._tee.write(offset, buf)
 
     def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self._inner.read_into_many(offset, bufs)
+        if self._tee is not None:
+            for b in bufs:
+                self._tee.write(offset, b)
+                offset += len(b)
 
     def read(self, offset: int, length: int) -> bytes:
-        return self._inner.read(offset, length)
+        data = self._inner.read(offset, length)
+        if self._tee is not None:
+            self._tee.write(offset, data)
+        return data
 
     def fileno(self) -> int | None:
         return self._inner.fileno()
@@ -180,7 +228,12 @@ class HubSource(Source):
         return self._inner.direct_fileno()
 
     def close(self) -> None:
-        self._inner.close()
+        tee, self._tee = self._tee, None
+        try:
+            if tee is not None:  # published only when the whole file went through
+                tee.finish(lambda offset, length: self._inner.read(offset, length))
+        finally:
+            self._inner.close()
 
     def __repr__(self) -> str:
         return f"HubSource({self.uri!r}, commit={self.commit_hash}, size={self.size})"
@@ -328,6 +381,7 @@ def pin_revision(root: str, *, probe: Sequence[str] = (), **options: Any) -> str
         return root
     commit = resolve_commit(root, **options)  # one request; else a known file's commit
     if commit:
+        remember_branch(parsed.repo_id, parsed.repo_type, parsed.revision or "main", commit)
         return format_hf_uri(parsed.repo_id, parsed.path, commit, parsed.repo_type)
     for name in probe:
         try:
@@ -335,5 +389,7 @@ def pin_revision(root: str, *, probe: Sequence[str] = (), **options: Any) -> str
                 commit = src.commit_hash
         except SourceError:
             continue
+        if commit:
+            remember_branch(parsed.repo_id, parsed.repo_type, parsed.revision or "main", commit)
         return format_hf_uri(parsed.repo_id, parsed.path, commit, parsed.repo_type) if commit else root
     return root
