@@ -192,7 +192,7 @@ def test_demo_removes_its_files(tmp_path: Path) -> None:
 
 
 def test_no_s3_credentials_advice_fits_the_cli(tmp_path: Path) -> None:
-    """The library's advice names ``anonymous=True`` (a Python argument); the CLI's names only what it has."""
+    """The advice on missing credentials names ways that exist where it is read: the CLI has ``--anonymous``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
                AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1",
@@ -200,4 +200,7 @@ def test_no_s3_credentials_advice_fits_the_cli(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "hf_tensorizer", "inspect", "s3://bucket/model.tensors"],
                        capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     line = _one_error_line(r, 2, "no AWS credentials found")
-    assert "AWS_ACCESS_KEY_ID" in line and "anonymous" not in line
+    assert "AWS_ACCESS_KEY_ID" in line and "--anonymous in the CLI" in line
+    r = subprocess.run([sys.executable, "-m", "hf_tensorizer", "inspect", "--help"], capture_output=True, text=True,
+                       timeout=120, env=env)  # fmt: skip
+    assert "--anonymous" in r.stdout

@@ -8,16 +8,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 
 from ..constants import KEY_ENV
 from ..errors import MissingKeyError, TensorizerError
 
-_PYTHON_ONLY_ADVICE = re.compile(r",? or pass anonymous=True for a public bucket| \(or anonymous=True for public\)")
-
 # modules under hf_tensorizer.cli that register subcommands; optional ones may be missing
 _COMMANDS = ("serialize", "inspect", "verify", "bench", "demo", "crypto")
+
+
+def add_s3_arguments(p: argparse.ArgumentParser) -> None:
+    """``--endpoint-url`` and ``--anonymous``: the S3 transport options a command line needs."""
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    p.add_argument("--anonymous", action="store_true", help="unsigned requests: a public s3:// bucket")
+
+
+def s3_options(args: argparse.Namespace, uri: str) -> dict[str, object]:
+    """The transport options :func:`add_s3_arguments` gave, for ``uri`` when it is an ``s3://`` URI."""
+    if not uri.startswith("s3://"):
+        return {}
+    options: dict[str, object] = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    if args.anonymous:
+        options["anonymous"] = True
+    return options
 
 
 def describe(doc: str | None) -> str:
@@ -60,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         how = f"give --{prefix}key-file, --{prefix}key-env, --{prefix}passphrase-env or --{prefix}passphrase"
         return _fail(exc.advise(how + ("" if prefix else f" (or set {KEY_ENV})")), 2)
     except TensorizerError as exc:
-        # the S3 advice on public buckets names a Python argument (anonymous=True) the command line lacks
-        return _fail(_PYTHON_ONLY_ADVICE.sub("", str(exc)), 2)
+        return _fail(exc, 2)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         print(f"hf-tensorizer: error: interrupted ({signal_name}); partial output removed", file=sys.stderr)

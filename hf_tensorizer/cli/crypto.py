@@ -17,7 +17,7 @@ from typing import Any
 
 from ..constants import KEY_ENV
 from ..errors import MissingKeyError, UsageError
-from . import describe
+from . import add_s3_arguments, describe, s3_options
 
 
 def add_key_arguments(p: argparse.ArgumentParser, *, prefix: str = "", writing: bool = False) -> None:
@@ -87,14 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_key_arguments(p, writing=True)
     add_key_arguments(p, prefix="from-")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    add_s3_arguments(p)
     p.set_defaults(func=_encrypt)
 
     p = sub.add_parser("decrypt", help="decrypt a .tensors file to a plain one", description=describe(__doc__))
     p.add_argument("src", help="encrypted .tensors path or URI")
     p.add_argument("dest", help="new plain .tensors path or URI")
     add_key_arguments(p)
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    add_s3_arguments(p)
     p.set_defaults(func=_decrypt)
 
 
@@ -130,11 +130,9 @@ def _run(args: argparse.Namespace, **kwargs: Any) -> int:
     from ..engine.reencrypt import convert
 
     t = time.perf_counter()
-    if args.endpoint_url:  # for whichever side is on S3
-        if args.src.startswith("s3://"):
-            kwargs["endpoint_url"] = args.endpoint_url
-        if args.dest.startswith("s3://"):
-            kwargs["sink_options"] = {"endpoint_url": args.endpoint_url}
+    kwargs.update(s3_options(args, args.src))  # for whichever side is on S3
+    if args.dest.startswith("s3://"):
+        kwargs["sink_options"] = s3_options(args, args.dest)
     index = convert(args.src, args.dest, **kwargs)
     what = "encrypted" if index.encrypted else "decrypted"
     print(f"{what} {args.src} -> {args.dest}: {len(index.tensors)} tensors, {index.file_size:,} bytes "

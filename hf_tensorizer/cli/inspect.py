@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from . import describe
+from . import add_s3_arguments, describe, s3_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("uri", help="local path or URI of a .tensors file, or a local artifact folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=0, help="show at most N tensors (0: all)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    add_s3_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import open_source
     from ..sources.uri import local_path, scheme_of
 
-    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    options = s3_options(args, args.uri)
     if scheme_of(args.uri) == "file" and os.path.isdir(local_path(args.uri)):
         return inspect_folder(local_path(args.uri), as_json=args.json)
     with open_source(args.uri, **options) as src:

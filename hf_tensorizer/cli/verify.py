@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import describe
+from . import add_s3_arguments, describe, s3_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("verify", help="check a file's data against its digests", description=describe(__doc__))
     p.add_argument("uri", help="local path or URI of a .tensors file")
     p.add_argument("--readers", type=int, default=4, help="parallel readers")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    add_s3_arguments(p)
     from .crypto import add_key_arguments
 
     add_key_arguments(p)
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.verify_file import verify_file
     from .crypto import key_from_args
 
-    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    options = s3_options(args, args.uri)
     report = verify_file(args.uri, num_readers=args.readers, encryption=key_from_args(args), **options)
     dt = time.perf_counter() - t
     if report.ok:

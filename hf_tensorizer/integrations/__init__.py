@@ -9,11 +9,14 @@ stock implementation unchanged.
 Where things live:
 
 - :mod:`.layout`, :mod:`.manifest` — the names inside an artifact, and its manifest;
-- :mod:`.routing` — which calls load through us; :mod:`.options` — ``tensorizer_options``, split and checked;
+- :mod:`.routing` — which calls load through us (:mod:`.hub_ids`: bare Hub ids of artifacts, one cheap request or
+  the local HF cache); :mod:`.options` — ``tensorizer_options``, split and checked;
 - :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
 - :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
 - :mod:`.publish` — writing an artifact; :mod:`.push` — publishing it to the Hub;
 - :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers` — the libraries' load and save paths;
+  :mod:`.quantized`, :mod:`.diffusers_quantized` — pre-quantized checkpoints and quantize-on-load;
+  :mod:`.extra_files` — the source folder's other files kept in an artifact;
 - :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it patches.
 """
 

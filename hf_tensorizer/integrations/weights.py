@@ -25,7 +25,7 @@ from ..engine.staging import reuse_blocks
 from ..errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceError, UsageError
 from ..format.index import FileIndex
 from ..sources import Source, open_source, shared_transport
-from ..sources.uri import join, parent, redact, scheme_of
+from ..sources.uri import join, local_path, parent, redact, scheme_of
 from .cache import read_marker, resolve
 from .layout import SAFETENSORS_FILE_NAMES, SAFETENSORS_NAMES, SHARD_INDEX_NAMES, WEIGHTS_NAME
 from .manifest import REMOTE_MARKER
@@ -126,6 +126,7 @@ def safetensors_shards(uri_or_dir: str | os.PathLike[str], **options: Any) -> tu
     if uri.endswith(".safetensors"):
         return [uri], {}
     if scheme_of(uri) == "file":
+        uri = local_path(uri)  # a file:// URI of a folder
         for name in SHARD_INDEX_NAMES:
             if os.path.isfile(os.path.join(uri, name)):
                 return _shards_from_index(os.path.join(uri, name))

@@ -36,7 +36,8 @@ _SLICE = 1 << 20  # slow path (no http.client response underneath): bounds what 
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # permissive: legacy and S3-compatible names
 _NO_CREDENTIALS = (
     "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), select a "
-    "profile with AWS_PROFILE, run on an instance or container with a role, or pass anonymous=True for a public bucket"
+    "profile with AWS_PROFILE, run on an instance or container with a role, or send unsigned requests to a public "
+    "bucket (anonymous=True; --anonymous in the CLI)"
 )
 
 
@@ -194,7 +195,10 @@ def translate_error(
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
         return cls(f"{uri}: the AWS credentials were rejected ({code}); check the access key, secret and session token")
     if code in ("AccessDenied", "Forbidden", "403", "AllAccessDisabled") or status == 403:
-        return cls(f"{uri}: access denied; check the credentials and the bucket policy (or anonymous=True for public)")
+        return cls(
+            f"{uri}: access denied; check the credentials and the bucket policy "
+            "(a public bucket: anonymous=True; --anonymous in the CLI)"
+        )
     return cls(f"{uri}: S3 error {code or status}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": "))
 
 
