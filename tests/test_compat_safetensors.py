@@ -88,6 +88,8 @@ def test_sharded_directory(tmp_path: Path) -> None:
         ref.update(st_torch.load_file(f))
     got = load_safetensors_state_dict(tmp_path, num_readers=2)
     assert list(got) == list(ref) and all(same(got[k], ref[k]) for k in ref)
+    by_uri = load_safetensors_state_dict(tmp_path.as_uri())  # the folder as a file:// URI
+    assert list(by_uri) == list(ref) and all(same(by_uri[k], ref[k]) for k in ref)
     assert [len(i.tensors) for _, i in iter_safetensors_indexes(tmp_path)] == [
         len(st_torch.load_file(f)) for f in files
     ]
