@@ -25,7 +25,7 @@ from typing import Any
 from .. import constants
 from ..errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
 from .base import Sink
-from .ranged import Cursor, RangedSource, RetryPolicy, TransientError
+from .ranged import Budget, Cursor, RangedSource, RetryPolicy, TransientError
 from .uri import redact
 
 __all__ = ["DIRECT_UPLOAD_PROTOCOLS", "FsspecSink", "FsspecSource", "resolve_filesystem"]
@@ -148,7 +148,7 @@ class FsspecSource(RangedSource):
     def _info(self, missing: SourceError | None = None) -> dict[str, Any]:
         """The object's ``info``, retried; ``missing`` (default: "no such object") when it does not exist."""
 
-        def once() -> dict[str, Any]:
+        def once(_budget: Budget) -> dict[str, Any]:  # one metadata call: the policy's deadline bounds the retries
             try:
                 return self.fs.info(self.path)
             except FileNotFoundError as exc:
