@@ -1,14 +1,18 @@
 """Hugging Face integrations: ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` of tensorized artifacts.
 
-Nothing in transformers or diffusers changes until :func:`enable` is called (or inside :func:`enabled`); a single
-model class can opt in without the switch through :class:`~.mixin.TensorizerMixin`. Enabled,
+Without any switch, :func:`from_pretrained`, :func:`save_pretrained` and :func:`push_to_hub` (:mod:`.api`) do what
+the hooks do for one call: the first choice in libraries and notebooks. Nothing in transformers or diffusers
+changes until :func:`enable` is called (or inside :func:`enabled`); a single model class can opt in without the
+switch through :class:`~.mixin.TensorizerMixin`. Enabled,
 ``from_pretrained`` of a tensorized artifact (a URI with scheme ``s3``/``http``/``https``/``hf``/``file``, or a
 local folder holding ``model.tensors``) loads through hf_tensorizer; every other argument falls through to the
 stock implementation unchanged.
 
 Where things live:
 
-- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact, and its manifest;
+- :mod:`.api` — ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` for one call, no switch;
+- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact (variants too), and its manifest;
+- :mod:`.versions` — every file of a load opened at the version its manifest recorded;
 - :mod:`.routing` — which calls load through us; :mod:`.options` — ``tensorizer_options``, split and checked;
 - :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
 - :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
@@ -38,9 +42,12 @@ __all__ = [
     "disable",
     "enable",
     "enabled",
+    "from_pretrained",
     "is_artifact",
     "is_enabled",
+    "push_to_hub",
     "resolve",
+    "save_pretrained",
 ]
 
 _lock = threading.RLock()
@@ -114,6 +121,10 @@ def __getattr__(name: str) -> Any:  # the heavier parts load on first use
         from .cache import resolve
 
         return resolve
+    if name in ("from_pretrained", "save_pretrained", "push_to_hub"):
+        from . import api
+
+        return getattr(api, name)
     if name == "TensorizerMixin":
         from .mixin import TensorizerMixin
 
