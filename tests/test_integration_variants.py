@@ -13,11 +13,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_integration_api import _llama, _logits  # noqa: E402
+
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
 from hf_tensorizer.integrations.layout import add_variant, is_weights_name  # noqa: E402
 from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
-from test_integration_api import _llama, _logits  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,8 @@ def test_names_follow_transformers_and_diffusers() -> None:
 
     for name in ("model.tensors", "model.safetensors", "model.safetensors.index.json",
                  "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"):  # fmt: skip
-        assert add_variant(name, "fp16") == transformers_add_variant(name, "fp16") == diffusers_add_variant(name, "fp16")
+        ours = add_variant(name, "fp16")
+        assert ours == transformers_add_variant(name, "fp16") == diffusers_add_variant(name, "fp16")
         assert add_variant(name, None) == name
     assert is_weights_name("model.fp16.tensors") and is_weights_name("model.tensors")
     assert not is_weights_name("other.tensors") and not is_weights_name("model.a.b.tensors")

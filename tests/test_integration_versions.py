@@ -12,10 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_integration_api import _llama, _logits  # noqa: E402
+
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import FormatError, ObjectChangedError  # noqa: E402
 from hf_tensorizer.integrations.manifest import MANIFEST_NAME, parse_manifest, write_manifest  # noqa: E402
-from test_integration_api import _llama, _logits  # noqa: E402
 
 AUTO = transformers.AutoModelForCausalLM
 
@@ -84,9 +85,7 @@ def test_http_etag_change(tmp_path: Path, http_server: Any) -> None:
             hf_tensorizer.from_pretrained(AUTO, base)
         (http_server.dir / MANIFEST_NAME).write_bytes(write_manifest(manifest["files"], "transformers"))
         assert torch.equal(_logits(ref), _logits(hf_tensorizer.from_pretrained(AUTO, base)))  # no record: latest
-        (http_server.dir / MANIFEST_NAME).write_bytes(
-            write_manifest(manifest["files"], "transformers", versions=etags)
-        )
+        (http_server.dir / MANIFEST_NAME).write_bytes(write_manifest(manifest["files"], "transformers", versions=etags))
 
 
 def test_hub_sink_records_commits(hub_server: Any) -> None:
@@ -98,7 +97,7 @@ def test_hub_sink_records_commits(hub_server: Any) -> None:
     ref = _llama()
     uri, opts = "hf://me/art", {"token": hub_server.token}
     hf_tensorizer.save_pretrained(ref, uri, tensorizer_options=opts)
-    manifest = json.loads(open(api.hf_hub_download("me/art", MANIFEST_NAME)).read())
+    manifest = json.loads(Path(api.hf_hub_download("me/art", MANIFEST_NAME)).read_text())
     commits = {name: v["commit"] for name, v in manifest["versions"].items()}
     assert set(commits) == {"config.json", "generation_config.json", "model.tensors"}
     assert all(len(c) == 40 for c in commits.values())
