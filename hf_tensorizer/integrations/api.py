@@ -64,7 +64,7 @@ def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     model_mixin, pipeline = _diffusers_classes()
     path, subfolder = pretrained_model_name_or_path, kwargs.get("subfolder") or ""
     if _is_subclass(cls, pipeline):
-        from . import enabled
+        from .switch import enabled
 
         with enabled():
             return cls.from_pretrained(path, *model_args, **kwargs)

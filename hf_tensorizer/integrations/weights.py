@@ -30,7 +30,6 @@ from .layout import (
     SAFETENSORS_FILE_NAMES,
     SAFETENSORS_NAMES,
     SHARD_INDEX_NAMES,
-    add_variant,
     safetensors_names,
     weights_name,
 )
@@ -92,7 +91,8 @@ def locate(
     weights = weights_uris(folder, variant, **transport)
     if not weights:
         where = redact(root) + (f" (subfolder {subfolder!r})" if subfolder else "")
-        raise UsageError(f"{where} has no {weights_name(variant)} and no {add_variant('model.safetensors', variant)}")
+        of = f" of variant {variant!r}" if variant else ""
+        raise UsageError(f"{where} has no {weights_name(variant)} and no safetensors weights{of}")
     return folder, weights
 
 
