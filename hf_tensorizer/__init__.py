@@ -8,6 +8,10 @@ Public API::
     with TensorDeserializer("s3://bucket/model.tensors", device="cuda") as d:
         d.load_into_module(meta_model)
 
+    # transformers / diffusers, for one call (no global switch)
+    model = hf_tensorizer.from_pretrained(AutoModelForCausalLM, "s3://bucket/model", device_map="cuda")
+    hf_tensorizer.save_pretrained(model, "s3://bucket/copy")
+
 Names are imported on first use (PEP 562): ``import hf_tensorizer`` does not import torch, so the
 ``hf-tensorizer`` CLI answers ``--help`` quickly. ``from hf_tensorizer import X`` and ``hf_tensorizer.X``
 work as before.
@@ -37,6 +41,9 @@ _LAZY = {
     "enable": "integrations",
     "enabled": "integrations",
     "TensorizerMixin": "integrations",
+    "from_pretrained": "integrations",
+    "save_pretrained": "integrations",
+    "push_to_hub": "integrations",
 }
 # subpackages reachable as attributes after a bare ``import hf_tensorizer`` (as when they were imported eagerly)
 _SUBMODULES = frozenset(
@@ -57,8 +64,11 @@ __all__ = [
     "enable",
     "enabled",
     "errors",
+    "from_pretrained",
     "load_state_dict",
+    "push_to_hub",
     "read_index",
+    "save_pretrained",
     "save_state_dict",
 ]
 
@@ -73,7 +83,7 @@ if TYPE_CHECKING:
         save_state_dict,
     )
     from .format import FileIndex, TensorEntry, TensorKind
-    from .integrations import TensorizerMixin, disable, enable, enabled
+    from .integrations import TensorizerMixin, disable, enable, enabled, from_pretrained, push_to_hub, save_pretrained
 
 
 def __getattr__(name: str) -> Any:

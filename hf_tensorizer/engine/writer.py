@@ -100,6 +100,8 @@ class TensorSerializer:
         self._views: dict[tuple[Any, ...], str] = {}
         self._closed = False
         self.index: FileIndex | None = None
+        #: after :meth:`close`: the version of the object written, as its sink reports it (``Sink.committed_version``)
+        self.committed_version: dict[str, str] | None = None
 
     # ---- collecting ------------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class TensorSerializer:
                 sink.write(final_header(index))
                 self._stream(index, sink, write=True)
             sink.commit()
+            self.committed_version = sink.committed_version
         except BaseException as exc:
             sink.abort()
             if isinstance(exc, TensorizerError) or not isinstance(exc, OSError):

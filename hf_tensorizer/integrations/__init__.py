@@ -1,14 +1,18 @@
 """Hugging Face integrations: ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` of tensorized artifacts.
 
-Nothing in transformers or diffusers changes until :func:`enable` is called (or inside :func:`enabled`); a single
-model class can opt in without the switch through :class:`~.mixin.TensorizerMixin`. Enabled,
+Without any switch, :func:`from_pretrained`, :func:`save_pretrained` and :func:`push_to_hub` (:mod:`.api`) do what
+the hooks do for one call: the first choice in libraries and notebooks. Nothing in transformers or diffusers
+changes until :func:`enable` is called (or inside :func:`enabled`); a single model class can opt in without the
+switch through :class:`~.mixin.TensorizerMixin`. Enabled,
 ``from_pretrained`` of a tensorized artifact (a URI with scheme ``s3``/``http``/``https``/``hf``/``file``, or a
 local folder holding ``model.tensors``) loads through hf_tensorizer; every other argument falls through to the
 stock implementation unchanged.
 
 Where things live:
 
-- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact, and its manifest;
+- :mod:`.api` — ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` for one call, no switch;
+- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact (variants too), and its manifest;
+- :mod:`.versions` — every file of a load opened at the version its manifest recorded;
 - :mod:`.routing` — which calls load through us (:mod:`.hub_ids`: bare Hub ids of artifacts, one cheap request or
   the local HF cache); :mod:`.options` — ``tensorizer_options``, split and checked;
 - :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
@@ -17,22 +21,18 @@ Where things live:
 - :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers` — the libraries' load and save paths;
   :mod:`.quantized`, :mod:`.diffusers_quantized` — pre-quantized checkpoints and quantize-on-load;
   :mod:`.extra_files` — the source folder's other files kept in an artifact;
-- :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it patches.
+- :mod:`.switch`, :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it
+  patches.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from .import_hooks import after_import, cancel
 from .layout import WEIGHTS_NAME
 from .manifest import MANIFEST_NAME
 from .routing import is_artifact
+from .switch import disable, enable, enabled, is_enabled
 
 __all__ = [
     "MANIFEST_NAME",
@@ -41,75 +41,13 @@ __all__ = [
     "disable",
     "enable",
     "enabled",
+    "from_pretrained",
     "is_artifact",
     "is_enabled",
+    "push_to_hub",
     "resolve",
+    "save_pretrained",
 ]
-
-_lock = threading.RLock()
-_depth = 0  # enable() calls not yet matched by disable(); nested enabled() blocks are fine
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def enable() -> None:
-    """Patch transformers (and diffusers, when installed) to load and save tensorized artifacts.
-
-    Patched: ``PreTrainedModel.from_pretrained`` / ``save_pretrained(..., tensorized=True)`` /
-    ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs, tokenizers
-    and generation configs (a remote artifact URI is fetched to a local folder first), and of the processor /
-    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise.
-    Processor classes and diffusers are patched when they are imported, if that happens after ``enable()``
-    (importing them costs 1.5 s and 0.3 s, which a program that never uses them should not pay). Calls nest: the
-    hooks stay until every ``enable()`` is matched by :func:`disable`.
-    """
-    global _depth
-    with _lock:
-        if _available("transformers"):
-            from . import hooks
-
-            hooks.patch_transformers()  # incremental: covers processor classes imported since an earlier enable()
-            after_import(hooks.LAZY_MODULES, hooks.patch_transformers)
-        if _depth == 0 and _available("diffusers"):
-            from . import hooks
-
-            if "diffusers" in sys.modules:
-                hooks.patch_diffusers()
-            else:
-                after_import(["diffusers"], hooks.patch_diffusers)
-        _depth += 1
-
-
-def disable() -> None:
-    """Undo :func:`enable`: every patched attribute gets its original back (once all enables are undone)."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            return
-        _depth -= 1
-        if _depth:
-            return
-        cancel()
-        from . import patches
-
-        patches.restore()
-
-
-def is_enabled() -> bool:
-    """Whether the hooks are installed."""
-    return _depth > 0
-
-
-@contextlib.contextmanager
-def enabled() -> Iterator[None]:
-    """``with hf_tensorizer.enabled(): model = AutoModel.from_pretrained("s3://...")`` — hooks for the block only."""
-    enable()
-    try:
-        yield
-    finally:
-        disable()
 
 
 def __getattr__(name: str) -> Any:  # the heavier parts load on first use
@@ -117,6 +55,10 @@ def __getattr__(name: str) -> Any:  # the heavier parts load on first use
         from .cache import resolve
 
         return resolve
+    if name in ("from_pretrained", "save_pretrained", "push_to_hub"):
+        from . import api
+
+        return getattr(api, name)
     if name == "TensorizerMixin":
         from .mixin import TensorizerMixin
 

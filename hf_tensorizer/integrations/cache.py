@@ -20,12 +20,13 @@ from ..errors import FormatError, SourceError
 from ..sources import shared_transport
 from ..sources.hub import pin_revision
 from ..sources.uri import is_remote, join, local_path, redact, scheme_of
-from .layout import WEIGHTS_NAME
-from .manifest import MANIFEST_NAME, REMOTE_MARKER, check_relative, parse_manifest
+from .layout import WEIGHTS_NAME, safetensors_names, weights_name
+from .manifest import MANIFEST_NAME, REMOTE_MARKER, check_relative, check_versions, parse_manifest
 from .parallel import concurrently
 from .probe import probe, read_bytes
 
 CACHE_ENV = "HF_TENSORIZER_CACHE"
+VARIANT_STUB = "hf_tensorizer"  # hf_tensorizer.<variant>.remote: an empty file, in folders with remote variant weights
 
 
 def cache_root() -> str:
@@ -52,16 +53,18 @@ def read_manifest(root: str, **options: Any) -> dict[str, Any] | None:
     return parse_manifest(raw, f"{redact(root)}/{MANIFEST_NAME}")
 
 
-def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
+def resolve(uri: str | os.PathLike[str], *, variant: str | None = None, **options: Any) -> str:
     """A local folder holding the small files of the artifact at ``uri``.
 
     Local paths and ``file://`` URIs are returned as they are. Remote artifacts are fetched (every file except
     the weights) into the cache; each folder whose weights stay remote gets a marker so
     :func:`~hf_tensorizer.integrations.weights.weights_uris` finds them. ``hf://`` roots are first pinned to the
-    commit their branch points to, so every file of the load comes from one commit.
+    commit their branch points to, so every file of the load comes from one commit. Files the manifest records a
+    version for are fetched at that version (:mod:`.versions`), so a load never mixes files of two saves.
 
     Args:
         uri: the artifact root.
+        variant: without a manifest, also look for the weights of this variant (``model.<variant>.safetensors``).
         **options: transport options (``endpoint_url``, ``token``, ``headers``, ...).
 
     Returns:
@@ -69,6 +72,7 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
 
     Raises:
         SourceError: a listed file could not be fetched, or nothing usable was found at ``uri``.
+        ObjectChangedError: a listed file changed since the manifest recorded its version.
         FormatError: the manifest (or a pipeline's ``model_index.json``) is malformed or names paths outside the
             artifact; nothing is written then.
     """
@@ -82,10 +86,10 @@ def resolve(uri: str | os.PathLike[str], **options: Any) -> str:
     with shared_transport(text, options) as shared:
         if scheme_of(text) == "hf":
             text = pin_revision(text, probe=(MANIFEST_NAME, WEIGHTS_NAME, "config.json"), **shared)
-        return _fetch(text, **shared)
+        return _fetch(text, variant, **shared)
 
 
-def _fetch(root: str, **options: Any) -> str:
+def _fetch(root: str, variant: str | None, **options: Any) -> str:
     """:func:`resolve` for a remote root: read the manifest or probe, fetch the small files, mark the weights."""
     try:
         manifest = read_manifest(root, **options)
@@ -93,21 +97,24 @@ def _fetch(root: str, **options: Any) -> str:
     except SourceError as exc:  # no manifest (or no access): probe well-known names, report this if all fail
         manifest, first_error = None, exc
     weights: dict[str, list[str]] = {}  # folder -> its weight files (model.tensors, or a safetensors checkpoint)
+    versions: dict[str, Any] = {}  # file -> the version the manifest recorded
     if manifest is not None:
+        versions = manifest.get("versions", {})
         files = [f for f in manifest.get("files", []) if not f.endswith(".tensors")]
         for w in manifest.get("files", []):
             if w.endswith(".tensors"):
                 folder, _, name = w.rpartition("/")
                 weights.setdefault(folder, []).append(name)
     else:
-        files, weights = probe(root, first_error, **options)
+        files, weights = probe(root, first_error, variant=variant, **options)
     weights.setdefault("", [])  # the root is marked even without weights: a model load then says what is missing
     digest = hashlib.sha256(root.encode()).hexdigest()[:20]
     dest = os.path.join(cache_root(), "artifacts", digest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     fresh = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
     try:
-        for name, data in zip(files, concurrently(lambda n: read_bytes(join(root, n), **options), files)):
+        fetched = concurrently(lambda n: read_bytes(join(root, n), version=versions.get(n), **options), files)
+        for name, data in zip(files, fetched):
             path = os.path.join(fresh, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
@@ -117,7 +124,12 @@ def _fetch(root: str, **options: Any) -> str:
                 json.dump(manifest, f)
         for folder, names in weights.items():
             os.makedirs(os.path.join(fresh, folder), exist_ok=True)
-            write_marker(os.path.join(fresh, folder), join(root, folder), names)
+            paths = {n: f"{folder}/{n}" if folder else n for n in names}
+            pinned = {n: versions[p] for n, p in paths.items() if p in versions}
+            write_marker(os.path.join(fresh, folder), join(root, folder), names, pinned)
+            if variant and set(names) & {weights_name(variant), *safetensors_names(variant)}:
+                # diffusers loads a component's variant only when a file of its folder has a name like x.<variant>.y
+                open(os.path.join(fresh, folder, f"{VARIANT_STUB}.{variant}.remote"), "wb").close()
         old = dest + ".old." + os.path.basename(fresh)
         if os.path.exists(dest):
             os.replace(dest, old)
@@ -129,12 +141,13 @@ def _fetch(root: str, **options: Any) -> str:
     return dest
 
 
-def write_marker(folder: str, root: str, names: list[str]) -> None:
-    """Remember in ``folder`` that its weights ``names`` live under the remote ``root``."""
+def write_marker(folder: str, root: str, names: list[str], versions: dict[str, Any] | None = None) -> None:
+    """Remember in ``folder`` that its weights ``names`` live under the remote ``root``, with the versions the
+    manifest recorded for them (name -> version)."""
     # owner-only: the URI may carry credentials (https://user:token@host/...)
     fd = os.open(os.path.join(folder, REMOTE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"root": root, "weights": names}, f)
+        json.dump({"root": root, "weights": names, "versions": versions or {}}, f)
 
 
 def read_marker(path: str) -> tuple[str, list[str]]:
@@ -143,12 +156,23 @@ def read_marker(path: str) -> tuple[str, list[str]]:
     Raises:
         FormatError: the marker is malformed.
     """
+    root, names, _ = read_pinned_marker(path)
+    return root, names
+
+
+def read_pinned_marker(path: str) -> tuple[str, list[str], dict[str, Any]]:
+    """(remote folder, weight file names in it, their recorded versions) from a marker.
+
+    Raises:
+        FormatError: the marker is malformed.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        root, names = doc["root"], doc["weights"]
-        if not isinstance(root, str) or not isinstance(names, list):
+        root, names, versions = doc["root"], doc["weights"], doc.get("versions", {})
+        if not isinstance(root, str) or not isinstance(names, list) or not isinstance(versions, dict):
             raise TypeError
-        return root, [check_relative(n, path) for n in names]
+        names = [check_relative(n, path) for n in names]
+        return root, names, check_versions(versions, names, path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{path} is not a valid hf_tensorizer remote marker; delete the cache folder") from exc

@@ -23,7 +23,6 @@ from ..errors import UsageError
 from ..sources.uri import redact
 from . import diffusers_quantized, patches
 from .cache import resolve
-from .layout import WEIGHTS_NAME
 from .options import pipeline_options, pop_options, transport_only
 from .publish import ArtifactWriter
 from .routing import reached_through
@@ -31,7 +30,7 @@ from .weights import OpenWeights, Target, device_for, locate, open_weights, stre
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
-_IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant",
+_IGNORED = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
             "use_safetensors", "low_cpu_mem_usage", "offload_state_dict", "disable_mmap", "offload_folder",
             "mirror", "ignore_mismatched_sizes", "use_flashpack", "flashpack_kwargs", "dduf_entries")  # fmt: skip
 
@@ -72,7 +71,8 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     Honours ``dtype``/``torch_dtype`` (with ``_keep_in_fp32_modules``), ``device_map`` (a device, ``"auto"``
     and friends through accelerate, or an explicit dict; several devices are dispatched with accelerate
-    hooks), ``max_memory``, ``subfolder``, ``output_loading_info`` and ``tensorizer_options``.
+    hooks), ``max_memory``, ``subfolder``, ``variant`` (``model.<variant>.tensors``, or the stock
+    ``diffusion_pytorch_model.<variant>.safetensors``), ``output_loading_info`` and ``tensorizer_options``.
 
     Raises:
         UsageError: no weights, a pre-quantized checkpoint, or weights missing from the file.
@@ -89,8 +89,9 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
     max_memory = kwargs.pop("max_memory", None)
     output_loading_info = kwargs.pop("output_loading_info", False)
     subfolder = kwargs.pop("subfolder", None) or ""
+    variant = kwargs.pop("variant", None)
     root = os.fspath(pretrained_model_name_or_path)
-    folder, weights = locate(root, subfolder, **options.transport)
+    folder, weights = locate(root, subfolder, variant=variant, **options.transport)
 
     config, unused = cls.load_config(folder, return_unused_kwargs=True, **kwargs)
     quantizer = diffusers_quantized.quantizer_for(config, quantization_config)
@@ -147,7 +148,7 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 def _write_model(
     model: Any, folder: str, weights_dest: str, transport: dict[str, Any], *, metadata: dict[str, str] | None = None,
     **serializer_options: Any,
-) -> None:  # fmt: skip
+) -> dict[str, str] | None:  # fmt: skip
     if getattr(model, "hf_quantizer", None) is not None:
         raise UsageError("saving quantized diffusers models tensorized is not supported; save the unquantized model "
                          "and load it with quantization_config=...")  # fmt: skip
@@ -155,25 +156,28 @@ def _write_model(
     meta = {"format": "pt", "hf_tensorizer.layout": "diffusers", "class": type(model).__name__, **(metadata or {})}
     with TensorSerializer(weights_dest, metadata=meta, **serializer_options, **transport) as s:
         s.write_module(model)
+    return s.committed_version
 
 
 def save_model(model: Any, dest: str | os.PathLike[str], *, tensorizer_options: dict[str, Any] | None = None,
-               **serializer_options: Any) -> str:  # fmt: skip
-    """Write a diffusers ``ModelMixin`` as a tensorized artifact (``config.json`` + ``model.tensors``).
+               variant: str | None = None, **serializer_options: Any) -> str:  # fmt: skip
+    """Write a diffusers ``ModelMixin`` as a tensorized artifact (``config.json`` + ``model[.<variant>].tensors``).
 
     Returns:
         ``dest`` as a string.
     """
     dest = os.fspath(dest)
-    with ArtifactWriter(dest, transport_only(tensorizer_options)) as staging:
-        _write_model(model, staging.folder, staging.weights(), staging.transport, **serializer_options)
-        staging.publish([WEIGHTS_NAME], "diffusers")
+    with ArtifactWriter(dest, transport_only(tensorizer_options), variant) as staging:
+        version = _write_model(model, staging.folder, staging.weights(), staging.transport, **serializer_options)
+        staging.record(staging.weights_name, version)
+        staging.publish([staging.weights_name], "diffusers")
     return dest
 
 
 def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options: dict[str, Any] | None = None,
-                  **serializer_options: Any) -> str:  # fmt: skip
-    """Write a ``DiffusionPipeline``: model_index.json, and per component its files and ``model.tensors``.
+                  variant: str | None = None, **serializer_options: Any) -> str:  # fmt: skip
+    """Write a ``DiffusionPipeline``: model_index.json, and per component its files and
+    ``model[.<variant>].tensors``.
 
     Returns:
         ``dest`` as a string.
@@ -185,7 +189,7 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
 
     dest = os.fspath(dest)
     weights: list[str] = []
-    with ArtifactWriter(dest, transport_only(tensorizer_options)) as staging:
+    with ArtifactWriter(dest, transport_only(tensorizer_options), variant) as staging:
         pipe.save_config(staging.folder)
         for name, comp in pipe.components.items():
             if comp is None:
@@ -193,15 +197,16 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
             sub = os.path.join(staging.folder, name)
             os.makedirs(sub, exist_ok=True)
             if isinstance(comp, ModelMixin):
-                _write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
+                version = _write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
             elif isinstance(comp, PreTrainedModel):
-                write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
+                version = write_model(comp, sub, staging.weights(name), staging.transport, **serializer_options)
             elif hasattr(comp, "save_pretrained"):
                 comp.save_pretrained(sub)
                 continue
             else:
                 raise UsageError(f"pipeline component {name!r} ({type(comp).__name__}) cannot be saved")
-            weights.append(f"{name}/{WEIGHTS_NAME}")
+            weights.append(f"{name}/{staging.weights_name}")
+            staging.record(weights[-1], version)
         staging.publish(weights, "diffusers")
     return dest
 
@@ -222,7 +227,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) 
     if not patches.is_patched(DiffusionPipeline, "from_pretrained"):
         raise UsageError("loading a pipeline through hf_tensorizer needs hf_tensorizer.enable() (or enabled())")
     options = pop_options(kwargs)
-    folder = resolve(os.fspath(pretrained_model_name_or_path), **options.transport)
+    folder = resolve(os.fspath(pretrained_model_name_or_path), variant=kwargs.get("variant"), **options.transport)
     stock = patches.stock(DiffusionPipeline, "from_pretrained")
     # components load from the local (cached) folders; their remote weights need the same options
     with pipeline_options(options), reached_through(pretrained_model_name_or_path, folder):

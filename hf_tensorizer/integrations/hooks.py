@@ -102,7 +102,7 @@ def resolving(orig: Callable[..., Any], *, static: bool = False, forwards: bool 
             kwargs[KWARG] = options
         local = path
         if looks_like_uri(path):
-            local = resolve(path, **options.transport)
+            local = resolve(path, variant=kwargs.get("variant"), **options.transport)
             if len(args) > pos:
                 args[pos] = local  # type: ignore[index]
             else:

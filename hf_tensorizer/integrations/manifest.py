@@ -45,7 +45,33 @@ def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
     folders = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
     if folders & set(files):
         raise FormatError(f"{where} lists a path both as a file and as a folder: {sorted(folders & set(files))[0]!r}")
+    check_versions(manifest.get("versions", {}), files, where)
     return manifest
+
+
+VERSION_KEYS = ("etag", "version_id", "commit")
+
+
+def check_versions(versions: Any, files: list[str], where: str = MANIFEST_NAME) -> dict[str, dict[str, str]]:
+    """``versions`` if it maps listed files to version records (``etag`` / ``version_id`` / ``commit`` strings).
+
+    Raises:
+        FormatError: otherwise.
+    """
+    if not isinstance(versions, dict):
+        raise FormatError(f"{where}: 'versions' must map file paths to version records")
+    for name, record in versions.items():
+        if name not in files:
+            raise FormatError(f"{where}: 'versions' names a file the artifact does not list: {name!r}")
+        if (
+            not isinstance(record, dict)
+            or not record
+            or not all(k in VERSION_KEYS and isinstance(v, str) and v for k, v in record.items())
+        ):
+            raise FormatError(
+                f"{where}: the version of {name!r} must be an object of non-empty strings under {list(VERSION_KEYS)}"
+            )
+    return versions
 
 
 _PLAIN_PART = re.compile(r"[^\x00-\x1f\x7f\\]+")  # no control characters, no backslash (a separator elsewhere)
@@ -64,8 +90,14 @@ def check_relative(name: Any, where: str = MANIFEST_NAME) -> str:
     return name
 
 
-def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] | None = None) -> bytes:
-    """The manifest bytes for an artifact holding ``files`` (each a path :func:`parse_manifest` accepts).
+def write_manifest(
+    files: Iterable[str],
+    library: str,
+    extra: Mapping[str, Any] | None = None,
+    versions: Mapping[str, Mapping[str, str]] | None = None,
+) -> bytes:
+    """The manifest bytes for an artifact holding ``files`` (each a path :func:`parse_manifest` accepts), with
+    the version each was committed as (``versions``: path -> ``Sink.committed_version``) where the store has one.
 
     Raises:
         FormatError: a file name a reader would refuse.
@@ -84,4 +116,7 @@ def write_manifest(files: Iterable[str], library: str, extra: Mapping[str, Any] 
         "files": files,
         **(extra or {}),
     }
+    recorded = {n: dict(v) for n, v in sorted((versions or {}).items()) if v and n in files}
+    if recorded:
+        manifest["versions"] = check_versions(recorded, files, "the artifact being written")
     return (json.dumps(manifest, indent=2) + "\n").encode()

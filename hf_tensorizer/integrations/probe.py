@@ -7,26 +7,30 @@ repository in one request instead); a pipeline's components are found through it
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .. import constants
 from ..errors import FormatError, ObjectTooLargeError, SourceError
 from ..sources import open_source
 from ..sources.uri import join, redact, scheme_of
-from .layout import KNOWN_FILES, SAFETENSORS_NAMES, WEIGHTS_NAME
+from .layout import KNOWN_FILES, safetensors_names, weights_name
 from .manifest import MANIFEST_NAME, check_relative
 from .parallel import concurrently
+from .versions import open_pinned
 
 
-def read_bytes(uri: str, **options: Any) -> bytes:
-    """The whole content of one small object at ``uri`` (at most ``HF_TENSORIZER_MAX_SMALL_FILE_BYTES``).
+def read_bytes(uri: str, version: Mapping[str, str] | None = None, **options: Any) -> bytes:
+    """The whole content of one small object at ``uri`` (at most ``HF_TENSORIZER_MAX_SMALL_FILE_BYTES``), at
+    ``version`` when given (a manifest's record, see :func:`~.versions.open_pinned`).
 
     Raises:
         SourceError: the object is missing or cannot be read.
+        ObjectChangedError: it changed since ``version`` was recorded.
         ObjectTooLargeError: it is larger than the cap (a manifest may list any file: never read GBs whole).
     """
     cap = constants.MAX_SMALL_FILE_BYTES
-    with open_source(uri, **options) as src:
+    with open_pinned(uri, version, **options) as src:
         if src.size > cap:
             raise ObjectTooLargeError(
                 f"{redact(uri)} is {src.size} bytes, more than the {cap} bytes an artifact's small file may have "
@@ -35,12 +39,15 @@ def read_bytes(uri: str, **options: Any) -> bytes:
         return src.read(0, src.size)
 
 
-def probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+def probe(
+    root: str, first_error: SourceError | None, *, variant: str | None = None, **options: Any
+) -> tuple[list[str], dict[str, list[str]]]:
     """The small files and the weights of each folder of a remote artifact without a manifest.
 
     Args:
         root: the remote folder.
         first_error: why the manifest could not be read; reported when nothing is found either.
+        variant: look for the weights of this variant (``model.<variant>.tensors``, ``.safetensors``...).
         **options: transport options.
 
     Returns:
@@ -51,7 +58,7 @@ def probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[l
         SourceError: nothing usable at ``root``.
         FormatError: a malformed ``model_index.json``.
     """
-    found, weights = _probe_folders(root, [""], **options)
+    found, weights = _probe_folders(root, [""], variant, **options)
     if "model_index.json" in found:  # a diffusers pipeline: its components live in subfolders
         where = f"{redact(root)}/model_index.json"
         try:
@@ -65,7 +72,7 @@ def probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[l
             if "/" in comp:
                 raise FormatError(f"{where} names a component that is not a plain folder name: {comp!r}")
             check_relative(comp, where)
-        more, comp_weights = _probe_folders(root, comps, **options)
+        more, comp_weights = _probe_folders(root, comps, variant, **options)
         found += more
         weights.update(comp_weights)
     if not found and not weights:
@@ -75,10 +82,12 @@ def probe(root: str, first_error: SourceError | None, **options: Any) -> tuple[l
     return found, weights
 
 
-def _probe_folders(root: str, folders: list[str], **options: Any) -> tuple[list[str], dict[str, list[str]]]:
+def _probe_folders(
+    root: str, folders: list[str], variant: str | None, **options: Any
+) -> tuple[list[str], dict[str, list[str]]]:
     """The well-known small files that exist in each of ``folders`` (relative to ``root``) and each folder's
-    weights: ``model.tensors``, else the first safetensors name present."""
-    weight_names = (WEIGHTS_NAME, *SAFETENSORS_NAMES)
+    weights: ``model[.<variant>].tensors``, else the first safetensors name of ``variant`` present."""
+    weight_names = (weights_name(variant), *safetensors_names(variant))
     paths = [f"{d}/{n}" if d else n for d in folders for n in (*KNOWN_FILES, *weight_names)]
     listing = None
     if scheme_of(root) == "hf":  # the Hub lists a repository in one request

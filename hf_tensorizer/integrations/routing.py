@@ -16,7 +16,7 @@ from typing import Any
 from ..sources.uri import looks_like_uri, scheme_of
 
 __all__ = ["is_artifact", "is_pipeline_artifact", "looks_like_uri", "reached_through"]
-from .layout import SAFETENSORS_NAMES, WEIGHTS_NAME
+from .layout import SAFETENSORS_NAMES, is_weights_name
 from .manifest import MANIFEST_NAME, REMOTE_MARKER
 
 # Local folders that the running from_pretrained call reached through a file:// URI: they load through
@@ -52,8 +52,8 @@ def is_artifact(path_or_uri: Any, subfolder: str = "") -> bool:
     folder = os.path.join(root, subfolder) if subfolder else root
     if not os.path.isdir(folder):
         return False
-    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, REMOTE_MARKER)):
-        return True
+    if os.path.isfile(os.path.join(folder, REMOTE_MARKER)) or any(is_weights_name(n) for n in os.listdir(folder)):
+        return True  # model.tensors, or the weights of a variant (model.fp16.tensors)
     # within a root (pipelines hand each component its own folder), with safetensors weights
     here = os.path.abspath(folder)
     return any(os.path.commonpath([here, r]) == r for r in _FILE_URI_ROOTS.get()) and any(

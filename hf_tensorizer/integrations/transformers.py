@@ -147,7 +147,7 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     """``cls.from_pretrained`` for a tensorized artifact or a stock checkpoint URI (local folder or URI).
 
     Accepts every stock ``from_pretrained`` argument (``dtype``, ``device_map``, ``max_memory``,
-    ``output_loading_info``, ``config``, ``subfolder``, ...) plus ``tensorizer_options``: a dict of
+    ``output_loading_info``, ``config``, ``subfolder``, ``variant``, ...) plus ``tensorizer_options``: a dict of
     :class:`~hf_tensorizer.TensorDeserializer` arguments (``verify_hash``, ``num_readers``, ``encryption``, ...) and
     transport options (``endpoint_url``, ``token``, ``headers``, ...).
 
@@ -160,8 +160,9 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     options = pop_options(kwargs)
     prewarm_for(kwargs.get("device_map"), options.engine)  # pins while the config is fetched and the model built
     subfolder = kwargs.pop("subfolder", "") or ""
+    variant = kwargs.pop("variant", None)
     root = os.fspath(pretrained_model_name_or_path)
-    folder, weights = locate(root, subfolder, **options.transport)
+    folder, weights = locate(root, subfolder, variant, **options.transport)
     install_load_hook()
     placeholder = TensorizedStateDict(weights, options)
     config = kwargs.pop("config", None)

@@ -15,7 +15,6 @@ import torch
 from ..engine import TensorSerializer
 from ..errors import UsageError
 from .extra_files import copy_extra_files, source_folder
-from .layout import WEIGHTS_NAME
 from .options import transport_only
 from .publish import ArtifactWriter
 from .quantized import quantized_state_dict, without_load_operations
@@ -63,6 +62,7 @@ def save_tensorized(
     processor: Any = None,
     metadata: dict[str, str] | None = None,
     tensorizer_options: dict[str, Any] | None = None,
+    variant: str | None = None,
     **serializer_options: Any,
 ) -> str:
     """Write ``model`` as a tensorized artifact to a local folder or ``s3://`` / ``hf://`` prefix.
@@ -78,6 +78,7 @@ def save_tensorized(
         processor: optional processor / image processor / feature extractor saved alongside.
         metadata: extra string metadata stored in the weights file.
         tensorizer_options: transport options for remote destinations (``endpoint_url``, ``token``, ...).
+        variant: write the weights as ``model.<variant>.tensors`` (load with ``from_pretrained(..., variant=)``).
         **serializer_options: :class:`~hf_tensorizer.TensorSerializer` arguments (``digest``, ``block_size``, ...).
 
     Returns:
@@ -88,26 +89,37 @@ def save_tensorized(
     """
     dest = os.fspath(dest)
     transport = transport_only(tensorizer_options)
-    with ArtifactWriter(dest, transport) as staging:
+    with ArtifactWriter(dest, transport, variant) as staging:
         if model.is_remote_code():
             from transformers.dynamic_module_utils import custom_object_save
 
             custom_object_save(model, staging.folder, config=model.config)
-        write_model(model, staging.folder, staging.weights(), staging.transport, metadata=metadata,
-                    **serializer_options)  # fmt: skip
+        version = write_model(model, staging.folder, staging.weights(), staging.transport, metadata=metadata,
+                              **serializer_options)  # fmt: skip
+        staging.record(staging.weights_name, version)
         for extra in (tokenizer, processor):
             if extra is not None:
                 extra.save_pretrained(staging.folder)
         copy_extra_files(source_folder(model), staging.folder)  # modules.json, 1_Pooling/, README, ...
-        staging.publish([WEIGHTS_NAME], "transformers", {"architectures": model.config.architectures})
+        staging.publish([staging.weights_name], "transformers", {"architectures": model.config.architectures})
     return dest
 
 
-def write_model(model: Any, folder: str, weights: str, transport: dict[str, Any], *,
-                metadata: dict[str, str] | None = None, **serializer_options: Any) -> None:  # fmt: skip
+def write_model(
+    model: Any,
+    folder: str,
+    weights: str,
+    transport: dict[str, Any],
+    *,
+    metadata: dict[str, str] | None = None,
+    **serializer_options: Any,
+) -> dict[str, str] | None:
     """A transformers model's config, generation config (into ``folder``) and weights (to ``weights``).
 
     Also used for the text encoders of diffusers pipelines.
+
+    Returns:
+        The version the weights were committed as (``Sink.committed_version``).
     """
     state_dict, quant_meta = hub_state_dict_and_metadata(model)  # raises before anything is written
     config = model.config
@@ -119,3 +131,4 @@ def write_model(model: Any, folder: str, weights: str, transport: dict[str, Any]
     meta = {**quant_meta, "format": "pt", "hf_tensorizer.layout": "transformers", **(metadata or {})}
     with TensorSerializer(weights, metadata=meta, **serializer_options, **transport) as s:
         s.write_state_dict(state_dict)
+    return s.committed_version

@@ -26,59 +26,74 @@ from ..errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceEr
 from ..format.index import FileIndex
 from ..sources import Source, open_source, shared_transport
 from ..sources.uri import join, local_path, parent, redact, scheme_of
-from .cache import read_marker, resolve
-from .layout import SAFETENSORS_FILE_NAMES, SAFETENSORS_NAMES, SHARD_INDEX_NAMES, WEIGHTS_NAME
+from .cache import read_pinned_marker, resolve
+from .layout import (
+    SAFETENSORS_FILE_NAMES,
+    SAFETENSORS_NAMES,
+    SHARD_INDEX_NAMES,
+    safetensors_names,
+    weights_name,
+)
 from .manifest import REMOTE_MARKER
 from .options import TensorizerOptions
 from .parallel import concurrently
+from .versions import PinnedURI, open_pinned
 
 MAX_SHARD_INDEX_BYTES = 64 << 20
 
 # ---- which files --------------------------------------------------------------------------------------------
 
 
-def weights_uris(local_folder: str | os.PathLike[str], **options: Any) -> list[str]:
+def weights_uris(local_folder: str | os.PathLike[str], variant: str | None = None, **options: Any) -> list[str]:
     """The weight files of a local (possibly cached) artifact folder, or ``[]`` when it has none:
     ``[.../model.tensors]``, or the safetensors shards of a stock checkpoint (a shard index is read to list them;
-    ``options`` are its transport options).
+    ``options`` are its transport options); those of ``variant`` (``model.<variant>.tensors``...) when given.
+    Remote files the manifest recorded a version for come as :class:`~.versions.PinnedURI`.
 
     Raises:
         FormatError: a malformed remote marker or shard index.
         SourceError: a shard index that cannot be read.
     """
     folder = os.fspath(local_folder)
-    local = os.path.join(folder, WEIGHTS_NAME)
+    wanted = (weights_name(variant), *safetensors_names(variant))
+    local = os.path.join(folder, wanted[0])
     if os.path.isfile(local):
         return [local]
     marker = os.path.join(folder, REMOTE_MARKER)
     if os.path.isfile(marker):
-        root, names = read_marker(marker)
-        out: list[str] = []
-        for name in names:
-            uri = join(root, name)
-            out += safetensors_shards(uri, **options)[0] if name.endswith(".json") else [uri]
-        return out
-    for name in SAFETENSORS_NAMES:
+        root, names, versions = read_pinned_marker(marker)
+        # a manifest lists the weights of every variant: the one asked for (tensorized first)
+        name = next((n for n in wanted if n in names), None)
+        if name is None:
+            return []
+        uri = join(root, name)
+        return safetensors_shards(uri, **options)[0] if name.endswith(".json") else [PinnedURI(uri, versions.get(name))]
+    for name in wanted[1:]:
         if os.path.isfile(os.path.join(folder, name)):
             return safetensors_shards(os.path.join(folder, name))[0]
     return []
 
 
-def locate(root: str | os.PathLike[str], subfolder: str = "", **transport: Any) -> tuple[str, list[str]]:
-    """The local folder of an artifact (small files fetched for remote ones) and its weight files' URIs.
+def locate(
+    root: str | os.PathLike[str], subfolder: str = "", variant: str | None = None, **transport: Any
+) -> tuple[str, list[str]]:
+    """The local folder of an artifact (small files fetched for remote ones) and its weight files' URIs (those of
+    ``variant`` when given).
 
     Raises:
-        UsageError: the artifact has no weights.
+        UsageError: the artifact has no weights (of ``variant``).
         SourceError: the artifact cannot be read.
+        ObjectChangedError: a file changed since the artifact's manifest recorded its version.
         FormatError: its manifest or shard index is malformed.
     """
     root = os.fspath(root)
-    folder = resolve(root, **transport)
+    folder = resolve(root, variant=variant, **transport)
     folder = os.path.join(folder, subfolder) if subfolder else folder
-    weights = weights_uris(folder, **transport)
+    weights = weights_uris(folder, variant, **transport)
     if not weights:
         where = redact(root) + (f" (subfolder {subfolder!r})" if subfolder else "")
-        raise UsageError(f"{where} has no {WEIGHTS_NAME} and no safetensors weights")
+        of = f" of variant {variant!r}" if variant else ""
+        raise UsageError(f"{where} has no {weights_name(variant)} and no safetensors weights{of}")
     return folder, weights
 
 
@@ -186,10 +201,11 @@ class OpenWeights:
 
 def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
     """Open every weight file of a load and read its index, concurrently and with one S3 client for all (a sharded
-    remote checkpoint costs a few round trips per shard: one after the other they add up). Nothing stays open on
-    failure.
+    remote checkpoint costs a few round trips per shard: one after the other they add up). A
+    :class:`~.versions.PinnedURI` opens at its recorded version. Nothing stays open on failure.
 
     Raises:
+        ObjectChangedError: a weight file changed since its artifact's manifest recorded its version.
         SourceError / FormatError: the first file that cannot be opened or parsed, or a tensor in two files.
     """
     stack = contextlib.ExitStack()
@@ -198,7 +214,7 @@ def open_weights(uris: list[str], **transport: Any) -> OpenWeights:
         sources: list[Source | None] = [None] * len(uris)
 
         def one(i: int) -> FileIndex:
-            sources[i] = src = open_source(uris[i], **shared)
+            sources[i] = src = open_pinned(uris[i], **shared)  # at the manifest's version, if it recorded one
             return read_index(src)
 
         try:

@@ -75,6 +75,10 @@ class Sink(abc.ABC):
 
     uri: str
     can_rewrite_head: bool = False
+    #: after :meth:`commit`, the version of the object written, as the store names it (``{"etag": ...,
+    #: "version_id": ...}`` on S3, ``{"commit": ...}`` on the Hub); None where the store keeps no versions (local
+    #: files). Artifact manifests record it so a load can pin every file to what was written.
+    committed_version: dict[str, str] | None = None
 
     @abc.abstractmethod
     def write(self, data: memoryview | bytes) -> None:

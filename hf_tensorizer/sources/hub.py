@@ -254,6 +254,7 @@ class HubSink(Sink):
 
     Attributes:
         commit_info: huggingface_hub's ``CommitInfo`` after :meth:`commit`.
+        committed_version: ``{"commit": <oid>}`` after :meth:`commit`.
 
     Raises:
         InvalidURIError: malformed URI or no path.
@@ -345,6 +346,8 @@ class HubSink(Sink):
                 raise
             raise hub_error(exc, self.uri, SinkError) from exc
         self._state = "committed"
+        oid = getattr(self.commit_info, "oid", None)
+        self.committed_version = {"commit": oid} if isinstance(oid, str) and oid else None
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def abort(self) -> None:

@@ -145,7 +145,7 @@ class S3Sink(Sink):
         try:
             if self.upload_id is None:  # under two parts: the held first part and the rest in one PUT
                 body = bytes(self._first or b"") + bytes(self._buf)
-                self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **self._extra)
+                resp = self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **self._extra)
             else:
                 if self._buf:
                     self._submit(self._part_number, self._buf)
@@ -155,7 +155,7 @@ class S3Sink(Sink):
                 self._first = None
                 self._wait_all()
                 parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-                self._client.complete_multipart_upload(
+                resp = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
                 )
         except BaseException as exc:
@@ -168,6 +168,9 @@ class S3Sink(Sink):
                 raise SinkError(f"{self.uri}: commit failed: {exc}") from exc
             raise
         self._state = "committed"
+        version = {"etag": resp.get("ETag"), "version_id": resp.get("VersionId")}
+        # "null" is what an unversioned (or suspended) bucket reports: no version to pin
+        self.committed_version = {k: v for k, v in version.items() if isinstance(v, str) and v and v != "null"} or None
         self._shutdown()
         self._release_client()
 
