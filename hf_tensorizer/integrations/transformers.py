@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import patches
+from . import patches, tensor_parallel
 from .options import TensorizerOptions, pop_options
 from .weights import Target, as_device, locate, open_weights, stream_to_devices
 
@@ -70,17 +70,25 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     device_map = load_config.device_map or {"": "cpu"}
     prefix = getattr(model, "base_model_prefix", None)
     targets: dict[str, Target] = {}
+    renamed_of: dict[str, str] = {}
     for key in placeholder:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = key, None
         if renamed not in meta_sd:
             continue  # unexpected: reported by transformers, never read
+        renamed_of[key] = renamed
         if pattern is not None and getattr(by_pattern.get(pattern), "force_cpu", False):
             targets[key] = (torch.device("cpu"), None)
         else:
             targets[key] = (as_device(get_device(device_map, renamed, valid_torch_device=True)), None)
     out: dict[str, Any] = dict(placeholder)  # unread keys keep their meta placeholder
+    # tensor parallel: tensors the plan shards go as lazy slices, each rank reads its shard when transformers cuts it
+    lazy, slice_metrics = tensor_parallel.split_sharded(placeholder.weights, placeholder.engine_options, meta_sd,
+                                                        renamed_of)  # fmt: skip
+    out.update(lazy)
+    placeholder.metrics += [slice_metrics] if slice_metrics is not None else []
+    targets = {k: v for k, v in targets.items() if k not in lazy}
     for d in stream_to_devices(placeholder.weights, targets, placeholder.engine_options):
         out.update(d.items())
         placeholder.metrics.append(d.metrics)
