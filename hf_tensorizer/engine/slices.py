@@ -22,8 +22,8 @@ import torch
 
 from ..errors import TensorizerError, UsageError
 from ..format.dtypes import dtype_name, element_size
-from ..format.safetensors import DTYPES as SAFETENSORS_DTYPES
 from ..format.index import FileIndex, TensorEntry
+from ..format.safetensors import DTYPES as SAFETENSORS_DTYPES
 from ..sources import Source
 from .memory import host_view
 from .pipeline import ChunkQueue, StageTimes, Transform, Verifier, run_threads
@@ -36,9 +36,11 @@ _SAFETENSORS_NAMES = {dtype_name(v): k for k, v in SAFETENSORS_DTYPES.items()}
 @dataclass
 class SliceMetrics:
     """What the slice reads of one load did: ``bytes`` read from the source, ``wanted`` bytes of the boxes
-    handed out (``bytes - wanted`` is the over-read), ``requests`` to the source, ``tensors`` boxes read."""
+    handed out (``bytes - wanted`` is the over-read), ``requests`` to the source, ``tensors`` boxes read, and
+    ``whole``: the full size of the tensors these slices belong to (what reading them whole would cost)."""
 
     bytes: int = 0
+    whole: int = 0
     wanted: int = 0
     requests: int = 0
     tensors: int = 0
@@ -60,8 +62,9 @@ class SliceMetrics:
         return self.bytes / self.wanted - 1.0 if self.wanted else 0.0
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"strategy": self.strategy, "bytes": self.bytes, "wanted": self.wanted, "requests": self.requests,
-                "tensors": self.tensors, "seconds": round(self.seconds, 6), "overread": round(self.overread, 6)}  # fmt: skip
+        return {"strategy": self.strategy, "bytes": self.bytes, "wanted": self.wanted, "whole": self.whole,
+                "requests": self.requests, "tensors": self.tensors, "seconds": round(self.seconds, 6),
+                "overread": round(self.overread, 6)}  # fmt: skip
 
 
 def normalize_box(shape: Sequence[int], key: Any) -> tuple[Ranges, list[int]] | None:

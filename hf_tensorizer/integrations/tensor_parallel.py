@@ -85,4 +85,5 @@ def split_sharded(weights: OpenWeights, engine: Mapping[str, Any], meta_sd: Mapp
     if not keys:
         return {}, None
     reader = ShardReader(weights, engine)
+    reader.metrics.whole = sum(weights.entry(k).length for k in keys)
     return {k: reader.slice(k) for k in keys}, reader.metrics

@@ -1,0 +1,95 @@
+"""One rank of a distributed test (started by tests/test_distributed.py with torchrun's environment variables).
+
+``python dist_worker.py SPEC.json``: SPEC holds ``out`` (a folder: this rank writes ``rank<N>.json`` there) and
+``jobs``, each ``{"kind": ..., ...}``; every job's result (or its error) goes into the rank's JSON. The process
+group is created here with a short timeout, so a peer that dies fails the collectives instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def _bytes(metrics: list[Any]) -> dict[str, int]:
+    sliced = [m for m in metrics if getattr(m, "strategy", "") == "slices"]
+    return {
+        "read": sum(m.bytes for m in metrics),
+        "replicated": sum(m.bytes for m in metrics if m not in sliced),
+        "sharded_read": sum(m.bytes for m in sliced),
+        "sharded_total": sum(m.whole for m in sliced),
+        "requests": sum(m.requests for m in sliced),
+    }
+
+
+def tp(job: dict[str, Any]) -> dict[str, Any]:
+    """Our TP load against stock transformers' TP load of the same weights from safetensors, and a plain load."""
+    import transformers
+
+    options = job.get("options", {})
+    ours = transformers.AutoModelForCausalLM.from_pretrained(job["uri"], tp_plan="auto", tensorizer_options=options)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(job["stock"], tp_plan="auto")
+    a, b = _logits(ours), _logits(stock)
+    single = transformers.AutoModelForCausalLM.from_pretrained(job["stock"])
+    c = _logits(single)
+    return {"identical": bool(torch.equal(a, b)), "vs_single": float((a - c).abs().max()),
+            **_bytes(ours.hf_tensorizer_metrics)}  # fmt: skip
+
+
+def replica(job: dict[str, Any]) -> dict[str, Any]:
+    """A replicated load (every rank gets every tensor), compared with a plain load of the local file."""
+    from hf_tensorizer import TensorDeserializer
+
+    kw = dict(job.get("options", {}))
+    if "dtype" in kw:
+        kw["dtype"] = getattr(torch, kw["dtype"])
+    with TensorDeserializer(job["uri"], distributed=True, **kw) as d:
+        got = dict(d)
+        metrics = d.metrics
+    plain = {k: v for k, v in kw.items() if k not in ("endpoint_url", "num_readers", "fail_rank")}
+    with TensorDeserializer(job["local"], **plain) as ref:
+        same = sorted(got) == sorted(ref) and all(
+            got[k].dtype == ref[k].dtype
+            and torch.equal(got[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8))
+            for k in ref
+        )
+    return {"identical": same, "read": metrics.bytes_read, "exchanged": metrics.bytes, "tensors": len(got)}
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout", 30)))
+    import hf_tensorizer
+
+    hf_tensorizer.enable()
+    results: dict[str, Any] = {}
+    for job in spec["jobs"]:
+        if job.get("die_rank") == rank:
+            os._exit(3)  # a rank that dies mid-job: the others must fail, not hang
+        try:
+            results[job["name"]] = {"tp": tp, "replica": replica}[job["kind"]](job)
+        except Exception as exc:
+            results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
