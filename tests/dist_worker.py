@@ -53,21 +53,29 @@ def tp(job: dict[str, Any]) -> dict[str, Any]:
 def replica(job: dict[str, Any]) -> dict[str, Any]:
     """A replicated load (every rank gets every tensor), compared with a plain load of the local file."""
     from hf_tensorizer import TensorDeserializer
+    from hf_tensorizer.crypto import EncryptionKey
 
+    rank = int(os.environ["RANK"])
     kw = dict(job.get("options", {}))
     if "dtype" in kw:
         kw["dtype"] = getattr(torch, kw["dtype"])
-    with TensorDeserializer(job["uri"], distributed=True, **kw) as d:
+    if "key" in kw:
+        kw["encryption"] = EncryptionKey(bytes.fromhex(kw.pop("key")))
+    if "filter" in kw:
+        kw["filter"] = list(kw["filter"])
+    uri = job.get("uris", {}).get(str(rank), job["uri"])
+    with TensorDeserializer(uri, distributed=True, **kw) as d:
         got = dict(d)
         metrics = d.metrics
-    plain = {k: v for k, v in kw.items() if k not in ("endpoint_url", "num_readers", "fail_rank")}
+    plain = {k: v for k, v in kw.items() if k not in ("endpoint_url", "num_readers", "chunk_bytes")}
     with TensorDeserializer(job["local"], **plain) as ref:
         same = sorted(got) == sorted(ref) and all(
-            got[k].dtype == ref[k].dtype
-            and torch.equal(got[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8))
+            got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape
+            and torch.equal(got[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8))
             for k in ref
-        )
-    return {"identical": same, "read": metrics.bytes_read, "exchanged": metrics.bytes, "tensors": len(got)}
+        )  # fmt: skip
+    return {"identical": same, "read": metrics.bytes_read, "loaded": metrics.bytes, "tensors": len(got),
+            "exchange_s": metrics.exchange_seconds}  # fmt: skip
 
 
 def main() -> None:

@@ -132,34 +132,112 @@ def _check_tp(per_rank: list[dict[str, Any]], world: int, total: int) -> None:
         assert res["read"] <= (res["replicated"] + res["sharded_total"] / world) * 1.05, res
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_reads_only_own_shards(artifacts: Path, tmp_path: Path, world: int) -> None:
-    jobs = [
+def _tp_jobs(artifacts: Path) -> list[dict[str, Any]]:
+    return [
         {"name": name, "kind": "tp", "uri": str(artifacts / name / "art"), "stock": str(artifacts / name / "stock")}
         for name in ("llama", "qwen2", "mixtral")
     ]
-    results = launch(tmp_path, world, jobs)
-    for name in ("llama", "qwen2", "mixtral"):
-        _check_tp(_ok(results, world, name), world, _data_bytes(artifacts / name / "art"))
 
 
-def test_tensor_parallel_from_http_and_s3(artifacts: Path, tmp_path: Path, http_server: Any, s3_client: Any,
-                                          s3_bucket: str, moto_s3: str) -> None:  # fmt: skip
+def _sent(http_server: Any, path_part: str) -> int:
+    return sum(_range_len(e["range"]) for e in http_server.log() if path_part in e["path"] and e["method"] == "GET")
+
+
+@pytest.fixture(scope="module")
+def replica_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A ~2 MB file of many tensors (plain, with small digest blocks) and its encrypted twin."""
+    from helpers import random_tensor, write_file
+
+    from hf_tensorizer.crypto import EncryptionKey
+
+    root = tmp_path_factory.mktemp("replica")
+    tensors = {f"t{i}": random_tensor(torch.float32, (97 + i * 31, 13), seed=i) for i in range(40)}
+    tensors["big"] = random_tensor(torch.bfloat16, (512, 1024), seed=99)
+    tensors["i"] = torch.arange(1000, dtype=torch.int64)
+    key = EncryptionKey.generate()
+    write_file(root / "plain.tensors", tensors, block_size=64 << 10)
+    write_file(root / "enc.tensors", tensors, block_size=64 << 10, encryption=key)
+    data = bytearray((root / "plain.tensors").read_bytes())
+    index = read_index(str(root / "plain.tensors"))
+    last = max(index.tensors.values(), key=lambda e: e.offset)
+    data[last.offset + 7] ^= 0xFF  # in the last rank's share
+    (root / "bad.tensors").write_bytes(bytes(data))
+    return {"root": root, "key": key.raw.hex(),
+            "data": sum(e.length for e in index.tensors.values())}  # fmt: skip
+
+
+def _replica_jobs(files: dict[str, Any], url: str) -> list[dict[str, Any]]:
+    root = files["root"]
+    local = str(root / "plain.tensors")
+    small = {"chunk_bytes": 128 << 10}
+    return [
+        {"name": "rep_http", "kind": "replica", "uri": url, "local": local, "options": small},
+        {"name": "rep_enc", "kind": "replica", "uri": str(root / "enc.tensors"), "local": str(root / "enc.tensors"),
+         "options": {"key": files["key"]}},
+        {"name": "rep_opts", "kind": "replica", "uri": local, "local": local,
+         "options": {"verify_hash": True, "dtype": "float16", "filter": ["big", "i", "t3", "t39"]}},
+    ]  # fmt: skip
+
+
+def _check_replicas(results: dict[int, Any], world: int, files: dict[str, Any], sent: int) -> None:
+    for name in ("rep_http", "rep_enc", "rep_opts"):
+        per_rank = _ok(results, world, name)
+        assert all(r["identical"] for r in per_rank), (name, per_rank)
+    http = _ok(results, world, "rep_http")
+    assert sum(r["read"] for r in http) <= files["data"] * 1.05, http  # the ranks split the file
+    assert max(r["read"] for r in http) <= files["data"] / world * 1.3, http
+    # what the server sent: ~1 x the file for N ranks (plus one header read per rank)
+    assert files["data"] <= sent <= files["data"] * 1.05 + world * (64 << 10), (sent, files["data"])
+
+
+def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Path, http_server: Any,
+                   s3_client: Any, s3_bucket: str, moto_s3: str) -> None:  # fmt: skip
     shutil.copytree(artifacts / "qwen2" / "art", http_server.dir / "qwen2")
+    url = http_server.write("replica.tensors", (replica_files["root"] / "plain.tensors").read_bytes())
     for f in (artifacts / "llama" / "art").iterdir():
         s3_client.upload_file(str(f), s3_bucket, f"llama/{f.name}")
     jobs = [
+        *_tp_jobs(artifacts),
         {"name": "http", "kind": "tp", "uri": http_server.url("qwen2"), "stock": str(artifacts / "qwen2" / "stock")},
         {"name": "s3", "kind": "tp", "uri": f"s3://{s3_bucket}/llama", "stock": str(artifacts / "llama" / "stock"),
          "options": {"endpoint_url": moto_s3}},
+        *_replica_jobs(replica_files, url),
     ]  # fmt: skip
     results = launch(tmp_path, 2, jobs)
+    for name in ("llama", "qwen2", "mixtral"):
+        _check_tp(_ok(results, 2, name), 2, _data_bytes(artifacts / name / "art"))
     _check_tp(_ok(results, 2, "http"), 2, _data_bytes(artifacts / "qwen2" / "art"))
     _check_tp(_ok(results, 2, "s3"), 2, _data_bytes(artifacts / "llama" / "art"))
-    # the server sent what the ranks say they read (plus the small files and the header reads)
-    sent = sum(_range_len(e["range"]) for e in http_server.log() if e["path"].endswith("model.tensors"))
+    # TP over HTTP: the server sent what the ranks say they read, plus their header reads
     per_rank = _ok(results, 2, "http")
+    sent = _sent(http_server, "qwen2/model.tensors")
     assert sum(r["read"] for r in per_rank) <= sent <= sum(r["read"] for r in per_rank) + 2 * (1 << 20)
+    _check_replicas(results, 2, replica_files, _sent(http_server, "replica.tensors"))
+
+
+def test_four_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Path, http_server: Any) -> None:
+    url = http_server.write("replica.tensors", (replica_files["root"] / "plain.tensors").read_bytes())
+    results = launch(tmp_path, 4, _tp_jobs(artifacts) + _replica_jobs(replica_files, url))
+    for name in ("llama", "qwen2", "mixtral"):
+        _check_tp(_ok(results, 4, name), 4, _data_bytes(artifacts / name / "art"))
+    _check_replicas(results, 4, replica_files, _sent(http_server, "replica.tensors"))
+
+
+def test_a_failing_rank_fails_every_rank(replica_files: dict[str, Any], tmp_path: Path) -> None:
+    root = replica_files["root"]
+    local = str(root / "plain.tensors")
+    jobs = [  # rank 1 reads a corrupted copy: its digest check fails, rank 0 is told
+        {"name": "raises", "kind": "replica", "uri": local, "uris": {"1": str(root / "bad.tensors")}, "local": local,
+         "options": {"verify_hash": True}},
+        {"name": "dies", "kind": "replica", "uri": local, "local": local, "die_rank": 1},
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    results = launch(tmp_path, 2, jobs, timeout=20)
+    assert time.monotonic() - t0 < LAUNCH_TIMEOUT_S
+    assert results[1] is None  # it died
+    assert results[0] is not None, results[-1][0][-3000:]
+    assert results[0]["raises"]["error"].startswith("DistributedError: rank 1 failed"), results[0]["raises"]
+    assert results[0]["dies"]["error"].startswith("DistributedError"), results[0]["dies"]
 
 
 def _range_len(header: str | None) -> int:
@@ -167,3 +245,13 @@ def _range_len(header: str | None) -> int:
         return 0
     a, b = header.split("=")[1].split("-")
     return int(b) - int(a) + 1
+
+
+def test_distributed_needs_a_process_group(replica_files: dict[str, Any]) -> None:
+    from hf_tensorizer import TensorDeserializer
+    from hf_tensorizer.errors import UsageError
+
+    with pytest.raises(UsageError, match="process group"):
+        TensorDeserializer(replica_files["root"] / "plain.tensors", distributed=True)
+    with pytest.raises(UsageError, match="lazy"):
+        TensorDeserializer(replica_files["root"] / "plain.tensors", distributed=True, lazy=True)
