@@ -27,9 +27,10 @@ def _logits(model: Any) -> torch.Tensor:
 
 def _bytes(metrics: list[Any]) -> dict[str, int]:
     sliced = [m for m in metrics if getattr(m, "strategy", "") == "slices"]
+    whole = [m for m in metrics if m not in sliced]
     return {
-        "read": sum(m.bytes for m in metrics),
-        "replicated": sum(m.bytes for m in metrics if m not in sliced),
+        "read": sum(m.bytes for m in sliced) + sum(m.bytes_read for m in whole),
+        "replicated": sum(m.bytes for m in whole),
         "sharded_read": sum(m.bytes for m in sliced),
         "sharded_total": sum(m.whole for m in sliced),
         "requests": sum(m.requests for m in sliced),
@@ -41,8 +42,9 @@ def tp(job: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     options = job.get("options", {})
-    ours = transformers.AutoModelForCausalLM.from_pretrained(job["uri"], tp_plan="auto", tensorizer_options=options)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(job["stock"], tp_plan="auto")
+    tp_plan = {"tp_plan": "auto"} if job.get("tp", True) else {}
+    ours = transformers.AutoModelForCausalLM.from_pretrained(job["uri"], tensorizer_options=options, **tp_plan)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(job["stock"], **tp_plan)
     a, b = _logits(ours), _logits(stock)
     single = transformers.AutoModelForCausalLM.from_pretrained(job["stock"])
     c = _logits(single)

@@ -202,6 +202,11 @@ def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pat
         {"name": "s3", "kind": "tp", "uri": f"s3://{s3_bucket}/llama", "stock": str(artifacts / "llama" / "stock"),
          "options": {"endpoint_url": moto_s3}},
         *_replica_jobs(replica_files, url),
+        # tensorizer_options={"distributed": True}: data-parallel replicas, and the replicated part of a TP load
+        {"name": "dp", "kind": "tp", "tp": False, "uri": str(artifacts / "llama" / "art"),
+         "stock": str(artifacts / "llama" / "stock"), "options": {"distributed": True}},
+        {"name": "tp_rep", "kind": "tp", "uri": str(artifacts / "qwen2" / "art"),
+         "stock": str(artifacts / "qwen2" / "stock"), "options": {"distributed": True}},
     ]  # fmt: skip
     results = launch(tmp_path, 2, jobs)
     for name in ("llama", "qwen2", "mixtral"):
@@ -213,6 +218,13 @@ def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pat
     sent = _sent(http_server, "qwen2/model.tensors")
     assert sum(r["read"] for r in per_rank) <= sent <= sum(r["read"] for r in per_rank) + 2 * (1 << 20)
     _check_replicas(results, 2, replica_files, _sent(http_server, "replica.tensors"))
+    llama = _data_bytes(artifacts / "llama" / "art")
+    for res in _ok(results, 2, "dp"):
+        assert res["identical"] and res["vs_single"] == 0.0, res
+        assert res["replicated"] == llama and res["read"] <= llama / 2 * 1.3, res
+    for res in _ok(results, 2, "tp_rep"):
+        assert res["identical"], res
+        assert res["read"] <= (res["replicated"] + res["sharded_total"]) / 2 * 1.3, res
 
 
 def test_four_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Path, http_server: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import DistributedError, UsageError
+from ..format.index import TensorEntry
 from .memory import as_bytes
 from .pipeline import StageTimes
 from .plan import Chunk, Piece
@@ -38,6 +39,14 @@ def group_of(process_group: Any) -> tuple[Any, int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise UsageError("distributed=True needs an initialised torch.distributed process group (torchrun)")
     return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def split_unit(entries: Sequence[TensorEntry], unit: int, process_group: Any = None) -> int:
+    """The read unit of a replicated load: at most ``unit``, small enough for ~4 chunks per rank (a small file
+    still spreads over the ranks), at least 64 KiB. The same on every rank (it depends on the plan only)."""
+    world = group_of(process_group)[2]
+    total = sum(e.length for e in entries if e.alias is None)
+    return max(64 << 10, min(unit, total // (4 * world) // 4096 * 4096))
 
 
 def owners(chunks: Sequence[Chunk], world: int) -> list[int]:

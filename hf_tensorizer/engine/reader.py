@@ -17,7 +17,7 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
-from .distributed import load_replicated
+from .distributed import load_replicated, split_unit
 from .header import read_index
 from .mapping import FileMapping, run_parallel
 from .memory import host_view
@@ -284,6 +284,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
+        if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
+            unit = split_unit(todo, unit, self.process_group)
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
         # pinning pages in place needs disjoint page-aligned windows; everything else splits per tensor
