@@ -80,6 +80,23 @@ def replica(job: dict[str, Any]) -> dict[str, Any]:
             "exchange_s": metrics.exchange_seconds}  # fmt: skip
 
 
+def docs(job: dict[str, Any]) -> dict[str, Any]:
+    """Every python block of docs/distributed.md, run verbatim with ``sys.argv[1]`` = the artifact."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    argv = sys.argv
+    try:
+        for block in blocks:
+            sys.argv = ["load.py", job["uri"]]
+            exec(compile(block, "docs/distributed.md", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+    return {"blocks": len(blocks)}
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -93,7 +110,7 @@ def main() -> None:
         if job.get("die_rank") == rank:
             os._exit(3)  # a rank that dies mid-job: the others must fail, not hang
         try:
-            results[job["name"]] = {"tp": tp, "replica": replica}[job["kind"]](job)
+            results[job["name"]] = {"tp": tp, "replica": replica, "docs": docs}[job["kind"]](job)
         except Exception as exc:
             results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:

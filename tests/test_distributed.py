@@ -205,6 +205,7 @@ def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pat
         # tensorizer_options={"distributed": True}: data-parallel replicas, and the replicated part of a TP load
         {"name": "dp", "kind": "tp", "tp": False, "uri": str(artifacts / "llama" / "art"),
          "stock": str(artifacts / "llama" / "stock"), "options": {"distributed": True}},
+        {"name": "docs", "kind": "docs", "uri": str(artifacts / "llama" / "art")},
         {"name": "tp_rep", "kind": "tp", "uri": str(artifacts / "qwen2" / "art"),
          "stock": str(artifacts / "qwen2" / "stock"), "options": {"distributed": True}},
     ]  # fmt: skip
@@ -222,6 +223,7 @@ def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pat
     for res in _ok(results, 2, "dp"):
         assert res["identical"] and res["vs_single"] == 0.0, res
         assert res["replicated"] == llama and res["read"] <= llama / 2 * 1.3, res
+    assert [r["blocks"] for r in _ok(results, 2, "docs")] == [2, 2]  # docs/distributed.md's examples ran
     for res in _ok(results, 2, "tp_rep"):
         assert res["identical"], res
         assert res["read"] <= (res["replicated"] + res["sharded_total"]) / 2 * 1.3, res

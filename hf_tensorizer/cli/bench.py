@@ -1,5 +1,8 @@
 """``hf-tensorizer bench``: our loader against its peers on this machine, warm and cold (docs/benchmarks.md).
 
+``hf-tensorizer bench dist``: distributed loads (tensor parallel, replicas) for N ranks from a bandwidth-capped
+server.
+
 ``hf-tensorizer bench ttr``: time to ready, from interpreter start to a model's first forward pass, in fresh
 processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained`` and the raw loader.
 """
@@ -12,14 +15,14 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import ttr
+    from ..bench import dist, ttr
     from ..bench.runner import add_bench_arguments, bench_main
 
     p = sub.add_parser("bench", help="compare load speed with safetensors, transformers and other loaders",
                        description=describe(__doc__))  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr}", required=False)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,dist}", required=False)
     t = modes.add_parser(
         "ttr",
         help="time to ready: interpreter start to first forward, ours vs stock vs raw",
@@ -28,3 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     ttr.add_ttr_arguments(t)
     t.set_defaults(func=ttr.ttr_main)
+    d = modes.add_parser(
+        "dist",
+        help="distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server",
+        description=describe(dist.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dist.add_dist_arguments(d)
+    d.set_defaults(func=dist.dist_main)
