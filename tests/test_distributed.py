@@ -269,3 +269,14 @@ def test_distributed_needs_a_process_group(replica_files: dict[str, Any]) -> Non
         TensorDeserializer(replica_files["root"] / "plain.tensors", distributed=True)
     with pytest.raises(UsageError, match="lazy"):
         TensorDeserializer(replica_files["root"] / "plain.tensors", distributed=True, lazy=True)
+
+
+def test_owners_are_contiguous_and_balanced() -> None:
+    from hf_tensorizer.engine.distributed import owners
+    from hf_tensorizer.engine.plan import Chunk
+
+    chunks = [Chunk(i * 100, 100) for i in range(10)]
+    assert owners(chunks, 2) == [0] * 5 + [1] * 5
+    assert owners(chunks, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert owners(chunks[:1], 4) == [2]  # fewer chunks than ranks: some ranks read nothing, still exchange
+    assert owners([], 3) == []
