@@ -212,6 +212,7 @@ def test_two_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pat
     results = launch(tmp_path, 2, jobs)
     for name in ("llama", "qwen2", "mixtral"):
         _check_tp(_ok(results, 2, name), 2, _data_bytes(artifacts / name / "art"))
+    assert all(r["requests"] <= 40 for r in _ok(results, 2, "llama")), _ok(results, 2, "llama")
     _check_tp(_ok(results, 2, "http"), 2, _data_bytes(artifacts / "qwen2" / "art"))
     _check_tp(_ok(results, 2, "s3"), 2, _data_bytes(artifacts / "llama" / "art"))
     # TP over HTTP: the server sent what the ranks say they read, plus their header reads
@@ -234,6 +235,9 @@ def test_four_ranks(artifacts: Path, replica_files: dict[str, Any], tmp_path: Pa
     results = launch(tmp_path, 4, _tp_jobs(artifacts) + _replica_jobs(replica_files, url))
     for name in ("llama", "qwen2", "mixtral"):
         _check_tp(_ok(results, 4, name), 4, _data_bytes(artifacts / name / "art"))
+    # rowwise (Shard(1)) tensors are read by contiguous rows and all-gathered: a few requests per tensor, not one
+    # per row (64 rows per o_proj/down_proj here, 4 of them)
+    assert all(r["requests"] <= 40 for r in _ok(results, 4, "llama")), _ok(results, 4, "llama")
     _check_replicas(results, 4, replica_files, _sent(http_server, "replica.tensors"))
 
 

@@ -94,6 +94,20 @@ def load_replicated(
     device = next(iter(dests.values())).device if dests else torch.device("cpu")
     comm = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     t0 = time.perf_counter()
+    agree(error, group, comm)
+    try:
+        _exchange(chunks, owner, dests, group, comm)
+    except Exception as exc:
+        raise DistributedError(f"rank {rank}: exchange with the other ranks failed: {exc}") from exc
+    return times, sum(c.length for c in mine), time.perf_counter() - t0
+
+
+def agree(error: BaseException | None, group: Any, comm: torch.device) -> None:
+    """Every rank says whether its read succeeded; raise the own error, or :class:`DistributedError` naming the
+    first rank that failed, on every rank (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
     try:
         status = torch.tensor([0 if error is None else rank + 1], dtype=torch.int64, device=comm)
         dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
@@ -103,11 +117,55 @@ def load_replicated(
         raise error
     if int(status.item()):
         raise DistributedError(f"rank {int(status.item()) - 1} failed to read its share of the file; see its log")
+
+
+def comm_device(process_group: Any = None) -> torch.device:
+    """Where the group's collectives run: the current CUDA device for NCCL, else the host."""
+    import torch.distributed as dist
+
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(read_rows: Callable[[int, int], torch.Tensor], shape: Sequence[int], dtype: torch.dtype,
+                process_group: Any = None) -> torch.Tensor:  # fmt: skip
+    """The whole tensor on every rank, each rank reading ~1/N of its rows (one contiguous range) and the ranks
+    all-gathering the rest. A collective: every rank calls it for the same tensors in the same order.
+
+    Args:
+        read_rows: ``read_rows(start, stop)`` reads rows ``[start, stop)`` of the tensor (a CPU tensor).
+        shape: the tensor's shape (at least one dimension).
+        dtype: its dtype.
+        process_group: the ranks sharing the read (default: the default group).
+
+    Returns:
+        The tensor, on the collectives' device (:func:`comm_device`).
+
+    Raises:
+        DistributedError: another rank failed, or the ranks lost each other.
+    """
+    import torch.distributed as dist
+
+    group, rank, world = group_of(process_group)
+    comm = comm_device(group)
+    rows = shape[0]
+    per = -(-rows // world)
+    a, b = min(rows, rank * per), min(rows, (rank + 1) * per)
+    block = torch.zeros((per, *shape[1:]), dtype=dtype, device=comm)
+    error: BaseException | None = None
     try:
-        _exchange(chunks, owner, dests, group, comm)
+        if b > a:
+            block[: b - a].copy_(read_rows(a, b))
     except Exception as exc:
-        raise DistributedError(f"rank {rank}: exchange with the other ranks failed: {exc}") from exc
-    return times, sum(c.length for c in mine), time.perf_counter() - t0
+        error = exc
+    agree(error, group, comm)
+    parts = [torch.empty_like(block) for _ in range(world)]
+    try:  # as bytes: every backend moves uint8, not every one bf16/fp8
+        dist.all_gather([as_bytes(p) for p in parts], as_bytes(block), group=group)
+    except Exception as exc:
+        raise DistributedError(f"rank {rank}: all-gather of rows failed: {exc}") from exc
+    return torch.cat(parts)[:rows]
 
 
 def _exchange(chunks: Sequence[Chunk], owner: list[int], dests: dict[str, torch.Tensor], group: Any,

@@ -41,6 +41,7 @@ class SliceMetrics:
 
     bytes: int = 0
     whole: int = 0
+    exchange_seconds: float = 0.0  # rows read cooperatively: all-gathering them between the ranks
     wanted: int = 0
     requests: int = 0
     tensors: int = 0
@@ -64,6 +65,7 @@ class SliceMetrics:
     def as_dict(self) -> dict[str, float | int | str]:
         return {"strategy": self.strategy, "bytes": self.bytes, "wanted": self.wanted, "whole": self.whole,
                 "requests": self.requests, "tensors": self.tensors, "seconds": round(self.seconds, 6),
+                "exchange_seconds": round(self.exchange_seconds, 6),
                 "overread": round(self.overread, 6)}  # fmt: skip
 
 
@@ -297,13 +299,14 @@ class TensorSlice:
         box = normalize_box(self.entry.shape, key)
         packed = self.entry.length != self.entry.numel * element_size(self.entry.dtype)
         if box is None or packed:  # sub-byte packed dtypes and exotic keys: whole tensor, indexed in memory
-            whole = self._read([(0, n) for n in self.entry.shape])
+            whole = self.read([(0, n) for n in self.entry.shape])
             return whole[key]
         ranges, dropped = box
-        t = self._read(ranges)
+        t = self.read(ranges)
         return t.squeeze(dropped) if dropped else t
 
-    def _read(self, ranges: Ranges) -> torch.Tensor:
+    def read(self, ranges: Ranges) -> torch.Tensor:
+        """The box ``ranges`` (``[start, stop)`` per dimension) as a new CPU tensor, read from the source."""
         if len(ranges) != len(self.entry.shape):
             raise UsageError(f"{self.name}: box of {len(ranges)} dimensions for shape {self.entry.shape}")
         t0 = time.perf_counter()
