@@ -139,12 +139,16 @@ class Request:
     parts: list[tuple[int, int, int]]
 
 
-def coalesce(segments: Sequence[tuple[int, int]], max_gap: int, max_request: int = 64 << 20) -> list[Request]:
+MAX_REQUEST = 4 << 20  # large boxes are cut into requests of this size, read in parallel by the reader threads
+
+
+def coalesce(segments: Sequence[tuple[int, int]], max_gap: int, max_request: int = MAX_REQUEST) -> list[Request]:
     """Merge segments into requests: a gap of at most ``max_gap`` bytes is read rather than cut, while a request
-    stays under ``max_request`` bytes (so large boxes still spread over the reader threads)."""
+    stays under ``max_request`` bytes; longer segments are cut (so large boxes spread over the reader threads)."""
     out: list[Request] = []
     pos = 0
-    for off, length in segments:
+    cut = ((off + a, min(max_request, length - a)) for off, length in segments for a in range(0, length, max_request))
+    for off, length in cut:
         last = out[-1] if out else None
         if last is not None and off - last.end <= max_gap and off + length - last.start <= max_request:
             last.parts.append((off, length, pos))
