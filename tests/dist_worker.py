@@ -22,7 +22,7 @@ INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
 
 def _logits(model: Any) -> torch.Tensor:
     with torch.no_grad():
-        return model(INPUT).logits
+        return model(INPUT.to(model.device)).logits.cpu()
 
 
 def _bytes(metrics: list[Any]) -> dict[str, int]:
@@ -66,8 +66,9 @@ def replica(job: dict[str, Any]) -> dict[str, Any]:
     if "filter" in kw:
         kw["filter"] = list(kw["filter"])
     uri = job.get("uris", {}).get(str(rank), job["uri"])
-    with TensorDeserializer(uri, distributed=True, **kw) as d:
-        got = dict(d)
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if job.get("cuda") else "cpu"
+    with TensorDeserializer(uri, distributed=True, device=device, **kw) as d:
+        got = {k: v.cpu() for k, v in d.items()}
         metrics = d.metrics
     plain = {k: v for k, v in kw.items() if k not in ("endpoint_url", "num_readers", "chunk_bytes")}
     with TensorDeserializer(job["local"], **plain) as ref:
@@ -101,7 +102,10 @@ def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout", 30)))
+    backend = spec.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec.get("timeout", 30)))
     import hf_tensorizer
 
     hf_tensorizer.enable()

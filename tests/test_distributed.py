@@ -74,12 +74,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, world: int, jobs: list[dict[str, Any]], *, timeout: int = 30) -> dict[int, Any]:
+def launch(tmp: Path, world: int, jobs: list[dict[str, Any]], *, timeout: int = 30,
+           backend: str = "gloo") -> dict[int, Any]:  # fmt: skip
     """Run ``jobs`` on ``world`` ranks; returns each rank's results (``None`` for a rank that wrote none)."""
     out = tmp / f"out-{time.monotonic_ns()}"
     out.mkdir()
     spec = tmp / f"{out.name}.json"
-    spec.write_text(json.dumps({"out": str(out), "jobs": jobs, "timeout": timeout}))
+    spec.write_text(json.dumps({"out": str(out), "jobs": jobs, "timeout": timeout, "backend": backend}))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HF_TENSORIZER_CACHE=str(tmp / "cache"), TRANSFORMERS_VERBOSITY="error")  # fmt: skip
@@ -284,3 +285,20 @@ def test_owners_are_contiguous_and_balanced() -> None:
     assert owners(chunks, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     assert owners(chunks[:1], 4) == [2]  # fewer chunks than ranks: some ranks read nothing, still exchange
     assert owners([], 3) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
+def test_nccl_two_gpus(artifacts: Path, replica_files: dict[str, Any], tmp_path: Path) -> None:
+    local = str(replica_files["root"] / "plain.tensors")
+    jobs = [
+        *_tp_jobs(artifacts),
+        {"name": "rep", "kind": "replica", "uri": local, "local": local, "cuda": True},
+        {"name": "rep_opts", "kind": "replica", "uri": local, "local": local, "cuda": True,
+         "options": {"verify_hash": True, "dtype": "float16"}},
+    ]  # fmt: skip
+    results = launch(tmp_path, 2, jobs, backend="nccl", timeout=60)
+    for name in ("llama", "qwen2", "mixtral"):
+        for res in _ok(results, 2, name):
+            assert res["identical"] and res["vs_single"] < 1e-3, res
+    for name in ("rep", "rep_opts"):
+        assert all(r["identical"] for r in _ok(results, 2, name))
