@@ -32,6 +32,9 @@ STAGING_BYTES = _env_int("HF_TENSORIZER_STAGING_BYTES", 512 * MiB)  # pinned poo
 PREWARM = _env_int("HF_TENSORIZER_PREWARM", 1)
 CHUNK_BYTES = _env_int("HF_TENSORIZER_CHUNK_BYTES", 8 * MiB)  # measured best on an H200 (docs/benchmarks.md)
 NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU count
+# tensor-parallel slice reads: the largest gap between two row segments read rather than cut into two requests
+# (0: exact bytes, one request per segment; raise it for remote sources where requests cost more than bytes)
+SLICE_MAX_GAP = _env_int("HF_TENSORIZER_SLICE_MAX_GAP", 0)
 
 
 def staging_allocation_default() -> str:

@@ -108,6 +108,10 @@ class SinkError(TensorizerError, OSError):
     """Writing to a destination failed; nothing partial was left behind."""
 
 
+class DistributedError(TensorizerError):
+    """A distributed load failed on another rank, or the ranks lost each other (a peer died or timed out)."""
+
+
 # --- usage -----------------------------------------------------------------------------------------
 
 

@@ -70,7 +70,8 @@ error_log {tmp}/error.log warn;
 {user}
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    log_format sent '$body_bytes_sent $uri';
+    {access_log}
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -83,8 +84,9 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{sndbuf};
         root {root};
+        {limit_rate}
         location / {{ }}
         # the same folder as an anonymous, path-style S3 bucket: GET/HEAD /BUCKET/key with Range and If-Match
         # (nginx answers both for static files) is all an unsigned boto3 read of an object needs
@@ -95,7 +97,8 @@ http {{
 
 
 @contextmanager
-def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") -> Iterator[tuple[str, str]]:
+def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto", *, limit_rate: str | None = None,
+                access_log: Path | None = None) -> Iterator[tuple[str, str]]:  # fmt: skip
     """Serve ``root`` on 127.0.0.1; yields ``(base_url, description)``. Stops the server on exit.
 
     nginx also serves ``root`` as the anonymous, path-style S3 bucket :data:`NGINX_BUCKET` at ``base_url``:
@@ -105,6 +108,9 @@ def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") ->
         root: the directory served.
         kind: ``"nginx"`` (a generated config in a temporary directory) or ``"stdlib"`` (tests/servers/http_range.py).
         workers: nginx ``worker_processes``.
+        limit_rate: nginx ``limit_rate`` (bytes/s per connection, e.g. ``"10m"``): a bandwidth cap per client
+            connection (nginx only).
+        access_log: a file nginx appends ``<body bytes sent> <uri>`` to for every request (nginx only).
     """
     if kind == "stdlib":
         script = ROOT / "tests" / "servers" / "http_range.py"
@@ -126,8 +132,13 @@ def http_server(root: Path, kind: str = "nginx", workers: int | str = "auto") ->
         port = _free_port()
         user = "user root root;" if os.geteuid() == 0 else ""  # workers must read root-owned checkpoints
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, user=user, port=port, root=root.resolve(),
-                                          bucket=NGINX_BUCKET))  # fmt: skip
+        conf.write_text(NGINX_CONF.format(
+            workers=workers, tmp=tmp, user=user, port=port, root=root.resolve(), bucket=NGINX_BUCKET,
+            sndbuf=" sndbuf=64k" if limit_rate else "",
+            access_log=f"access_log {access_log} sent;" if access_log else "access_log off;",
+            # small send buffers and sendfile steps: otherwise a whole socket buffer leaves before the cap applies
+            limit_rate=f"limit_rate {limit_rate}; sendfile_max_chunk 64k;" if limit_rate else "",
+        ))  # fmt: skip
         proc = subprocess.Popen([nginx, "-c", str(conf), "-p", tmp], stderr=subprocess.DEVNULL)
         try:
             _wait_port(port, proc, "nginx")

@@ -58,6 +58,8 @@ class LoadMetrics:
     strategy: str = ""
     chunks: int = 0
     staging_peak_bytes: int = 0
+    bytes_read: int = 0  # from the source by this process (gaps included; a replicated load's share)
+    exchange_seconds: float = 0.0  # replicated loads: waiting for and exchanging with the other ranks
     stages: StageTimes = field(default_factory=StageTimes)
 
     @property
@@ -72,7 +74,8 @@ class LoadMetrics:
         out: dict[str, float | int | str] = {
             "bytes": self.bytes, "tensors": self.tensors, "seconds": round(self.seconds, 6),
             "gbps": round(self.gbps, 3), "threads": self.threads, "strategy": self.strategy,
-            "chunks": self.chunks, "staging_peak_bytes": self.staging_peak_bytes,
+            "chunks": self.chunks, "staging_peak_bytes": self.staging_peak_bytes, "bytes_read": self.bytes_read,
+            "exchange_seconds": round(self.exchange_seconds, 6),
         }  # fmt: skip
         for stage in (f.name for f in fields(self.stages)):
             busy = getattr(self.stages, stage)

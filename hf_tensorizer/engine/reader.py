@@ -17,12 +17,13 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
+from .distributed import load_replicated, split_unit
 from .header import read_index
 from .mapping import FileMapping, run_parallel
 from .memory import host_view
 from .modules import LoadInfo, fill_module
-from .pipeline import LoadMetrics, Transform, Verifier, load_cpu, load_registered, load_staged
-from .plan import plan_chunks, plan_windows
+from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
+from .plan import Chunk, plan_chunks, plan_windows
 from .prewarm import prewarm
 from .staging import PAGE, StagingPool, pool_shape
 
@@ -79,6 +80,10 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             key (given or set) for a file that is not encrypted raises ``DecryptionError`` (no silent downgrade).
         index: the index of ``source``, when the caller already read it from this same open source
             (``read_index(source)``): saves reading the header again (a request, for remote sources).
+        distributed: replicas over torch.distributed: every rank of ``process_group`` calls this with the same
+            file and options, reads ~1/N of the bytes from the source and receives the rest from the other ranks
+            (``engine.distributed``; docs/distributed.md). Needs an initialised process group; not ``lazy``.
+        process_group: the ranks sharing the load (default: the default group).
         **source_options: passed to the transport when ``source`` is a URI.
 
     Raises:
@@ -107,6 +112,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         transform: Transform | None = None,
         encryption: KeySpec | Literal[False] | None = None,
         index: FileIndex | None = None,
+        distributed: bool = False,
+        process_group: Any = None,
         **source_options: Any,
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
@@ -144,6 +151,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             self.staging_allocation = staging_allocation or staging_allocation_default()
             self.strategy = strategy
             self.mmap = mmap
+            self.distributed, self.process_group = distributed, process_group
+            if distributed:
+                _check_distributed(lazy, mmap, strategy, process_group)
             self.transform = transform
             if (mmap or strategy == "mmap") and (
                 self.device.type != "cpu" or self._source.fileno() is None or transform is not None
@@ -220,7 +230,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         todo = [e for e in data.values() if e.name not in self._tensors]
         metrics = LoadMetrics(threads=self.num_readers)
         metrics.strategy = self._pick_strategy(todo)
-        loaded = self._load_mmap(todo) if metrics.strategy == "mmap" else self._load_streamed(todo, metrics)
+        if metrics.strategy == "mmap":
+            loaded = self._load_mmap(todo)
+            metrics.bytes_read = sum(e.length for e in todo)
+        else:
+            loaded = self._load_streamed(todo, metrics)
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -241,6 +255,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self.metrics.tensors += m.tensors
         self.metrics.seconds += m.seconds
         self.metrics.chunks += m.chunks
+        self.metrics.bytes_read += m.bytes_read
+        self.metrics.exchange_seconds += m.exchange_seconds
         self.metrics.stages.add(m.stages)
 
     def _finish(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor:
@@ -253,6 +269,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         fd = self._source.fileno()
         if self.mmap:
             return "mmap"
+        if self.distributed and self.strategy == "auto":
+            return "pread"  # every rank must plan the same chunks, whatever its page cache holds
         if self.strategy != "auto":
             if self.strategy in ("odirect", "register") and fd is None:
                 raise UsageError(f"strategy {self.strategy!r} needs a local file")
@@ -271,6 +289,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
+        if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
+            unit = split_unit(todo, unit, self.process_group)
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
         # pinning pages in place needs disjoint page-aligned windows; everything else splits per tensor
@@ -285,8 +305,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         verifier = Verifier(self.index) if self.verify_hash else None
         threads = self.num_readers
         if self.device.type == "cpu" and strategy == "pread":
-            metrics.stages = load_cpu(self._source, chunks, dests, threads=threads, verifier=verifier,
-                                      transform=self.transform)  # fmt: skip
+            self._run(chunks, dests, metrics, lambda part: load_cpu(
+                self._source, part, dests, threads=threads, verifier=verifier, transform=self.transform))  # fmt: skip
             return dests
         if strategy == "register":
             fd = self._source.fileno()
@@ -303,13 +323,24 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         pool = StagingPool(buffer_bytes, max_buffers, pin=self.device.type == "cuda",
                            allocation=self.staging_allocation)  # fmt: skip
         try:
-            metrics.stages = load_staged(self._source, chunks, dests, threads=threads, pool=pool, verifier=verifier,
-                                         transform=self.transform, direct_fd=direct_fd,
-                                         file_size=self._source.size)  # fmt: skip
+            self._run(chunks, dests, metrics, lambda part: load_staged(
+                self._source, part, dests, threads=threads, pool=pool, verifier=verifier, transform=self.transform,
+                direct_fd=direct_fd, file_size=self._source.size))  # fmt: skip
             metrics.staging_peak_bytes = pool.peak_allocated * buffer_bytes
         finally:
             pool.close()
         return dests
+
+    def _run(self, chunks: list[Chunk], dests: dict[str, torch.Tensor], metrics: LoadMetrics,
+             read: Callable[[list[Chunk]], StageTimes]) -> None:  # fmt: skip
+        """Read ``chunks`` into ``dests`` with ``read``, or, replicated, this rank's share and exchange the rest."""
+        if not self.distributed:
+            metrics.stages = read(chunks)
+            metrics.bytes_read = sum(c.length for c in chunks)
+            return
+        metrics.stages, metrics.bytes_read, metrics.exchange_seconds = load_replicated(
+            chunks, dests, read, self.process_group
+        )
 
     def _load_mmap(self, todo: list[TensorEntry]) -> dict[str, torch.Tensor]:
         """Views of one private mapping of the file (copies for unaligned tensors), pages faulted in now."""
@@ -401,6 +432,16 @@ def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> 
         torch.empty(total, dtype=torch.uint8, device=device)
     except torch.cuda.OutOfMemoryError:
         pass
+
+
+def _check_distributed(lazy: bool, mmap: bool, strategy: str, process_group: Any) -> None:
+    from .distributed import group_of
+
+    if lazy:
+        raise UsageError("distributed=True loads every tensor at once on every rank (lazy=False)")
+    if mmap or strategy in ("mmap", "register"):
+        raise UsageError("distributed=True reads into new tensors: strategy 'pread' or 'odirect'")
+    group_of(process_group)
 
 
 def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int | None, chunk_bytes: int | None,

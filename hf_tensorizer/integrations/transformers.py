@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..engine.prewarm import prewarm
-from . import patches, quantized
+from . import patches, quantized, tensor_parallel
 from .options import TensorizerOptions, pop_options
 from .weights import Target, as_device, locate, open_weights, stream_to_devices
 
@@ -74,6 +74,7 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     targets: dict[str, Target] = {}
     rebuilt = non_persistent_buffer_names(model)
     skipped: list[str] = []
+    renamed_of: dict[str, str] = {}
     for key in placeholder:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
@@ -82,6 +83,7 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
             if renamed in rebuilt or key in rebuilt:
                 skipped.append(key)  # upstream write_module stores them; transformers rebuilds them from the config
             continue  # unexpected: reported by transformers, never read
+        renamed_of[key] = renamed
         if pattern is not None and getattr(by_pattern.get(pattern), "force_cpu", False):
             targets[key] = (torch.device("cpu"), None)
         else:
@@ -90,6 +92,12 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
     if quantized.quantizes_on_load(load_config.hf_quantizer):  # read as the quantizer asks: no full-precision copy
         return {**out, **quantized.lazy_tensors(placeholder.weights, targets, placeholder.engine_options,
                                                 placeholder.metrics)}  # fmt: skip
+    # tensor parallel: tensors the plan shards go as lazy slices, each rank reads its shard when transformers cuts it
+    lazy, slice_metrics = tensor_parallel.split_sharded(placeholder.weights, placeholder.engine_options, meta_sd,
+                                                        renamed_of)  # fmt: skip
+    out.update(lazy)
+    placeholder.metrics += [slice_metrics] if slice_metrics is not None else []
+    targets = {k: v for k, v in targets.items() if k not in lazy}
     for d in stream_to_devices(placeholder.weights, targets, placeholder.engine_options):
         out.update(d.items())
         placeholder.metrics.append(d.metrics)
