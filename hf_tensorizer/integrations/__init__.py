@@ -13,7 +13,8 @@ Where things live:
 - :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
 - :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
 - :mod:`.publish` — writing an artifact; :mod:`.push` — publishing it to the Hub;
-- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers` — the libraries' load and save paths;
+- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers`, :mod:`.peft` — the libraries' load and
+  save paths;
 - :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it patches.
 """
 
@@ -57,7 +58,9 @@ def enable() -> None:
     Patched: ``PreTrainedModel.from_pretrained`` / ``save_pretrained(..., tensorized=True)`` /
     ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs, tokenizers
     and generation configs (a remote artifact URI is fetched to a local folder first), and of the processor /
-    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise.
+    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise;
+    peft's adapter loading (``PeftModel.from_pretrained`` / ``load_adapter``, ``PeftConfig.from_pretrained``,
+    transformers' ``load_adapter``: :mod:`.peft`).
     Processor classes and diffusers are patched when they are imported, if that happens after ``enable()``
     (importing them costs 1.5 s and 0.3 s, which a program that never uses them should not pay). Calls nest: the
     hooks stay until every ``enable()`` is matched by :func:`disable`.
@@ -76,6 +79,13 @@ def enable() -> None:
                 hooks.patch_diffusers()
             else:
                 after_import(["diffusers"], hooks.patch_diffusers)
+        if _depth == 0 and _available("peft"):
+            from . import peft
+
+            if "peft" in sys.modules:
+                peft.patch_peft()
+            else:
+                after_import(["peft"], peft.patch_peft)
         _depth += 1
 
 
