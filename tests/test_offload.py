@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from hf_tensorizer.errors import ObjectChangedError  # noqa: E402
 from hf_tensorizer.integrations.offload import Deferred  # noqa: E402
 
 INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
@@ -91,12 +93,26 @@ def test_disk_entries_remote_and_encrypted(saved: tuple[Any, Path, Path], http_s
     from hf_tensorizer.integrations.transformers_save import save_tensorized
 
     save_tensorized(ref, http_server.dir / "enc", encryption=key)
+    save_tensorized(ref, http_server.dir / "plain")
+    model = transformers.AutoModelForCausalLM.from_pretrained(http_server.url("plain"), device_map=DEVICE_MAP)
+    assert torch.equal(_logits(model), expected)  # fetched on first use, into the cache
+    cached = list((Path(os.environ["HF_TENSORIZER_CACHE"]) / "offload").rglob("*.bin"))
+    assert len(cached) == len(model.hf_tensorizer_offloaded)
+    requests = len(http_server.log())
+    assert torch.equal(_logits(model), expected)  # then mapped from there: no more requests
+    assert len(http_server.log()) == requests
+    assert not any(p.name.endswith(".tmp") for p in cached[0].parent.iterdir())
+    shutil.rmtree(Path(os.environ["HF_TENSORIZER_CACHE"]) / "offload")
+    save_tensorized(ref, http_server.dir / "plain", metadata={"version": "2"})  # rewritten after the load
+    with pytest.raises(ObjectChangedError):  # never a mix of two versions
+        _logits(model)
     local = f"file://{http_server.dir / 'enc'}"
     cases = [(http_server.url("enc"), {"encryption": key}), (local, {"encryption": key, "verify_hash": True})]
-    for uri, opts in cases:  # remote and encrypted files are read through the engine
+    for uri, opts in cases:  # encrypted files are read through the engine on each use, never cached
         model = transformers.AutoModelForCausalLM.from_pretrained(uri, device_map=DEVICE_MAP, tensorizer_options=opts)
         assert torch.equal(_logits(model), expected)
         assert model.hf_tensorizer_offloaded.reads == len(model.hf_tensorizer_offloaded)
+    assert not list((Path(os.environ["HF_TENSORIZER_CACHE"]) / "offload").rglob("*.bin"))  # no plaintext on disk
 
 
 def test_deferred_never_stored() -> None:
@@ -157,3 +173,30 @@ def test_peak_memory_bounded(tmp_path: Path) -> None:
     assert grew < 0.4 * layer_bytes, (
         f"peak RSS grew by {grew >> 20} MiB for {layer_bytes >> 20} MiB of offloaded layers"
     )
+
+
+def test_diffusers_disk_entries(tmp_path: Path, hf_enabled: None) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32,
+    ).eval()  # fmt: skip
+    ref.save_pretrained(tmp_path / "unet", tensorized=True)
+    device_map = {name: "cpu" for name, _ in ref.named_children()}
+    device_map.update({"down_blocks": "disk", "up_blocks": "disk"})
+    (tmp_path / "offload").mkdir()
+    model = diffusers.UNet2DConditionModel.from_pretrained(
+        tmp_path / "unet", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(sample, 10, text).sample
+        assert torch.equal(model(sample, 10, text).sample, expected)
+    assert list((tmp_path / "offload").iterdir()) == []
+    served = model.hf_tensorizer_offloaded
+    assert set(served) == {k for k in ref.state_dict() if k.startswith(("down_blocks.", "up_blocks."))}
+    assert served.reads == len(served)
+    assert model.down_blocks[0].resnets[0].conv1.weight.is_meta

@@ -11,28 +11,34 @@ Stock transformers reads a safetensors checkpoint's offloaded weights in place (
    which returns a tensor when accelerate's hook asks for it before a forward, and drops it after.
 
 A local, unencrypted file is memory-mapped per request (the tensor is a view of a fresh private mapping, unmapped
-when accelerate drops the tensor after the forward: resident memory stays bounded by the modules in use); an
-encrypted or remote file is read through the engine on each request (decrypted, and verified when
-``verify_hash`` is on). Weights that transformers converts on load (fused MoE experts) are re-saved into
-``offload_folder`` as stock does.
+when accelerate drops the tensor after the forward: resident memory stays bounded by the modules in use). A
+remote one is fetched through the engine on first use (verified when ``verify_hash`` is on) into
+``cache_root()/offload/`` and mapped from there afterwards. An encrypted file is read and decrypted through the
+engine on each use: its plaintext never reaches the disk. Weights that transformers converts on load (fused MoE
+experts) are re-saved into ``offload_folder`` as stock does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..engine import TensorDeserializer
 from ..engine.mapping import FileMapping
-from ..format.index import FileIndex
-from ..sources.uri import is_remote, local_path
+from ..errors import ObjectChangedError
+from ..format.index import FileIndex, TensorEntry
+from ..sources.uri import is_remote, local_path, redact
 from . import patches
+from .cache import cache_root
 
 # The offload index of the tensorized load running in this context (None: not ours, stock behaviour).
 _INDEX: contextvars.ContextVar[dict[str, dict[str, str]] | None] = contextvars.ContextVar(
@@ -80,20 +86,33 @@ class ArtifactWeights(Mapping[str, torch.Tensor]):
         entry = index.tensors[name]
         if entry.alias is not None:
             name, entry = entry.alias, index.tensors[entry.alias]
-        mappable = not is_remote(uri) and index.encryption is None and entry.crypt is None
-        if mappable and not self.engine.get("verify_hash"):
-            fd = os.open(local_path(uri), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:  # a fresh mapping per request: unmapped when the tensor is dropped after the forward
-                tensor = FileMapping(fd, os.fstat(fd).st_size).tensor(entry)
-            finally:
-                os.close(fd)
-        else:
-            engine = {k: v for k, v in self.engine.items() if k not in ("strategy", "mmap")}
-            with TensorDeserializer(uri, device="cpu", filter=[name], **engine, **self.transport) as d:
-                tensor = d[name]
+        plain = index.encryption is None and entry.crypt is None
+        if entry.numel == 0:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        elif plain and not is_remote(uri) and not self.engine.get("verify_hash"):
+            tensor = _mapped(local_path(uri), entry)
+        elif plain and is_remote(uri):  # fetched once (through the engine: verified when asked), then mapped
+            path = _cache_path(uri, index, name)
+            if not os.path.isfile(path):
+                _store(path, self._read(uri, index, name))
+            tensor = _mapped(path, replace(entry, offset=0))
+        else:  # encrypted: decrypted on each use, never written to disk in the clear
+            tensor = self._read(uri, index, name)
         self.reads += 1
         want = self.dtypes.get(key)
         return tensor.to(want) if want is not None and tensor.dtype != want else tensor
+
+    def _read(self, uri: str, index: FileIndex, name: str) -> torch.Tensor:
+        """Tensor ``name`` through the engine, from the file as it was at load time.
+
+        Raises:
+            ObjectChangedError: the file was rewritten since the load read its index.
+        """
+        engine = {k: v for k, v in self.engine.items() if k not in ("strategy", "mmap", "lazy")}
+        with TensorDeserializer(uri, device="cpu", filter=[name], lazy=True, **engine, **self.transport) as d:
+            if d.index.raw_index != index.raw_index:
+                raise ObjectChangedError(f"{redact(uri)} changed since the model was loaded; load it again")
+            return d[name]
 
     def __contains__(self, key: object) -> bool:
         return key in self.where
@@ -103,6 +122,37 @@ class ArtifactWeights(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.where)
+
+
+def _mapped(path: str, entry: TensorEntry) -> torch.Tensor:
+    """``entry`` of the file at ``path`` as a view of a fresh private mapping of it: unmapped, and out of the
+    process's resident memory, once accelerate drops the tensor after the forward."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return FileMapping(fd, os.fstat(fd).st_size).tensor(entry)
+    finally:
+        os.close(fd)
+
+
+def _cache_path(uri: str, index: FileIndex, name: str) -> str:
+    """Where a remote tensor is kept once fetched: keyed by the file's URI and index (a rewritten file has another
+    index: its digests, offsets or sizes differ) and the tensor's name."""
+    file_key = hashlib.sha256(uri.encode() + b"\0" + hashlib.sha256(index.raw_index).digest()).hexdigest()[:24]
+    return os.path.join(cache_root(), "offload", file_key, hashlib.sha256(name.encode()).hexdigest()[:32] + ".bin")
+
+
+def _store(path: str, tensor: torch.Tensor) -> None:
+    """Write ``tensor``'s bytes to ``path`` atomically (a concurrent reader sees all of it or nothing)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def offload_index(where: Mapping[str, tuple[str, FileIndex, str]], model: Any) -> dict[str, dict[str, str]]:
