@@ -200,3 +200,21 @@ def test_diffusers_disk_entries(tmp_path: Path, hf_enabled: None) -> None:
     assert set(served) == {k for k in ref.state_dict() if k.startswith(("down_blocks.", "up_blocks."))}
     assert served.reads == len(served)
     assert model.down_blocks[0].resnets[0].conv1.weight.is_meta
+
+
+def test_adapters_on_disk_offloaded_models_are_refused(saved: tuple[Any, Path, Path], tmp_path: Path,
+                                                       hf_enabled: None) -> None:  # fmt: skip
+    """peft re-dispatches disk-offloaded models by rewriting safetensors files, and stock ``load_adapter`` ignores
+    disk-offloaded modules: a clear error instead of a crash inside safetensors or wrong outputs."""
+    peft = pytest.importorskip("peft")
+    from hf_tensorizer.errors import UsageError
+
+    ref, _, tz = saved
+    torch.manual_seed(1)
+    adapter = peft.get_peft_model(ref, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tz, device_map=DEVICE_MAP)
+    with pytest.raises(UsageError, match="disk"):
+        peft.PeftModel.from_pretrained(model, f"file://{tmp_path / 'adapter'}")
+    with pytest.raises(UsageError, match="disk"):
+        model.load_adapter(f"file://{tmp_path / 'adapter'}")

@@ -208,7 +208,18 @@ def _peft_model() -> type:
     return PeftModel
 
 
+def _refuse_disk_offloaded(model: Any) -> None:
+    """peft re-dispatches a disk-offloaded model by rewriting its safetensors files with renamed keys: it cannot do
+    that with weights read from an artifact, so say so instead of failing inside safetensors."""
+    if getattr(model, "hf_tensorizer_offloaded", None) is not None:
+        raise UsageError(
+            "PeftModel adapters on a base model with device_map 'disk' entries loaded through hf_tensorizer are not "
+            "supported; offload to 'cpu' instead, or use the model's own load_adapter"
+        )
+
+
 def _peft_from_pretrained(cls: type, model: Any, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_disk_offloaded(model)
     options = _options_of(kwargs)
     stock = patches.stock(_peft_model(), "from_pretrained").__func__
     if not is_ours(model_id, kwargs.get("subfolder")):
@@ -219,6 +230,7 @@ def _peft_from_pretrained(cls: type, model: Any, model_id: Any, *args: Any, **kw
 
 
 def _peft_load_adapter(self: Any, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_disk_offloaded(self.get_base_model())
     options = _options_of(kwargs)
     stock = patches.stock(_peft_model(), "load_adapter")
     if not is_ours(model_id, kwargs.get("subfolder")):
@@ -250,6 +262,9 @@ def _transformers_load_adapter(self: Any, peft_model_id: Any = None, *args: Any,
     subfolder = adapter_kwargs.pop("subfolder", None)
     if not is_ours(peft_model_id, subfolder) or kwargs.get("adapter_state_dict") is not None:
         return stock(self, peft_model_id, *args, **kwargs)
+    if "disk" in (getattr(self, "hf_device_map", None) or {}).values():
+        # stock load_adapter neither places adapters on disk-offloaded modules nor takes a state dict for them
+        raise UsageError("load_adapter on a model with device_map 'disk' entries is not supported; use 'cpu' offload")
     folder = resolve_adapter(peft_model_id, subfolder, **options.transport)
     kwargs["adapter_kwargs"] = adapter_kwargs
     if kwargs.get("peft_config") is None:
