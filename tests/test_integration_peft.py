@@ -147,3 +147,58 @@ def test_disable_restores_peft(hf_enabled: None) -> None:
         assert peft_model.load_peft_weights.__module__ == "peft.utils.save_and_load"
     finally:
         hf_tensorizer.enable()
+
+
+_LATE_IMPORT = """
+import sys
+import hf_tensorizer
+from hf_tensorizer.integrations import patches
+
+hf_tensorizer.enable()  # before peft is imported
+assert "peft" not in sys.modules
+import peft
+from peft import peft_model
+
+assert patches.is_patched(peft.PeftModel, "from_pretrained") and patches.is_patched(peft_model, "load_peft_weights")
+hf_tensorizer.disable()
+assert peft_model.load_peft_weights.__module__ == "peft.utils.save_and_load"
+assert not patches.is_patched(peft.PeftModel, "from_pretrained")
+print("patched after import")
+"""
+
+
+def test_peft_imported_after_enable_is_patched(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_TENSORIZER_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _LATE_IMPORT], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "patched after import" in out.stdout, out.stderr[-2000:]
+
+
+def test_hub_adapter(stock_folder: Path, reference: torch.Tensor, hub_server: Any, hf_enabled: None) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    api.create_repo("tester/lora")
+    commit = api.upload_folder(folder_path=str(stock_folder), repo_id="tester/lora")
+    _check_all_entry_points("hf://tester/lora", reference)
+    # the branch root is pinned to its commit: config and weights come from one version
+    from hf_tensorizer.integrations.peft import adapter_weights, resolve_adapter
+
+    assert adapter_weights(resolve_adapter("hf://tester/lora")) == [
+        f"hf://tester/lora@{commit.oid}/adapter_model.safetensors"
+    ]
+
+
+def test_encrypted_adapter(stock_folder: Path, reference: torch.Tensor, tmp_path: Path, hf_enabled: None) -> None:
+    from hf_tensorizer.crypto import EncryptionKey
+    from hf_tensorizer.errors import MissingKeyError
+
+    key = EncryptionKey.generate()
+    model = peft.PeftModel.from_pretrained(_base(), str(stock_folder))
+    model.save_pretrained(tmp_path / "enc", tensorized=True, encryption=key)
+    opts = {"tensorizer_options": {"encryption": key, "verify_hash": True}}
+    _check_all_entry_points(str(tmp_path / "enc"), reference, **opts)
+    with pytest.raises(MissingKeyError):
+        peft.PeftModel.from_pretrained(_base(), str(tmp_path / "enc"))

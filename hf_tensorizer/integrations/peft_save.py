@@ -9,6 +9,7 @@ so the detour costs little and keeps the saved content exactly stock.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -40,7 +41,8 @@ def save_adapter_tensorized(
         stock_save: peft's own ``save_pretrained`` (called into a temporary folder).
         tensorizer_options: transport options for a remote ``dest``.
         metadata: extra string metadata stored in each weights file.
-        **kwargs: stock ``save_pretrained`` arguments (``selected_adapters``, ``save_embedding_layers``, ...).
+        **kwargs: :class:`~hf_tensorizer.TensorSerializer` arguments (``encryption``, ``digest``, ...) and stock
+            ``save_pretrained`` arguments (``selected_adapters``, ``save_embedding_layers``, ...).
 
     Returns:
         ``dest`` as a string.
@@ -51,6 +53,8 @@ def save_adapter_tensorized(
     from safetensors.torch import load_file
 
     dest = os.fspath(dest)
+    known = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "dest", "sink_options"}
+    serializer = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
     kwargs["safe_serialization"] = True
     scratch = tempfile.mkdtemp(prefix="hf_tensorizer-adapter-")
     try:
@@ -66,7 +70,7 @@ def save_adapter_tensorized(
                 target_rel = f"{folder}/{ADAPTER_TENSORS}" if folder else ADAPTER_TENSORS
                 target = join(dest, target_rel) if staging.remote else os.path.join(staging.folder, target_rel)
                 meta = {"format": "pt", "hf_tensorizer.layout": "peft", **(metadata or {})}
-                with TensorSerializer(target, metadata=meta, **staging.transport) as s:
+                with TensorSerializer(target, metadata=meta, **serializer, **staging.transport) as s:
                     s.write_state_dict(load_file(os.path.join(scratch, rel)))
                 weights.append(target_rel)
             staging.publish(weights, "peft")
