@@ -139,7 +139,8 @@ def _hooked_load_pretrained_model(model: Any, state_dict: Any, checkpoint_files:
     if not isinstance(state_dict, TensorizedStateDict):
         return stock(model, state_dict, checkpoint_files, load_config, *a, **kw)
     placeholder, disk = state_dict, {}
-    state_dict = stream_state_dict(model, placeholder, load_config, disk)
+    # quantized loads keep stock disk offload (their weights change on load, so they are re-saved anyway)
+    state_dict = stream_state_dict(model, placeholder, load_config, disk if load_config.hf_quantizer is None else None)
     if not disk:
         return stock(model, state_dict, checkpoint_files, load_config, *a, **kw)
     weights = placeholder.weights
