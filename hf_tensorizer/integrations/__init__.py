@@ -18,8 +18,9 @@ Where things live:
 - :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
 - :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
 - :mod:`.publish` — writing an artifact; :mod:`.push` — publishing it to the Hub;
-- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers` — the libraries' load and save paths;
-  :mod:`.quantized`, :mod:`.diffusers_quantized` — pre-quantized checkpoints and quantize-on-load;
+- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers`, :mod:`.peft` / :mod:`.peft_save` — the
+  libraries' load and save paths; :mod:`.quantized`, :mod:`.diffusers_quantized` — pre-quantized checkpoints and
+  quantize-on-load; :mod:`.offload` — ``"disk"`` device-map entries read from the artifact itself;
   :mod:`.extra_files` — the source folder's other files kept in an artifact;
 - :mod:`.switch`, :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it
   patches.

@@ -21,12 +21,12 @@ import torch
 from ..engine import TensorSerializer
 from ..errors import UsageError
 from ..sources.uri import redact
-from . import diffusers_quantized, patches
+from . import diffusers_quantized, offload, patches
 from .cache import resolve
 from .options import pipeline_options, pop_options, transport_only
 from .publish import ArtifactWriter
 from .routing import reached_through
-from .weights import OpenWeights, Target, device_for, locate, open_weights, stream_to_devices
+from .weights import OpenWeights, Target, device_for, locate, open_weights, placement, stream_to_devices
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
@@ -42,9 +42,10 @@ def _stream(
     keep_fp32: Any,
     device_map: dict[str, Any],
     engine: dict[str, Any],
+    disk: dict[str, torch.dtype | None],
 ) -> tuple[list[str], list[str]]:
     """Load the open ``weights`` into ``model`` on their devices and dtypes; returns the (missing, unexpected)
-    keys."""
+    keys. Tensors placed on ``"disk"`` are not read: ``disk`` gets their names and dtypes (:mod:`.offload`)."""
     expected = list(model.state_dict(keep_vars=True).keys())
     targets: dict[str, Target] = {}
     for key in expected:
@@ -55,6 +56,9 @@ def _stream(
             target = torch.float32
         if target is not None and not weights.entry(key).dtype.is_floating_point:
             target = None
+        if placement(device_map, key) == "disk":
+            disk[key] = target
+            continue
         targets[key] = (device_for(device_map, key), target)
     for d in stream_to_devices(weights, targets, engine):
         d.load_into_module(model, strict=False)
@@ -118,23 +122,32 @@ def load_model(cls: type, pretrained_model_name_or_path: Any, **kwargs: Any) -> 
 
     # each weight file opened once for its index and every group: a remote object is pinned once, so groups
     # cannot mix versions
+    disk: dict[str, torch.dtype | None] = {}
     with open_weights(weights, **options.transport) as opened:  # names and dtypes; the loads authenticate
         if quantizer is None:
-            missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, dict(options.engine))
+            missing, unexpected = _stream(model, opened, dtype, keep_fp32, device_map, dict(options.engine), disk)
         else:  # quantized as they stream, a window at a time
             missing, unexpected = diffusers_quantized.stream(model, opened, quantizer, dtype, keep_fp32, device_map,
                                                              dict(options.engine))  # fmt: skip
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        where = {k: (opened.sources[opened.file_of[k]].uri, opened.indexes[opened.file_of[k]], k) for k in disk}
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and n not in where]
     if still_meta:
         raise UsageError(f"{redact(root)} lacks weights the model needs: {still_meta[:10]}")
     # buffers were built on the CPU (non-persistent ones are never in the file): move them to their device
     for name, buf in list(model.named_buffers()):
-        device = device_for(device_map, name)
+        if name in where:
+            continue  # read on use, like the parameters
+        device = torch.device("cpu") if placement(device_map, name) == "disk" else device_for(device_map, name)
         if buf.device != device:
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name)
             owner._buffers[attr] = buf.to(device)
-    if len({str(v) for v in device_map.values()}) > 1:
+    if where:  # as stock transformers does for safetensors: accelerate's offload index names the file, no copy
+        accelerate.dispatch_model(model, device_map=device_map, offload_index=offload.offload_index(where, model))
+        offloaded = offload.ArtifactWeights(where, disk, options.transport, options.engine)
+        offload.attach(model, offloaded)
+        model.hf_tensorizer_offloaded = offloaded
+    elif len({str(v) for v in device_map.values()}) > 1:
         accelerate.dispatch_model(model, device_map=device_map)
     model.register_to_config(_name_or_path=root)
     if quantizer is not None:

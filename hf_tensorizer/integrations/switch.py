@@ -24,7 +24,9 @@ def enable() -> None:
     Patched: ``PreTrainedModel.from_pretrained`` / ``save_pretrained(..., tensorized=True)`` /
     ``push_to_hub(..., tensorized=True)``; the ``from_pretrained`` of the Auto model classes, configs, tokenizers
     and generation configs (a remote artifact URI is fetched to a local folder first), and of the processor /
-    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise.
+    image processor / feature extractor classes; diffusers' ``ModelMixin`` and ``DiffusionPipeline`` likewise;
+    peft's adapter loading (``PeftModel.from_pretrained`` / ``load_adapter``, ``PeftConfig.from_pretrained``,
+    transformers' ``load_adapter``: :mod:`.peft`).
     Processor classes and diffusers are patched when they are imported, if that happens after ``enable()``
     (importing them costs 1.5 s and 0.3 s, which a program that never uses them should not pay). Calls nest: the
     hooks stay until every ``enable()`` is matched by :func:`disable`.
@@ -43,6 +45,13 @@ def enable() -> None:
                 hooks.patch_diffusers()
             else:
                 after_import(["diffusers"], hooks.patch_diffusers)
+        if _depth == 0 and _available("peft"):
+            from . import peft
+
+            if "peft" in sys.modules:
+                peft.patch_peft()
+            else:
+                after_import(["peft"], peft.patch_peft)
         _depth += 1
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..engine.prewarm import prewarm
-from . import patches, quantized, tensor_parallel
+from . import offload, patches, quantized, tensor_parallel
 from .options import TensorizerOptions, pop_options
 from .weights import Target, as_device, locate, open_weights, stream_to_devices
 
@@ -47,15 +47,21 @@ class TensorizedStateDict(dict):
             e = self.weights.entry(name)
             self[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
         self.engine_options = dict(options.engine)
+        self.transport = dict(options.transport)
         self.metrics: list[Any] = []
+        self.offloaded: offload.ArtifactWeights | None = None  # the "disk" entries of the device map, if any
 
     def close(self) -> None:
         """Close the weight sources (connections, descriptors)."""
         self.weights.close()
 
 
-def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, load_config: Any) -> dict[str, Any]:
+def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, load_config: Any,
+                      disk: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Load the tensors of ``placeholder`` onto the devices ``load_config.device_map`` assigns them.
+
+    With ``disk`` given, tensors whose module is on ``"disk"`` (and that transformers does not convert) are not
+    read: they get a :class:`~.offload.Deferred` placeholder and ``disk`` maps their model key to their file key.
 
     Keys are mapped to model keys with transformers' own ``rename_source_key`` (prefix handling, renamings,
     converters), so placement matches what transformers will do with the tensors; a converter that runs on the
@@ -86,9 +92,12 @@ def stream_state_dict(model: torch.nn.Module, placeholder: TensorizedStateDict, 
         renamed_of[key] = renamed
         if pattern is not None and getattr(by_pattern.get(pattern), "force_cpu", False):
             targets[key] = (torch.device("cpu"), None)
+        elif disk is not None and pattern is None and get_device(device_map, renamed) == "disk":
+            disk[renamed] = key  # read from the artifact when accelerate's offload hook asks for it
         else:
             targets[key] = (as_device(get_device(device_map, renamed, valid_torch_device=True)), None)
     out: dict[str, Any] = {k: v for k, v in placeholder.items() if k not in skipped}  # unread: meta placeholder
+    out.update({key: offload.Deferred(renamed) for renamed, key in (disk or {}).items()})
     if quantized.quantizes_on_load(load_config.hf_quantizer):  # read as the quantizer asks: no full-precision copy
         return {**out, **quantized.lazy_tensors(placeholder.weights, targets, placeholder.engine_options,
                                                 placeholder.metrics)}  # fmt: skip
@@ -137,11 +146,24 @@ def _pretrained_model() -> type:
 
 def _hooked_load_pretrained_model(model: Any, state_dict: Any, checkpoint_files: Any, load_config: Any, *a: Any,
                                   **kw: Any) -> Any:  # fmt: skip
-    if isinstance(state_dict, TensorizedStateDict):
-        quantized.prepare_quantizer(load_config.hf_quantizer, state_dict.weights)
-        state_dict = stream_state_dict(model, state_dict, load_config)
-    stock = patches.stock(_pretrained_model(), "_load_pretrained_model")
-    return stock.__func__(model, state_dict, checkpoint_files, load_config, *a, **kw)
+    stock = patches.stock(_pretrained_model(), "_load_pretrained_model").__func__
+    if not isinstance(state_dict, TensorizedStateDict):
+        return stock(model, state_dict, checkpoint_files, load_config, *a, **kw)
+    placeholder, disk = state_dict, {}
+    quantized.prepare_quantizer(load_config.hf_quantizer, placeholder.weights)
+    # quantized loads keep stock disk offload (their weights change on load, so they are re-saved anyway)
+    state_dict = stream_state_dict(model, placeholder, load_config, disk if load_config.hf_quantizer is None else None)
+    if not disk:
+        return stock(model, state_dict, checkpoint_files, load_config, *a, **kw)
+    weights = placeholder.weights
+    where = {
+        t: (weights.sources[weights.file_of[k]].uri, weights.indexes[weights.file_of[k]], k) for t, k in disk.items()
+    }
+    meta = model.state_dict()
+    dtypes = {t: meta[t].dtype for t in disk}
+    placeholder.offloaded = offload.ArtifactWeights(where, dtypes, placeholder.transport, placeholder.engine_options)
+    with offload.providing(offload.offload_index(where, model)):  # transformers neither reads nor re-saves them
+        return stock(model, state_dict, checkpoint_files, load_config, *a, **kw)
 
 
 def install_load_hook() -> None:
@@ -149,6 +171,7 @@ def install_load_hook() -> None:
     cls = _pretrained_model()
     if not patches.is_patched(cls, "_load_pretrained_model"):
         patches.replace(cls, "_load_pretrained_model", staticmethod(_hooked_load_pretrained_model))
+    offload.install()
 
 
 def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
@@ -183,6 +206,9 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
     finally:
         placeholder.close()
     model = result[0] if isinstance(result, tuple) else result
+    if placeholder.offloaded is not None:
+        offload.attach(model, placeholder.offloaded)  # accelerate's offload hooks read from the artifact
+        model.hf_tensorizer_offloaded = placeholder.offloaded
     model.config.name_or_path = root
     model.name_or_path = root
     gen_file = os.path.join(folder, "generation_config.json")

@@ -267,17 +267,18 @@ def as_device(value: Any) -> torch.device:
     """A ``device_map`` value as a device (an int is a CUDA ordinal).
 
     Raises:
-        UsageError: ``"disk"`` (offload is not supported for tensorized loads).
+        UsageError: ``"disk"`` (no device: callers read those weights through :mod:`.offload`).
     """
     if value == "disk":
-        raise UsageError("device_map with 'disk' offload is not supported for tensorized loads")
+        raise UsageError("'disk' is not a device: disk-offloaded weights are read on use (integrations.offload)")
     if isinstance(value, int):
         return torch.device("cuda", value)
     return torch.device(value)
 
 
-def device_for(device_map: Mapping[str, Any], name: str) -> torch.device:
-    """The device of tensor ``name``: the value of the longest module prefix of ``name`` in ``device_map``.
+def placement(device_map: Mapping[str, Any], name: str) -> Any:
+    """The ``device_map`` value for tensor ``name`` (a device, an ordinal or ``"disk"``): the value of the longest
+    module prefix of ``name`` in ``device_map``.
 
     Raises:
         UsageError: no entry places ``name``.
@@ -286,8 +287,17 @@ def device_for(device_map: Mapping[str, Any], name: str) -> torch.device:
     for i in range(len(parts), -1, -1):
         prefix = ".".join(parts[:i])
         if prefix in device_map:
-            return as_device(device_map[prefix])
+            return device_map[prefix]
     raise UsageError(f"device_map does not place {name!r}")
+
+
+def device_for(device_map: Mapping[str, Any], name: str) -> torch.device:
+    """The device of tensor ``name`` (:func:`placement`, as a device).
+
+    Raises:
+        UsageError: no entry places ``name``, or it is on ``"disk"``.
+    """
+    return as_device(placement(device_map, name))
 
 
 def load_safetensors_state_dict(
