@@ -9,6 +9,7 @@ VENV=${HF_TENSORIZER_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 setup() {
+  local extras=$1  # the project's extras to install: dev for the demo and benchmarks; dev,quant for the tests
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
@@ -21,15 +22,16 @@ setup() {
       "${pip[@]}" torch==2.13.0
     fi
   fi
-  if [ ! -f "$VENV/.hf_tensorizer-installed" ] || [ pyproject.toml -nt "$VENV/.hf_tensorizer-installed" ]; then
-    "${pip[@]}" -e ".[dev]"
-    touch "$VENV/.hf_tensorizer-installed"
+  local stamp="$VENV/.hf_tensorizer-installed-${extras//,/-}"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "${pip[@]}" -e ".[$extras]"
+    touch "$stamp"
   fi
 }
 
 cmd=${1:-demo}
 shift || true
-setup
+if [ "$cmd" = test ]; then setup dev,quant; else setup dev; fi
 case "$cmd" in
   demo) exec "$VENV/bin/hf-tensorizer" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q -n 2 --timeout 600 "$@" ;;

@@ -55,6 +55,31 @@ def test_auto_maps_a_plain_local_file(plain: tuple[Path, dict[str, torch.Tensor]
         assert d.metrics.strategy == "mmap"
 
 
+def test_auto_reads_a_cold_file_in_parallel(tmp_path: Path) -> None:
+    """Out of the page cache, parallel reads beat faulting a mapping in (docs/benchmarks.md): auto reads; once the
+    file is cached again, it maps. (8 MiB: reading the header must not make the file count as cached.)"""
+    from hf_tensorizer.engine import pagecache
+
+    tensors = {**_tensors(), "large": random_tensor(torch.float32, (2048, 1024), 9)}
+    path = tmp_path / "large.tensors"
+    write_file(path, tensors)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+    pagecache.evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        resident = pagecache.resident_fraction(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if resident is None or resident >= 0.5:
+        pytest.skip("this filesystem keeps the file cached (tmpfs?): cannot make it cold")
+    with TensorDeserializer(path) as d:
+        assert d.metrics.strategy == "pread"
+        _check(d, tensors)
+    with TensorDeserializer(path) as d:  # the read above cached it
+        assert d.metrics.strategy == "mmap"
+
+
 def test_auto_reads_in_parallel_when_it_cannot_map(plain: tuple[Path, dict[str, torch.Tensor]], http_server) -> None:
     path, tensors = plain
     with TensorDeserializer(path, strategy="pread") as d:  # the parallel-read path, forced

@@ -278,9 +278,14 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 raise UsageError("strategy 'register' needs a CUDA device and an unencrypted file")
             return self.strategy
         if self.device.type == "cpu":
-            # zero-copy needs the file's own bytes as the tensors: local, not decrypted, not cast
+            # zero-copy needs the file's own bytes as the tensors: local, not decrypted, not cast; and in the page
+            # cache: cold, parallel reads beat faulting the mapping in (2-core VM, 0.92 GB: 1.5 GB/s against 0.4-0.9,
+            # torch.load(mmap) 1.5; docs/benchmarks.md)
             cast = self.dtype is not None and any(is_floating(e.dtype) and e.dtype != self.dtype for e in todo)
-            return "mmap" if fd is not None and self.transform is None and not cast else "pread"
+            if fd is None or self.transform is not None or cast:
+                return "pread"
+            resident = pagecache.resident_fraction(fd, self._source.size)
+            return "pread" if resident is not None and resident < 0.5 else "mmap"
         if fd is None:
             return "pread"
         resident = pagecache.resident_fraction(fd, self._source.size)
@@ -364,7 +369,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
         else:
             # faulting pages in is CPU work (page tables): more threads than cores only contend (2-core VM, 0.92 GB
-            # warm: 2 threads 18 GB/s, 4 threads 14; cold the same within noise; docs/benchmarks.md)
+            # warm: 2 threads 18 GB/s, 4 threads 14; docs/benchmarks.md)
             mapping.populate(todo, min(self.num_readers, os.cpu_count() or 1))
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
