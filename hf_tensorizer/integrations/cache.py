@@ -9,11 +9,13 @@ or ``~/.cache/hf_tensorizer``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import FormatError, SourceError
@@ -108,11 +110,8 @@ def _fetch(root: str, variant: str | None, **options: Any) -> str:
     else:
         files, weights = probe(root, first_error, variant=variant, **options)
     weights.setdefault("", [])  # the root is marked even without weights: a model load then says what is missing
-    digest = hashlib.sha256(root.encode()).hexdigest()[:20]
-    dest = os.path.join(cache_root(), "artifacts", digest)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fresh = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
-    try:
+    dest = os.path.join(cache_root(), "artifacts", hashlib.sha256(root.encode()).hexdigest()[:20])
+    with swapped_in(dest) as fresh:
         fetched = concurrently(lambda n: read_bytes(join(root, n), version=versions.get(n), **options), files)
         for name, data in zip(files, fetched):
             path = os.path.join(fresh, name)
@@ -130,6 +129,17 @@ def _fetch(root: str, variant: str | None, **options: Any) -> str:
             if variant and set(names) & {weights_name(variant), *safetensors_names(variant)}:
                 # diffusers loads a component's variant only when a file of its folder has a name like x.<variant>.y
                 open(os.path.join(fresh, folder, f"{VARIANT_STUB}.{variant}.remote"), "wb").close()
+    return dest
+
+
+@contextlib.contextmanager
+def swapped_in(dest: str) -> Iterator[str]:
+    """A fresh folder beside ``dest`` to fill; when the block ends without error it replaces ``dest`` whole, so a
+    concurrent reader never sees a half-written cache folder; on error it is removed and ``dest`` stays."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".", dir=os.path.dirname(dest))
+    try:
+        yield fresh
         old = dest + ".old." + os.path.basename(fresh)
         if os.path.exists(dest):
             os.replace(dest, old)
@@ -138,7 +148,6 @@ def _fetch(root: str, variant: str | None, **options: Any) -> str:
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
-    return dest
 
 
 def write_marker(folder: str, root: str, names: list[str], versions: dict[str, Any] | None = None) -> None:

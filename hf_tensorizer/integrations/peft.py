@@ -20,9 +20,7 @@ import importlib
 import importlib.util
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,7 +30,7 @@ from ..errors import SourceError, UsageError
 from ..sources import shared_transport
 from ..sources.uri import is_remote, join, local_path, looks_like_uri, redact, scheme_of
 from . import patches
-from .cache import cache_root, read_marker, write_marker
+from .cache import cache_root, read_marker, swapped_in, write_marker
 from .manifest import REMOTE_MARKER
 from .options import KWARG, TensorizerOptions
 from .peft_save import ADAPTER_SAFETENSORS, ADAPTER_TENSORS, save_adapter_tensorized
@@ -99,22 +97,11 @@ def resolve_adapter(uri: str | os.PathLike[str], subfolder: str | None = None, *
         name = next((n for n in (ADAPTER_TENSORS, ADAPTER_SAFETENSORS) if exists(join(root, n), **shared)), None)
     if name is None:
         raise SourceError(f"no {ADAPTER_TENSORS} or {ADAPTER_SAFETENSORS} at {redact(root)}")
-    digest = hashlib.sha256(root.encode()).hexdigest()[:20]
-    dest = os.path.join(cache_root(), "adapters", digest)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fresh = tempfile.mkdtemp(prefix=digest + ".", dir=os.path.dirname(dest))
-    try:  # built aside and swapped in whole: a concurrent reader never sees half a folder
+    dest = os.path.join(cache_root(), "adapters", hashlib.sha256(root.encode()).hexdigest()[:20])
+    with swapped_in(dest) as fresh:  # a concurrent reader never sees half a folder
         with open(os.path.join(fresh, ADAPTER_CONFIG), "wb") as f:
             f.write(config)
         write_marker(fresh, root, [name])
-        old = dest + ".old." + os.path.basename(fresh)
-        if os.path.exists(dest):
-            os.replace(dest, old)
-        os.replace(fresh, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
     return dest
 
 
