@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_same, flip_byte, random_tensor, write_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.crypto import EncryptionKey
@@ -251,3 +253,47 @@ def test_from_pretrained_maps_on_cpu(tmp_path: Path, device_map: str | None) -> 
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, loaded(ids).logits)
     assert [m.strategy for m in loaded.hf_tensorizer_metrics] == ["mmap"]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 50), st.integers(1, 3 * 4096 + 7)), min_size=1, max_size=12),
+    parts=st.integers(1, 8),
+)
+def test_split_cuts_only_on_pages(spans: list[tuple[int, int]], parts: int) -> None:
+    """The ranges the populate threads get start on a page (madvise refuses anything else, found by CI) and cover
+    exactly the tensors' pages."""
+    from hf_tensorizer.engine.mapping import PAGE, _page_ranges, _split
+
+    class Entry:
+        def __init__(self, offset: int, length: int) -> None:
+            self.offset, self.length = offset, length
+
+    entries, at = [], 0
+    for gap_pages, length in spans:
+        at += gap_pages * PAGE + (at % 64)  # tensors at 64-byte or page offsets, as the writer places them
+        entries.append(Entry(at, length))
+        at += length
+    ranges = _page_ranges(entries)  # type: ignore[arg-type]
+    groups = _split(ranges, parts)
+    pieces = [p for g in groups for p in g]
+    assert all(start % PAGE == 0 for start, _ in pieces)
+    covered = sorted(pieces)
+    assert sum(n for _, n in covered) == sum(n for _, n in ranges)
+    merged: list[list[int]] = []
+    for start, n in covered:
+        if merged and start == merged[-1][1]:
+            merged[-1][1] += n
+        else:
+            merged.append([start, start + n])
+    assert [(s, e - s) for s, e in merged] == [(s, n) for s, n in _merge_adjacent(ranges)]
+
+
+def _merge_adjacent(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for start, n in ranges:
+        if out and start == out[-1][1]:
+            out[-1][1] += n
+        else:
+            out.append([start, start + n])
+    return [(s, e - s) for s, e in out]

@@ -117,9 +117,11 @@ def _split(ranges: list[tuple[int, int]], parts: int) -> list[list[tuple[int, in
     for start, length in ranges:
         while length:
             n = min(length, room)
+            if n < length:  # a cut inside a range: the next part must start on a page (madvise needs it)
+                n = max(PAGE, n // PAGE * PAGE)
             groups[-1].append((start, n))
             start, length, room = start + n, length - n, room - n
-            if not room:
+            if room <= 0:
                 groups.append([])
                 room = share
     return [g for g in groups if g]
