@@ -27,27 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
     modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,scale,dist}", required=False)
-    t = modes.add_parser(
-        "ttr",
-        help="time to ready: interpreter start to first forward, ours vs stock vs raw",
-        description=describe(ttr.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ttr.add_ttr_arguments(t)
-    t.set_defaults(func=ttr.ttr_main)
-    s = modes.add_parser(
-        "scale",
-        help="how load time and memory grow with model size (local file and HTTP)",
-        description=describe(scale.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    scale.add_scale_arguments(s)
-    s.set_defaults(func=scale.scale_main)
-    d = modes.add_parser(
-        "dist",
-        help="distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server",
-        description=describe(dist.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    dist.add_dist_arguments(d)
-    d.set_defaults(func=dist.dist_main)
+    for module, help_text in (
+        (ttr, "time to ready: interpreter start to first forward, ours vs stock vs raw"),
+        (scale, "how load time and memory grow with model size (local file and HTTP)"),
+        (dist, "distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server"),
+    ):
+        name = module.__name__.rpartition(".")[2]  # each mode module has add_<name>_arguments and <name>_main
+        mode = modes.add_parser(name, help=help_text, description=describe(module.__doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        getattr(module, f"add_{name}_arguments")(mode)
+        mode.set_defaults(func=getattr(module, f"{name}_main"))
