@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,16 @@ def write_report(results: dict[str, Any], out: str | Path) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, out / "bench.png")
     return table
+
+
+def save_mode_results(out: str | Path, stem: str, results: dict[str, Any], table: str,
+                      plot_to: Callable[[dict[str, Any], Path], bool]) -> None:  # fmt: skip
+    """Write a benchmark mode's ``<stem>.json``, ``<stem>.md`` (the table) and ``<stem>.png`` into ``out``, then
+    print the table and where the files are."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (folder / f"{stem}.md").write_text(table + "\n")
+    plotted = plot_to(results, folder / f"{stem}.png")
+    files = f"{stem}.json, {stem}.md" + (f", {stem}.png" if plotted else "")
+    print(f"\n{table}\n\nresults in {folder}/ ({files})", flush=True)

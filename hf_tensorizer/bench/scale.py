@@ -35,6 +35,7 @@ from ..errors import UsageError
 from .checkpoint import Shape, prepare, read_meta
 from .peers import read_parallel
 from .proc import MARK, Log, collect, error_line, log, popen
+from .report import save_mode_results
 from .scale_report import fit_all, format_table, plot
 
 SOURCES = ("local", "http")
@@ -308,13 +309,7 @@ def scale_main(args: argparse.Namespace) -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"),
                    options={k: v for k, v in vars(args).items() if not callable(v)})  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    (out / "scale.json").write_text(json.dumps(results, indent=1))
-    (out / "scale.md").write_text(table + "\n")
-    plotted = plot(results, out / "scale.png")
-    print(f"\n{table}\n\nresults in {out}/ (scale.json, scale.md{', scale.png' if plotted else ''})", flush=True)
+    save_mode_results(args.out, "scale", results, format_table(results), plot)
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import UsageError
 from .checkpoint import SEED, Shape
 from .proc import MARK, ROOT
+from .report import save_mode_results
 
 LOADERS = {
     "ours": "hf_tensorizer.enable() + from_pretrained(artifact)",
@@ -425,15 +426,9 @@ def ttr_main(args: argparse.Namespace) -> int:
     results = run_ttr(args.dir, loaders, device, shape=shape, runs=runs, warmup=warmup, cold=args.cold,
                       timeout=args.timeout)  # fmt: skip
     results["options"] = {k: v for k, v in vars(args).items() if not callable(v)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    (out / "ttr.json").write_text(json.dumps(results, indent=1))
-    (out / "ttr.md").write_text(table + "\n")
-    plotted = plot(results, out / "ttr.png")
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print(f"\n{table}\n\nresults in {out}/ (ttr.json, ttr.md{', ttr.png' if plotted else ''})", flush=True)
+    save_mode_results(args.out, "ttr", results, format_table(results), plot)
     return 0 if all(r["status"] == "ok" for r in results["rows"]) else 1
 
 
