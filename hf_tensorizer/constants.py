@@ -60,5 +60,8 @@ REMOTE_MIN_RATE = _env_int("HF_TENSORIZER_REMOTE_MIN_RATE", 2048)  # bytes per s
 REMOTE_RATE_WINDOW_S = _env_int("HF_TENSORIZER_REMOTE_RATE_WINDOW", 30)
 REMOTE_MAX_RETRY_AFTER_S = _env_int("HF_TENSORIZER_REMOTE_MAX_RETRY_AFTER", 30)  # longest wait a Retry-After gets
 REMOTE_CONNECT_RETRIES = _env_int("HF_TENSORIZER_REMOTE_CONNECT_RETRIES", 2)  # refused: quick retries (~0.75 s)
+# Ranged S3 reads through presigned URLs on our HTTP pools (boto3 signs; ~5x less CPU per request than
+# get_object); 0: every range is a boto3 get_object. See sources/s3_presigned.py for when it steps aside.
+S3_PRESIGNED = _env_int("HF_TENSORIZER_S3_PRESIGNED", 1) != 0
 S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 64 * MiB)  # multipart part (S3 minimum: 5 MiB)
 S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 4)  # parts uploading at once (memory bound)

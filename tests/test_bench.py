@@ -110,6 +110,39 @@ def test_integration_uses_medians_of_the_same_run() -> None:
     assert report.integration([r for r in rows if r["loader"] != "hftfp"]) is None
 
 
+def test_round_by_round_ratios_compare_runs_of_the_same_round() -> None:
+    """Run i of ours against the best peer's run i (one pass over the loaders), warm and cold, with the median;
+    a wrong or failed peer never counts, a single run gives no round line."""
+
+    def row(name: str, ours: bool, warm: list[float], cold: list[float], status: str = "ok") -> dict[str, Any]:
+        return {"loader": name, "ours": ours, "status": status, "warm_runs": warm, "cold_runs": cold}
+
+    rows = [
+        row("hft", True, [4.0, 6.0, 3.0], [1.2, 1.0]),
+        row("st", False, [2.0, 6.0, 6.0], [1.0, 0.5]),
+        row("pt", False, [5.0, 3.0], [0.6, 2.0]),  # a missing third warm run: that round has st only
+        row("bad", False, [99.0, 99.0, 99.0], [99.0, 99.0], status="wrong"),
+        row("hftfp", True, [1.0], [1.0]),  # one run each: nothing per round
+    ]
+    rounds = report.round_ratios(rows)
+    assert rounds == {"hft": {"warm": [0.8, 1.0, 0.5], "cold": [1.2, 0.5]}}
+    line = report.rounds_line(rounds)
+    assert "hft warm, ÷ best peer round by round: 0.80, 1.00, 0.50 (median 0.80)" in line
+    assert "hft cold, ÷ best peer round by round: 1.20, 0.50 (median 0.85)" in line
+
+
+@pytest.mark.slow
+def test_cold_runs_come_in_rounds_and_the_best_is_kept(bench: tuple[dict[str, Any], Path]) -> None:
+    _, d = bench
+    results = runner.run_bench(d / "ckpt", ["hft", "st"], "cpu", layers=2, hidden=64, vocab=512, warm_runs=1,
+                               cold_runs=2, timeout=120, with_limits=False, log=lambda msg: None)  # fmt: skip
+    rows = {r["loader"]: r for r in results["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok" and len(r["cold_runs"]) == 2 and r["cold_gbps"] == max(r["cold_runs"])
+    table = report.format_table(results)
+    assert len(results["rounds"]["hft"]["cold"]) == 2 and "hft cold, ÷ best peer round by round" in table
+
+
 @pytest.mark.slow
 def test_report_has_ratios_table_json_and_plot(bench: tuple[dict[str, Any], Path]) -> None:
     results, d = bench

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from source_contract import REMOTE_OPTIONS, SourceContract, Transport
 
+from hf_tensorizer import constants
 from hf_tensorizer.sources import Source, open_source
 
 pytestmark = pytest.mark.timeout(60)
@@ -110,8 +111,8 @@ class TestHTTPSourceContract(SourceContract):
 class S3Transport(Transport):
     secrets = ("testing-secret-key",)  # the moto_s3 fixture's AWS_SECRET_ACCESS_KEY
 
-    def __init__(self, endpoint: str, client: Any, bucket: str) -> None:
-        self.endpoint, self.client, self.bucket = endpoint, client, bucket
+    def __init__(self, endpoint: str, client: Any, bucket: str, read_path: str = "presigned") -> None:
+        self.endpoint, self.client, self.bucket, self.read_path = endpoint, client, bucket, read_path
 
     def put(self, data: bytes) -> str:
         key = f"dir/{_fresh_name()}"
@@ -127,15 +128,28 @@ class S3Transport(Transport):
     def open(self, uri: str) -> Source:
         # one client for the test (a boto3 client per source costs ~1 s of CPU on this machine); a client handed
         # in stays the caller's, so the sources' close() must leave it usable
-        return open_source(uri, client=self.client, **REMOTE_OPTIONS)
+        source = open_source(uri, client=self.client, **REMOTE_OPTIONS)
+        assert source.transport == self.read_path  # type: ignore[attr-defined]
+        return source
 
 
 class TestS3SourceContract(SourceContract):
+    """Ranges through presigned URLs on our HTTP pools (the default)."""
+
     on_replace = "changed"  # an unversioned bucket: the ETag pin fails
 
     @pytest.fixture
     def transport(self, moto_s3: str, s3_client: Any, s3_bucket: str) -> Transport:
         return S3Transport(moto_s3, s3_client, s3_bucket)
+
+
+class TestS3Boto3SourceContract(TestS3SourceContract):
+    """Every range a boto3 ``get_object`` (``HF_TENSORIZER_S3_PRESIGNED=0``, and where presigned URLs are refused)."""
+
+    @pytest.fixture
+    def transport(self, moto_s3: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Transport:
+        monkeypatch.setattr(constants, "S3_PRESIGNED", False)
+        return S3Transport(moto_s3, s3_client, s3_bucket, "boto3")
 
 
 # --- Hub -----------------------------------------------------------------------------------------------------

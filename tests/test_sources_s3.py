@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from hf_tensorizer import constants
 from hf_tensorizer.errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
 from hf_tensorizer.sources import open_sink, open_source
 from hf_tensorizer.sources.s3 import S3Source, _body_reader, translate_error
@@ -32,6 +33,13 @@ def _source(moto_s3: str, uri: str, **kw) -> S3Source:
     return S3Source(uri, endpoint_url=moto_s3, addressing_style="path", **{**FAST, **kw})
 
 
+@pytest.fixture(params=["presigned", "boto3"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ranges are read: presigned URLs on our HTTP pools (the default) and boto3 ``get_object``."""
+    monkeypatch.setattr(constants, "S3_PRESIGNED", request.param == "presigned")
+    return request.param
+
+
 def _no_leftovers(s3_client, bucket: str, key: str) -> None:
     assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     with pytest.raises(s3_client.exceptions.ClientError) as err:
@@ -42,10 +50,11 @@ def _no_leftovers(s3_client, bucket: str, key: str) -> None:
 # --- reading -------------------------------------------------------------------------------------------------
 
 
-def test_read_whole_ranges_and_scatter(moto_s3, s3_client, s3_bucket):
+def test_read_whole_ranges_and_scatter(moto_s3, s3_client, s3_bucket, read_path):
     data = _data(6 * MiB + 3)
     s3_client.put_object(Bucket=s3_bucket, Key="dir/model.tensors", Body=data)
     src = _source(moto_s3, f"s3://{s3_bucket}/dir/model.tensors", part_size=MiB, concurrency=4)
+    assert src.transport == read_path
     assert src.size == len(data)
     assert src.etag
     buf = bytearray(len(data))
@@ -58,10 +67,11 @@ def test_read_whole_ranges_and_scatter(moto_s3, s3_client, s3_bucket):
     src.close()
 
 
-def test_concurrent_reads_from_many_threads(moto_s3, s3_client, s3_bucket):
+def test_concurrent_reads_from_many_threads(moto_s3, s3_client, s3_bucket, read_path):
     data = _data(2 * MiB, seed=1)
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
     src = _source(moto_s3, f"s3://{s3_bucket}/m", concurrency=8)
+    assert src.transport == read_path
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -140,28 +150,31 @@ def test_access_denied_and_rejected_credentials_messages():
     assert isinstance(translate_error(err("AccessDenied", 403), "s3://b/k", SinkError), SinkError)
 
 
-def test_object_overwritten_mid_load_raises(moto_s3, s3_client, s3_bucket):
+def test_object_overwritten_mid_load_raises(moto_s3, s3_client, s3_bucket, read_path):
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB, seed=2))
     src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    assert src.transport == read_path
     src.read(0, 100)
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB, seed=3))
     with pytest.raises(ObjectChangedError, match="changed while it was being read"):
         src.read(100, 100)
 
 
-def test_object_deleted_mid_load_raises(moto_s3, s3_client, s3_bucket):
+def test_object_deleted_mid_load_raises(moto_s3, s3_client, s3_bucket, read_path):
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(1000))
     src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    assert src.transport == read_path
     s3_client.delete_object(Bucket=s3_bucket, Key="m")
     with pytest.raises(ObjectChangedError):
         src.read(0, 10)
 
 
-def test_versioned_bucket_keeps_reading_the_pinned_version(moto_s3, s3_client, s3_bucket):
+def test_versioned_bucket_keeps_reading_the_pinned_version(moto_s3, s3_client, s3_bucket, read_path):
     s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
     old, new = _data(MiB, seed=4), _data(MiB, seed=5)
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=old)
     src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    assert src.transport == read_path
     assert src.version_id
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=new)
     assert src.read(0, len(old)) == old  # the version opened, never a mix
@@ -170,7 +183,7 @@ def test_versioned_bucket_keeps_reading_the_pinned_version(moto_s3, s3_client, s
     assert _source(moto_s3, f"s3://{s3_bucket}/m", version_id=first).read(5, 5) == old[5:10]
 
 
-def test_body_dropped_mid_stream_resumes(moto_s3, s3_client, s3_bucket):
+def test_body_dropped_mid_stream_resumes(moto_s3, s3_client, s3_bucket, read_path):
     from servers.fault_proxy import FaultProxy
 
     data = _data(4 * MiB, seed=6)
@@ -179,14 +192,16 @@ def test_body_dropped_mid_stream_resumes(moto_s3, s3_client, s3_bucket):
     proxy = FaultProxy(host, int(port))
     try:
         src = _source(proxy.url, f"s3://{s3_bucket}/m")
+        assert src.transport == read_path
         proxy.arm("drop", after=1_500_000, count=2)
         assert src.read(0, len(data)) == data
         assert proxy.cut == 2
+        assert src.transport == read_path  # a broken body is retried, not a reason to leave presigned URLs
     finally:
         proxy.close()
 
 
-def test_body_stalled_mid_stream_times_out_and_resumes(moto_s3, s3_client, s3_bucket):
+def test_body_stalled_mid_stream_times_out_and_resumes(moto_s3, s3_client, s3_bucket, read_path):
     from servers.fault_proxy import FaultProxy
 
     data = _data(2 * MiB, seed=7)
@@ -195,6 +210,7 @@ def test_body_stalled_mid_stream_times_out_and_resumes(moto_s3, s3_client, s3_bu
     proxy = FaultProxy(host, int(port))
     try:
         src = _source(proxy.url, f"s3://{s3_bucket}/m", timeout=1)
+        assert src.transport == read_path
         proxy.arm("stall", after=500_000, seconds=5)
         start = time.monotonic()
         assert src.read(0, len(data)) == data
@@ -204,7 +220,7 @@ def test_body_stalled_mid_stream_times_out_and_resumes(moto_s3, s3_client, s3_bu
         proxy.close()
 
 
-def test_persistent_drops_fail_clearly(moto_s3, s3_client, s3_bucket):
+def test_persistent_drops_fail_clearly(moto_s3, s3_client, s3_bucket, read_path):
     from servers.fault_proxy import FaultProxy
 
     s3_client.put_object(Bucket=s3_bucket, Key="m", Body=_data(MiB))
@@ -212,11 +228,110 @@ def test_persistent_drops_fail_clearly(moto_s3, s3_client, s3_bucket):
     proxy = FaultProxy(host, int(port))
     try:
         src = _source(proxy.url, f"s3://{s3_bucket}/m")
+        assert src.transport == read_path
         proxy.arm("drop", after=0, count=1000)
-        with pytest.raises(SourceError, match="failed after"):
+        with pytest.raises(SourceError, match="failed after") as err:
             src.read(0, MiB)
+        text = f"{err.value} {err.value.__cause__}"
+        assert "Signature" not in text and "X-Amz-" not in text  # a presigned URL's query never reaches a message
     finally:
         proxy.close()
+
+
+def _count_calls(client: Any, event: str) -> list[int]:
+    """A counter of botocore ``event`` on ``client`` (a real hook, as user code would register)."""
+    calls = [0]
+
+    def hook(**_: Any) -> None:
+        calls[0] += 1
+
+    client.meta.events.register(event, hook)
+    return calls
+
+
+def test_presigned_reads_send_no_get_object(moto_s3, s3_client, s3_bucket, monkeypatch):
+    """The default: boto3 HEADs and signs; the ranges are plain GETs on the shared HTTP pool."""
+    from hf_tensorizer.sources.http_pool import POOLS
+
+    data = _data(3 * MiB, seed=11)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    for presigned in (True, False):
+        monkeypatch.setattr(constants, "S3_PRESIGNED", presigned)
+        src = _source(moto_s3, f"s3://{s3_bucket}/m", part_size=MiB // 2, concurrency=4)
+        calls = _count_calls(src._client, "before-call.s3.GetObject")
+        host, port = moto_s3.removeprefix("http://").split(":")
+        pool = POOLS.pool(("http", host, int(port)))  # shared: other sources of the process may use it too
+        opened = pool.opened if pool is not None else 0
+        assert src.read(0, len(data)) == data
+        assert src.read(0, len(data)) == data
+        if presigned:
+            assert src.transport == "presigned" and calls == [0]
+            assert pool is not None and pool.opened > opened  # the GETs went through our pool (moto closes each)
+        else:
+            assert src.transport == "boto3" and calls[0] >= 12
+        src.close()
+
+
+def test_presigned_urls_are_signed_again_after_a_while(moto_s3, s3_client, s3_bucket, monkeypatch):
+    """Refreshed credentials reach the URL: it is signed again once it is RESIGN_AFTER_S old."""
+    from hf_tensorizer.sources import s3_presigned
+
+    data = _data(100_000, seed=12)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    src = _source(moto_s3, f"s3://{s3_bucket}/m")
+    signed = _count_calls(src._client, "before-sign.s3.GetObject")
+    assert src.read(0, 10) == data[:10] and signed == [0]  # fresh: the URL made at open is used
+    monkeypatch.setattr(s3_presigned, "RESIGN_AFTER_S", 0)
+    for i in range(3):
+        assert src.read(i, 10) == data[i : i + 10]
+    assert signed == [3] and src.transport == "presigned"
+
+
+def test_refused_presigned_urls_fall_back_to_boto3(moto_s3, s3_client, s3_bucket):
+    """A bucket policy denying query-string auth (403 to presigned URLs): the read goes through get_object, and
+    every later one too; no byte is lost or fetched twice."""
+    from servers.fault_proxy import FaultProxy
+
+    data = _data(3 * MiB, seed=13)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    host, port = moto_s3.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port))
+    try:
+        proxy.refuse_query_auth = True
+        src = _source(proxy.url, f"s3://{s3_bucket}/m", part_size=MiB, concurrency=3)
+        assert src.transport == "presigned"  # nothing tells before the first GET
+        calls = _count_calls(src._client, "before-call.s3.GetObject")
+        assert src.read(0, len(data)) == data
+        assert src.transport == "boto3"
+        assert 1 <= proxy.refused <= 3 and calls[0] >= 3  # each part in flight learnt it once
+        refused = proxy.refused
+        assert src.read(5, 5) == data[5:10]
+        assert proxy.refused == refused  # later reads go straight to get_object
+        src.close()
+    finally:
+        proxy.close()
+
+
+def test_presigned_urls_stay_off_when_a_proxy_is_configured(moto_s3, monkeypatch):
+    """botocore would tunnel through a configured proxy; direct GETs would bypass it, so they are not used."""
+    import boto3
+    from botocore.config import Config
+
+    from hf_tensorizer.sources.s3 import make_s3_client
+    from hf_tensorizer.sources.s3_presigned import usable
+
+    for var in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    client = make_s3_client(endpoint_url=moto_s3)
+    assert usable(client, moto_s3)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert not usable(client, moto_s3)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert usable(client, moto_s3)  # the endpoint is exempt from the proxy
+    client.close()
+    proxied = boto3.client("s3", endpoint_url=moto_s3, config=Config(proxies={"http": "http://127.0.0.1:9"}))
+    assert not usable(proxied, moto_s3)  # a proxy in the client's own config
+    proxied.close()
 
 
 def test_malformed_s3_uris(moto_s3):

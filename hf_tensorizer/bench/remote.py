@@ -91,6 +91,9 @@ def bench_http(base: Path, url: str, *, sweep: Sequence[str], sweep_reps: int, r
             times.setdefault(name, []).append(time_loads({**job, "kind": kind}, [c], 1)[c]["best_s"])
             if s3 and kind == "hft":
                 times.setdefault(f"ours S3 ({c})", []).append(time_loads(s3job, [c], 1)[c]["best_s"])
+                if c == "default":  # the same with every range a boto3 get_object, for comparison
+                    row = time_loads({**s3job, "env": {"HF_TENSORIZER_S3_PRESIGNED": "0"}}, [c], 1)[c]
+                    times.setdefault("ours S3 (default), boto3 get_object", []).append(row["best_s"])
         tz = time_loads({"kind": "tz", "dir": str(d), "uri": tz_url}, ["default"], 1)["default"]["best_s"]
         times.setdefault("upstream tensorizer (curl stream)", []).append(tz)
         log(f"  round {r + 1}: " + ", ".join(f"{k} {gbps(size if k.startswith('curl') else nbytes, v[-1]):.2f}"

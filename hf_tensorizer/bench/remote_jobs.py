@@ -42,13 +42,14 @@ def parse_config(name: str) -> dict[str, int]:
 # Child processes ---------------------------------------------------------------------------------------
 
 
-def popen(args: list[str]) -> subprocess.Popen[str]:
-    return spawn(args, module="hf_tensorizer.bench.remote", env=AWS_ENV)
+def popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return spawn(args, module="hf_tensorizer.bench.remote", env={**AWS_ENV, **(env or {})})
 
 
 def child(job: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
-    """Run ``job`` (see :func:`run_job`) in a fresh process; raises with the child's last error line."""
-    res, out = collect(popen(["job", json.dumps(job)]), timeout)
+    """Run ``job`` (see :func:`run_job`) in a fresh process (with ``job["env"]`` added to its environment);
+    raises with the child's last error line."""
+    res, out = collect(popen(["job", json.dumps(job)], job.get("env")), timeout)
     if res is None:
         raise RuntimeError(f"{job['kind']} failed: {error_line(out)}")
     return res

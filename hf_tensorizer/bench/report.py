@@ -107,8 +107,39 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         r["vs_peer_cold"] = ratio(r["cold_gbps"], best_cold_v)
         r["of_limit_warm"] = ratio(r["warm_gbps"], lim.get(warm_lim) if warm_lim else None)
         r["of_limit_cold"] = ratio(r["cold_gbps"], lim.get(cold_lim) if cold_lim else None)
+    results["rounds"] = round_ratios(rows)
     results["integration"] = integration(rows)
     return results
+
+
+def round_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per round (the n-th run of every loader ran in the same pass over the loaders), each of our rows ÷ the best
+    peer of that round, warm and cold: on a noisy machine a ratio within one round says more than the ratio of
+    two bests taken from different minutes."""
+    out: dict[str, dict[str, list[float]]] = {}
+    peers = [r for r in rows if not r["ours"] and r["status"] == "ok"]
+    for r in rows:
+        if not r["ours"] or r["status"] != "ok":
+            continue
+        for mode in ("warm", "cold"):
+            ratios = []
+            for i, v in enumerate(r.get(f"{mode}_runs") or []):
+                best = max((p[f"{mode}_runs"][i] for p in peers if len(p.get(f"{mode}_runs") or []) > i), default=None)
+                if best:
+                    ratios.append(round(v / best, 3))
+            if len(ratios) > 1:
+                out.setdefault(r["loader"], {})[mode] = ratios
+    return out
+
+
+def rounds_line(rounds: dict[str, dict[str, list[float]]]) -> str:
+    """One line per loader and mode: the per-round ratios and their median."""
+    lines = []
+    for loader, modes in rounds.items():
+        for mode, ratios in modes.items():
+            runs, median = ", ".join(f"{x:.2f}" for x in ratios), statistics.median(ratios)
+            lines.append(f"{loader} {mode}, ÷ best peer round by round: {runs} (median {median:.2f})")
+    return "\n".join(lines)
 
 
 def _f(v: float | None, suffix: str = "", fmt: str = ".2f") -> str:
@@ -150,6 +181,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"| {_f(r['vs_peer_cold'], '×')} | {_f(r['of_limit_warm'])} | {_f(r['of_limit_cold'])} | {ok} |"
         )
     tail = f"\n{integration_line(results['integration'])}\n" if results["integration"] else ""
+    if results["rounds"]:
+        tail += f"\n{rounds_line(results['rounds'])}\n"
     return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n" + tail
 
 

@@ -18,8 +18,6 @@ read-only; unlike ``MAP_POPULATE`` on a writable private mapping it makes no cop
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import threading
 from collections.abc import Callable, Sequence
@@ -28,13 +26,8 @@ import torch
 
 from ..format.dtypes import element_size
 from ..format.index import TensorEntry
+from .memory import MADV_POPULATE_READ, PAGE, madvise
 
-MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels answer EINVAL and pages are touched instead
-PAGE = mmap.PAGESIZE
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 _POPULATE_SUPPORTED: list[bool] = []  # learnt on first use: [True] or [False]
 
 
@@ -64,7 +57,7 @@ class FileMapping:
 
     def advise_sequential(self) -> None:
         """Tell the kernel reads go front to back (larger readahead on faults, for cold files)."""
-        _libc.madvise(self.address, self.size, mmap.MADV_SEQUENTIAL)
+        madvise(self.address, self.size, mmap.MADV_SEQUENTIAL)
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
         """``entry`` as a view of the mapping (``is_zero_copy(entry)``) or, when unaligned, a copy of its bytes."""
@@ -85,12 +78,13 @@ class FileMapping:
     def _populate(self, ranges: list[tuple[int, int]]) -> None:
         for start, length in ranges:
             if _POPULATE_SUPPORTED != [False]:
-                if _libc.madvise(self.address + start, length, MADV_POPULATE_READ) == 0:
+                err = madvise(self.address + start, length, MADV_POPULATE_READ)
+                if err == 0:
                     if not _POPULATE_SUPPORTED:
                         _POPULATE_SUPPORTED.append(True)
                     continue
-                if ctypes.get_errno() != 22 or _POPULATE_SUPPORTED == [True]:  # EINVAL: an older kernel
-                    raise OSError(ctypes.get_errno(), f"madvise(MADV_POPULATE_READ) at {start} failed")
+                if err != 22 or _POPULATE_SUPPORTED == [True]:  # EINVAL: an older kernel
+                    raise OSError(err, f"madvise(MADV_POPULATE_READ) at {start} failed")
                 _POPULATE_SUPPORTED[:] = [False]
             self.base[start : start + length : PAGE].sum()  # one read per page (torch releases the GIL)
 

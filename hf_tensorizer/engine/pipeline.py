@@ -25,7 +25,7 @@ from ..errors import HashMismatchError, TensorizerError, TruncatedFileError
 from ..format.index import FileIndex
 from ..sources import Source
 from .digest import digest_fn
-from .memory import as_bytes, host_view
+from .memory import as_bytes, host_view, populate_for_write
 from .plan import Chunk, Piece, aligned_span, block_of
 from .staging import PAGE, StagingPool
 
@@ -190,6 +190,8 @@ def load_cpu(
                 targets.append((p, view))
                 pos = p.chunk_offset + p.length
             t0 = time.perf_counter()
+            for _, view in targets:
+                populate_for_write(view)
             if chunk.length:
                 source.read_into_many(chunk.offset, iov)
             t1 = time.perf_counter()

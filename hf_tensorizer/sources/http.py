@@ -38,7 +38,7 @@ from ..errors import (
     SourceError,
     TensorizerError,
 )
-from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, connect, origin_of
+from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, origin_of, release, send
 from .ranged import (
     Budget,
     Cursor,
@@ -56,11 +56,8 @@ __all__ = ["HTTPSource"]
 
 T = TypeVar("T")
 
-_MAX_DISCARD = 64 << 10  # error bodies up to this size are drained so the connection can be reused
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
-# errors meaning a pooled keep-alive connection was closed by the server while idle
-_STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.BadStatusLine)
 
 
 @dataclass
@@ -304,43 +301,12 @@ class HTTPSource(RangedSource):
     def _send(
         self, pool: ConnectionPool, method: str, target: str, headers: Mapping[str, str], budget: Budget
     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-        while True:
-            conn, reused = pool.get()
-            conn.timeout = budget.timeout(self._timeout)  # no socket wait runs past the deadline
-            try:
-                if conn.sock is None:
-                    connect(conn, pool.origin, uri=self.uri, retries=self.policy.connect_retries, budget=budget)
-                else:
-                    conn.sock.settimeout(conn.timeout)
-                conn.request(method, target, headers=dict(headers))
-                return conn.getresponse(), conn
-            except TensorizerError:
-                conn.close()
-                raise
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if reused and isinstance(exc, _STALE_ERRORS):
-                    continue  # the server closed an idle keep-alive connection: not a real failure
-                scheme, host, port = pool.origin
-                raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {describe_error(exc)}") from exc
+        return send(pool, method, target, headers, budget, uri=self.uri, timeout=self._timeout,
+                    connect_retries=self.policy.connect_retries)  # fmt: skip
 
     def _finish(self, r: _Response, *, reuse: bool) -> None:
         """Return the connection to the pool when the response was fully consumed, else close it."""
-        resp = r.resp
-        if reuse and not resp.isclosed():
-            try:  # drain a small leftover (error page, redirect body) so the connection stays usable
-                length = resp.length
-                if length is not None and length <= _MAX_DISCARD:
-                    resp.read()
-                elif resp.chunked:
-                    resp.read(_MAX_DISCARD)
-            except (OSError, http.client.HTTPException):
-                reuse = False
-        if reuse and resp.isclosed() and not resp.will_close:
-            r.pool.put(r.conn)
-        else:
-            resp.close()
-            r.conn.close()
+        release(r.pool, r.resp, r.conn, reuse=reuse)
 
     # --- response checks ---------------------------------------------------------------------------------
 

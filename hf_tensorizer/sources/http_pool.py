@@ -9,13 +9,18 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from ..errors import SourceError
-from .ranged import Budget
+from ..errors import SourceError, TensorizerError
+from .ranged import Budget, TransientError, describe_error
 
 __all__ = ["POOLS", "ConnectionPool", "HTTPConnection", "HTTPSConnection", "Origin", "PoolKey", "PoolRegistry",
-           "connect", "origin_of"]  # fmt: skip
+           "connect", "origin_of", "release", "send"]  # fmt: skip
+
+_MAX_DISCARD = 64 << 10  # error bodies up to this size are drained so the connection can be reused
+# errors meaning a pooled keep-alive connection was closed by the server while idle
+_STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.BadStatusLine)
 
 
 class HTTPConnection(http.client.HTTPConnection):
@@ -187,3 +192,65 @@ class PoolRegistry:
 
 
 POOLS = PoolRegistry()
+
+
+def send(
+    pool: ConnectionPool,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    budget: Budget,
+    *,
+    uri: str,
+    timeout: float,
+    connect_retries: int,
+) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    """Send one request on a pooled connection and return the response (headers read, body not) and connection.
+
+    A keep-alive connection the server closed while idle is replaced silently; no socket wait runs past
+    ``budget``'s deadline.
+
+    Raises:
+        SourceError: as :func:`connect`.
+        TransientError: the request failed in a way worth retrying.
+    """
+    while True:
+        conn, reused = pool.get()
+        conn.timeout = budget.timeout(timeout)
+        try:
+            if conn.sock is None:
+                connect(conn, pool.origin, uri=uri, retries=connect_retries, budget=budget)
+            else:
+                conn.sock.settimeout(conn.timeout)
+            conn.request(method, target, headers=dict(headers))
+            return conn.getresponse(), conn
+        except TensorizerError:
+            conn.close()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if reused and isinstance(exc, _STALE_ERRORS):
+                continue  # the server closed an idle keep-alive connection: not a real failure
+            scheme, host, port = pool.origin
+            raise TransientError(f"{method} to {scheme}://{host}:{port} failed: {describe_error(exc)}") from exc
+
+
+def release(
+    pool: ConnectionPool, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, *, reuse: bool
+) -> None:
+    """Return ``conn`` to ``pool`` when ``resp`` was fully consumed (a small leftover such as an error page is
+    drained first), else close it."""
+    if reuse and not resp.isclosed():
+        try:
+            length = resp.length
+            if length is not None and length <= _MAX_DISCARD:
+                resp.read()
+            elif resp.chunked:
+                resp.read(_MAX_DISCARD)
+        except (OSError, http.client.HTTPException):
+            reuse = False
+    if reuse and resp.isclosed() and not resp.will_close:
+        pool.put(conn)
+    else:
+        resp.close()
+        conn.close()

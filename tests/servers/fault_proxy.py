@@ -7,6 +7,9 @@ they were armed, across all connections, so arming one right before a read hits 
     proxy.arm("drop", after=1_000_000)      # the connection carrying the 1,000,001st byte is closed there
     proxy.arm("stall", after=0, seconds=3)  # the next response stalls for 3 s before its first byte
     proxy.arm("trickle", after=0, seconds=0.5)  # from the next byte on, that connection sends 1 byte per 0.5 s
+
+``refuse_query_auth = True`` answers every request signed in its query string (a presigned S3 URL) with S3's 403,
+as a bucket policy denying ``s3:authType`` ``REST-QUERY-STRING`` does; header-signed requests pass.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class FaultProxy:
         self._faults: list[_Fault] = []
         self.cut = 0  # connections cut so far
         self.stalled = 0
+        self.refuse_query_auth = False
+        self.refused = 0  # requests answered 403 by refuse_query_auth
         self._closed = False
         self._sockets: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -118,6 +123,11 @@ class FaultProxy:
                         if rest:
                             dst.sendall(rest)
                     continue
+                if self.refuse_query_auth and b"Signature=" in data.split(b"\r\n", 1)[0]:
+                    with self._lock:
+                        self.refused += 1
+                    src.sendall(_DENIED)  # answered here; the request never reaches the server
+                    continue
                 dst.sendall(data)
         except OSError:
             pass
@@ -147,6 +157,12 @@ class FaultProxy:
                 return ("trickle", fault.seconds), data[: max(room, 0)], data[max(room, 0) :]
             self.stalled += 1
             return fault.seconds, data[: max(room, 0)], data[max(room, 0) :]
+
+
+_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Query-string authentication is denied by the bucket policy</Message></Error>")  # fmt: skip
+_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n"
+           % len(_DENIED_BODY) + _DENIED_BODY)  # fmt: skip
 
 
 def _close(s: socket.socket) -> None:
