@@ -312,6 +312,36 @@ def test_refused_presigned_urls_fall_back_to_boto3(moto_s3, s3_client, s3_bucket
         proxy.close()
 
 
+def test_tls_endpoint_presigned_with_the_ca_bundle_else_boto3(moto_s3, s3_client, s3_bucket, tmp_path, monkeypatch):
+    """An https endpoint: presigned GETs verify with AWS_CA_BUNDLE like botocore; when only the client was told
+    the CA (``verify=``), our TLS check fails and the ranges go through boto3 — never unverified."""
+    import boto3
+    from helpers import make_ca_and_cert
+    from servers.fault_proxy import FaultProxy
+
+    pytest.importorskip("cryptography")
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    data = _data(2 * MiB, seed=14)
+    s3_client.put_object(Bucket=s3_bucket, Key="m", Body=data)
+    host, port = moto_s3.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port), tls=(cert, key))
+    try:
+        assert proxy.url.startswith("https://")
+        monkeypatch.setenv("AWS_CA_BUNDLE", ca)  # botocore and our presigned GETs both trust it
+        src = _source(proxy.url, f"s3://{s3_bucket}/m", part_size=MiB // 2)
+        assert src.read(0, len(data)) == data and src.transport == "presigned"
+        src.close()
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        client = boto3.client("s3", endpoint_url=proxy.url, verify=ca)  # the CA known to the client only
+        src = S3Source(f"s3://{s3_bucket}/m", client=client, **FAST)
+        calls = _count_calls(client, "before-call.s3.GetObject")
+        assert src.read(0, len(data)) == data and src.transport == "boto3" and calls[0] >= 1
+        src.close()
+        client.close()
+    finally:
+        proxy.close()
+
+
 def test_presigned_urls_stay_off_when_a_proxy_is_configured(moto_s3, monkeypatch):
     """botocore would tunnel through a configured proxy; direct GETs would bypass it, so they are not used."""
     import boto3

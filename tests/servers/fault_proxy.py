@@ -8,6 +8,9 @@ they were armed, across all connections, so arming one right before a read hits 
     proxy.arm("stall", after=0, seconds=3)  # the next response stalls for 3 s before its first byte
     proxy.arm("trickle", after=0, seconds=0.5)  # from the next byte on, that connection sends 1 byte per 0.5 s
 
+With ``tls=(cert.pem, key.pem)`` the proxy speaks TLS to its clients (the upstream stays plain), which puts a
+TLS endpoint in front of a server that has none (moto).
+
 ``refuse_query_auth = True`` answers every request signed in its query string (a presigned S3 URL) with S3's 403,
 as a bucket policy denying ``s3:authType`` ``REST-QUERY-STRING`` does; header-signed requests pass.
 """
@@ -15,6 +18,7 @@ as a bucket policy denying ``s3:authType`` ``REST-QUERY-STRING`` does; header-si
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -37,11 +41,15 @@ class FaultProxy:
         upstream_port: the real server's port.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, tls: tuple[str, str] | None = None) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(*tls)
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self.cut = 0  # connections cut so far
@@ -84,6 +92,10 @@ class FaultProxy:
             except OSError:
                 return
             try:
+                if self._tls is not None:
+                    client.settimeout(10)
+                    client = self._tls.wrap_socket(client, server_side=True)  # a client refusing us fails here
+                    client.settimeout(None)
                 upstream = socket.create_connection(self._upstream, timeout=10)
                 upstream.settimeout(None)
             except OSError:
