@@ -42,9 +42,11 @@ def _default_threads(device: torch.device, source: Source) -> int:
     cpus = os.cpu_count() or 2
     if source.fileno() is None:
         return max(4, source.preferred_concurrency)
-    # CPU loads are bound by faulting in the fresh destination pages; more threads than cores overlap the
-    # faults (2-core VM: 1 reader 1.6 GB/s, 4 readers 3.0 GB/s; docs/benchmarks.md)
-    return min(16, max(4, cpus)) if device.type == "cuda" else min(8, max(4, cpus))
+    # Local reads into new CPU tensors wait on the disk when the file is cold and on faulting in fresh pages when it
+    # is warm: more readers than cores keep more requests in flight (2-core VM, 0.92 GB: warm 1 reader 1.6 GB/s, 4
+    # readers 3.0; cold, 4 alternating fresh processes, 4 readers 1.10-1.36, 8 readers 1.30-1.48, warm unchanged;
+    # docs/benchmarks.md). A mapped load caps its populate threads at the core count itself.
+    return min(16, max(4, cpus)) if device.type == "cuda" else min(16, max(8, cpus))
 
 
 class TensorDeserializer(Mapping[str, torch.Tensor]):
