@@ -233,8 +233,11 @@ def _need(cond: bool, msg: str) -> None:
         raise FormatError(msg)
 
 
-def _u64(v: Any, what: str) -> int:
-    _need(type(v) is int and 0 <= v <= U64_MAX, f"{what} must be an unsigned 64-bit integer, got {v!r}")
+def _u64(v: Any, what: str, *args: object) -> int:
+    """``v`` when it is an unsigned 64-bit integer; else a FormatError naming ``what % args`` (formatted only then:
+    this runs for every dimension of every tensor of an index)."""
+    if type(v) is not int or not 0 <= v <= U64_MAX:
+        raise FormatError(f"{what % args if args else what} must be an unsigned 64-bit integer, got {v!r}")
     return v
 
 
@@ -309,10 +312,7 @@ def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble
     shape = item.get("shape")
     if not isinstance(shape, list):
         raise FormatError(f"tensor {name!r}: shape must be a list")
-    for d in shape:
-        if not (type(d) is int and 0 <= d <= U64_MAX):
-            _u64(d, f"tensor {name!r}: dimension")  # raises, with the message
-    dims = tuple(shape)
+    dims = tuple(_u64(d, "tensor %r: dimension", name) for d in shape)
     if len(dims) > 64:
         raise FormatError(f"tensor {name!r}: {len(dims)} dimensions is more than the 64 allowed")
     span = 1  # torch's contiguous strides are products of max(dim, 1): they must fit in int64, even if numel is 0
@@ -330,11 +330,8 @@ def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble
         if not isinstance(alias, str):
             raise FormatError(f"tensor {name!r}: alias must be a tensor name")
         return TensorEntry(name, dtype, dims, kind, alias=alias)
-    offset, length = item.get("offset"), item.get("length")
-    if not (type(offset) is int and 0 <= offset <= U64_MAX):
-        _u64(offset, f"tensor {name!r}: offset")  # raises
-    if not (type(length) is int and 0 <= length <= U64_MAX):
-        _u64(length, f"tensor {name!r}: length")  # raises
+    offset = _u64(item.get("offset"), "tensor %r: offset", name)
+    length = _u64(item.get("length"), "tensor %r: length", name)
     numel = 1
     for d in dims:
         numel *= d

@@ -33,7 +33,7 @@ from ..errors import (
     UsageError,
 )
 from .ranged import Cursor, RangedSource, RetryPolicy, TransientError, describe_error, fill, readinto1
-from .s3_presigned import Fallback, PresignedReader, parse_content_range, usable
+from .s3_presigned import Fallback, PresignedReader, check_range_response, usable
 
 logger = logging.getLogger(__name__)
 
@@ -398,19 +398,8 @@ class S3Source(RangedSource):
         readinto, finish = _body_reader(body)
         ok = False
         try:
-            etag = resp.get("ETag")
-            if self.etag and etag and etag != self.etag:
-                raise ObjectChangedError(
-                    f"{self.uri} changed while it was being read (ETag {self.etag} became {etag}); reload it"
-                )
-            got_first, got_last, total = parse_content_range(resp.get("ContentRange"), self.uri)
-            if total is not None and total != self.size:
-                raise ObjectChangedError(
-                    f"{self.uri} changed while it was being read (size {self.size} became {total}); reload it"
-                )
-            if got_first != first or got_last > last:
-                raise SourceError(f"{self.uri}: asked for bytes {first}-{last}, S3 sent {got_first}-{got_last}")
-            expected = got_last - got_first + 1
+            expected = check_range_response(self.uri, self.etag, self.size, resp.get("ETag"), resp.get("ContentRange"),
+                                            first, last)  # fmt: skip
             fill(cursor, expected, readinto)
             ok = True
         except TensorizerError:

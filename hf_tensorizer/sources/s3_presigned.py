@@ -31,7 +31,7 @@ from ..errors import ObjectChangedError, SourceError, TensorizerError
 from .http_pool import POOLS, PoolKey, origin_of, release, send
 from .ranged import Cursor, TransientError, describe_error, fill, parse_retry_after, readinto1
 
-__all__ = ["Fallback", "PresignedReader", "parse_content_range", "usable"]
+__all__ = ["Fallback", "PresignedReader", "check_range_response", "usable"]
 
 EXPIRES_S = 3600  # lifetime asked for each URL (credentials that expire sooner end it sooner: 403 → boto3)
 RESIGN_AFTER_S = 300  # sign a fresh URL after this long: picks up refreshed credentials well before expiry
@@ -52,17 +52,29 @@ def usable(client: Any, endpoint: str) -> bool:
     return parts.scheme not in proxies or bool(urllib.request.proxy_bypass(parts.hostname or ""))
 
 
-def parse_content_range(value: str | None, uri: str) -> tuple[int, int, int | None]:
-    """``bytes first-last/total`` → ``(first, last, total or None)``.
+def check_range_response(
+    uri: str, pinned_etag: str | None, size: int, etag: str | None, content_range: str | None, first: int, last: int
+) -> int:
+    """The body length of a ranged response to bytes ``first..last``, after checking it belongs to the pinned
+    object (ETag, total size) and to the range asked for; shared by both ways S3 ranges are read.
 
     Raises:
-        SourceError: missing or malformed.
+        ObjectChangedError: another ETag or size than the pinned one.
+        SourceError: a missing or malformed ``Content-Range``, or another range than asked.
     """
-    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    if pinned_etag and etag and etag != pinned_etag:
+        raise ObjectChangedError(f"{uri} changed while it was being read (ETag {pinned_etag} became {etag}); reload it")
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range or "")
     if not match:
-        raise SourceError(f"{uri}: missing or malformed Content-Range {value!r} in a ranged GET")
-    total = None if match.group(3) == "*" else int(match.group(3))
-    return int(match.group(1)), int(match.group(2)), total
+        raise SourceError(f"{uri}: missing or malformed Content-Range {content_range!r} in a ranged GET")
+    got_first, got_last = int(match.group(1)), int(match.group(2))
+    if match.group(3) != "*" and int(match.group(3)) != size:
+        raise ObjectChangedError(
+            f"{uri} changed while it was being read (size {size} became {match.group(3)}); reload it"
+        )
+    if got_first != first or got_last > last:
+        raise SourceError(f"{uri}: asked for bytes {first}-{last}, S3 sent {got_first}-{got_last}")
+    return got_last - got_first + 1
 
 
 class PresignedReader:
@@ -98,30 +110,26 @@ class PresignedReader:
         self._client, self._params = client, params
         self._timeout, self._connect_retries, self._concurrency = float(timeout), connect_retries, concurrency
         self._lock = threading.Lock()
-        self._url = ""
-        self._target, self._signed_at = self._sign()
-        origin = origin_of(self._url)
+        url = self._sign()
+        self._target, self._signed_at = _path_and_query(url), time.monotonic()
+        origin = origin_of(url)
         if origin[0] not in ("http", "https"):
             raise Fallback(f"presigned URL scheme {origin[0]!r}")
-        context = None
-        if origin[0] == "https":
-            context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
-        self._key: PoolKey | None = (*origin, True, os.environ.get("AWS_CA_BUNDLE") or None, self._timeout)
+        ca_bundle = os.environ.get("AWS_CA_BUNDLE") or None  # what botocore itself trusts besides its default
+        context = ssl.create_default_context(cafile=ca_bundle) if origin[0] == "https" else None
+        self._key: PoolKey | None = (*origin, True, ca_bundle, self._timeout)
         self._pool = POOLS.acquire(self._key, context, concurrency)
 
-    def _sign(self) -> tuple[str, float]:
+    def _sign(self) -> str:
         try:
-            self._url = self._client.generate_presigned_url("get_object", Params=self._params,
-                                                                 ExpiresIn=EXPIRES_S)  # fmt: skip
+            return str(self._client.generate_presigned_url("get_object", Params=self._params, ExpiresIn=EXPIRES_S))
         except Exception as exc:  # any botocore failure to sign: get_object will report it properly
             raise Fallback(f"cannot presign: {type(exc).__name__}") from exc
-        parts = urlsplit(self._url)
-        return (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), time.monotonic()
 
     def _current_target(self) -> str:
         with self._lock:
             if time.monotonic() - self._signed_at > RESIGN_AFTER_S:
-                self._target, self._signed_at = self._sign()
+                self._target, self._signed_at = _path_and_query(self._sign()), time.monotonic()
             return self._target
 
     def attempt(self, first: int, last: int, cursor: Cursor) -> None:
@@ -151,7 +159,8 @@ class PresignedReader:
         try:
             status = resp.status
             if status == 206:
-                expected = self._check(resp.getheader("ETag"), resp.getheader("Content-Range"), first, last)
+                expected = check_range_response(self.uri, self.etag, self.size, resp.getheader("ETag"),
+                                                resp.getheader("Content-Range"), first, last)  # fmt: skip
                 fill(cursor, expected, lambda view, first_read: readinto1(resp, view, first_read))
                 reuse = True
                 return
@@ -180,23 +189,14 @@ class PresignedReader:
         finally:
             release(self._pool, resp, conn, reuse=reuse)
 
-    def _check(self, etag: str | None, content_range: str | None, first: int, last: int) -> int:
-        """The body length of a 206, after checking it belongs to the pinned object and the asked range."""
-        if self.etag and etag and etag != self.etag:
-            raise ObjectChangedError(f"{self.uri} changed while it was being read (ETag {self.etag} became {etag}); "
-                                     "reload it")  # fmt: skip
-        got_first, got_last, total = parse_content_range(content_range, self.uri)
-        if total is not None and total != self.size:
-            raise ObjectChangedError(
-                f"{self.uri} changed while it was being read (size {self.size} became {total}); reload it"
-            )
-        if got_first != first or got_last > last:
-            raise SourceError(f"{self.uri}: asked for bytes {first}-{last}, S3 sent {got_first}-{got_last}")
-        return got_last - got_first + 1
-
     def close(self) -> None:
         """Hand the pool back (idempotent; requests in flight finish on their own connections)."""
         with self._lock:
             key, self._key = self._key, None
         if key is not None:
             POOLS.release(key, self._concurrency)
+
+
+def _path_and_query(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
