@@ -92,7 +92,7 @@ class InvalidURIError(SourceError, ValueError):
 
 
 class ObjectChangedError(SourceError):
-    """The remote object changed while it was being read (ETag, version or commit moved)."""
+    """The object changed while it was being read (ETag, version or commit moved; a local file truncated in place)."""
 
 
 class NetworkLimitError(SourceError):

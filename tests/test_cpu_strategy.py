@@ -3,8 +3,10 @@ tensors are private copies-on-write that outlive the deserializer, the file name
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -57,9 +59,10 @@ def test_auto_maps_a_plain_local_file(plain: tuple[Path, dict[str, torch.Tensor]
         assert d.metrics.strategy == "mmap"
 
 
-def test_auto_reads_a_cold_file_in_parallel(tmp_path: Path) -> None:
-    """Out of the page cache, parallel reads beat faulting a mapping in (docs/benchmarks.md): auto reads; once the
-    file is cached again, it maps. (8 MiB: reading the header must not make the file count as cached.)"""
+def test_auto_reads_a_cold_file_through_the_page_cache_and_maps_it(tmp_path: Path) -> None:
+    """Out of the page cache, auto still maps, after reading the pages in (docs/benchmarks.md); every page is then
+    cached and mapped, and the next load finds the file warm. (8 MiB: reading the header must not make the file
+    count as cached.)"""
     from hf_tensorizer.engine import pagecache
 
     tensors = {**_tensors(), "large": random_tensor(torch.float32, (2048, 1024), 9)}
@@ -68,18 +71,126 @@ def test_auto_reads_a_cold_file_in_parallel(tmp_path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())  # dirty pages cannot be dropped
     pagecache.evict(path)
+    size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
-        resident = pagecache.resident_fraction(fd, os.fstat(fd).st_size)
+        resident = pagecache.resident_fraction(fd, size)
+        if resident is None or resident >= 0.5:
+            pytest.skip("this filesystem keeps the file cached (tmpfs?): cannot make it cold")
+        with TensorDeserializer(path, num_readers=3) as d:
+            assert d.metrics.strategy == "mmap"
+            assert d.metrics.resident is not None and d.metrics.resident < 0.5
+            assert d.metrics.stages.read > 0
+            # before anything touches it, every page is in the page cache and mapped into this process
+            assert _mapped_fraction(d["large"]) == 1.0
+            assert pagecache.resident_fraction(fd, size, samples=10_000, window=4096) == 1.0
+            _check(d, tensors)
+        with TensorDeserializer(path) as d:  # the load above cached it
+            assert d.metrics.strategy == "mmap"
+            assert d.metrics.resident == 1.0 and d.metrics.stages.read == 0
     finally:
         os.close(fd)
-    if resident is None or resident >= 0.5:
-        pytest.skip("this filesystem keeps the file cached (tmpfs?): cannot make it cold")
-    with TensorDeserializer(path) as d:
-        assert d.metrics.strategy == "pread"
-        _check(d, tensors)
-    with TensorDeserializer(path) as d:  # the read above cached it
-        assert d.metrics.strategy == "mmap"
+
+
+def test_read_through_fills_the_page_cache_before_mapping(tmp_path: Path) -> None:
+    """The read step alone caches a piece without mapping it (sized reads, no faults); the whole call maps every
+    page of the entries and leaves the bytes right; a file that shrank since it was mapped is a typed error."""
+    from hf_tensorizer.engine import pagecache
+    from hf_tensorizer.errors import ObjectChangedError
+
+    tensors = {"a": random_tensor(torch.float32, (512, 1024), 1), "b": random_tensor(torch.int8, (3 << 20,), 2)}
+    path = tmp_path / "m.tensors"
+    write_file(path, tensors)
+    index = read_index(path)
+    pagecache.evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if pagecache.resident_fraction(fd, size, samples=10_000, window=4096) > 0.5:
+            pytest.skip("this filesystem keeps the file cached (tmpfs?): cannot make it cold")
+        m = FileMapping(fd, size)
+        a, b = index.tensors["a"], index.tensors["b"]
+        start = a.offset // 4096 * 4096
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            m._read_into_cache(fd, devnull, start, 1 << 20)
+        finally:
+            os.close(devnull)
+        assert _resident(fd, start, 1 << 20) == 1.0  # that piece, read (the kernel may read ahead of it)
+        assert _mapped_fraction(m.base[start : start + (1 << 20)]) == 0.0  # and not mapped
+        m.read_through(fd, [a, b], threads=4, piece_bytes=300_000)  # pieces round up to whole pages
+        for e in (a, b):
+            assert _mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
+            assert_same(m.tensor(e), tensors[e.name])
+        os.truncate(path, b.offset + 4096)
+        pagecache.evict(path)
+        with pytest.raises(ObjectChangedError, match="truncated"):
+            m.read_through(fd, [b], threads=2, piece_bytes=1 << 20)
+        with pytest.raises(ObjectChangedError, match="truncated"):  # the warm path: mapping pages past the end
+            m.populate([b], threads=2)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("refusal", ["unavailable", "EINVAL"])
+def test_read_through_without_sendfile_faults_pieces_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """Where sendfile to /dev/null is refused (not Linux), each piece is read by faulting it in; learnt once."""
+    import errno
+
+    from hf_tensorizer.engine import mapping, pagecache
+
+    tensors = {"a": random_tensor(torch.float32, (512, 1024), 1), "b": random_tensor(torch.int8, (3 << 20,), 2)}
+    path = tmp_path / "m.tensors"
+    write_file(path, tensors)
+    index = read_index(path)
+    pagecache.evict(path)
+    calls: list[int] = []
+    if refusal == "unavailable":
+        monkeypatch.setattr(mapping, "_SENDFILE_SUPPORTED", [False])
+    else:
+        monkeypatch.setattr(mapping, "_SENDFILE_SUPPORTED", [True])
+
+        def refuse(*args: object) -> int:
+            calls.append(1)
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(mapping.os, "sendfile", refuse)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = FileMapping(fd, os.fstat(fd).st_size)
+        m.read_through(fd, list(index.tensors.values()), threads=1, piece_bytes=1 << 20)
+        for e in index.tensors.values():
+            assert _mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
+            assert_same(m.tensor(e), tensors[e.name])
+    finally:
+        os.close(fd)
+    assert mapping._SENDFILE_SUPPORTED == [False]
+    assert len(calls) == (1 if refusal == "EINVAL" else 0)  # refused once, then never asked again
+
+
+def _resident(fd: int, start: int, length: int) -> float:
+    """The share of the file's pages in ``[start, start + length)`` in the page cache (every page looked at)."""
+    from hf_tensorizer.engine.pagecache import _libc
+
+    addr = _libc.mmap(None, start + length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    try:
+        vec = (ctypes.c_ubyte * (length // 4096))()
+        assert _libc.mincore(addr + start, length, vec) == 0
+        return sum(v & 1 for v in vec) / len(vec)
+    finally:
+        _libc.munmap(addr, start + length)
+
+
+def _mapped_fraction(t: torch.Tensor) -> float:
+    """The share of ``t``'s pages present in this process's page tables (``/proc/self/pagemap``)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
+    return sum(1 for e in entries if e >> 63) / len(entries)
 
 
 def test_auto_reads_in_parallel_when_it_cannot_map(plain: tuple[Path, dict[str, torch.Tensor]], http_server) -> None:

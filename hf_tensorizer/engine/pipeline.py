@@ -60,6 +60,7 @@ class LoadMetrics:
     staging_peak_bytes: int = 0
     bytes_read: int = 0  # from the source by this process (gaps included; a replicated load's share)
     exchange_seconds: float = 0.0  # replicated loads: waiting for and exchanging with the other ranks
+    resident: float | None = None  # sampled share of a local file in the page cache at the start (None: not probed)
     stages: StageTimes = field(default_factory=StageTimes)
 
     @property
@@ -77,6 +78,8 @@ class LoadMetrics:
             "chunks": self.chunks, "staging_peak_bytes": self.staging_peak_bytes, "bytes_read": self.bytes_read,
             "exchange_seconds": round(self.exchange_seconds, 6),
         }  # fmt: skip
+        if self.resident is not None:
+            out["resident"] = round(self.resident, 3)
         for stage in (f.name for f in fields(self.stages)):
             busy = getattr(self.stages, stage)
             out[f"{stage}_busy_s"] = round(busy, 6)

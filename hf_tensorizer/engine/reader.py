@@ -19,7 +19,7 @@ from . import pagecache
 from .decrypt import choose_transform
 from .distributed import load_replicated, split_unit
 from .header import read_index
-from .mapping import FileMapping, run_parallel
+from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
 from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
@@ -42,10 +42,10 @@ def _default_threads(device: torch.device, source: Source) -> int:
     cpus = os.cpu_count() or 2
     if source.fileno() is None:
         return max(4, source.preferred_concurrency)
-    # Local reads into new CPU tensors wait on the disk when the file is cold and on faulting in fresh pages when it
-    # is warm: more readers than cores keep more requests in flight (2-core VM, 0.92 GB: warm 1 reader 1.6 GB/s, 4
-    # readers 3.0; cold, 4 alternating fresh processes, 4 readers 1.10-1.36, 8 readers 1.30-1.48, warm unchanged;
-    # docs/benchmarks.md). A mapped load caps its populate threads at the core count itself.
+    # Local reads wait on the disk when the file is cold and on faulting in fresh pages when it is warm: more readers
+    # than cores keep more requests in flight (2-core VM, 0.92 GB: warm 1 reader 1.6 GB/s, 4 readers 3.0; cold, 4
+    # alternating fresh processes, 4 readers 1.10-1.36, 8 readers 1.30-1.48; docs/benchmarks.md). Mapping a warm
+    # file's pages is CPU work, so a mapped load caps those threads at the core count itself.
     return min(16, max(4, cpus)) if device.type == "cuda" else min(16, max(8, cpus))
 
 
@@ -70,10 +70,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             (see ``engine.staging.StagingPool``; default from ``HF_TENSORIZER_STAGING_ALLOCATION``).
         strategy: ``"auto"`` (CPU: ``"mmap"`` for a local, unencrypted file read without a cast, else
             ``"pread"``; CUDA: ``"pread"`` or, for a cold local file, ``"odirect"``), ``"mmap"`` (tensors
-            are zero-copy views of a private copy-on-write mapping of the file, its pages faulted in by
-            ``num_readers`` threads; CPU, local files), ``"pread"`` (parallel reads into new tensors),
-            ``"odirect"`` (bypass the page cache, for cold local files), ``"register"`` (pin page-cache
-            pages in place; CUDA, local files). ``metrics.strategy`` says which one ran.
+            are zero-copy views of a private copy-on-write mapping of the file; a cold file is first read
+            through the page cache by ``num_readers`` streams, see ``engine.mapping``; CPU, local files),
+            ``"pread"`` (parallel reads into new tensors), ``"odirect"`` (bypass the page cache, for cold local
+            files), ``"register"`` (pin page-cache pages in place; CUDA, local files). ``metrics.strategy`` says
+            which one ran.
         mmap: force ``strategy="mmap"`` (CPU, local, unencrypted files; with ``dtype=`` the cast copies).
         transform: in-place per-piece step applied after reading (the decryption hook).
         encryption: key or passphrase of an encrypted file (``EncryptionKey``, ``Passphrase`` or 32
@@ -231,12 +232,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 data.setdefault(e.alias, self.index.tensors[e.alias])
         todo = [e for e in data.values() if e.name not in self._tensors]
         metrics = LoadMetrics(threads=self.num_readers)
-        metrics.strategy = self._pick_strategy(todo)
-        if metrics.strategy == "mmap":
-            loaded = self._load_mmap(todo)
-            metrics.bytes_read = sum(e.length for e in todo)
-        else:
-            loaded = self._load_streamed(todo, metrics)
+        metrics.strategy = self._pick_strategy(todo, metrics)
+        load = self._load_mmap if metrics.strategy == "mmap" else self._load_streamed
+        loaded = load(todo, metrics)
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -266,7 +264,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             return t.to(self.dtype)
         return t
 
-    def _pick_strategy(self, todo: list[TensorEntry]) -> str:
+    def _pick_strategy(self, todo: list[TensorEntry], metrics: LoadMetrics) -> str:
         """The strategy of this load: cheap checks of the request and the index, no scan of the data."""
         fd = self._source.fileno()
         if self.mmap:
@@ -280,18 +278,16 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 raise UsageError("strategy 'register' needs a CUDA device and an unencrypted file")
             return self.strategy
         if self.device.type == "cpu":
-            # zero-copy needs the file's own bytes as the tensors: local, not decrypted, not cast; and in the page
-            # cache: cold, parallel reads beat faulting the mapping in (2-core VM, 0.92 GB: 1.5 GB/s against 0.4-0.9,
-            # torch.load(mmap) 1.5; docs/benchmarks.md)
+            # zero-copy needs the file's own bytes as the tensors: local, not decrypted, not cast. Warm or cold:
+            # a cold file is read through the page cache and mapped, which writes no fresh memory and copies
+            # nothing (2-core VM, 0.92 GB cold, three bench runs: 1.97-2.13 GB/s against 1.59-1.64 for parallel
+            # reads into new tensors and 1.79-1.94 for the fastest peer; docs/benchmarks.md)
             cast = self.dtype is not None and any(is_floating(e.dtype) and e.dtype != self.dtype for e in todo)
-            if fd is None or self.transform is not None or cast:
-                return "pread"
-            resident = pagecache.resident_fraction(fd, self._source.size)
-            return "pread" if resident is not None and resident < 0.5 else "mmap"
+            return "pread" if fd is None or self.transform is not None or cast else "mmap"
         if fd is None:
             return "pread"
-        resident = pagecache.resident_fraction(fd, self._source.size)
-        return "pread" if resident is None or resident >= 0.5 else "odirect"
+        metrics.resident = pagecache.resident_fraction(fd, self._source.size)
+        return "pread" if metrics.resident is None or metrics.resident >= 0.5 else "odirect"
 
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
         strategy = metrics.strategy
@@ -349,14 +345,19 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             chunks, dests, read, self.process_group
         )
 
-    def _load_mmap(self, todo: list[TensorEntry]) -> dict[str, torch.Tensor]:
-        """Views of one private mapping of the file (copies for unaligned tensors), pages faulted in now."""
+    def _load_mmap(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
+        """Views of one private mapping of the file (copies for unaligned tensors), pages read and mapped now."""
+        fd = self._source.fileno()
+        if fd is None or fd < 0:
+            raise UsageError("the deserializer is closed")
         if self._mapping is None:
-            fd = self._source.fileno()
-            if fd is None or fd < 0:
-                raise UsageError("the deserializer is closed")
             self._mapping = FileMapping(fd, self._source.size)
         mapping = self._mapping
+        metrics.resident = pagecache.resident_fraction(fd, self._source.size)
+        cold = metrics.resident is not None and metrics.resident < 0.5
+        if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
+            metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
+        metrics.bytes_read = sum(e.length for e in todo)
         if self.verify_hash:  # reading every block to check it also faults the pages in
             verifier = Verifier(self.index)
             pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
@@ -369,9 +370,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        else:
-            # faulting pages in is CPU work (page tables): more threads than cores only contend (2-core VM, 0.92 GB
-            # warm: 2 threads 18 GB/s, 4 threads 14; docs/benchmarks.md)
+        elif not cold:
+            # mapping cached pages is CPU work (page tables): more threads than cores only contend (2-core VM,
+            # 0.92 GB warm: 2 threads 18 GB/s, 4 threads 14; docs/benchmarks.md)
             mapping.populate(todo, min(self.num_readers, os.cpu_count() or 1))
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
