@@ -391,13 +391,7 @@ def test_split_cuts_only_on_pages(spans: list[tuple[int, int]], parts: int) -> N
     assert all(start % PAGE == 0 for start, _ in pieces)
     covered = sorted(pieces)
     assert sum(n for _, n in covered) == sum(n for _, n in ranges)
-    merged: list[list[int]] = []
-    for start, n in covered:
-        if merged and start == merged[-1][1]:
-            merged[-1][1] += n
-        else:
-            merged.append([start, start + n])
-    assert [(s, e - s) for s, e in merged] == [(s, n) for s, n in _merge_adjacent(ranges)]
+    assert _merge_adjacent(covered) == _merge_adjacent(ranges)
 
 
 def _merge_adjacent(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
