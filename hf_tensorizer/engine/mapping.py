@@ -128,7 +128,11 @@ class FileMapping:
                 self._read_into_cache(fd, devnull, *piece)
                 spent += time.perf_counter() - t0
                 self._populate([piece])
-                self._touch(*piece)
+                # a page's first access can cost far more than its mapping (a VM whose host lends memory lazily:
+                # 2-5 us per page it just filled, 0.2-0.5 s per GB); here it overlaps the other streams' reads,
+                # later the caller's first touch would pay it with nothing to overlap
+                if _POPULATE_SUPPORTED != [False]:  # else the populate touched every page already
+                    self._touch(*piece)
             busy.append(spent)
 
         try:
@@ -155,9 +159,7 @@ class FileMapping:
             start += sent
 
     def _touch(self, start: int, length: int) -> None:
-        """Read one byte of every page, while other streams still wait on the disk. A page's first access can cost
-        far more than its mapping: in a VM whose host lends memory lazily, 2-5 us per page the host just filled
-        (0.2-0.5 s per GB, paid later by whoever touches the tensor first, with nothing to overlap it)."""
+        """Read one byte of every page in the range (faulting in any page not mapped yet)."""
         self.base[start : start + length : PAGE].sum()  # torch releases the GIL
 
     def _populate(self, ranges: list[tuple[int, int]]) -> None:
@@ -176,7 +178,7 @@ class FileMapping:
                 if err != errno.EINVAL or _POPULATE_SUPPORTED == [True]:  # EINVAL: an older kernel
                     raise SourceError(err, f"madvise(MADV_POPULATE_READ) at {start} failed: {os.strerror(err)}")
                 _POPULATE_SUPPORTED[:] = [False]
-            self.base[start : start + length : PAGE].sum()  # one read per page (torch releases the GIL)
+            self._touch(start, length)  # no MADV_POPULATE_READ: a read per page faults it in
 
 
 def _page_ranges(entries: Sequence[TensorEntry]) -> list[tuple[int, int]]:
