@@ -51,7 +51,7 @@ def prepare(workdir: Path, hidden: int, layers: int, vocab: int) -> dict[str, Pa
     paths = {"hf_tensorizer": workdir / "tensorized", "hf": workdir / "safetensors"}
     if (paths["hf_tensorizer"] / "hf_tensorizer.json").exists() and (paths["hf"] / "config.json").exists():
         return paths
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
     from integrations.tiny import byte_tokenizer, causal_lm
 
     model, tok = causal_lm(hidden=hidden, layers=layers, vocab=vocab), byte_tokenizer()

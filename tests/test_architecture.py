@@ -10,6 +10,15 @@ The layers follow the data path (README "Layout"):
     integrations, upstream (loading)       transformers, diffusers, Hub artifacts; upstream tensorizer helpers
     cli, bench, the package itself         on top
 
+Inside ``integrations`` the same rule holds between its parts (docs/architecture.md):
+
+    options, parallel, patches             base helpers
+    artifact                               the artifact's rules: names, manifest, versions, routing, cache, writing
+    loading                                what every adapter's load shares: weights, "disk" offload
+    adapters.<library>                     one per library; no adapter imports another (diffusers may import
+                                           transformers: its pipelines hold transformers models)
+    switch, api, push, mixin, the package  entry points
+
 Every ``import`` counts, also those inside functions: a lazy import that runs back up the order is still a
 knot in the design.
 """
@@ -42,6 +51,18 @@ LAYERS: dict[str, int] = {
 }
 MAX_LINES = 500
 
+INTEGRATION_TIERS: dict[str, int] = {
+    "hf_tensorizer.integrations.options": 0,
+    "hf_tensorizer.integrations.parallel": 0,
+    "hf_tensorizer.integrations.patches": 0,
+    "hf_tensorizer.integrations.artifact": 1,
+    "hf_tensorizer.integrations.loading": 2,
+    "hf_tensorizer.integrations.adapters": 3,
+    "hf_tensorizer.integrations": 4,  # the entry points: switch, api, push, mixin, the package
+}
+# adapters that may import another one: (importer, imported)
+ADAPTER_EDGES = {("diffusers", "transformers")}
+
 
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT.parent).with_suffix("")
@@ -55,13 +76,25 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
-def _layer(module: str) -> int:
+def _longest_prefix(module: str, table: dict[str, int]) -> int | None:
     parts = module.split(".")
     for i in range(len(parts), 0, -1):
         prefix = ".".join(parts[:i])
-        if prefix in LAYERS:
-            return LAYERS[prefix]
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+        if prefix in table:
+            return table[prefix]
+    return None
+
+
+def _layer(module: str) -> int:
+    layer = _longest_prefix(module, LAYERS)
+    assert layer is not None, f"{module} is in no layer: add it to LAYERS"
+    return layer
+
+
+def _adapter(module: str) -> str | None:
+    """The library of an adapter module (``...adapters.transformers.load`` -> ``transformers``), else None."""
+    prefix = "hf_tensorizer.integrations.adapters."
+    return module[len(prefix) :].split(".")[0] if module.startswith(prefix) else None
 
 
 def _imports(module: str, path: Path, known: set[str]) -> list[tuple[str, int, list[str]]]:
@@ -112,6 +145,45 @@ def test_no_import_runs_up_the_layers() -> None:
             if _layer(target) > _layer(module):
                 bad.append(f"{module}:{line} imports {target} (layer {_layer(module)} -> {_layer(target)})")
     assert not bad, "\n".join(bad)
+
+
+def test_integrations_parts_import_downwards() -> None:
+    """artifact never imports loading/adapters/entry points, loading never imports adapters, and so on."""
+    bad = []
+    for module, imports in _graph().items():
+        tier = _longest_prefix(module, INTEGRATION_TIERS)
+        if tier is None:
+            continue
+        for target, line, _ in imports:
+            target_tier = _longest_prefix(target, INTEGRATION_TIERS)
+            if target_tier is not None and target_tier > tier:
+                bad.append(f"{module}:{line} imports {target} (tier {tier} -> {target_tier})")
+    assert not bad, "\n".join(bad)
+
+
+def test_adapters_do_not_import_each_other() -> None:
+    bad = []
+    for module, imports in _graph().items():
+        library = _adapter(module)
+        if library is None:
+            continue
+        for target, line, _ in imports:
+            other = _adapter(target)
+            if other not in (None, library) and (library, other) not in ADAPTER_EDGES:
+                bad.append(f"{module}:{line} imports the {other} adapter ({target})")
+    assert not bad, "\n".join(bad)
+
+
+def test_each_part_of_integrations_is_a_package() -> None:
+    """The tree names the concerns: no module but the entry points and base helpers sits at the top."""
+    top = {p.stem for p in (ROOT / "integrations").glob("*.py")}
+    assert top == {"__init__", "api", "push", "mixin", "options", "parallel", "patches"}, sorted(top)
+    assert {p.name for p in (ROOT / "integrations").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
+        "adapters",
+        "artifact",
+        "loading",
+        "switch",
+    }
 
 
 def test_no_import_circles() -> None:

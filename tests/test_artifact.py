@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_tensorizer.errors import FormatError
-from hf_tensorizer.integrations import cache as artifact_cache
-from hf_tensorizer.integrations import manifest, weights
+from hf_tensorizer.integrations.artifact import cache as artifact_cache
+from hf_tensorizer.integrations.artifact import manifest
+from hf_tensorizer.integrations.loading import weights
 
 HEADER = {"format": manifest.ARTIFACT_FORMAT, "version": manifest.ARTIFACT_VERSION, "library": "transformers"}
 

@@ -19,7 +19,11 @@ from hf_tensorizer.errors import (
     TruncatedFileError,
     UnknownDtypeError,
 )
-from hf_tensorizer.integrations.weights import iter_safetensors_indexes, load_safetensors_state_dict, safetensors_shards
+from hf_tensorizer.integrations.loading.weights import (
+    iter_safetensors_indexes,
+    load_safetensors_state_dict,
+    safetensors_shards,
+)
 from hf_tensorizer.sources import Source
 
 st_torch = pytest.importorskip("safetensors.torch")

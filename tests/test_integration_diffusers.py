@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from helpers import meta_tensors  # noqa: E402
 
 import hf_tensorizer  # noqa: E402
-from hf_tensorizer.integrations.diffusers import save_model, save_pipeline  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
+from hf_tensorizer.integrations.adapters.diffusers.models import save_model, save_pipeline  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME  # noqa: E402
 
 
 def _tokenizer(tmp_path: Path) -> Any:
@@ -103,7 +103,7 @@ def test_stock_pipeline_streams_from_s3_and_file_uri(reference: tuple[Any, np.nd
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A pipeline saved by stock diffusers (safetensors per component, no model.tensors) loads from S3 and
     from a file:// URI with every component's weights streamed through our engine: the same image."""
-    from hf_tensorizer.integrations import weights  # every load of weights, any library, goes through here
+    from hf_tensorizer.integrations.loading import weights  # every load of weights, any library, goes through here
 
     pipe, image = reference
     pipe.save_pretrained(tmp_path / "stock")  # hooks on, but not tensorized: stock safetensors

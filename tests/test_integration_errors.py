@@ -11,10 +11,10 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from hf_tensorizer.errors import ObjectTooLargeError, SourceError, UsageError  # noqa: E402
-from hf_tensorizer.integrations import cache  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME, write_manifest  # noqa: E402
+from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized  # noqa: E402
+from hf_tensorizer.integrations.artifact import cache  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME, write_manifest  # noqa: E402
 from hf_tensorizer.integrations.options import TensorizerOptions  # noqa: E402
-from hf_tensorizer.integrations.transformers_save import save_tensorized  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hf_enabled")
 

@@ -69,8 +69,8 @@ def test_push_keeps_existing_card_and_rejects_unknown(hub: Any) -> None:
 
 def test_branch_loads_are_pinned_to_one_commit(hub: Any) -> None:
     """A load from a branch reads every file (configs, index, weights) from the commit it pointed to."""
-    from hf_tensorizer.integrations.cache import resolve
-    from hf_tensorizer.integrations.weights import weights_uris
+    from hf_tensorizer.integrations.artifact.cache import resolve
+    from hf_tensorizer.integrations.loading.weights import weights_uris
     from hf_tensorizer.sources.hub import pin_revision
 
     model = _gpt2()

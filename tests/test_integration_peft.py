@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import SourceError  # noqa: E402
 from hf_tensorizer.integrations import patches  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME  # noqa: E402
 
 INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
 
@@ -184,7 +184,7 @@ def test_hub_adapter(stock_folder: Path, reference: torch.Tensor, hub_server: An
     commit = api.upload_folder(folder_path=str(stock_folder), repo_id="tester/lora")
     _check_all_entry_points("hf://tester/lora", reference)
     # the branch root is pinned to its commit: config and weights come from one version
-    from hf_tensorizer.integrations.peft import adapter_weights, resolve_adapter
+    from hf_tensorizer.integrations.adapters.peft.load import adapter_weights, resolve_adapter
 
     assert adapter_weights(resolve_adapter("hf://tester/lora")) == [
         f"hf://tester/lora@{commit.oid}/adapter_model.safetensors"

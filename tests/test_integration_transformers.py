@@ -17,9 +17,9 @@ from helpers import meta_tensors  # noqa: E402
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer import read_index  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
+from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME  # noqa: E402
 from hf_tensorizer.integrations.mixin import TensorizerMixin  # noqa: E402
-from hf_tensorizer.integrations.transformers_save import save_tensorized  # noqa: E402
 from hf_tensorizer.sources import open_source  # noqa: E402
 
 VOCAB = 96
@@ -258,7 +258,7 @@ def test_classes_imported_after_enable_are_patched(tmp_path: Path) -> None:
 
 
 def test_errors(tmp_path: Path) -> None:
-    from hf_tensorizer.integrations.transformers import load_pretrained
+    from hf_tensorizer.integrations.adapters.transformers.load import load_pretrained
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError):
@@ -306,7 +306,7 @@ def test_s3_weights_pinned_once_per_load(
     """The weights object is pinned when its index is read: an overwrite that lands before the tensors are
     read is ignored (versioned bucket: the pinned version is read) or reported, never mixed in."""
     from hf_tensorizer.errors import ObjectChangedError
-    from hf_tensorizer.integrations import weights as integration  # where every load opens its deserializers
+    from hf_tensorizer.integrations.loading import weights as integration  # where every load opens its deserializers
 
     if versioned:
         s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})

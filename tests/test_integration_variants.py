@@ -17,8 +17,8 @@ from test_integration_api import _llama, _logits  # noqa: E402
 
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
-from hf_tensorizer.integrations.layout import add_variant, is_weights_name  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME  # noqa: E402
+from hf_tensorizer.integrations.artifact.layout import add_variant, is_weights_name  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from test_integration_api import _llama, _logits  # noqa: E402
 
 import hf_tensorizer  # noqa: E402
 from hf_tensorizer.errors import FormatError, ObjectChangedError  # noqa: E402
-from hf_tensorizer.integrations.manifest import MANIFEST_NAME, parse_manifest, write_manifest  # noqa: E402
+from hf_tensorizer.integrations.artifact.manifest import MANIFEST_NAME, parse_manifest, write_manifest  # noqa: E402
 
 AUTO = transformers.AutoModelForCausalLM
 

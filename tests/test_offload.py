@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hf_tensorizer.errors import ObjectChangedError  # noqa: E402
-from hf_tensorizer.integrations.offload import Deferred  # noqa: E402
+from hf_tensorizer.integrations.loading.offload import Deferred  # noqa: E402
 
 INPUT = torch.tensor([[3, 17, 5, 42, 8, 61, 2, 9]])
 DEVICE_MAP = {
@@ -47,7 +47,7 @@ def saved(tmp_path: Path) -> tuple[Any, Path, Path]:
     """The reference model, its stock folder and its tensorized artifact (saved before the hooks go on)."""
     ref = _llama()
     ref.save_pretrained(tmp_path / "stock")
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     save_tensorized(ref, tmp_path / "tz")
     return ref, tmp_path / "stock", tmp_path / "tz"
@@ -90,7 +90,7 @@ def test_disk_entries_remote_and_encrypted(saved: tuple[Any, Path, Path], http_s
     ref = saved[0]
     expected = _logits(ref)
     key = EncryptionKey.generate()
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     save_tensorized(ref, http_server.dir / "enc", encryption=key)
     save_tensorized(ref, http_server.dir / "plain")
@@ -157,7 +157,7 @@ def test_peak_memory_bounded(tmp_path: Path) -> None:
         shapes = transformers.LlamaForCausalLM(cfg).state_dict()
     layer_bytes = sum(t.numel() * 4 for k, t in shapes.items() if k.startswith("model.layers."))
     model = transformers.LlamaForCausalLM(cfg).eval()
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     save_tensorized(model, tmp_path / "big")
     with torch.no_grad():

@@ -25,7 +25,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from hf_tensorizer import TensorDeserializer, read_index  # noqa: E402
 from hf_tensorizer.errors import UsageError  # noqa: E402
-from hf_tensorizer.integrations import quantized  # noqa: E402
+from hf_tensorizer.integrations.adapters.transformers import quantized  # noqa: E402
 from hf_tensorizer.sources import open_source  # noqa: E402
 
 pytestmark = [
@@ -188,7 +188,7 @@ def test_quantize_on_load_streams(fmt: str, tmp_path: Path, monkeypatch: pytest.
 
 
 def test_lazy_tensor_is_taken_once(tmp_path: Path) -> None:
-    from hf_tensorizer.integrations.weights import open_weights
+    from hf_tensorizer.integrations.loading.weights import open_weights
 
     plain = _plain_checkpoint(tmp_path)
     with open_weights([str(plain / "model.safetensors")]) as w:
@@ -257,7 +257,7 @@ def _gptq_checkpoint(root: Path) -> Path:
 
 def test_gptq_layout_round_trips_bit_for_bit(tmp_path: Path) -> None:
     from hf_tensorizer.cli import main
-    from hf_tensorizer.integrations.weights import load_safetensors_state_dict
+    from hf_tensorizer.integrations.loading.weights import load_safetensors_state_dict
 
     stock = _gptq_checkpoint(tmp_path)
     ref = safetensors_torch.load_file(stock / "model.safetensors")
@@ -341,7 +341,7 @@ def test_diffusers_quantize_on_load(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             windows.append(self)
 
     monkeypatch.setattr(quantized, "WINDOW_BYTES", 64 << 10)
-    monkeypatch.setattr("hf_tensorizer.integrations.diffusers_quantized.Window", Spy)
+    monkeypatch.setattr("hf_tensorizer.integrations.adapters.diffusers.quantized.Window", Spy)
     for uri in (root / "vae_art", f"file://{root / 'vae'}"):
         windows.clear()
         model = diffusers.AutoencoderKL.from_pretrained(uri, quantization_config=qc(), torch_dtype=torch.bfloat16)

@@ -111,7 +111,7 @@ def s3(_moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def lm_server(s3: tuple[str, str, Path]) -> Iterator[tuple[Server, Any, Any]]:
     """A server for a tiny Llama stored on S3, and the same model loaded from S3 in this process."""
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     endpoint, bucket, cache = s3
     uri = f"s3://{bucket}/tiny-llama"
@@ -203,7 +203,7 @@ def test_hostile_requests(lm_server: tuple[Server, Any, Any]) -> None:
 
 def test_max_input_tokens_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``max_input_tokens`` (``--max-input-tokens``) lowers the cap below the model's positions."""
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     save_tensorized(causal_lm(hidden=32, layers=1), tmp_path / "lm", tokenizer=byte_tokenizer())
@@ -225,7 +225,7 @@ def test_refuses_model_without_lm_head(tmp_path: Path, monkeypatch: pytest.Monke
     """A ``BertModel`` artifact is refused at load with the reason, not served with a random LM head."""
     import json
 
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     config = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -286,7 +286,7 @@ def test_ready_wait_holds_early_requests(tmp_path: Path, monkeypatch: pytest.Mon
     import asyncio
     import threading
 
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     model, tok = causal_lm(hidden=32, layers=1), byte_tokenizer()
@@ -318,7 +318,7 @@ def test_encrypted_artifact_with_key_file(tmp_path: Path, monkeypatch: pytest.Mo
     pytest.importorskip("nacl")
     from hf_tensorizer.crypto import EncryptionKey
     from hf_tensorizer.errors import MissingKeyError
-    from hf_tensorizer.integrations.transformers_save import save_tensorized
+    from hf_tensorizer.integrations.adapters.transformers.save import save_tensorized
 
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_TENSORIZER_KEY", raising=False)
@@ -378,7 +378,7 @@ def test_text_to_image_matches_in_process(s3: tuple[str, str, Path]) -> None:
     import numpy as np
     from PIL import Image
 
-    from hf_tensorizer.integrations.diffusers import save_pipeline
+    from hf_tensorizer.integrations.adapters.diffusers.models import save_pipeline
 
     endpoint, bucket, cache = s3
     uri = f"s3://{bucket}/tiny-sd"

@@ -16,6 +16,26 @@ ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the hf_te
 Log = Callable[[str], None]
 
 
+def test_servers() -> Path:
+    """Put the checkout's ``tests/`` (the loopback test servers) on ``sys.path``; the benchmarks that need them
+    run from a source checkout.
+
+    Returns:
+        The ``tests`` directory.
+
+    Raises:
+        UsageError: ``tests/servers`` is not there (an installed wheel, not a checkout).
+    """
+    from ..errors import UsageError
+
+    tests = ROOT / "tests"
+    if not (tests / "servers").is_dir():
+        raise UsageError(f"this benchmark needs the test servers of a source checkout ({tests}/servers is missing)")
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    return tests
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -7,6 +7,15 @@ server.
 processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained`` and the raw loader.
 
 ``hf-tensorizer bench scale``: how load time and memory grow with model size, from a local file and over HTTP.
+
+``hf-tensorizer bench artifact``: ``from_pretrained`` of remote artifacts whose cost is round trips, not bytes.
+
+``hf-tensorizer bench fsspec``: read speed of fsspec stores (GCS emulator, ``memory://``) next to our HTTP transport.
+
+``hf-tensorizer bench remote``: HTTP, S3 and fsspec stores against curl and boto3 on the same server
+(docs/remote.md). ``hf-tensorizer bench crypto``: encryption and decryption throughput (docs/security.md).
+
+Modes that start the loopback test servers need a source checkout.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import dist, scale, ttr
+    from ..bench import artifact, crypto, dist, fsspec, remote, scale, ttr
     from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
@@ -26,14 +35,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,scale,dist}", required=False)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,scale,dist,artifact,fsspec,remote,crypto}",
+                             required=False)  # fmt: skip
     for module, help_text in (
         (ttr, "time to ready: interpreter start to first forward, ours vs stock vs raw"),
         (scale, "how load time and memory grow with model size (local file and HTTP)"),
         (dist, "distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server"),
+        (artifact, "from_pretrained of remote artifacts whose cost is round trips (HTTP with latency, S3)"),
+        (fsspec, "read speed of fsspec stores (GCS emulator, memory://) next to our HTTP transport"),
     ):
         name = module.__name__.rpartition(".")[2]  # each mode module has add_<name>_arguments and <name>_main
         mode = modes.add_parser(name, help=help_text, description=describe(module.__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         getattr(module, f"add_{name}_arguments")(mode)
         mode.set_defaults(func=getattr(module, f"{name}_main"))
+    for module, help_text in (
+        (remote, "remote reads: HTTP, S3 and fsspec stores against curl and boto3 on the same server"),
+        (crypto, "encryption and decryption throughput"),
+    ):  # modes with their own argument parser: every argument after the mode is theirs (--help included)
+        name = module.__name__.rpartition(".")[2]
+        # no option of its own (prefix_chars that no argument starts with): "--only http" reaches it verbatim
+        mode = modes.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        mode.add_argument("argv", nargs="*")
+        mode.set_defaults(func=lambda args, main=module.main: main(args.argv))

@@ -82,8 +82,8 @@ def inspect_folder(folder: str, *, as_json: bool = False) -> int:
     Raises:
         FormatError: a malformed manifest, shard index or weight file.
     """
-    from ..integrations.cache import read_manifest
-    from ..integrations.weights import weights_uris
+    from ..integrations.artifact.cache import read_manifest
+    from ..integrations.loading.weights import weights_uris
 
     manifest = read_manifest(folder)
     files = sorted(

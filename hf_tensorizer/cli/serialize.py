@@ -210,14 +210,14 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
     if is_pipeline:
         from diffusers import DiffusionPipeline
 
-        from ..integrations.diffusers import save_pipeline
+        from ..integrations.adapters.diffusers.models import save_pipeline
 
         pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, torch_dtype=torch_dtype)
         save_pipeline(pipe, dest, tensorizer_options=transport or None, **options)
         return dest
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..integrations.transformers_save import save_tensorized
+    from ..integrations.adapters.transformers.save import save_tensorized
 
     try:
         config = AutoConfig.from_pretrained(model_id, revision=revision)

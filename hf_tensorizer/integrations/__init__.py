@@ -8,31 +8,27 @@ switch through :class:`~.mixin.TensorizerMixin`. Enabled,
 local folder holding ``model.tensors``) loads through hf_tensorizer; every other argument falls through to the
 stock implementation unchanged.
 
-Where things live:
+The folders follow a load (see docs/architecture.md):
 
-- :mod:`.api` — ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` for one call, no switch;
-- :mod:`.layout`, :mod:`.manifest` — the names inside an artifact (variants too), and its manifest;
-- :mod:`.versions` — every file of a load opened at the version its manifest recorded;
-- :mod:`.routing` — which calls load through us (:mod:`.hub_ids`: bare Hub ids of artifacts, one cheap request or
-  the local HF cache); :mod:`.options` — ``tensorizer_options``, split and checked;
-- :mod:`.cache`, :mod:`.probe` — a remote artifact's small files fetched into a local folder;
-- :mod:`.weights` — the weight files of a load, opened once and streamed onto their devices;
-- :mod:`.publish` — writing an artifact; :mod:`.push` — publishing it to the Hub;
-- :mod:`.transformers`, :mod:`.transformers_save`, :mod:`.diffusers`, :mod:`.peft` / :mod:`.peft_save` — the
-  libraries' load and save paths; :mod:`.quantized`, :mod:`.diffusers_quantized` — pre-quantized checkpoints and
-  quantize-on-load; :mod:`.offload` — ``"disk"`` device-map entries read from the artifact itself;
-  :mod:`.extra_files` — the source folder's other files kept in an artifact;
-- :mod:`.switch`, :mod:`.hooks`, :mod:`.patches`, :mod:`.import_hooks`, :mod:`.mixin` — the switch and what it
-  patches.
+- entry points: :mod:`.api` (``from_pretrained`` / ``save_pretrained`` for one call, no switch), :mod:`.push`
+  (``push_to_hub``), :mod:`.mixin` (one class opts in), :mod:`.switch` (``enable()``: what it patches, in
+  :mod:`.switch.hooks`);
+- :mod:`.adapters` — one package per library (``transformers``, ``diffusers``, ``peft``): where a library's load
+  or save starts, e.g. :func:`.adapters.transformers.load.load_pretrained`;
+- :mod:`.artifact` — the artifact's rules: names, manifest, versions, routing, the cache of small files, writing;
+- :mod:`.loading` — what every adapter's load shares: the weight files opened once and streamed onto devices
+  (:mod:`.loading.weights`), ``"disk"`` device-map entries (:mod:`.loading.offload`);
+- base helpers every layer may use: :mod:`.options` (``tensorizer_options``), :mod:`.patches` (the one registry
+  of replaced attributes), :mod:`.parallel` (overlapping small remote requests).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .layout import WEIGHTS_NAME
-from .manifest import MANIFEST_NAME
-from .routing import is_artifact
+from .artifact.layout import WEIGHTS_NAME
+from .artifact.manifest import MANIFEST_NAME
+from .artifact.routing import is_artifact
 from .switch import disable, enable, enabled, is_enabled
 
 __all__ = [
@@ -53,7 +49,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:  # the heavier parts load on first use
     if name == "resolve":
-        from .cache import resolve
+        from .artifact.cache import resolve
 
         return resolve
     if name in ("from_pretrained", "save_pretrained", "push_to_hub"):

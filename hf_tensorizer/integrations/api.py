@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 from ..errors import UsageError
+from .artifact.publish import save_options
+from .artifact.routing import is_artifact, looks_like_uri
 from .options import KWARG, TensorizerOptions
-from .publish import save_options
-from .routing import is_artifact, looks_like_uri
 
 TRANSFORMERS_SAVE_ARGS = ("tokenizer", "processor", KWARG)
 # the hub arguments a stock Auto class hands both to the config and to the model class
@@ -79,10 +79,10 @@ def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
         kwargs.pop(KWARG, None)
         return cls.from_pretrained(path, *model_args, **kwargs)
     if _is_subclass(cls, model_mixin):
-        from .diffusers import load_model
+        from .adapters.diffusers.models import load_model
 
         return load_model(cls, path, **kwargs)
-    from .transformers import load_pretrained
+    from .adapters.transformers.load import load_pretrained
 
     if issubclass(cls, PreTrainedModel):
         return load_pretrained(cls, path, *model_args, **kwargs)
@@ -96,7 +96,7 @@ def _auto_model_class(auto: type, path: Any, kwargs: dict[str, Any]) -> tuple[ty
     from transformers import AutoConfig, PreTrainedConfig
     from transformers.models.auto.auto_factory import _get_model_class
 
-    from .cache import resolve
+    from .artifact.cache import resolve
 
     options = TensorizerOptions.parse(kwargs.pop(KWARG, None))
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
@@ -159,17 +159,17 @@ def save_pretrained(obj: Any, save_directory: str | os.PathLike[str], **kwargs: 
     _pop_tensorized(kwargs, "save_pretrained")
     model_mixin, pipeline = _diffusers_classes()
     if pipeline is not None and isinstance(obj, pipeline):
-        from .diffusers import save_pipeline
+        from .adapters.diffusers.models import save_pipeline
 
         return save_pipeline(obj, save_directory, **save_options(kwargs, (KWARG,)))
     if model_mixin is not None and isinstance(obj, model_mixin):
-        from .diffusers import save_model
+        from .adapters.diffusers.models import save_model
 
         return save_model(obj, save_directory, **save_options(kwargs, (KWARG,)))
     from transformers import PreTrainedModel
 
     if isinstance(obj, PreTrainedModel):
-        from .transformers_save import save_tensorized
+        from .adapters.transformers.save import save_tensorized
 
         return save_tensorized(obj, save_directory, **save_options(kwargs, TRANSFORMERS_SAVE_ARGS))
     raise UsageError(

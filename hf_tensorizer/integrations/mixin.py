@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adapters.transformers.load import load_pretrained
+from .adapters.transformers.save import save_tensorized
+from .artifact.publish import save_options
+from .artifact.routing import is_artifact, looks_like_uri
 from .options import KWARG
-from .publish import save_options
-from .routing import is_artifact, looks_like_uri
-from .transformers import load_pretrained
-from .transformers_save import save_tensorized
 
 SAVE_ARGS = ("tokenizer", "processor", KWARG)
 

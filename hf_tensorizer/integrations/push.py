@@ -210,17 +210,17 @@ def _saver(obj: Any, *, tokenizer: Any, processor: Any) -> tuple[str, Any]:
     except ImportError:  # diffusers is optional
         DiffusionPipeline = ModelMixin = ()  # type: ignore[assignment,misc]
     if DiffusionPipeline and isinstance(obj, DiffusionPipeline):
-        from .diffusers import save_pipeline
+        from .adapters.diffusers.models import save_pipeline
 
         return "diffusers", lambda folder, **kw: save_pipeline(obj, folder, **kw)
     if ModelMixin and isinstance(obj, ModelMixin):
-        from .diffusers import save_model
+        from .adapters.diffusers.models import save_model
 
         return "diffusers", lambda folder, **kw: save_model(obj, folder, **kw)
     from transformers import PreTrainedModel
 
     if isinstance(obj, PreTrainedModel):
-        from .transformers_save import save_tensorized
+        from .adapters.transformers.save import save_tensorized
 
         return "transformers", lambda folder, **kw: save_tensorized(
             obj, folder, tokenizer=tokenizer, processor=processor, **kw

@@ -166,10 +166,10 @@ class ModelRunner:
         return options
 
     def _load_tensorized(self) -> None:
-        from hf_tensorizer.integrations.cache import resolve
-        from hf_tensorizer.integrations.layout import WEIGHTS_NAME
+        from hf_tensorizer.integrations.artifact.cache import resolve
+        from hf_tensorizer.integrations.artifact.layout import WEIGHTS_NAME
+        from hf_tensorizer.integrations.artifact.routing import is_artifact, looks_like_uri
         from hf_tensorizer.integrations.options import TensorizerOptions
-        from hf_tensorizer.integrations.routing import is_artifact, looks_like_uri
 
         options = TensorizerOptions.parse(self._options())
         transport = options.transport

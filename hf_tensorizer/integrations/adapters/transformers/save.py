@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorSerializer
-from ..errors import UsageError
-from .extra_files import copy_extra_files, source_folder
-from .options import transport_only
-from .publish import ArtifactWriter
+from ....engine import TensorSerializer
+from ....errors import UsageError
+from ...artifact.extra_files import copy_extra_files, source_folder
+from ...artifact.publish import ArtifactWriter
+from ...options import transport_only
 from .quantized import quantized_state_dict, without_load_operations
 
 

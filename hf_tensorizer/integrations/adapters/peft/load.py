@@ -26,16 +26,16 @@ from typing import Any
 
 import torch
 
-from ..errors import SourceError, UsageError
-from ..sources import shared_transport
-from ..sources.uri import is_remote, join, local_path, looks_like_uri, redact, scheme_of
-from . import patches
-from .cache import cache_root, read_marker, swapped_in, write_marker
-from .manifest import REMOTE_MARKER
-from .options import KWARG, TensorizerOptions
-from .peft_save import ADAPTER_SAFETENSORS, ADAPTER_TENSORS, save_adapter_tensorized
-from .probe import exists, read_bytes
-from .weights import open_weights, stream_to_devices
+from ....errors import SourceError, UsageError
+from ....sources import shared_transport
+from ....sources.uri import is_remote, join, local_path, looks_like_uri, redact, scheme_of
+from ... import patches
+from ...artifact.cache import cache_root, read_marker, swapped_in, write_marker
+from ...artifact.manifest import REMOTE_MARKER
+from ...artifact.probe import exists, read_bytes
+from ...loading.weights import open_weights, stream_to_devices
+from ...options import KWARG, TensorizerOptions
+from .save import ADAPTER_SAFETENSORS, ADAPTER_TENSORS, save_adapter_tensorized
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -90,7 +90,7 @@ def resolve_adapter(uri: str | os.PathLike[str], subfolder: str | None = None, *
     root = join(text.rstrip("/"), subfolder) if subfolder else text.rstrip("/")
     with shared_transport(root, transport) as shared:
         if scheme_of(root) == "hf":
-            from ..sources.hub import pin_revision
+            from ....sources.hub import pin_revision
 
             root = pin_revision(root, probe=(ADAPTER_CONFIG, ADAPTER_TENSORS, ADAPTER_SAFETENSORS), **shared)
         config = read_bytes(join(root, ADAPTER_CONFIG), **shared)

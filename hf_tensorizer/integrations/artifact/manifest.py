@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..errors import FormatError
+from ...errors import FormatError
 
 MANIFEST_NAME = "hf_tensorizer.json"
 REMOTE_MARKER = ".hf_tensorizer_remote"
@@ -102,7 +102,7 @@ def write_manifest(
     Raises:
         FormatError: a file name a reader would refuse.
     """
-    from ..version import __version__
+    from ...version import __version__
 
     files = sorted(set(files))
     for name in files:

@@ -16,12 +16,12 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..errors import FormatError, SourceError, UsageError
-from ..sources import open_sink, shared_transport
-from ..sources.uri import is_remote, join, local_path
+from ...errors import FormatError, SourceError, UsageError
+from ...sources import open_sink, shared_transport
+from ...sources.uri import is_remote, join, local_path
+from ..parallel import concurrently
 from .layout import is_weights_name, weights_name
 from .manifest import MANIFEST_NAME, REMOTE_MARKER, write_manifest
-from .parallel import concurrently
 
 
 def list_files(folder: str) -> list[str]:
@@ -160,7 +160,7 @@ def save_options(kwargs: Mapping[str, Any], accepted: Iterable[str] = ()) -> dic
     Raises:
         UsageError: an argument that is neither (a typo must not silently drop, say, ``encryption``).
     """
-    from ..engine.writer import TensorSerializer
+    from ...engine.writer import TensorSerializer
 
     known = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "dest", "sink_options"}
     known |= {"variant", *accepted}

@@ -1,4 +1,11 @@
-"""The switch: :func:`enable` / :func:`disable` / :func:`enabled` install and remove the hooks of :mod:`.hooks`."""
+"""The switch: what ``hf_tensorizer.enable()`` changes, and how it is undone.
+
+:func:`enable` / :func:`disable` / :func:`enabled` install and remove the patches of :mod:`.hooks` on
+transformers' ``PreTrainedModel``, diffusers' ``ModelMixin`` / ``DiffusionPipeline`` and peft's loaders (each
+recorded in :mod:`..patches`, so ``disable()`` restores the stock attributes exactly). A library imported later
+is patched right after its import (:mod:`.import_hooks`). The patched methods hand artifacts and checkpoint URIs
+to the library adapters (:mod:`..adapters`) and everything else to the stock implementation unchanged.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ def enable() -> None:
             else:
                 after_import(["diffusers"], hooks.patch_diffusers)
         if _depth == 0 and _available("peft"):
-            from . import peft
+            from ..adapters.peft import load as peft
 
             if "peft" in sys.modules:
                 peft.patch_peft()
@@ -65,7 +72,7 @@ def disable() -> None:
         if _depth:
             return
         cancel()
-        from . import patches
+        from .. import patches
 
         patches.restore()
 

@@ -18,13 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import FormatError, SourceError
-from ..sources import shared_transport
-from ..sources.hub import pin_revision
-from ..sources.uri import is_remote, join, local_path, redact, scheme_of
+from ...errors import FormatError, SourceError
+from ...sources import shared_transport
+from ...sources.hub import pin_revision
+from ...sources.uri import is_remote, join, local_path, redact, scheme_of
+from ..parallel import concurrently
 from .layout import WEIGHTS_NAME, safetensors_names, weights_name
 from .manifest import MANIFEST_NAME, REMOTE_MARKER, check_relative, check_versions, parse_manifest
-from .parallel import concurrently
 from .probe import probe, read_bytes
 
 CACHE_ENV = "HF_TENSORIZER_CACHE"

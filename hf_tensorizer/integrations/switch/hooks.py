@@ -18,15 +18,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import patches
-from .cache import resolve
-from .diffusers import load_model, load_pipeline, save_model, save_pipeline
-from .hub_ids import route_hub_id
-from .options import KWARG, TensorizerOptions
-from .publish import save_options
-from .routing import is_artifact, is_pipeline_artifact, looks_like_uri, reached_through
-from .transformers import install_load_hook, load_pretrained
-from .transformers_save import save_tensorized
+from .. import patches
+from ..adapters.diffusers.models import load_model, load_pipeline, save_model, save_pipeline
+from ..adapters.transformers.load import install_load_hook, load_pretrained
+from ..adapters.transformers.save import save_tensorized
+from ..artifact.cache import resolve
+from ..artifact.hub_ids import route_hub_id
+from ..artifact.publish import save_options
+from ..artifact.routing import is_artifact, is_pipeline_artifact, looks_like_uri, reached_through
+from ..options import KWARG, TensorizerOptions
 
 TRANSFORMERS_SAVE_ARGS = ("tokenizer", "processor", KWARG)
 
@@ -71,7 +71,7 @@ def _save_pretrained(self: Any, save_directory: Any, *args: Any, tensorized: boo
 
 def _push_to_hub(self: Any, repo_id: str, *args: Any, tensorized: bool = False, **kwargs: Any) -> Any:
     if tensorized:
-        from .push import push_to_hub
+        from ..push import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
     return patches.stock(_pretrained_model(), "push_to_hub")(self, repo_id, *args, **kwargs)

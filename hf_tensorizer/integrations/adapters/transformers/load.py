@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from ..engine.prewarm import prewarm
-from . import offload, patches, quantized, tensor_parallel
-from .options import TensorizerOptions, pop_options
-from .weights import Target, as_device, locate, open_weights, stream_to_devices
+from ....engine.prewarm import prewarm
+from ... import patches
+from ...loading import offload
+from ...loading.weights import Target, as_device, locate, open_weights, stream_to_devices
+from ...options import TensorizerOptions, pop_options
+from . import quantized, tensor_parallel
 
 
 class TensorizedStateDict(dict):

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from ..format.dtypes import dtype_name
-from .weights import OpenWeights, Target, stream_to_devices
+from ....errors import UsageError
+from ....format.dtypes import dtype_name
+from ...loading.weights import OpenWeights, Target, stream_to_devices
 
 #: full-precision bytes read ahead of the quantizer during a quantize-on-load (besides one tensor larger than it)
 WINDOW_BYTES = 256 << 20

@@ -18,15 +18,17 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorSerializer
-from ..errors import UsageError
-from ..sources.uri import redact
-from . import diffusers_quantized, offload, patches
-from .cache import resolve
-from .options import pipeline_options, pop_options, transport_only
-from .publish import ArtifactWriter
-from .routing import reached_through
-from .weights import OpenWeights, Target, device_for, locate, open_weights, placement, stream_to_devices
+from ....engine import TensorSerializer
+from ....errors import UsageError
+from ....sources.uri import redact
+from ... import patches
+from ...artifact.cache import resolve
+from ...artifact.publish import ArtifactWriter
+from ...artifact.routing import reached_through
+from ...loading import offload
+from ...loading.weights import OpenWeights, Target, device_for, locate, open_weights, placement, stream_to_devices
+from ...options import pipeline_options, pop_options, transport_only
+from . import quantized as diffusers_quantized
 
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # stock from_pretrained arguments that mean nothing for a tensorized artifact
@@ -198,7 +200,7 @@ def save_pipeline(pipe: Any, dest: str | os.PathLike[str], *, tensorizer_options
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    from .transformers_save import write_model
+    from ..transformers.save import write_model
 
     dest = os.fspath(dest)
     weights: list[str] = []

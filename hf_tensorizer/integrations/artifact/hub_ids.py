@@ -19,11 +19,11 @@ import os
 import threading
 from typing import Any
 
-from ..sources.hub_repo import format_hf_uri, hub_endpoint, hub_offline, resolve_token
-from ..sources.uri import looks_like_uri
+from ...sources.hub_repo import format_hf_uri, hub_endpoint, hub_offline, resolve_token
+from ...sources.uri import looks_like_uri
+from ..options import KWARG, TensorizerOptions
 from .layout import WEIGHTS_NAME
 from .manifest import MANIFEST_NAME
-from .options import KWARG, TensorizerOptions
 
 __all__ = ["forget", "is_hub_artifact", "route_hub_id"]
 

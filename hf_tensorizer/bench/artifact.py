@@ -10,7 +10,7 @@ Two setups, each timed as the median of 3 loads (the first of 4 is a warm-up) in
 ``--code DIR`` runs another checkout's ``hf_tensorizer`` (e.g. a worktree of an older commit) for a before/after
 comparison; the servers always come from this checkout. Prints one JSON line.
 
-    python scripts/bench_artifact_open.py --latency 0.03 [--code /tmp/old-checkout]
+    hf-tensorizer bench artifact --latency 0.03 [--code /tmp/old-checkout]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent.parent
+from .proc import test_servers
 
 
 def _median(fn: Callable[[], Any], runs: int = 3) -> float:
@@ -108,14 +108,17 @@ def bench_s3(root: Path) -> dict[str, Any]:
         server.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_artifact_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=float, default=0.03, help="seconds each HTTP request waits")
     parser.add_argument("--code", type=Path, default=None, help="another checkout whose hf_tensorizer to time")
-    args = parser.parse_args()
-    sys.path.insert(0, str(HERE / "tests"))
-    if args.code:
+
+
+def artifact_main(args: argparse.Namespace) -> None:
+    test_servers()
+    if args.code:  # its hf_tensorizer shadows this one: drop the modules already imported from here
         sys.path.insert(0, str(args.code.resolve()))
+        for name in [m for m in sys.modules if m == "hf_tensorizer" or m.startswith("hf_tensorizer.")]:
+            del sys.modules[name]
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
@@ -137,7 +140,3 @@ def main() -> None:
         out.update(bench_http(Path(tmp), args.latency))
         out.update(bench_s3(Path(tmp)))
     print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ the median of ``--rounds``), from:
 each through :class:`~hf_tensorizer.sources.fsspec.FsspecSource` (``cat_file`` ranges in parallel) and, for the
 two fsspec stores, through the alternative the design weighed: one file handle per thread, ``seek`` + ``readinto``.
 
-    PYTHONPATH=. python scripts/bench_fsspec.py --mib 256 --rounds 3
+    hf-tensorizer bench fsspec --mib 256 --rounds 3
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from .proc import ROOT, test_servers
+
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # the emulator has no gRPC control API
 
 
-def job(spec: dict) -> None:
+def job(spec: dict[str, Any]) -> None:
     """One measurement (in a fresh process): prints the seconds to open and read the object whole."""
     import threading
 
@@ -68,27 +69,32 @@ def job(spec: dict) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
-def measure(spec: dict, rounds: int) -> float:
+def measure(spec: dict[str, Any], rounds: int) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     times = []
     for _ in range(rounds):
         out = subprocess.run(
-            [sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True, check=True
+            [sys.executable, "-m", __name__, "--job", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         ).stdout
         times.append(json.loads(out.strip().splitlines()[-1])["seconds"])
     return statistics.median(times)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--mib", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--part-mib", type=int, default=16)
-    p.add_argument("--job")
-    args = p.parse_args()
-    if args.job:
-        job(json.loads(args.job))
-        return
+def add_fsspec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mib", type=int, default=256, help="size of the object read whole")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per row (the median is kept)")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel ranges or file handles")
+    p.add_argument("--part-mib", type=int, default=16, help="range size")
+    p.add_argument("--server", choices=("nginx", "stdlib"), default="nginx",
+                   help="the HTTP reference (stdlib: tests/servers/http_range.py, where nginx is missing)")  # fmt: skip
+
+
+def fsspec_main(args: argparse.Namespace) -> None:
+    test_servers()
     import fsspec
     from servers.gcs import GCSEmulator
 
@@ -97,7 +103,7 @@ def main() -> None:
     size = args.mib << 20
     common = {"size": size, "concurrency": args.concurrency, "part": args.part_mib << 20}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, http_server(Path(tmp)) as (base, server):
+    with tempfile.TemporaryDirectory() as tmp, http_server(Path(tmp), args.server) as (base, server):
         data = os.urandom(size)
         (Path(tmp) / "obj.bin").write_bytes(data)
         emulator = GCSEmulator()
@@ -107,7 +113,7 @@ def main() -> None:
             fs.mkdir("bench")
             fs.pipe_file("bench/obj.bin", data)
             cases = [
-                ("HTTP (ours) ← nginx", {"uri": f"{base}/obj.bin", "mode": "source"}),
+                (f"HTTP (ours) ← {args.server}", {"uri": f"{base}/obj.bin", "mode": "source"}),
                 ("gs:// FsspecSource (cat_file) ← GCS emulator",
                  {"uri": "gs://bench/obj.bin", "mode": "source", "options": {"storage_options": gcs}}),
                 ("gs:// file handles (readinto) ← GCS emulator",
@@ -129,5 +135,7 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {size / seconds / 1e9:.2f} | {seconds / ref:.1f}× |")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one measurement in a fresh process: python -m hf_tensorizer.bench.fsspec --job SPEC
+    _job = argparse.ArgumentParser()
+    _job.add_argument("--job", required=True)
+    job(json.loads(_job.parse_args().job))

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from ..constants import SLICE_MAX_GAP
-from ..engine.decrypt import choose_transform
-from ..engine.distributed import gather_rows
-from ..engine.pipeline import Verifier
-from ..engine.slices import Ranges, SliceMetrics, TensorSlice, normalize_box
-from ..errors import UsageError
-from .weights import OpenWeights
+from ....constants import SLICE_MAX_GAP
+from ....engine.decrypt import choose_transform
+from ....engine.distributed import gather_rows
+from ....engine.pipeline import Verifier
+from ....engine.slices import Ranges, SliceMetrics, TensorSlice, normalize_box
+from ....errors import UsageError
+from ...loading.weights import OpenWeights
 
 
 def is_sharded(param: Any) -> bool:

@@ -15,10 +15,10 @@ import shutil
 import tempfile
 from typing import Any
 
-from ..engine import TensorSerializer
-from ..sources.uri import join
-from .options import transport_only
-from .publish import ArtifactWriter, list_files
+from ....engine import TensorSerializer
+from ....sources.uri import join
+from ...artifact.publish import ArtifactWriter, list_files
+from ...options import transport_only
 
 ADAPTER_TENSORS = "adapter_model.tensors"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"

@@ -10,13 +10,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .. import constants
-from ..errors import FormatError, ObjectTooLargeError, SourceError
-from ..sources import open_source
-from ..sources.uri import join, redact, scheme_of
+from ... import constants
+from ...errors import FormatError, ObjectTooLargeError, SourceError
+from ...sources import open_source
+from ...sources.uri import join, redact, scheme_of
+from ..parallel import concurrently
 from .layout import KNOWN_FILES, safetensors_names, weights_name
 from .manifest import MANIFEST_NAME, check_relative
-from .parallel import concurrently
 from .versions import open_pinned
 
 
@@ -91,7 +91,7 @@ def _probe_folders(
     paths = [f"{d}/{n}" if d else n for d in folders for n in (*KNOWN_FILES, *weight_names)]
     listing = None
     if scheme_of(root) == "hf":  # the Hub lists a repository in one request
-        from ..sources.hub_repo import list_repo_paths
+        from ...sources.hub_repo import list_repo_paths
 
         listing = list_repo_paths(root, **options)
     if listing is not None:

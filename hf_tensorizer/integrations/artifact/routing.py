@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ..sources.uri import looks_like_uri, scheme_of
+from ...sources.uri import looks_like_uri, scheme_of
 
 __all__ = ["is_artifact", "is_pipeline_artifact", "looks_like_uri", "reached_through"]
 from .layout import SAFETENSORS_NAMES, is_weights_name

@@ -19,25 +19,25 @@ from typing import Any
 
 import torch
 
-from ..constants import KEY_ENV
-from ..engine import TensorDeserializer, read_index
-from ..engine.staging import reuse_blocks
-from ..errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceError, UsageError
-from ..format.index import FileIndex
-from ..sources import Source, open_source, shared_transport
-from ..sources.uri import join, local_path, parent, redact, scheme_of
-from .cache import read_pinned_marker, resolve
-from .layout import (
+from ...constants import KEY_ENV
+from ...engine import TensorDeserializer, read_index
+from ...engine.staging import reuse_blocks
+from ...errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceError, UsageError
+from ...format.index import FileIndex
+from ...sources import Source, open_source, shared_transport
+from ...sources.uri import join, local_path, parent, redact, scheme_of
+from ..artifact.cache import read_pinned_marker, resolve
+from ..artifact.layout import (
     SAFETENSORS_FILE_NAMES,
     SAFETENSORS_NAMES,
     SHARD_INDEX_NAMES,
     safetensors_names,
     weights_name,
 )
-from .manifest import REMOTE_MARKER
-from .options import TensorizerOptions
-from .parallel import concurrently
-from .versions import PinnedURI, open_pinned
+from ..artifact.manifest import REMOTE_MARKER
+from ..artifact.versions import PinnedURI, open_pinned
+from ..options import TensorizerOptions
+from ..parallel import concurrently
 
 MAX_SHARD_INDEX_BYTES = 64 << 20
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from .quantized import Window
-from .weights import OpenWeights, Target, device_for
+from ....errors import UsageError
+from ...loading.weights import OpenWeights, Target, device_for
+from ..transformers.quantized import Window
 
 
 def quantizer_for(config: dict[str, Any], quantization_config: Any) -> Any:

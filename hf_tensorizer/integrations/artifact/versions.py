@@ -15,10 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ObjectChangedError
-from ..sources import Source, open_source
-from ..sources.hub_repo import format_hf_uri, parse_hf_uri
-from ..sources.uri import redact, scheme_of
+from ...errors import ObjectChangedError
+from ...sources import Source, open_source
+from ...sources.hub_repo import format_hf_uri, parse_hf_uri
+from ...sources.uri import redact, scheme_of
 
 Version = Mapping[str, str]
 

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from ..engine import TensorDeserializer
-from ..engine.mapping import FileMapping
-from ..errors import ObjectChangedError
-from ..format.index import FileIndex, TensorEntry
-from ..sources.uri import is_remote, local_path, redact
-from . import patches
-from .cache import cache_root
+from ...engine import TensorDeserializer
+from ...engine.mapping import FileMapping
+from ...errors import ObjectChangedError
+from ...format.index import FileIndex, TensorEntry
+from ...sources.uri import is_remote, local_path, redact
+from .. import patches
+from ..artifact.cache import cache_root
 
 # The offload index of the tensorized load running in this context (None: not ours, stock behaviour).
 _INDEX: contextvars.ContextVar[dict[str, dict[str, str]] | None] = contextvars.ContextVar(

@@ -1,0 +1,1 @@
+"""PEFT: adapters from the same URIs as models (:mod:`.load`) and tensorized adapter saves (:mod:`.save`)."""
