@@ -129,7 +129,11 @@ def test_file_uri_goes_through_the_engine_plain_path_stays_stock(tmp_path: Path)
     folder = _stock(tmp_path, ref, shard="30KB")
     ours = transformers.AutoModelForCausalLM.from_pretrained(folder.as_uri(), dtype=torch.bfloat16)
     assert _streamed_bytes(ours) == _param_bytes(ref)  # read as stored (fp32), cast by transformers
-    assert torch.equal(_logits(ref.to(torch.bfloat16)), _logits(ours))
+    # the reference: stock from_pretrained of the same folder with the same dtype (it keeps buffers such as rotary
+    # inv_freq in float32, which ref.to(bfloat16) would cast, so ref's logits differ from both)
+    stock_bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(ref.to(torch.bfloat16).parameters(), ours.parameters(), strict=True))
+    assert torch.equal(_logits(stock_bf16), _logits(ours))
     stock = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert not hasattr(stock, "hf_tensorizer_metrics")
 
