@@ -21,12 +21,13 @@ Modes that start the loopback test servers need a source checkout.
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import artifact, crypto, dist, fsspec, remote, scale, ttr
+    from ..bench import artifact, dist, fsspec, scale, ttr
     from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
@@ -49,12 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         getattr(module, f"add_{name}_arguments")(mode)
         mode.set_defaults(func=getattr(module, f"{name}_main"))
-    for module, help_text in (
-        (remote, "remote reads: HTTP, S3 and fsspec stores against curl and boto3 on the same server"),
-        (crypto, "encryption and decryption throughput"),
+    for name, help_text in (
+        ("remote", "remote reads: HTTP, S3 and fsspec stores against curl and boto3 on the same server"),
+        ("crypto", "encryption and decryption throughput"),
     ):  # modes with their own argument parser: every argument after the mode is theirs (--help included)
-        name = module.__name__.rpartition(".")[2]
         # no option of its own (prefix_chars that no argument starts with): "--only http" reaches it verbatim
         mode = modes.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
         mode.add_argument("argv", nargs="*")
-        mode.set_defaults(func=lambda args, main=module.main: main(args.argv))
+        mode.set_defaults(func=lambda args, name=name: _run_own_parser(name, args.argv))
+
+
+def _run_own_parser(name: str, argv: list[str]) -> int:
+    """Run ``hf_tensorizer.bench.<name>.main(argv)``, imported only now (it imports torch; ``--help`` must not)."""
+    module = importlib.import_module(f"hf_tensorizer.bench.{name}")
+    return int(module.main(argv) or 0)
