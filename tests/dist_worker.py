@@ -47,7 +47,8 @@ def tp(job: dict[str, Any]) -> dict[str, Any]:
 
     options = job.get("options", {})
     tp_plan = {"tp_plan": "auto"} if job.get("tp", True) else {}
-    ours = transformers.AutoModelForCausalLM.from_pretrained(job["uri"], tensorizer_options=options, **tp_plan)
+    uri = job.get("uris", {}).get(os.environ["RANK"], job["uri"])
+    ours = transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=options, **tp_plan)
     stock = transformers.AutoModelForCausalLM.from_pretrained(job["stock"], **tp_plan)
     a, b = _logits(ours), _logits(stock)
     single = transformers.AutoModelForCausalLM.from_pretrained(job["stock"])

@@ -331,6 +331,31 @@ def test_a_hung_rank_fails_the_others_in_seconds(replica_files: dict[str, Any], 
     assert res["seconds"] < FAIL_FAST_S, res
 
 
+def test_tp_ranks_agree_and_fail_together(artifacts: Path, tmp_path: Path) -> None:
+    """Tensor parallel: ranks that opened different weights (same architecture, other values) fail together before
+    any row is gathered; a rank whose load raised and whose script then exited fails the others in seconds (the
+    process group's timeout is 300 s)."""
+    other = tmp_path / "llama-other"
+    hf_tensorizer.enable()
+    try:
+        torch.manual_seed(1)
+        _models()["llama"]().save_pretrained(other, tensorized=True)
+    finally:
+        hf_tensorizer.disable()
+    tp = {"kind": "tp", "uri": str(artifacts / "llama" / "art"), "stock": str(artifacts / "llama" / "stock")}
+    jobs = [
+        {**tp, "name": "values", "uris": {"1": str(other)}},
+        {**tp, "name": "exits", "uris": {"1": str(tmp_path / "absent")}, "exit_on_error": 1},
+    ]
+    results = launch(tmp_path, 2, jobs, timeout=300)
+    for err in _errors(results, 2, "values"):
+        assert err.startswith("DistributedError: the ranks disagree on what they load (index differ)"), err
+    rank0, rank1 = (results[r]["exits"] for r in (0, 1))
+    assert "error" in rank1 and "DistributedError" not in rank1["error"], rank1  # its own error, then it exited
+    assert rank0["error"].startswith("DistributedError: rank 1 exited"), rank0
+    assert rank0["seconds"] < FAIL_FAST_S, rank0
+
+
 def _range_len(header: str | None) -> int:
     if not header:
         return 0

@@ -96,6 +96,15 @@ def identity(source: Any, index: Any, **plan: Any) -> dict[str, Any]:
             "version": version or None, "plan": plan}  # fmt: skip
 
 
+def identity_of_files(sources: Sequence[Any], indexes: Sequence[Any], **plan: Any) -> dict[str, Any]:
+    """:func:`identity` of a load of several weight files (a sharded checkpoint), in their order."""
+    parts = [identity(s, i) for s, i in zip(sources, indexes, strict=True)]
+    versions = [p["version"] for p in parts]
+    return {**identity(sources[0], indexes[0], **plan), "uri": ", ".join(p["uri"] for p in parts),
+            "size": [p["size"] for p in parts], "index": hashlib.sha256("".join(p["index"] for p in parts).encode()
+            ).hexdigest()[:16], "version": versions if any(versions) else None}  # fmt: skip
+
+
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """How two ranks' :func:`identity` differ. Versions compare only for the same URI (node-local copies of one
     file have different ones); the index digest covers the block digests, so files with digests compare by value."""
