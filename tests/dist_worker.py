@@ -7,9 +7,13 @@ group is created here with a short timeout, so a peer that dies fails the collec
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -43,7 +47,8 @@ def tp(job: dict[str, Any]) -> dict[str, Any]:
 
     options = job.get("options", {})
     tp_plan = {"tp_plan": "auto"} if job.get("tp", True) else {}
-    ours = transformers.AutoModelForCausalLM.from_pretrained(job["uri"], tensorizer_options=options, **tp_plan)
+    uri = job.get("uris", {}).get(os.environ["RANK"], job["uri"])
+    ours = transformers.AutoModelForCausalLM.from_pretrained(uri, tensorizer_options=options, **tp_plan)
     stock = transformers.AutoModelForCausalLM.from_pretrained(job["stock"], **tp_plan)
     a, b = _logits(ours), _logits(stock)
     single = transformers.AutoModelForCausalLM.from_pretrained(job["stock"])
@@ -58,7 +63,7 @@ def replica(job: dict[str, Any]) -> dict[str, Any]:
     from hf_tensorizer.crypto import EncryptionKey
 
     rank = int(os.environ["RANK"])
-    kw = dict(job.get("options", {}))
+    kw = dict(job.get("options", {}), **job.get("rank_options", {}).get(str(rank), {}))
     if "dtype" in kw:
         kw["dtype"] = getattr(torch, kw["dtype"])
     if "key" in kw:
@@ -98,9 +103,31 @@ def docs(job: dict[str, Any]) -> dict[str, Any]:
     return {"blocks": len(blocks)}
 
 
+def _die_at(job: dict[str, Any], rank: int) -> None:
+    """``die_at: {"rank": R, "op": "broadcast", "after": N, "hang": bool}``: rank R is killed (SIGKILL) at its
+    (N+1)th call of ``torch.distributed.<op>``, in the middle of a load; with ``hang``, it stops instead (SIGSTOP:
+    its sockets stay open, as for a hung process) and is killed 25 s later."""
+    spec = job.get("die_at")
+    if not spec or spec["rank"] != rank:
+        return
+    stock, calls = getattr(dist, spec["op"]), [0]
+
+    def dying(*a: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > spec.get("after", 0):
+            if spec.get("hang"):
+                subprocess.Popen(["sh", "-c", f"sleep 25; kill -9 {os.getpid()}"], start_new_session=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stock(*a, **kw)
+
+    setattr(dist, spec["op"], dying)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    faulthandler.dump_traceback_later(100)  # a hang shows where each thread waits, before the launcher kills us
     rank = int(os.environ["RANK"])
     backend = spec.get("backend", "gloo")
     if backend == "nccl":
@@ -113,10 +140,17 @@ def main() -> None:
     for job in spec["jobs"]:
         if job.get("die_rank") == rank:
             os._exit(3)  # a rank that dies mid-job: the others must fail, not hang
+        _die_at(job, rank)
+        t0 = time.monotonic()
         try:
             results[job["name"]] = {"tp": tp, "replica": replica, "docs": docs}[job["kind"]](job)
         except Exception as exc:
-            results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+            results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:],
+                                    "seconds": time.monotonic() - t0}  # fmt: skip
+            if job.get("exit_on_error") == rank:  # like a script whose load raised: the interpreter exits
+                with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
+                    json.dump(results, f)
+                sys.exit(4)
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

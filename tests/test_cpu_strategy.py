@@ -442,3 +442,93 @@ def test_populate_for_write_faults_the_pages_in_ahead_of_the_copy() -> None:
         region.close()
     assert faults[False] >= pages * 0.9
     assert faults[True] < pages * 0.05
+
+
+def _child_sum(q: object, out: object) -> None:
+    t = q.get()  # type: ignore[attr-defined]
+    out.put((t.untyped_storage().nbytes(), t.reshape(-1).view(torch.uint8).numpy().tobytes()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["mmap", "lazy", "pread", "remote"])
+def test_each_loaded_tensor_owns_a_storage_of_exactly_its_bytes(tmp_path: Path, http_server, how: str) -> None:
+    """Issue 23: a loaded tensor's storage is its own bytes on every path, mapped ones included (zero-copy kept):
+    ``torch.save`` of one small tensor writes about its own size, pickling to another process and
+    ``share_memory_()`` move its bytes only."""
+    import io
+    import multiprocessing
+
+    tensors = {**_tensors(), "four": torch.arange(4, dtype=torch.float32)}
+    path = tmp_path / "m.tensors"
+    write_file(path, tensors, block_size=4096)
+    kw = {"lazy": True} if how == "lazy" else {"strategy": "pread"} if how == "pread" else {}
+    source = http_server.write("own.tensors", path.read_bytes()) if how == "remote" else path
+    with TensorDeserializer(source, **kw) as d:
+        got = {n: d[n] for n in tensors}
+        assert d.metrics.strategy == ("pread" if how in ("pread", "remote") else "mmap")
+        mapping = d._mapping
+    for name, t in got.items():
+        assert_same(t, tensors[name], name)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        assert t.storage_offset() == 0, name
+        if mapping is not None and t.numel():  # zero-copy: the data is the mapping's
+            assert mapping.address <= t.data_ptr() < mapping.address + mapping.size, name
+    buf = io.BytesIO()
+    torch.save(got["four"], buf)
+    assert len(buf.getvalue()) < 2000, len(buf.getvalue())  # safetensors' load_file: 1,577 bytes
+    ctx = multiprocessing.get_context("fork")
+    q, out = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_child_sum, args=(q, out))
+    child.start()
+    q.put(got["w"])
+    assert out.get(timeout=60) == (300 * 70 * 4, tensors["w"].reshape(-1).view(torch.uint8).numpy().tobytes())
+    child.join(60)
+    four = got["four"].share_memory_()
+    assert four.is_shared() and four.untyped_storage().nbytes() == 16
+    assert_same(four, tensors["four"])
+
+
+def test_a_file_that_shrank_is_object_changed_never_sigbus(tmp_path: Path) -> None:
+    """Issue 26: a lazy load of a file truncated after the constructor raises ObjectChangedError (not ValueError),
+    and so does a lazy access after truncation of an already mapped file with ``verify_hash`` (no SIGBUS). Run in
+    a child process: a SIGBUS would kill it."""
+    import subprocess
+    import sys
+
+    tensors = _tensors()
+    path = tmp_path / "m.tensors"
+    write_file(path, tensors, block_size=4096)
+    big = read_index(path).tensors["big"]
+    code = f"""
+import os
+from hf_tensorizer import TensorDeserializer
+from hf_tensorizer.errors import ObjectChangedError
+path = {str(path)!r}
+d = TensorDeserializer(path, lazy=True)
+os.truncate(path, 8192)
+try:
+    d["w"]
+except ObjectChangedError as exc:
+    print("first:", type(exc).__name__)
+d.close()
+os.truncate(path, 0)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "first: ObjectChangedError" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    write_file(path, tensors, block_size=4096)
+    code = f"""
+import os
+from hf_tensorizer import TensorDeserializer
+from hf_tensorizer.errors import ObjectChangedError
+path = {str(path)!r}
+d = TensorDeserializer(path, lazy=True, verify_hash=True)
+d["w"]  # the file is mapped now
+os.truncate(path, {big.offset // 4096 * 4096})
+try:
+    d["big"]
+except ObjectChangedError as exc:
+    print("second:", type(exc).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "second: ObjectChangedError" in proc.stdout, (proc.returncode, proc.stderr[-3000:])

@@ -101,7 +101,8 @@ def launch(tmp: Path, world: int, jobs: list[dict[str, Any]], *, timeout: int = 
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail(f"ranks still running after {LAUNCH_TIMEOUT_S} s (a hang)")
+            tails = [q.communicate()[0].decode(errors="replace")[-3000:] for q in procs]
+            pytest.fail(f"ranks still running after {LAUNCH_TIMEOUT_S} s (a hang); their logs: {tails}")
     results: dict[int, Any] = {}
     for r in range(world):
         f = out / f"rank{r}.json"
@@ -158,6 +159,10 @@ def replica_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     key = EncryptionKey.generate()
     write_file(root / "plain.tensors", tensors, block_size=64 << 10)
     write_file(root / "enc.tensors", tensors, block_size=64 << 10, encryption=key)
+    # same layout, other values (the digests in the index differ); and one more tensor (another size)
+    write_file(root / "other.tensors", {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()},
+               block_size=64 << 10)  # fmt: skip
+    write_file(root / "longer.tensors", {**tensors, "extra": torch.ones(3)}, block_size=64 << 10)
     data = bytearray((root / "plain.tensors").read_bytes())
     index = read_index(str(root / "plain.tensors"))
     last = max(index.tensors.values(), key=lambda e: e.offset)
@@ -257,6 +262,98 @@ def test_a_failing_rank_fails_every_rank(replica_files: dict[str, Any], tmp_path
     assert results[0] is not None, results[-1][0][-3000:]
     assert results[0]["raises"]["error"].startswith("DistributedError: rank 1 failed"), results[0]["raises"]
     assert results[0]["dies"]["error"].startswith("DistributedError"), results[0]["dies"]
+
+
+def _errors(results: dict[int, Any], world: int, name: str) -> list[str]:
+    """Each rank's error for job ``name``, checking it came within seconds (the group's timeout is minutes)."""
+    out = []
+    for r in range(world):
+        assert results[r] is not None, f"rank {r} wrote nothing:\n{results[-1][r][-3000:]}"
+        res = results[r][name]
+        assert "error" in res, (r, name, res)
+        assert res["seconds"] < FAIL_FAST_S, (r, name, res)
+        out.append(res["error"])
+    return out
+
+
+FAIL_FAST_S = 15  # every rank must fail within this, with a process group timeout of 300 s
+
+
+def test_ranks_must_agree_before_exchanging(replica_files: dict[str, Any], tmp_path: Path) -> None:
+    """Ranks that opened different files, or failed to open theirs, fail together before any byte is exchanged,
+    with a typed error naming the difference, in seconds (the process group's timeout is 300 s here)."""
+    root = replica_files["root"]
+    local, enc = str(root / "plain.tensors"), str(root / "enc.tensors")
+    other = {"uri": local, "local": local, "kind": "replica"}
+    jobs = [
+        {**other, "name": "values", "uris": {"1": str(root / "other.tensors")}},
+        {**other, "name": "values_verified", "uris": {"1": str(root / "other.tensors")},
+         "options": {"verify_hash": True}},
+        {**other, "name": "size", "uris": {"1": str(root / "longer.tensors")}},
+        {**other, "name": "plan", "rank_options": {"1": {"filter": ["big", "i"]}}},
+        {**other, "name": "missing", "uris": {"1": str(root / "absent.tensors")}},
+        {"kind": "replica", "name": "wrong_key", "uri": enc, "local": enc, "options": {"key": replica_files["key"]},
+         "rank_options": {"1": {"key": "00" * 32}}},
+        {**other, "name": "after"},  # the group is still usable: nothing was left half-done
+    ]  # fmt: skip
+    results = launch(tmp_path, 2, jobs, timeout=300)
+    for name, field in (("values", "index"), ("values_verified", "index"), ("size", "size"), ("plan", "plan.names")):
+        for err in _errors(results, 2, name):
+            assert err.startswith("DistributedError: the ranks disagree on what they load"), err
+            assert f"({field}" in err, err
+            assert "other.tensors" in err or not name.startswith("values"), err
+    assert "size, index" in _errors(results, 2, "size")[0]
+    missing = _errors(results, 2, "missing")
+    assert missing[0].startswith(f"DistributedError: rank 1 failed before the distributed load: {missing[1]}")
+    assert "absent.tensors" in missing[1], missing
+    wrong = _errors(results, 2, "wrong_key")
+    assert wrong[0].startswith(f"DistributedError: rank 1 failed before the distributed load: {wrong[1]}"), wrong
+    assert wrong[1].startswith("DecryptionError"), wrong
+    assert all(r["identical"] for r in _ok(results, 2, "after"))
+
+
+def test_a_hung_rank_fails_the_others_in_seconds(replica_files: dict[str, Any], tmp_path: Path) -> None:
+    """Rank 1 stops (SIGSTOP) in the middle of the exchange, its connections open, as a hung or wedged process does;
+    rank 0 raises DistributedError naming it within seconds although the process group's timeout is 300 s. (A
+    SIGKILLed peer is often noticed by gloo itself, at once; a hung one only by our heartbeat watch.)"""
+    local = str(replica_files["root"] / "plain.tensors")
+    jobs = [
+        {"name": "warm", "kind": "replica", "uri": local, "local": local},
+        {"name": "hung", "kind": "replica", "uri": local, "local": local, "options": {"chunk_bytes": 128 << 10},
+         "die_at": {"rank": 1, "op": "broadcast", "after": 0, "hang": True}},
+    ]  # fmt: skip
+    results = launch(tmp_path, 2, jobs, timeout=300)
+    assert results[1] is None  # it was killed in the end
+    assert results[0] is not None, results[-1][0][-3000:]
+    assert all(r["identical"] for r in [results[0]["warm"]])
+    res = results[0]["hung"]
+    assert res.get("error", "").startswith("DistributedError: rank 1 stopped responding"), res
+    assert res["seconds"] < FAIL_FAST_S, res
+
+
+def test_tp_ranks_agree_and_fail_together(artifacts: Path, tmp_path: Path) -> None:
+    """Tensor parallel: ranks that opened different weights (same architecture, other values) fail together before
+    any row is gathered; a rank whose load raised and whose script then exited fails the others in seconds (the
+    process group's timeout is 300 s)."""
+    other = tmp_path / "llama-other"
+    hf_tensorizer.enable()
+    try:
+        torch.manual_seed(1)
+        _models()["llama"]().save_pretrained(other, tensorized=True)
+    finally:
+        hf_tensorizer.disable()
+    tp = {"kind": "tp", "uri": str(artifacts / "llama" / "art"), "stock": str(artifacts / "llama" / "stock")}
+    jobs = [
+        {**tp, "name": "values", "uris": {"1": str(other)}},
+        {**tp, "name": "exits", "uris": {"1": str(tmp_path / "absent")}, "exit_on_error": 1},
+    ]
+    results = launch(tmp_path, 2, jobs, timeout=300)
+    for err in _errors(results, 2, "values"):
+        assert err.startswith("DistributedError: the ranks disagree on what they load (index differ)"), err
+    rank0, rank1 = (results[r]["exits"] for r in (0, 1))
+    assert "error" in rank1 and "DistributedError" not in rank1["error"], rank1  # its own error, then it exited
+    assert rank0["error"].startswith("DistributedError: rank 1 exited"), rank0
+    assert rank0["seconds"] < FAIL_FAST_S, rank0
 
 
 def _range_len(header: str | None) -> int:

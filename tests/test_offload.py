@@ -218,3 +218,40 @@ def test_adapters_on_disk_offloaded_models_are_refused(saved: tuple[Any, Path, P
         peft.PeftModel.from_pretrained(model, f"file://{tmp_path / 'adapter'}")
     with pytest.raises(UsageError, match="disk"):
         model.load_adapter(f"file://{tmp_path / 'adapter'}")
+
+
+def test_disk_entries_keep_the_loaded_weights_or_fail_typed(saved: tuple[Any, Path, Path], tmp_path: Path,
+                                                             hf_enabled: None) -> None:  # fmt: skip
+    """Issue 26: the artifact changing under a running model. Replaced by the project's own save into the same
+    folder, or deleted with its folder: forwards keep the loaded weights (the descriptor pins the file). Rewritten
+    or truncated in place: ObjectChangedError before the next forward reads it, never new weights or SIGBUS."""
+    ref, _, tz = saved
+    expected = _logits(ref)
+    other = _llama()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    art = tmp_path / "art"
+    shutil.copytree(tz, art)
+    model = transformers.AutoModelForCausalLM.from_pretrained(art, device_map=DEVICE_MAP)
+    assert torch.equal(_logits(model), expected)
+    other.save_pretrained(art, tensorized=True)  # atomic replace (temp file + rename), other weights
+    assert torch.equal(_logits(model), expected)
+    shutil.rmtree(art)
+    assert torch.equal(_logits(model), expected)
+
+    for how in ("rewrite", "truncate"):
+        art = tmp_path / how
+        shutil.copytree(tz, art)
+        model = transformers.AutoModelForCausalLM.from_pretrained(art, device_map=DEVICE_MAP)
+        assert torch.equal(_logits(model), expected)
+        (weights,) = art.glob("*.tensors")
+        if how == "rewrite":  # cp new old / rsync --inplace: same inode, same size, other bytes
+            data = bytearray(weights.read_bytes())
+            data[-4096:] = bytes(4096)
+            with open(weights, "r+b") as f:
+                f.write(data)
+        else:
+            os.truncate(weights, weights.stat().st_size // 2)
+        with pytest.raises(ObjectChangedError, match="rewritten in place"):
+            _logits(model)

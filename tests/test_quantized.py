@@ -134,8 +134,13 @@ def test_prequantized_round_trip(fmt: str, tmp_path: Path) -> None:
     auto = transformers.AutoModelForCausalLM
     model = auto.from_pretrained(stock, device_map=DEVICE)  # a local safetensors folder: stock loading
     assert model.hf_quantizer is not None and model.hf_quantizer.pre_quantized
+    # expectations before the save: a save must not change the model (bnb 4-bit did, issue 26). Not for
+    # compressed-tensors: its first forward decompresses the weights in place (upstream of us), so the save after it
+    # would write bf16 weights; its expectations come after the save, and the save is checked not to change them
+    before = None if fmt.startswith("ct_") else _logits(model)
     model.save_pretrained(tmp_path / "art", tensorized=True)  # stock 5.x cannot re-save this model at all
     expected = _logits(model)
+    assert before is None or torch.equal(expected, before)
 
     # the file holds exactly stock's tensors, bit for bit, and stock's metadata (torchao's JSON): no pickle
     with open_source(str(tmp_path / "art" / "model.tensors")) as src:
@@ -159,6 +164,39 @@ def test_prequantized_round_trip(fmt: str, tmp_path: Path) -> None:
         assert loaded.hf_quantizer is not None
         assert type(loaded.model.layers[0].self_attn.q_proj) is type(model.model.layers[0].self_attn.q_proj)
         assert torch.equal(_logits(loaded), expected), uri
+
+
+def _force_bnb_cpu_packing(model: Any) -> None:
+    """The path bitsandbytes 4-bit takes on CPUs with avx512-bf16: the first forward repacks each weight into a CPU
+    layout (``packing_format_for_cpu``), and its ``_save_to_state_dict`` undoes that in place. Forced here so that
+    this machine takes it too (its pure-torch fallback runs everywhere)."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU repacking of bitsandbytes 4-bit")
+def test_bnb4_save_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    """Saving a bnb 4-bit model whose weights a CPU forward repacked: stock bitsandbytes' ``state_dict()`` changes
+    the model in memory (its next logits moved by 0.024 here); ours leaves it bit for bit as it was."""
+    auto = transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(_stock_checkpoint(tmp_path, "bnb4"), device_map=DEVICE)
+    _force_bnb_cpu_packing(model)
+    expected = _logits(model)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.quant_state.packing_format_for_cpu  # repacked by the forward
+    model.save_pretrained(tmp_path / "art", tensorized=True)
+    assert q.quant_state.packing_format_for_cpu
+    assert torch.equal(_logits(model), expected)
+    # what the file holds is bitsandbytes' own inverse of its repacking (stock's save writes the same tensors),
+    # which it calls best-effort: the reloaded model is close to, not bit-identical with, the repacked one
+    loaded = auto.from_pretrained(tmp_path / "art", device_map=DEVICE)
+    _force_bnb_cpu_packing(loaded)
+    got = _logits(loaded)
+    print("bnb4 reload after CPU repacking, max diff", float((got.float() - expected.float()).abs().max()))
+    assert torch.allclose(got.float(), expected.float(), atol=0.05)
 
 
 @pytest.mark.parametrize("fmt", ["torchao", "bnb8", "bnb4"])

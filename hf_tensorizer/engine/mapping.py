@@ -3,11 +3,16 @@
 Why it is safe:
 - ``MAP_PRIVATE`` with ``PROT_READ | PROT_WRITE``: a write to a tensor copies that page for this process;
   it never reaches the file or other processes mapping it.
-- Lifetime: every tensor is a slice of one ``torch.frombuffer`` view of the ``mmap`` object, so the mapping
-  lives as long as any tensor does, whatever happens to the deserializer or its source.
+- Lifetime: every tensor is ``torch.frombuffer`` over a ``memoryview`` slice of the ``mmap`` object, so each
+  tensor owns a storage of exactly its bytes (``torch.save``, pickling, ``share_memory_()`` and storage-size
+  accounting see that tensor only, as for safetensors' ``load_file``), its data pointer is inside the mapping
+  (zero-copy), and the mapping lives as long as any tensor does, whatever happens to the deserializer or its source.
 - A mapping holds the file's inode: a file replaced by an atomic rename (``os.replace``) or unlinked keeps
-  serving the old bytes. Truncating or rewriting the file *in place* is not supported (the same holds for
-  ``safetensors`` and ``torch.load(mmap=True)``): pages not yet copied would show the new bytes or fault.
+  serving the old bytes. Truncating or rewriting the file *in place* (``cp new old``, ``rsync --inplace``) is
+  not supported after the load (the same holds for ``safetensors`` and ``torch.load(mmap=True)``): pages not yet
+  copied show the new bytes, or fault with SIGBUS past a new end. A file found shorter than it was when opened,
+  before or during a load, is an ``ObjectChangedError``. Long-lived processes whose files may be rewritten in
+  place load with ``strategy="pread"`` (copies; docs/security.md).
 
 Why it is fast: the page-cache pages *are* the tensors, so a load costs no copy and no fresh memory, only
 page-table entries. A warm file's pages are mapped at load time (``MADV_POPULATE_READ``, Linux >= 5.14) by
@@ -64,16 +69,29 @@ class FileMapping:
 
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
-        self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.check(fd)
+        try:
+            self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except ValueError as exc:  # "mmap length is greater than file size": it shrank since check()
+            raise _shrank(size, os.fstat(fd).st_size) from exc
         # one view owns the reference to the mmap object; every tensor is a slice of it
         self.base = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.address = self.base.data_ptr()
 
+    def check(self, fd: int) -> None:
+        """Raise :class:`ObjectChangedError` when the file is now shorter than when it was opened (touching its
+        mapping past the new end would be SIGBUS). Called before each load from the mapping."""
+        now = os.fstat(fd).st_size
+        if now < self.size:
+            raise _shrank(self.size, now)
+
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
-        """``entry`` as a view of the mapping (``is_zero_copy(entry)``) or, when unaligned, a copy of its bytes."""
-        raw = self.base[entry.offset : entry.offset + entry.length]
-        if not is_zero_copy(entry):
-            raw = raw.clone()  # a fresh allocation is aligned for every dtype
+        """``entry`` zero-copy over the mapping (``is_zero_copy(entry)``), in a storage of exactly its bytes that
+        keeps the mapping alive, or, when unaligned, a copy of its bytes. ``entry.length`` must be positive."""
+        if not is_zero_copy(entry):  # a fresh allocation is aligned for every dtype
+            raw = self.base[entry.offset : entry.offset + entry.length].clone()
+        else:
+            raw = torch.frombuffer(memoryview(self._mm)[entry.offset : entry.offset + entry.length], dtype=torch.uint8)
         return raw.view(entry.dtype).reshape(entry.shape)
 
     def populate(self, entries: Sequence[TensorEntry], threads: int) -> None:
@@ -179,6 +197,13 @@ class FileMapping:
                     raise SourceError(err, f"madvise(MADV_POPULATE_READ) at {start} failed: {os.strerror(err)}")
                 _POPULATE_SUPPORTED[:] = [False]
             self._touch(start, length)  # no MADV_POPULATE_READ: a read per page faults it in
+
+
+def _shrank(size: int, now: int) -> ObjectChangedError:
+    return ObjectChangedError(
+        f"the file is {now} bytes, shorter than the {size} bytes it had when it was opened: it was truncated or "
+        "rewritten in place; reload it (long-lived processes: strategy='pread', docs/security.md)"
+    )
 
 
 def _page_ranges(entries: Sequence[TensorEntry]) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
-from .distributed import load_replicated, split_unit
+from .distributed import begin_replicas, handshake, identity, load_replicated, split_unit
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
@@ -125,8 +125,9 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                     num_readers=num_readers)  # fmt: skip
         _refuse_upstream_spellings(source_options)
         self._owns_source = not isinstance(source, Source)
-        self._source = open_source(source, **source_options)
-        try:  # nothing may leak when construction fails: descriptors, pools, connections
+        watch = begin_replicas(lazy, mmap, strategy, process_group) if distributed else None
+        try:  # nothing may leak when construction fails: descriptors, pools, connections; replicas hear of it
+            self._source = open_source(source, **source_options)
             self._closed = False
             if index is not None and (self._owns_source or index.file_size != self._source.size):
                 raise UsageError("index= must come from read_index() of the same open Source")
@@ -155,8 +156,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             self.strategy = strategy
             self.mmap = mmap
             self.distributed, self.process_group = distributed, process_group
-            if distributed:
-                _check_distributed(lazy, mmap, strategy, process_group)
             self.transform = transform
             if (mmap or strategy == "mmap") and (
                 self.device.type != "cpu" or self._source.fileno() is None or transform is not None
@@ -170,9 +169,14 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             self._lock = threading.Lock()
             self._mapping: FileMapping | None = None
             self.metrics = LoadMetrics()
+            if watch is not None:  # the ranks agree on what they load before any byte is exchanged
+                plan = dict(names=self._names, dtype=str(dtype), verify_hash=verify_hash, chunk_bytes=self.chunk_bytes)
+                handshake(watch, identity(self._source, self.index, encrypted=transform is not None, **plan))
             if not lazy:
                 self._load([self.index.tensors[n] for n in self._names])
-        except BaseException:
+        except BaseException as exc:
+            if watch is not None:
+                watch.fail(exc)
             self.close()
             raise
 
@@ -353,6 +357,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if self._mapping is None:
             self._mapping = FileMapping(fd, self._source.size)
         mapping = self._mapping
+        mapping.check(fd)  # a file that shrank since it was opened: a typed error, not SIGBUS below
         metrics.resident = pagecache.resident_fraction(fd, self._source.size)
         cold = metrics.resident is not None and metrics.resident < 0.5
         if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
@@ -440,16 +445,6 @@ def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> 
         torch.empty(total, dtype=torch.uint8, device=device)
     except torch.cuda.OutOfMemoryError:
         pass
-
-
-def _check_distributed(lazy: bool, mmap: bool, strategy: str, process_group: Any) -> None:
-    from .distributed import group_of
-
-    if lazy:
-        raise UsageError("distributed=True loads every tensor at once on every rank (lazy=False)")
-    if mmap or strategy in ("mmap", "register"):
-        raise UsageError("distributed=True reads into new tensors: strategy 'pread' or 'odirect'")
-    group_of(process_group)
 
 
 def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int | None, chunk_bytes: int | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -23,11 +24,12 @@ class FileSource(Source):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.uri = self.path
+        self._fd = _open_regular(self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.size = os.lseek(self._fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         except OSError as exc:
-            raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
-        self.size = os.fstat(self._fd).st_size
+            os.close(self._fd)
+            raise SourceError(f"cannot read {self.path}: {exc.strerror}") from exc
         self._direct_fd: int | None = None
         self._finalizer = weakref.finalize(self, _close_fds, [self._fd])  # a source dropped without close()
 
@@ -76,6 +78,34 @@ class FileSource(Source):
         self._finalizer()  # closes the descriptors once; later calls do nothing
         self._fd = -1
         self._direct_fd = -1  # never reopened after close
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, refusing what is not a regular file or a block device: opened
+    non-blocking first, so a FIFO (or a device that waits) cannot block the open, then made blocking again.
+
+    Raises:
+        SourceError: the path cannot be opened, or is a FIFO, socket, character device or directory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise SourceError(
+                f"cannot read {path}: it is {kind} (weights are read from regular files or block devices)"
+            )
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, SourceError):
+            raise SourceError(f"cannot open {path}: {exc.strerror}") from exc
+        raise
+    return fd
 
 
 def _close_fds(fds: list[int | None]) -> None:

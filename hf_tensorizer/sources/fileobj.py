@@ -104,12 +104,12 @@ class FileObjectSource(Source):
                 self._spool = tempfile.TemporaryFile(prefix="hf-tensorizer-spool-")  # noqa: SIM115 - lives with the source
                 self.size = _copy_stream(fileobj, self._spool)
                 self._base, self._fd = 0, self._spool.fileno()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # the caller's object may raise anything: a typed error, always
             if self._spool is not None:
                 self._spool.close()
             if isinstance(exc, UsageError):
                 raise
-            raise SourceError(f"cannot read {self.uri}: {exc}") from exc
+            raise SourceError(f"cannot read {self.uri}: {_describe(exc)}") from exc
         self.preferred_concurrency = 8 if self._fd is not None else 1
 
     def fileno(self) -> int | None:
@@ -135,6 +135,8 @@ class FileObjectSource(Source):
                 self._fill(pos, view)
             except (OSError, ValueError) as exc:
                 raise SourceError(f"read of {self.uri} at offset {pos - self._base} failed: {exc}") from exc
+            except Exception as exc:  # the caller's object raised something else: still a typed error
+                raise SourceError(f"read of {self.uri} at offset {pos - self._base} failed: {_describe(exc)}") from exc
             pos += len(view)
 
     def _fill(self, pos: int, view: memoryview) -> None:
@@ -165,12 +167,27 @@ class FileObjectSource(Source):
 
 
 def _readinto(f: Any, view: memoryview) -> int:
+    """Read into ``view`` with the object's ``readinto`` (or ``read``); returns the byte count.
+
+    Raises:
+        TypeError: the object returned something other than a byte count / bytes (a text-mode object in disguise).
+    """
     readinto = getattr(f, "readinto", None)
     if readinto is not None:
-        return readinto(view) or 0
+        n = readinto(view)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(view)):
+            raise TypeError(f"readinto() returned {n!r:.40}, not a byte count up to {len(view)}")
+        return n or 0
     data = f.read(len(view))
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > len(view):
+        raise TypeError(f"read({len(view)}) returned {type(data).__name__}, not at most {len(view)} bytes "
+                        "(open the file in binary mode)")  # fmt: skip
     view[: len(data)] = data
     return len(data)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _copy_stream(src: Any, dst: IO[bytes]) -> int:
@@ -217,10 +234,12 @@ class FileObjectSink(Sink):
         try:
             while len(view):
                 n = self._file.write(view)
+                if n is not None and (not isinstance(n, int) or not 0 <= n <= len(view)):
+                    raise TypeError(f"write() returned {n!r:.40}, not a byte count")
                 view = view[len(view) if n is None else n :]  # raw files may write less; None: all of it
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # the caller's object may raise anything: a typed error, always
             self.abort()
-            raise SinkError(f"write to {self.uri} failed: {exc}") from exc
+            raise SinkError(f"write to {self.uri} failed: {_describe(exc)}") from exc
 
     def rewrite_head(self, data: bytes) -> None:
         self._check_open()
@@ -231,9 +250,9 @@ class FileObjectSink(Sink):
             self._file.seek(self._start)
             self._file.write(data)
             self._file.seek(end)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             self.abort()
-            raise SinkError(f"rewriting the head of {self.uri} failed: {exc}") from exc
+            raise SinkError(f"rewriting the head of {self.uri} failed: {_describe(exc)}") from exc
 
     def commit(self) -> None:
         self._check_open()
@@ -241,9 +260,9 @@ class FileObjectSink(Sink):
             flush = getattr(self._file, "flush", None)
             if flush is not None:
                 flush()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             self.abort()
-            raise SinkError(f"cannot flush {self.uri}: {exc}") from exc
+            raise SinkError(f"cannot flush {self.uri}: {_describe(exc)}") from exc
         self._state = "committed"
 
     def abort(self) -> None:
@@ -254,7 +273,7 @@ class FileObjectSink(Sink):
             try:  # best effort: leave the object as it was before the write began
                 self._file.seek(self._start)
                 self._file.truncate()
-            except (OSError, ValueError, AttributeError):
+            except Exception:  # the caller's object: the write error is what matters
                 pass
 
     def _check_open(self) -> None:

@@ -10,11 +10,13 @@ or ``~/.cache/hf_tensorizer``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,13 +134,23 @@ def _fetch(root: str, variant: str | None, **options: Any) -> str:
     return dest
 
 
+STALE_AFTER_S = 60.0  # a temporary folder this old whose lock nobody holds belongs to a killed fetch
+
+
 @contextlib.contextmanager
 def swapped_in(dest: str) -> Iterator[str]:
     """A fresh folder beside ``dest`` to fill; when the block ends without error it replaces ``dest`` whole, so a
-    concurrent reader never sees a half-written cache folder; on error it is removed and ``dest`` stays."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fresh = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".", dir=os.path.dirname(dest))
+    concurrent reader never sees a half-written cache folder; on error it is removed and ``dest`` stays.
+
+    The fresh folder is locked (``flock`` on its descriptor) while it is filled; a process killed meanwhile leaves
+    it behind, unlocked, and the next use of the cache folder removes it (:func:`sweep_stale`)."""
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    sweep_stale(parent, STALE_AFTER_S)
+    fresh = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".", dir=parent)
+    lock = os.open(fresh, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the descriptor closes, or the process dies
         yield fresh
         old = dest + ".old." + os.path.basename(fresh)
         if os.path.exists(dest):
@@ -148,6 +160,39 @@ def swapped_in(dest: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def sweep_stale(parent: str, older_than: float = STALE_AFTER_S) -> list[str]:
+    """Remove the temporary folders that killed fetches left in ``parent`` (``<hash>.<random>`` being filled,
+    ``<hash>.old.<random>`` being dropped): those older than ``older_than`` seconds whose lock no live process
+    holds. Cache folders themselves (no dot in the name) are never touched.
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    now = time.time()
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        path = os.path.join(parent, name)
+        try:
+            if "." not in name or now - os.lstat(path).st_mtime < older_than or not os.path.isdir(path):
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live fetch is filling it
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_marker(folder: str, root: str, names: list[str], versions: dict[str, Any] | None = None) -> None:

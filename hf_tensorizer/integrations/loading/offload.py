@@ -10,8 +10,13 @@ Stock transformers reads a safetensors checkpoint's offloaded weights in place (
 2. once accelerate has dispatched the model, the offload hooks' weights loader gets :class:`ArtifactWeights`,
    which returns a tensor when accelerate's hook asks for it before a forward, and drops it after.
 
-A local, unencrypted file is memory-mapped per request (the tensor is a view of a fresh private mapping, unmapped
-when accelerate drops the tensor after the forward: resident memory stays bounded by the modules in use). A
+A local, unencrypted file is held open from the load on (:class:`_HeldFile`: one descriptor per weight file, its
+index checked against the load's) and memory-mapped from that descriptor per request (the tensor is a view of a fresh
+private mapping, unmapped when accelerate drops the tensor after the forward: resident memory stays bounded by the
+modules in use). The descriptor pins the file the model was loaded from: a file replaced by a rename (the project's
+own ``save_pretrained`` into the same folder) or deleted with its folder keeps serving the loaded bytes; a file
+rewritten or truncated in place (its size, mtime or ctime changed) raises :class:`ObjectChangedError` before the
+next forward reads it, never new weights or SIGBUS. A
 remote one is fetched through the engine on first use (verified when ``verify_hash`` is on) into
 ``cache_root()/offload/`` and mapped from there afterwards. An encrypted file is read and decrypted through the
 engine on each use: its plaintext never reaches the disk. Weights that transformers converts on load (fused MoE
@@ -36,6 +41,7 @@ from ...engine import TensorDeserializer
 from ...engine.mapping import FileMapping
 from ...errors import ObjectChangedError
 from ...format.index import FileIndex, TensorEntry
+from ...sources.file import FileSource
 from ...sources.uri import is_remote, local_path, redact
 from .. import patches
 from ..artifact.cache import cache_root
@@ -80,6 +86,15 @@ class ArtifactWeights(Mapping[str, torch.Tensor]):
         self.where, self.dtypes = dict(where), dict(dtypes)
         self.transport, self.engine = dict(transport), dict(engine)
         self.reads = 0  # tensors served, for tests and metrics
+        self._held: dict[str, _HeldFile] = {}
+        for uri, index, name in self.where.values():  # pinned now: a rewrite after the load is seen as one
+            if uri not in self._held and self._local_plain(uri, index, name):
+                self._held[uri] = _HeldFile(local_path(uri), index)
+
+    def _local_plain(self, uri: str, index: FileIndex, name: str) -> bool:
+        entry = index.tensors[name]
+        plain = index.encryption is None and entry.crypt is None
+        return plain and not is_remote(uri) and not self.engine.get("verify_hash")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         uri, index, name = self.where[key]
@@ -89,8 +104,8 @@ class ArtifactWeights(Mapping[str, torch.Tensor]):
         plain = index.encryption is None and entry.crypt is None
         if entry.numel == 0:
             tensor = torch.empty(entry.shape, dtype=entry.dtype)
-        elif plain and not is_remote(uri) and not self.engine.get("verify_hash"):
-            tensor = _mapped(local_path(uri), entry)
+        elif uri in self._held:
+            tensor = self._held[uri].tensor(entry)
         elif plain and is_remote(uri):  # fetched once (through the engine: verified when asked), then mapped
             path = _cache_path(uri, index, name)
             if not os.path.isfile(path):
@@ -122,6 +137,51 @@ class ArtifactWeights(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.where)
+
+
+class _HeldFile:
+    """A local weight file held open for the life of the model: each request maps it from this descriptor.
+
+    Args:
+        path: the file.
+        index: its index as the load read it.
+
+    Raises:
+        ObjectChangedError: the file at ``path`` is no longer the one the load read (another index).
+        SourceError: it cannot be opened.
+    """
+
+    def __init__(self, path: str, index: FileIndex) -> None:
+        from ...engine.header import read_index
+
+        self.path = path
+        self.source = FileSource(path)  # closed with this object (its finalizer)
+        if read_index(self.source).raw_index != index.raw_index:
+            raise ObjectChangedError(f"{path} changed since the model was loaded; load it again")
+        stamp = self._stamp()
+        if stamp is None:  # deleted between the load and now
+            raise ObjectChangedError(f"{path} was deleted since the model was loaded; load it again")
+        self.stamp = stamp
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """Size, mtime and ctime (a write with the mtime set back still moves the ctime); None once the file has no
+        name left (replaced by a rename, or deleted: unlinking moves the ctime, and nothing can rewrite it by path)."""
+        st = os.fstat(self.source.fileno())
+        return None if st.st_nlink == 0 else (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """``entry`` as a view of a fresh private mapping of the held file.
+
+        Raises:
+            ObjectChangedError: the file was written or truncated in place since the load.
+        """
+        now = self._stamp()
+        if now is not None and now != self.stamp:
+            raise ObjectChangedError(
+                f"{self.path} was rewritten in place since the model was loaded (its size or times changed): the "
+                "disk-offloaded weights would no longer be the loaded ones; load the model again"
+            )
+        return FileMapping(self.source.fileno(), self.source.size).tensor(entry)
 
 
 def _mapped(path: str, entry: TensorEntry) -> torch.Tensor:

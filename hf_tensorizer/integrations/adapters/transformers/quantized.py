@@ -18,6 +18,7 @@ asks for it, so the full-precision model never sits in host memory at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +37,26 @@ _ST_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}  # fmt: skip
 
 
+@contextlib.contextmanager
+def parameters_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Undo what collecting a state dict does to the model in memory: bitsandbytes' 4-bit ``_save_to_state_dict``
+    (0.50) turns a CPU-repacked weight (the layout its first CPU forward makes where avx512-bf16 is available) back
+    into the portable layout *in place*, replacing ``weight.data`` and ``weight.quant_state``, so the model's next
+    forward differs (max 0.024 on the tiny test Llama). The state dict keeps the portable tensors; every parameter
+    gets back its own data and quant state."""
+    # a quant state is a few small tensors, and bitsandbytes edits it in place: a copy
+    kept = [(p, p.data, p.data_ptr(), p.shape, copy.deepcopy(getattr(p, "quant_state", None)))
+            for p in model.parameters()]  # fmt: skip
+    try:
+        yield
+    finally:
+        for p, data, ptr, shape, quant_state in kept:
+            if p.data_ptr() != ptr or p.shape != shape:
+                p.data = data
+                if quant_state is not None:
+                    p.quant_state = quant_state  # type: ignore[attr-defined]
+
+
 def quantized_state_dict(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and file metadata stock ``save_pretrained`` writes for a quantized model (before ties and
     conversions are reverted).
@@ -52,9 +73,10 @@ def quantized_state_dict(model: Any) -> tuple[dict[str, torch.Tensor], dict[str,
     method = getattr(method, "value", method)
     if not quantizer.is_serializable():
         raise UsageError(f"the model is quantized with {method}, which transformers cannot serialize")
-    state_dict, metadata = quantizer.get_state_dict_and_metadata(model)
-    if state_dict is None:
-        state_dict = model.state_dict()
+    with parameters_kept(model):
+        state_dict, metadata = quantizer.get_state_dict_and_metadata(model)
+        if state_dict is None:
+            state_dict = model.state_dict()
     out = {}
     for key, value in state_dict.items():
         out[key] = _plain(key, value, method)

@@ -20,8 +20,9 @@ import torch
 
 from ....constants import SLICE_MAX_GAP
 from ....engine.decrypt import choose_transform
-from ....engine.distributed import gather_rows
+from ....engine.distributed import gather_rows, handshake, identity_of_files
 from ....engine.pipeline import Verifier
+from ....engine.rankwatch import watch_for
 from ....engine.slices import Ranges, SliceMetrics, TensorSlice, normalize_box
 from ....errors import UsageError
 from ...loading.weights import OpenWeights
@@ -84,19 +85,34 @@ def split_sharded(weights: OpenWeights, engine: Mapping[str, Any], meta_sd: Mapp
 
     Returns:
         ``(checkpoint key -> TensorSlice or PrefetchedSlice, metrics)``; empty and ``None`` when nothing is
-        sharded (no TP). Under torch.distributed this is a collective for the row-cut tensors: every rank calls it.
+        sharded (no TP). Under torch.distributed every rank calls it: the ranks first agree that they opened the
+        same weights (``engine.distributed.handshake``; a rank that failed to open its slices fails them all), then
+        gather the row-cut tensors, each gather a collective.
+
+    Raises:
+        DistributedError: the ranks opened different weights, or another rank failed, exited or hung.
     """
     keys = [k for k, model_key in renamed.items() if is_sharded(meta_sd.get(model_key))]
     if not keys:
         return {}, None
-    reader = ShardReader(weights, engine)
-    reader.metrics.whole = sum(weights.entry(k).length for k in keys)
-    slices: dict[str, Any] = {k: reader.slice(k) for k in keys}
-    if _world() > 1:
+    watch = watch_for(None) if _world() > 1 else None
+    try:
+        reader = ShardReader(weights, engine)
+        reader.metrics.whole = sum(weights.entry(k).length for k in keys)
+        slices: dict[str, Any] = {k: reader.slice(k) for k in keys}
+        if watch is None:
+            return slices, reader.metrics
+        plan = {"keys": keys, "verify_hash": bool(engine.get("verify_hash")), "encrypted": any(
+            reader._file(i)[0] is not None for i in {weights.file_of[k] for k in keys})}  # fmt: skip
+        handshake(watch, identity_of_files(weights.sources, weights.indexes, **plan))
         for k in keys:  # the same keys in the same order on every rank: each gather is a collective
             param = meta_sd[renamed[k]]
             if _cuts_rows(param, slices[k]):
                 slices[k] = _prefetch(param, slices[k], reader.metrics)
+    except BaseException as exc:
+        if watch is not None:  # the peers may be waiting for this rank: they hear of it now
+            watch.fail(exc)
+        raise
     return slices, reader.metrics
 
 
