@@ -95,3 +95,17 @@ def test_diffusers_variant_save_writes_stock_file_names(tmp_path: Path, monkeypa
     stock = _files(tmp_path / "stock")
     assert "text_encoder/model.fp16.safetensors" in stock  # transformers 5 writes safetensors whatever it is told
     assert _files(tmp_path / "enabled") == stock
+
+
+def test_max_shard_size_warns_and_the_save_writes_one_file(enabled: None, tmp_path: Path) -> None:
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.warns(UserWarning, match=r"max_shard_size='1MB' is ignored: .* one \.tensors file"):
+        model.save_pretrained(tmp_path / "art", tensorized=True, max_shard_size="1MB")
+    assert len(list((tmp_path / "art").rglob("*.tensors"))) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.save_pretrained(tmp_path / "quiet", tensorized=True)  # not given: nothing to warn about
