@@ -33,10 +33,11 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 out = sys.argv[1]
-vocab = {"<|endoftext|>": 0, "hello": 1, **{f"hello{i}": i for i in range(2, 1024)}}  # the suite feeds id 1000
-tok = Tokenizer(models.WordLevel(vocab, unk_token="hello"))
+# the suite feeds token id 1000 and counts "hello" in generated text: every ordinary token says hello
+vocab = {"<|endoftext|>": 0, "<unk>": 1, "hello": 2, **{f"hello{i}": i for i in range(3, 1024)}}
+tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
 tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="hello")
+fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
 fast.save_pretrained(out)
 torch.manual_seed(0)
 cfg = transformers.GPTNeoConfig(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=512,

@@ -17,8 +17,12 @@ from ...upstream.format import UpstreamIndex
 from ...upstream.loading import verify_upstream
 from . import _names
 from ._common import (
+    ENCRYPTION_TENSORIZER_VERSION,
+    LONG_TENSOR_TENSORIZER_VERSION,
     META_KEY,
-    TENSORIZER_VERSION,
+    META_TENSOR_TENSORIZER_VERSION,
+    NON_OPAQUE_TENSORIZER_VERSION,
+    OPAQUE_TENSORIZER_VERSION,
     TYPE_OF_KIND,
     FileFeatureFlags,
     FilterFuncType,
@@ -67,6 +71,9 @@ class TensorDeserializer(Mapping):
                     source, index=index, device=self._device, dtype=dtype, filter=wanted, lazy=lazy_load,
                     num_readers=num_readers, encryption=key_for(index, encryption),
                     verify_hash=bool(verify_hash) and not upstream,
+                    # new tensors, as upstream's: its users hash and pickle tensor.untyped_storage(), which must
+                    # hold that tensor alone, not a shared mapping of the file
+                    strategy="pread" if self._device.type == "cpu" else "auto",
                 )  # fmt: skip
                 if verify_hash and upstream:
                     verify_upstream(self._reader)
@@ -81,7 +88,7 @@ class TensorDeserializer(Mapping):
         flags = FileFeatureFlags(0)
         if index.encryption is not None or (upstream and index.feature_flags & 1):
             flags |= FileFeatureFlags.encrypted
-        version = index.version if upstream else TENSORIZER_VERSION
+        version = index.version if upstream else _upstream_version(index, self._meta, flags)
         self._file_header = types.SimpleNamespace(version_number=version, tensor_count=len(index.tensors))
         self._file_flags = flags
 
@@ -220,3 +227,23 @@ def _same(theirs: torch.Tensor | None, ours: torch.Tensor, ours_meta: bool) -> b
         return theirs.is_meta and ours_meta
     a, b = theirs.detach().cpu().contiguous(), ours.detach().cpu().contiguous()
     return a.numel() == 0 or torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+_NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                 torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
+                 torch.complex128}  # fmt: skip
+
+
+def _upstream_version(index: Any, meta: dict[str, Any], flags: FileFeatureFlags) -> int:
+    """The upstream format version a file of ours corresponds to: the lowest one with every feature it uses, the
+    number upstream writes (long dims 5, meta tensors 4, encryption 3, dtypes numpy lacks 2, else 1)."""
+    entries = index.tensors.values()
+    if any(d >= 1 << 32 for e in entries for d in e.shape) or any(d >= 1 << 32 for m in meta.values() for d in m[1]):
+        return LONG_TENSOR_TENSORIZER_VERSION
+    if meta:
+        return META_TENSOR_TENSORIZER_VERSION
+    if FileFeatureFlags.encrypted in flags:
+        return ENCRYPTION_TENSORIZER_VERSION
+    if any(e.dtype not in _NUMPY_DTYPES for e in entries):
+        return OPAQUE_TENSORIZER_VERSION
+    return NON_OPAQUE_TENSORIZER_VERSION

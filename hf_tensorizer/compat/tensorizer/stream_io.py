@@ -52,6 +52,24 @@ class RemoteStream(io.RawIOBase):
         super().close()
 
 
+class CURLStreamFile(RemoteStream):
+    """Upstream's HTTP(S) download stream, on our HTTP source (no ``curl`` process): ``[begin, end)`` of ``uri``.
+
+    Raises:
+        ValueError: a negative ``begin``, or an ``end`` not after ``begin``.
+    """
+
+    def __init__(self, uri: str, begin: int | None = None, end: int | None = None,
+                 headers: dict[str, Any] | None = None, *, buffer_size: int | None = None,
+                 certificate_handling: Any = None) -> None:  # fmt: skip
+        begin = 0 if begin is None else begin
+        if begin < 0:
+            raise ValueError("Invalid begin, must be non-negative")
+        if end is not None and end <= begin:
+            raise ValueError(f"End marker must come strictly after begin marker (requested range: {begin} to {end})")
+        super().__init__(uri, "rb", {"headers": dict(headers)} if headers else {}, begin, end)
+
+
 def open_stream(path_uri: str | os.PathLike[str], mode: str = "rb", s3_access_key_id: str | None = None,
                 s3_secret_access_key: str | None = None, s3_endpoint: str | None = None,
                 s3_config_path: Any = None, buffer_size: int | None = None, force_http: bool | None = None, *,
@@ -93,4 +111,4 @@ def open_stream(path_uri: str | os.PathLike[str], mode: str = "rb", s3_access_ke
     return RemoteStream(path, mode, options, begin, end)
 
 
-__all__ = ["RemoteStream", "open_stream"]
+__all__ = ["CURLStreamFile", "RemoteStream", "open_stream"]
