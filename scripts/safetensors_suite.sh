@@ -6,13 +6,15 @@
 #
 #   scripts/safetensors_suite.sh            # through our reader
 #   scripts/safetensors_suite.sh --stock    # the same tests against safetensors itself (the baseline)
-#
+# Extra arguments go to pytest.
 # SAFETENSORS_SRC=/path/to/a/safetensors/checkout uses that checkout instead of cloning.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 TAG="${SAFETENSORS_TAG:-v0.8.0}"
 WORK="${WORK_DIR:-$(mktemp -d)}"
+MODE=ours
+if [[ "${1:-}" == "--stock" ]]; then MODE=stock; shift; fi
 if [[ -n "${SAFETENSORS_SRC:-}" ]]; then
   git -C "$SAFETENSORS_SRC" archive "$TAG" bindings/python/tests | tar -x -C "$WORK"
 else
@@ -20,7 +22,7 @@ else
   cp -r "$WORK/src/bindings" "$WORK/"
 fi
 cd "$WORK/bindings/python"
-if [[ "${1:-}" != "--stock" ]]; then
+if [[ "$MODE" == ours ]]; then
   cat > tests/conftest.py <<'PYEOF'
 # swap safetensors' torch readers for hf_tensorizer's before the test modules import them
 import safetensors
@@ -45,4 +47,4 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -n 0 -rfE \
   tests/test_pt_comparison.py tests/test_pt_model.py tests/test_simple.py tests/test_threadable.py \
-  tests/test_multithreaded.py "${@:2}" || true
+  tests/test_multithreaded.py "$@" || true
