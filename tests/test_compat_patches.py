@@ -109,3 +109,24 @@ def test_max_shard_size_warns_and_the_save_writes_one_file(enabled: None, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model.save_pretrained(tmp_path / "quiet", tensorized=True)  # not given: nothing to warn about
+
+
+def test_mixin_subclasses_show_the_stock_signatures(tmp_path: Path) -> None:
+    from hf_tensorizer.integrations.mixin import TensorizerMixin
+
+    base = transformers.GPT2LMHeadModel
+
+    class Tiny(TensorizerMixin, base):
+        pass
+
+    class Own(TensorizerMixin, base):
+        def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:  # the user's override stays theirs
+            return super().save_pretrained(save_directory, **kwargs)
+
+    for name in ("from_pretrained", "save_pretrained", "push_to_hub"):
+        assert inspect.signature(getattr(Tiny, name)) == inspect.signature(getattr(base, name)), name
+    assert list(inspect.signature(Own.save_pretrained).parameters) == ["self", "save_directory", "kwargs"]
+    model = Tiny(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    model.save_pretrained(tmp_path / "art", tensorized=True)  # still the mixin's code
+    assert (tmp_path / "art" / "model.tensors").is_file()
+    assert type(Tiny.from_pretrained(tmp_path / "art")) is Tiny

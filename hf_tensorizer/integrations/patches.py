@@ -34,11 +34,20 @@ def replace(owner: type | ModuleType, name: str, new: Any) -> None:
     with _lock:
         if not is_patched(owner, name):
             _saved.append((owner, name, owner.__dict__[name]))
-        setattr(owner, name, _looking_like(new, stock(owner, name)))
+        setattr(owner, name, looking_like(new, stock(owner, name)))
 
 
-def _looking_like(new: Any, orig: Any) -> Any:
-    """``new`` dressed as ``orig``: same descriptor kind, the stock function's metadata and signature."""
+def looking_like(new: Any, orig: Any) -> Any:
+    """``new`` dressed as ``orig``: the stock function's name, docstring, ``__wrapped__`` and signature, on a copy of
+    ``new``'s function (same descriptor kind as ``new``); ``new`` itself is left untouched.
+
+    Args:
+        new: the replacement, a function, ``classmethod`` or ``staticmethod``.
+        orig: the stock attribute it stands for.
+
+    Returns:
+        The dressed copy, or ``new`` unchanged when either is not a plain Python function.
+    """
     new_fn, orig_fn = _function_of(new), _function_of(orig)
     if not isinstance(new_fn, types.FunctionType) or not callable(orig_fn):
         return new
