@@ -147,6 +147,18 @@ def test_upstream_written_files_read_bit_exact(tmp_path: Path) -> None:
         assert d._file_header.version_number == 3 and tz.serialization._FileFeatureFlags.encrypted in d._file_flags
 
 
+def test_upstream_nested_structures_keep_their_nesting(tmp_path: Path) -> None:
+    upstream = pytest.importorskip("tensorizer")
+    path = tmp_path / "nested-up.tensors"
+    s = upstream.TensorSerializer(str(path))
+    s.write_state_dict({"a": [torch.ones(2), torch.zeros(1)], "b": torch.arange(3)})
+    s.close()
+    with TensorDeserializer(str(path), device="cpu", filter_func=lambda key: key != ("a", 1)) as d:
+        assert list(d) == ["a", "b"] and list(d["a"]) == [0]
+        tree = d.tree()
+        assert isinstance(tree["a"], list) and torch.equal(tree["a"][0], torch.ones(2))
+
+
 def test_verify_hash_catches_tampering(tmp_path: Path) -> None:
     path = tmp_path / "h.tensors"
     s = TensorSerializer(path)

@@ -66,6 +66,7 @@ class TensorDeserializer(Mapping):
                 index = read_index(source)
                 upstream = isinstance(index, UpstreamIndex)
                 self._filter = filter_func
+                self._upstream_names = index.upstream if upstream else {}
                 wanted = None if filter_func is None else (lambda n: bool(filter_func(self._public(n))))
                 self._reader = _Reader(
                     source, index=index, device=self._device, dtype=dtype, filter=wanted, lazy=lazy_load,
@@ -84,7 +85,7 @@ class TensorDeserializer(Mapping):
         self._meta = self._meta_entries(index, wanted)
         names = list(self._reader.keys()) + [n for n in self._meta if n not in set(self._reader.keys())]
         self._names = names
-        self._tree = _names.Node.build(names, self._get)
+        self._tree = _names.Node.build(names, self._get, self._path)
         flags = FileFeatureFlags(0)
         if index.encryption is not None or (upstream and index.feature_flags & 1):
             flags |= FileFeatureFlags.encrypted
@@ -92,9 +93,15 @@ class TensorDeserializer(Mapping):
         self._file_header = types.SimpleNamespace(version_number=version, tensor_count=len(index.tensors))
         self._file_flags = flags
 
-    @staticmethod
-    def _public(name: str) -> Any:
-        return _names.public_key(_names.decode(name))
+    def _path(self, name: str) -> tuple[Any, ...]:
+        """The nesting path of a tensor: from our stored name, or from an upstream file's structured raw name."""
+        info = self._upstream_names.get(name)
+        if info is not None and info.raw_name.startswith(b"\x1e"):
+            return _names.decode(info.raw_name.decode("utf-8", "replace"))
+        return _names.decode(name)
+
+    def _public(self, name: str) -> Any:
+        return _names.public_key(self._path(name))
 
     def _meta_entries(self, index: Any, wanted: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
         raw = index.metadata.get(META_KEY) if not isinstance(index, UpstreamIndex) else None
@@ -136,7 +143,7 @@ class TensorDeserializer(Mapping):
             keep = {n for n in node.leaves() if filter_func(self._public(n))}
             if not keep:
                 return default
-            node = _names.Node.build([n for n in node.leaves() if n in keep], self._get)
+            node = _names.Node.build([n for n in node.leaves() if n in keep], self._get, self._path)
             node = node.node(tuple(prefix or ())) or node
         return _names.as_tree(node, self._get)
 

@@ -65,10 +65,11 @@ class Node(Mapping):
         self._children, self._get = children, get
 
     @classmethod
-    def build(cls, names: list[str], get: Callable[[str], torch.Tensor]) -> Node:
+    def build(cls, names: list[str], get: Callable[[str], torch.Tensor],
+              path_of: Callable[[str], Path] = decode) -> Node:  # fmt: skip
         root: dict[PathComponent, Any] = {}
         for name in names:
-            path, level = decode(name), root
+            path, level = path_of(name), root
             for part in path[:-1]:
                 nxt = level.setdefault(part, {})
                 if not isinstance(nxt, dict):  # a leaf and a subtree under one key: keep the leaf
