@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 import hf_tensorizer.compat.tensorizer as tz
 from hf_tensorizer import read_index
@@ -231,3 +233,21 @@ def test_torch_compat_leaves_torch_stock_outside_its_contexts(tmp_path: Path) ->
         with pytest.raises(ValueError, match="pickle_module"):
             torch.save([torch.ones(1)], tmp_path / "x.pt", pickle_module=object())
     assert torch.save is stock_save and torch.load is stock_load
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=hst.lists(hst.one_of(hst.text(max_size=8), hst.integers(-(2**40), 2**40)), min_size=1, max_size=5))
+def test_structured_names_round_trip(path: list) -> None:
+    from hf_tensorizer.compat.tensorizer import _names
+
+    assert _names.decode(_names.encode(path)) == tuple(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=hst.text(max_size=40))
+def test_any_stored_name_decodes(name: str) -> None:
+    from hf_tensorizer.compat.tensorizer import _names
+
+    path = _names.decode(name)  # never raises: names that are not structured are one str component
+    assert path and all(type(p) in (str, int) for p in path)
+    assert path == (name,) or name.startswith("\x1e")
