@@ -87,6 +87,37 @@ class SourceError(TensorizerError, OSError):
     """Reading from a location failed (file, HTTP, S3, Hub)."""
 
 
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """The file or object does not exist (also a ``FileNotFoundError``, as ``open()`` would raise)."""
+
+
+class SourcePermissionError(SourceError, PermissionError):
+    """The file or object may not be read (also a ``PermissionError``)."""
+
+
+class SourceIsADirectoryError(SourceError, IsADirectoryError):
+    """A directory was given where a file is read (also an ``IsADirectoryError``)."""
+
+
+def source_error(message: str, exc: BaseException | None = None) -> SourceError:
+    """A :class:`SourceError` for a failed read, of the subclass that matches the OS error behind it.
+
+    ``except FileNotFoundError`` (or ``PermissionError``, ``IsADirectoryError``) then catches ours the way it
+    catches ``open()``'s, while ``except SourceError`` keeps working.
+
+    Args:
+        message: what failed, naming the location.
+        exc: the OS error behind it, if any.
+
+    Returns:
+        The error to raise (``raise source_error(msg, exc) from exc``).
+    """
+    for os_type, ours in _OS_SUBCLASSES:
+        if isinstance(exc, os_type):
+            return ours(message)
+    return SourceError(message)
+
+
 class InvalidURIError(SourceError, ValueError):
     """A URI is malformed or uses an unknown scheme."""
 
@@ -104,6 +135,13 @@ class ObjectTooLargeError(SourceError):
     """An object that is read whole (a config, a tokenizer, a shard index) is larger than the configured cap."""
 
 
+_OS_SUBCLASSES: tuple[tuple[type[OSError], type[SourceError]], ...] = (
+    (FileNotFoundError, SourceNotFoundError),
+    (PermissionError, SourcePermissionError),
+    (IsADirectoryError, SourceIsADirectoryError),
+)
+
+
 class SinkError(TensorizerError, OSError):
     """Writing to a destination failed; nothing partial was left behind."""
 
@@ -117,3 +155,7 @@ class DistributedError(TensorizerError):
 
 class UsageError(TensorizerError, ValueError):
     """An argument combination is invalid (e.g. a key for a filter that matches nothing)."""
+
+
+class ClosedError(UsageError):
+    """The deserializer (or handle) was closed: it answers nothing any more, not even its keys."""

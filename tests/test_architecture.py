@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "hf_tensorizer.engine": 4,
     "hf_tensorizer.integrations": 5,
     "hf_tensorizer.upstream": 5,
+    "hf_tensorizer.compat": 5,
     "hf_tensorizer.cli": 6,
     "hf_tensorizer.bench": 6,
     "hf_tensorizer.__main__": 6,

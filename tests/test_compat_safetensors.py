@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 
 from hf_tensorizer import TensorDeserializer, read_index
 from hf_tensorizer.errors import (
+    ClosedError,
     FormatError,
     HeaderTooLargeError,
+    SourceError,
     TensorizerError,
     TruncatedFileError,
     UnknownDtypeError,
@@ -141,8 +144,10 @@ def test_rejects_bad_headers() -> None:
         read_index(MemSource(raw_file(ok, bytes(4))))
     with pytest.raises(HeaderTooLargeError):
         read_index(MemSource(raw_file(ok, bytes(8), length=1 << 40)))
-    with pytest.raises(UnknownDtypeError):
-        read_index(MemSource(raw_file({"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, bytes(8))))
+    with pytest.raises(UnknownDtypeError):  # torch has no 6-bit float
+        read_index(MemSource(raw_file({"a": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}, bytes(3))))
+    with pytest.raises(FormatError, match="even last dimension"):  # F4 counts 4-bit values: pairs make bytes
+        read_index(MemSource(raw_file({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}, bytes(1))))
     with pytest.raises(FormatError, match="bytes for shape"):
         read_index(MemSource(raw_file({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(12))))
     two = {**ok, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}
@@ -193,3 +198,135 @@ entry = st.fixed_dictionaries(
        data=st.binary(max_size=64))  # fmt: skip
 def test_fuzz_random_headers(header: dict, data: bytes) -> None:
     _load_or_typed_error(raw_file(header, data))
+
+
+# ---- reader parity with safetensors 0.8 (issue 23 item 3; safetensors' own suite: scripts/safetensors_suite.sh) ----
+
+
+def test_every_safetensors_dtype_torch_reads(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    sd = {
+        "e4m3fnuz": torch.randn(4, 6, generator=g).to(torch.float8_e4m3fnuz),
+        "e5m2fnuz": torch.randn(4, 6, generator=g).to(torch.float8_e5m2fnuz),
+        "e8m0": torch.rand(5, generator=g).to(torch.float8_e8m0fnu),
+        "f4": torch.randint(0, 255, (3, 4), dtype=torch.uint8, generator=g).view(torch.float4_e2m1fn_x2),
+        "u32": torch.arange(7).to(torch.uint32),
+    }
+    path = tmp_path / "odd.safetensors"
+    st_torch.save_file(sd, str(path))
+    ref = st_torch.load_file(str(path))
+    for strategy in ("mmap", "pread"):
+        with TensorDeserializer(path, strategy=strategy) as d:
+            for name in sd:
+                assert same(d[name], ref[name]), (name, strategy)
+    assert read_index(path).tensors["f4"].shape == (3, 4)  # stored as [3, 8] values: torch's pairs, as safe_open
+
+
+def _slice_file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path / "slices.safetensors"
+    st_torch.save_file({"w": torch.randn(64, 48, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
+                        "cube": torch.randn(4, 6, 8, generator=g)}, str(path))  # fmt: skip
+    return path
+
+
+KEYS = [slice(3, 17), (slice(None), slice(5, 9)), (Ellipsis, 2), 7, (slice(None, None, 3),), (slice(-4, None),),
+        (1, slice(2, 5), slice(None)), Ellipsis]  # fmt: skip
+
+
+def test_get_slice_matches_safetensors_and_reads_only_the_box(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = _slice_file(tmp_path)
+    with safe_open(str(path), "pt") as ref, TensorDeserializer(path, lazy=True) as d:
+        for name in ("w", "b", "cube"):
+            ours, theirs = d.get_slice(name), ref.get_slice(name)
+            assert ours.get_shape() == theirs.get_shape() and ours.get_dtype() == theirs.get_dtype()
+            for key in KEYS:
+                try:
+                    want = theirs[key]
+                except Exception:  # a key safetensors refuses for this rank
+                    continue
+                assert same(ours[key].contiguous(), want.contiguous()), (name, key)
+        d.slice_metrics.bytes = d.slice_metrics.wanted = 0
+        rows = d.get_slice("w")[10:12]
+        assert rows.shape == (2, 48) and d.slice_metrics.bytes == 2 * 48 * 4  # two rows, not the tensor
+        assert not d._tensors  # nothing was loaded whole
+        with pytest.raises(KeyError):
+            d.get_slice("missing")
+
+
+def test_get_slice_follows_device_dtype_and_filter(tmp_path: Path) -> None:
+    path = _slice_file(tmp_path)
+    with TensorDeserializer(path, lazy=True, dtype=torch.float16, filter=["w"]) as d:
+        part = d.get_slice("w")[:, :4]
+        assert part.dtype == torch.float16 and part.device.type == "cpu"
+        assert torch.equal(part, st_torch.load_file(str(path))["w"][:, :4].half())
+        with pytest.raises(KeyError):
+            d.get_slice("b")  # filtered out
+
+
+def test_os_errors_are_the_os_subclasses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_tensorizer.compat.safetensors import safe_open
+    from hf_tensorizer.errors import source_error
+
+    for opener in (TensorDeserializer, safe_open):
+        with pytest.raises(FileNotFoundError) as missing:
+            opener(tmp_path / "nope.safetensors")
+        assert isinstance(missing.value, SourceError)
+        with pytest.raises(IsADirectoryError) as folder:
+            opener(tmp_path)
+        assert isinstance(folder.value, SourceError)
+    path = _slice_file(tmp_path)
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied", p))
+                        if os.fspath(p) == str(path) else real_open(p, *a, **k))  # fmt: skip
+    with pytest.raises(PermissionError) as denied:
+        TensorDeserializer(path)
+    assert isinstance(denied.value, SourceError)
+    plain = source_error("boom", OSError(5, "EIO"))
+    assert type(plain) is SourceError and not isinstance(plain, FileNotFoundError)
+
+
+def test_closed_handle_refuses_everything(tmp_path: Path) -> None:
+    from hf_tensorizer.compat.safetensors import safe_open
+
+    path = _slice_file(tmp_path)
+    d = TensorDeserializer(path, lazy=True)
+    kept, part = d["w"], d.get_slice("b")
+    d.close()
+    calls = [d.keys, lambda: len(d), lambda: list(d), lambda: "w" in d, lambda: d["w"], lambda: d["b"],
+             lambda: d.metadata, lambda: d.get_slice("w"), lambda: part[:2]]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ClosedError, match="closed"):
+            call()
+    assert kept.sum().isfinite()  # tensors taken before close stay valid
+    with safe_open(path, "pt") as f:
+        assert f.keys() == ["b", "cube", "w"]
+    for call in (f.keys, lambda: f.get_tensor("w"), lambda: f.get_slice("w"), f.metadata):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_safe_open_surface(tmp_path: Path) -> None:
+    from hf_tensorizer.compat import safetensors as ours
+
+    path = _slice_file(tmp_path)
+    ref = st_torch.load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as theirs:
+        order = theirs.offset_keys()
+    with ours.safe_open(path, framework="pt", device="cpu", backend="pread") as f:
+        assert f.offset_keys() == order and f.metadata() is None
+        assert all(same(f.get_tensor(n), ref[n]) for n in f.keys())  # noqa: SIM118 - a safe_open handle is not iterable
+        assert list(f.get_tensors()) == f.offset_keys()
+        with pytest.raises(KeyError):
+            f.get_tensor("missing")
+    loaded = ours.load(path.read_bytes())
+    assert list(loaded) == order and all(same(loaded[n], ref[n]) for n in ref)
+    assert all(same(t, ref[n]) for n, t in ours.load_file(path, backend="mmap").items())
+    with pytest.raises(TensorizerError, match="framework"):
+        ours.safe_open(path, framework="np")
+    with pytest.raises(TensorizerError, match="backend"):
+        ours.load_file(path, backend="io_uring")

@@ -18,6 +18,7 @@ from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
 from .distributed import begin_replicas, handshake, identity, load_replicated, split_unit
+from .handle import HandleMixin, refuse_upstream_spellings
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
@@ -49,7 +50,7 @@ def _default_threads(device: torch.device, source: Source) -> int:
     return min(16, max(4, cpus)) if device.type == "cuda" else min(16, max(8, cpus))
 
 
-class TensorDeserializer(Mapping[str, torch.Tensor]):
+class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
     """A read-only mapping from tensor name to tensor, streamed from any source.
 
     Construction loads every selected tensor (unless ``lazy``); afterwards the mapping holds finished
@@ -123,7 +124,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
                     num_readers=num_readers)  # fmt: skip
-        _refuse_upstream_spellings(source_options)
+        refuse_upstream_spellings(source_options)
         self._owns_source = not isinstance(source, Source)
         watch = begin_replicas(lazy, mmap, strategy, process_group) if distributed else None
         try:  # nothing may leak when construction fails: descriptors, pools, connections; replicas hear of it
@@ -183,12 +184,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- Mapping ---------------------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        self._check_open()  # a closed handle refuses everything, as safetensors' does (docs/compat.md)
         if name not in self._wanted:
             raise KeyError(name)
         t = self._tensors.get(name)
         if t is None:
-            if self._closed:
-                raise UsageError(f"cannot load {name!r}: the deserializer is closed")
             with self._lock:
                 if name not in self._tensors:
                     self._load([self.index.tensors[name]])
@@ -196,17 +196,21 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         return t
 
     def __iter__(self) -> Iterator[str]:
+        self._check_open()
         return iter(self._names)
 
     def __len__(self) -> int:
+        self._check_open()
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
+        self._check_open()
         return name in self._wanted
 
     @property
     def metadata(self) -> dict[str, str]:
         """The user metadata map stored with the tensors."""
+        self._check_open()
         return dict(self.index.metadata)
 
     def kind(self, name: str) -> TensorKind:
@@ -407,7 +411,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     # ---- lifetime --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the source and the file mapping. Loaded tensors stay valid (mapped views keep the map)."""
+        """Release the source and the file mapping. Tensors already taken stay valid (mapped views keep the map);
+        the deserializer itself then refuses everything (``ClosedError``), its keys included."""
         self._closed = True
         if getattr(self, "_owns_source", False) and hasattr(self, "_source"):
             self._source.close()
@@ -460,20 +465,6 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
         raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
-
-
-# keyword spellings of CoreWeave's tensorizer: not ours, but worth a pointer (hf_tensorizer.upstream.compat)
-_UPSTREAM_SPELLINGS = ("filter_func", "lazy_load", "plaid_mode", "plaid_mode_buffers", "s3_access_key_id",
-                       "s3_secret_access_key", "s3_endpoint")  # fmt: skip
-
-
-def _refuse_upstream_spellings(options: Mapping[str, Any]) -> None:
-    found = [k for k in _UPSTREAM_SPELLINGS if k in options]
-    if found:
-        raise UsageError(
-            f"{found} are upstream tensorizer spellings: use ours (filter=, lazy=, endpoint_url= with AWS credentials "
-            "from the environment or profile=) or hf_tensorizer.upstream.compat_kwargs(...); see docs/compat.md"
-        )
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -26,7 +26,11 @@ _NAMES = {
     "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
     "F32": "float32", "F64": "float64", "C64": "complex64",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F4": "float4_e2m1fn_x2",
 }  # fmt: skip
+#: safetensors counts F4 shapes in 4-bit values, torch's ``float4_e2m1fn_x2`` in bytes (pairs): the last dimension
+#: is halved on the way in, as ``safe_open`` does
+PACKED_PAIRS = frozenset({"F4"})
 DTYPES: dict[str, torch.dtype] = {
     k: getattr(torch, v) for k, v in _NAMES.items() if isinstance(getattr(torch, v, None), torch.dtype)
 }
@@ -60,7 +64,7 @@ def decode_safetensors(size: int, head: bytes) -> Generator[list[tuple[int, int]
     Raises:
         HeaderTooLargeError: the header length exceeds ``MAX_HEADER_BYTES``.
         TruncatedFileError: the file ends inside the header or a tensor.
-        UnknownDtypeError: a dtype this reader does not support (F4, F6 types, ...).
+        UnknownDtypeError: a dtype this reader (or the running torch) does not support (the F6 types, ...).
         FormatError: malformed JSON or inconsistent entries.
     """
     if len(head) < 8:
@@ -95,6 +99,9 @@ def decode_safetensors(size: int, head: bytes) -> Generator[list[tuple[int, int]
         shape, offsets = info.get("shape"), info.get("data_offsets")
         _need(isinstance(shape, list) and len(shape) <= 64 and all(map(_u, shape)), f"{where}: invalid shape")
         _need(math.prod(d for d in shape if d) < 1 << 62, f"{where}: shape is too large")
+        if info["dtype"] in PACKED_PAIRS:
+            _need(len(shape) > 0 and shape[-1] % 2 == 0, f"{where}: {info['dtype']} needs an even last dimension")
+            shape = [*shape[:-1], shape[-1] // 2]
         ok = isinstance(offsets, list) and len(offsets) == 2 and all(map(_u, offsets))
         _need(ok and offsets[0] <= offsets[1], f"{where}: invalid data_offsets {offsets!r}")
         begin, end = offsets

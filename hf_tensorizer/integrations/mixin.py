@@ -9,6 +9,7 @@ from .adapters.transformers.save import save_tensorized
 from .artifact.publish import save_options
 from .artifact.routing import is_artifact, looks_like_uri
 from .options import KWARG
+from .patches import looking_like
 
 SAVE_ARGS = ("tokenizer", "processor", KWARG)
 
@@ -20,7 +21,20 @@ class TensorizerMixin:
         class MyModel(TensorizerMixin, LlamaForCausalLM): ...
         MyModel.from_pretrained("s3://bucket/my-model", device_map="cuda")
         model.save_pretrained("s3://bucket/out", tensorized=True)
+
+    Each subclass shows the stock methods' signatures (diffusers and others inspect them, docs/compat.md).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        below = mro[mro.index(TensorizerMixin) + 1 :] if TensorizerMixin in mro else ()
+        for name in ("from_pretrained", "save_pretrained", "push_to_hub"):
+            if name in cls.__dict__:
+                continue  # the subclass's own method
+            stock = next((base.__dict__[name] for base in below if name in base.__dict__), None)
+            if stock is not None:
+                setattr(cls, name, looking_like(TensorizerMixin.__dict__[name], stock))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:

@@ -4,11 +4,19 @@ few modules that bind a patched function by name, e.g. peft's ``load_peft_weight
 ``enable()`` records every replacement here and ``disable()`` undoes them all, in reverse order; patched code and
 :class:`~hf_tensorizer.integrations.mixin.TensorizerMixin` call the stock implementation through :func:`stock`,
 which is the attribute as it was before any patch.
+
+Every replacement looks like the stock function from outside: :func:`replace` gives it the stock one's name, doc,
+``__wrapped__`` and ``__signature__`` (``functools.update_wrapper``, on a private copy of the replacement's
+function). Libraries inspect the signatures of each other's methods: diffusers passes ``variant=`` and
+``safe_serialization=`` to a component's ``save_pretrained`` only when ``inspect.signature`` lists them.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
+import types
 from types import ModuleType
 from typing import Any
 
@@ -18,11 +26,50 @@ _saved: list[tuple[type | ModuleType, str, Any]] = []
 
 
 def replace(owner: type | ModuleType, name: str, new: Any) -> None:
-    """Set ``owner.name = new`` (``new`` as it should sit in the class ``__dict__``), remembering the original once."""
+    """Set ``owner.name = new`` (``new`` as it should sit in the class ``__dict__``), remembering the original once.
+
+    A function replacing a function (each possibly a ``classmethod`` / ``staticmethod``) takes the stock one's
+    signature, name and docstring (see the module docstring); ``new`` itself is left untouched.
+    """
     with _lock:
         if not is_patched(owner, name):
             _saved.append((owner, name, owner.__dict__[name]))
-        setattr(owner, name, new)
+        setattr(owner, name, looking_like(new, stock(owner, name)))
+
+
+def looking_like(new: Any, orig: Any) -> Any:
+    """``new`` dressed as ``orig``: the stock function's name, docstring, ``__wrapped__`` and signature, on a copy of
+    ``new``'s function (same descriptor kind as ``new``); ``new`` itself is left untouched.
+
+    Args:
+        new: the replacement, a function, ``classmethod`` or ``staticmethod``.
+        orig: the stock attribute it stands for.
+
+    Returns:
+        The dressed copy, or ``new`` unchanged when either is not a plain Python function.
+    """
+    new_fn, orig_fn = _function_of(new), _function_of(orig)
+    if not isinstance(new_fn, types.FunctionType) or not callable(orig_fn):
+        return new
+    try:
+        signature = inspect.signature(orig_fn)
+    except (TypeError, ValueError):  # a builtin without one: nothing to keep
+        return new
+    fn = types.FunctionType(new_fn.__code__, new_fn.__globals__, new_fn.__name__, new_fn.__defaults__,
+                            new_fn.__closure__)  # fmt: skip
+    fn.__kwdefaults__ = new_fn.__kwdefaults__
+    fn.__dict__.update(new_fn.__dict__)
+    functools.update_wrapper(fn, orig_fn)
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    if isinstance(new, classmethod):
+        return classmethod(fn)
+    if isinstance(new, staticmethod):
+        return staticmethod(fn)
+    return fn
+
+
+def _function_of(value: Any) -> Any:
+    return value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
 
 
 def is_patched(owner: type | ModuleType, name: str) -> bool:

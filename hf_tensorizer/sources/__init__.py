@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ..errors import InvalidURIError, UsageError
+from ..errors import InvalidURIError, SourceError, UsageError, source_error
 from .base import Sink, Source
 from .file import FileSink, FileSource
 from .fileobj import FileObjectSink, FileObjectSource, is_readable_file, is_writable_file
@@ -86,7 +86,7 @@ def open_source(uri: str | os.PathLike[str] | Source | IO[bytes], **options: Any
     if scheme == "file":
         if options:  # a typo'd engine argument lands here: say so rather than drop it
             raise UsageError(f"unknown options for a local file: {sorted(options)}")
-        return FileSource(local_path(uri))
+        return _open_file(local_path(uri))
     if scheme in ("http", "https"):
         from .http import HTTPSource
 
@@ -102,6 +102,19 @@ def open_source(uri: str | os.PathLike[str] | Source | IO[bytes], **options: Any
     from .fsspec import FsspecSource
 
     return FsspecSource(os.fspath(uri), **options)
+
+
+def _open_file(path: str) -> FileSource:
+    """A local file; a missing file, a refused one or a directory raise the ``OSError`` subclass ``open()`` would
+    (``FileNotFoundError``, ...) that is also a :class:`SourceError` (see ``errors.source_error``)."""
+    if os.path.isdir(path):  # opening a directory read-only succeeds on Linux; its first read would fail
+        raise source_error(f"cannot open {path}: it is a directory", IsADirectoryError())
+    try:
+        return FileSource(path)
+    except SourceError as exc:
+        if isinstance(exc.__cause__, OSError) and type(exc) is SourceError:
+            raise source_error(str(exc), exc.__cause__) from exc.__cause__
+        raise
 
 
 def open_sink(uri: str | os.PathLike[str] | Sink | IO[bytes], **options: Any) -> Sink:

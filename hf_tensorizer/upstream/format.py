@@ -78,6 +78,7 @@ class UpstreamTensor:
     hash_prefix: bytes  # header bytes as hashed upstream: hash values zeroed, crypt info cut out
     crc32: int | None = None
     sha256: bytes | None = None
+    raw_name: bytes = b""  # the name as stored: a structured one (``\x1e`` + JSON path) keeps its nesting here
 
 
 @dataclass
@@ -322,7 +323,7 @@ def _parse_tensor_header(buf: bytes, at: int, e: _Raw, encrypted: bool) -> tuple
     _need(dlen == e.data_length, f"{where}: data length {dlen} disagrees with the index ({e.data_length})")
     _need(r.pos == r.end, f"{where}: {r.end - r.pos} unexpected bytes before the data")
     prefix += buf[tail_at : r.pos]
-    return UpstreamTensor(e.header_offset, module_index, bytes(prefix), crc, sha), crypt
+    return UpstreamTensor(e.header_offset, module_index, bytes(prefix), crc, sha, e.raw_name), crypt
 
 
 def decode_upstream(size: int, head: bytes) -> Generator[list[tuple[int, int]], list[bytes], UpstreamIndex]:

@@ -13,6 +13,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -155,7 +156,8 @@ def save_options(kwargs: Mapping[str, Any], accepted: Iterable[str] = ()) -> dic
     """The arguments of a ``save_pretrained(..., tensorized=True)`` call that the tensorized save takes.
 
     Every :class:`~hf_tensorizer.TensorSerializer` argument (``encryption``, ``digest``, ``metadata``, ...),
-    ``variant`` and those in ``accepted`` pass; stock-only ones that make no sense for one file are dropped.
+    ``variant`` and those in ``accepted`` pass; stock-only ones that make no sense for one file are dropped
+    (``max_shard_size`` with a ``UserWarning``: the save writes one file).
 
     Raises:
         UsageError: an argument that is neither (a typo must not silently drop, say, ``encryption``).
@@ -164,6 +166,15 @@ def save_options(kwargs: Mapping[str, Any], accepted: Iterable[str] = ()) -> dic
 
     known = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "dest", "sink_options"}
     known |= {"variant", *accepted}
+    if kwargs.get("max_shard_size") is not None:
+        # one file on purpose: the engine already reads a file with many parallel readers (docs/compat.md, "Sharding")
+        warnings.warn(
+            f"max_shard_size={kwargs['max_shard_size']!r} is ignored: a tensorized save writes its weights to one "
+            ".tensors file, read in parallel within the file (see docs/compat.md, 'Sharding'; the Hub takes files up "
+            "to 50 GB)",
+            UserWarning,
+            stacklevel=3,
+        )
     out = {}
     for key, value in kwargs.items():
         if key in known:
