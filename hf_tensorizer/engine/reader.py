@@ -15,7 +15,7 @@ from ..errors import TensorizerError, UsageError
 from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
-from . import pagecache
+from . import pagecache, progress
 from .decrypt import choose_transform
 from .distributed import load_replicated, split_unit
 from .header import read_index
@@ -125,7 +125,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                     num_readers=num_readers)  # fmt: skip
         _refuse_upstream_spellings(source_options)
         self._owns_source = not isinstance(source, Source)
-        self._source = open_source(source, **source_options)
+        self._source = progress.counted(open_source(source, **source_options))  # bytes for a progress bar
         try:  # nothing may leak when construction fails: descriptors, pools, connections
             self._closed = False
             if index is not None and (self._owns_source or index.file_size != self._source.size):
@@ -234,7 +234,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         metrics = LoadMetrics(threads=self.num_readers)
         metrics.strategy = self._pick_strategy(todo, metrics)
         load = self._load_mmap if metrics.strategy == "mmap" else self._load_streamed
-        loaded = load(todo, metrics)
+        loaded = progress.tracked(self._source, sum(e.length for e in todo), lambda: load(todo, metrics))  # bar
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
