@@ -22,12 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ..constants import PROGRESS_ENV
 from ..sources.base import Source
 
 T = TypeVar("T")
 
-#: ``1`` shows bars anywhere (also in non-interactive logs), ``0`` never; unset: only where someone watches
-PROGRESS_ENV = "HF_TENSORIZER_PROGRESS"
 #: seconds a load or save runs before its bar appears
 DELAY = 2.0
 #: seconds between two redraws
