@@ -86,7 +86,7 @@ def _named(uri: str, read: Callable[[], T]) -> T:
 
 
 def _is_artifact_root(uri: str, **options: Any) -> bool:
-    from ..integrations.cache import read_manifest
+    from ..integrations.artifact.cache import read_manifest
 
     try:
         return read_manifest(uri.rstrip("/"), **options) is not None
@@ -146,7 +146,7 @@ def inspect_remote_root(root: str, *, as_json: bool = False, **options: Any) -> 
         SourceError: the manifest or a weight file cannot be read.
         FormatError: a malformed manifest or weight file.
     """
-    from ..integrations.cache import read_manifest
+    from ..integrations.artifact.cache import read_manifest
     from ..sources.uri import join, redact
 
     manifest = read_manifest(root, **options) or {}
