@@ -43,9 +43,15 @@ def short_delay(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def hub_bars_on() -> object:
+def hub_bars_on(monkeypatch: pytest.MonkeyPatch) -> object:
+    """huggingface_hub's bars on, as in a session without HF_HUB_DISABLE_PROGRESS_BARS (conftest sets it, and
+    huggingface_hub reads it once, at import)."""
+    import importlib
+
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
     was_disabled = are_progress_bars_disabled()
     enable_progress_bars()
     yield
