@@ -189,3 +189,45 @@ def test_save_progress_false_never_draws(short_delay, tmp_path, monkeypatch, cap
         s.write_state_dict(TENSORS)
     time.sleep(0.2)
     assert not _bars(capsys.readouterr().err, "serializing")
+
+
+def test_failed_load_or_save_stops_its_bar(short_delay, tmp_path) -> None:
+    from hf_tensorizer.errors import SinkError, TruncatedFileError
+    from hf_tensorizer.sources import Sink
+
+    class BrokenSink(Sink):
+        uri = "memory://broken"
+        writes = 0
+
+        def write(self, data: memoryview | bytes) -> None:
+            self.writes += 1
+            if self.writes > 3:  # the header and a few blocks went out
+                raise SinkError("the disk is full")
+
+        def commit(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    with pytest.raises(SinkError), TensorSerializer(BrokenSink(), progress=True, block_size=64 << 10) as s:
+        s.write_state_dict(TENSORS)
+    data = file_bytes(TENSORS, tmp_path)
+    with pytest.raises(TruncatedFileError):  # the index promises more bytes than the source has
+        TensorDeserializer(_Short(data[: len(data) - 1000]), num_readers=1)
+    assert progress._active == []  # nothing left for the drawing thread
+
+
+class _Short(BytesSource):
+    """A remote file cut short after its size was read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.size = len(data) + 1000
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        from hf_tensorizer.errors import TruncatedFileError
+
+        if offset + len(buf) > len(self._data):
+            raise TruncatedFileError(f"{self.uri} ends at {len(self._data)}")
+        buf[:] = self._data[offset : offset + len(buf)]

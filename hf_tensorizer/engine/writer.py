@@ -217,12 +217,19 @@ class TensorSerializer:
         return index
 
     def _stream(self, index: FileIndex, sink: Sink | None, *, write: bool) -> None:
+        bar = self._bar(index.data_bytes) if write else None
+        try:
+            self._stream_blocks(index, sink, bar)
+        finally:  # a failed write too: the bar stops being drawn
+            if bar is not None:
+                bar.close()
+
+    def _stream_blocks(self, index: FileIndex, sink: Sink | None, bar: Any) -> None:
         hash_block = digest_fn(self.digest)
         self._digests: dict[str, list[str]] = {}
         self._macs: dict[str, list[str]] = {}
         sealer = self._sealer
         pos = index.data_offset
-        bar = self._bar(index.data_bytes) if write else None
         for entry in index.data_entries:
             tensor = self._pending[entry.name].tensor
             assert tensor is not None
@@ -245,8 +252,6 @@ class TensorSerializer:
                     bar.update(len(block))
             self._digests[entry.name] = digests
             self._macs[entry.name] = macs
-        if bar is not None:
-            bar.close()
 
     def _with_digests(self, index: FileIndex) -> FileIndex:
         if self.digest == "none" and self._sealer is None:
