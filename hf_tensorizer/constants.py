@@ -65,3 +65,6 @@ REMOTE_CONNECT_RETRIES = _env_int("HF_TENSORIZER_REMOTE_CONNECT_RETRIES", 2)  # 
 S3_PRESIGNED = _env_int("HF_TENSORIZER_S3_PRESIGNED", 1) != 0
 S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 64 * MiB)  # multipart part (S3 minimum: 5 MiB)
 S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 4)  # parts uploading at once (memory bound)
+
+# Progress bars (engine/progress.py): 1 shows them anywhere, 0 never; unset: only in a terminal or a notebook ------
+PROGRESS_ENV = "HF_TENSORIZER_PROGRESS"

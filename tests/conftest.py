@@ -14,8 +14,10 @@ Nothing here reaches beyond 127.0.0.1: the defaults below send stray Hub or inst
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -29,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes ``servers`` im
 
 # Before anything imports huggingface_hub (it reads these once): an isolated HF home, no telemetry, and a dead
 # loopback endpoint so a test that forgets to point at a local server fails fast instead of going online.
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-tensorizer-tests-hf-home-"))
-# the integrations' cache of small artifact files: never the real ~/.cache/hf_tensorizer
-os.environ.setdefault("HF_TENSORIZER_CACHE", tempfile.mkdtemp(prefix="hf-tensorizer-tests-cache-"))
+# The process that makes these folders removes them when it exits (xdist workers inherit the controller's).
+for _name, _prefix in (("HF_HOME", "hf-home"), ("HF_TENSORIZER_CACHE", "cache")):  # the latter: the integrations'
+    if _name not in os.environ:  # cache of small artifact files, never the real ~/.cache/hf_tensorizer
+        os.environ[_name] = tempfile.mkdtemp(prefix=f"hf-tensorizer-tests-{_prefix}-")
+        atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

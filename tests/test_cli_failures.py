@@ -128,7 +128,7 @@ def test_sigterm_mid_write_removes_the_temp_file(tmp_path: Path) -> None:
 
     save_file(_state_dict(), str(tmp_path / "w.safetensors"))
     dest = tmp_path / "out" / "w.tensors"
-    proc = _slow_cli("serialize", str(tmp_path / "w.safetensors"), str(dest), pause=0.2)
+    proc = _slow_cli("serialize", str(tmp_path / "w.safetensors"), str(dest), "--parents", pause=0.2)
     _wait_for(lambda: any(dest.parent.glob("w.tensors.*.tmp")), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

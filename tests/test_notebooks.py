@@ -37,6 +37,10 @@ def test_notebooks_exist() -> None:
     for path in NOTEBOOKS:  # committed clean: CI produces the outputs
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
+        raw = json.loads(path.read_text(encoding="utf-8"))  # as stored: nbformat.read fills missing ids in
+        assert raw["nbformat"] == 4 and raw["nbformat_minor"] >= 5, path.name
+        missing = [i for i, c in enumerate(raw["cells"]) if not c.get("id")]
+        assert not missing, f"{path.name}: cells {missing} have no id (MissingIDFieldWarning in Jupyter)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -44,6 +48,8 @@ def test_notebook_runs(path: Path, kernel_path: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    users_hf_home = tmp_path / "users-hf-home"  # stands for ~/.cache/huggingface: a notebook must not write there
+    monkeypatch.setenv("HF_HOME", str(users_hf_home))
     for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     nb = nbformat.read(path, as_version=4)
@@ -55,5 +61,8 @@ def test_notebook_runs(path: Path, kernel_path: Path, tmp_path: Path, monkeypatc
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
     left = [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own, shared cache
     assert not left, f"left behind in the temp folder: {left}"
+    assert not users_hf_home.exists(), f"wrote into the user's HF home: {sorted(users_hf_home.rglob('*'))[:5]}"
     printed = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not any("IProgress not found" in t for t in printed)
+    requests = [line for t in printed for line in t.splitlines() if ' HTTP/1.1" ' in line]  # a server's access log
+    assert not requests, f"{len(requests)} request log lines, e.g. {requests[0]}"

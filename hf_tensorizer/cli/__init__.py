@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..constants import KEY_ENV
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 on success, 1 for an unexpected error, 2 for an hf_tensorizer error, 130 after Ctrl-C, 143 after
-        SIGTERM (both interrupt a write cleanly: nothing partial is left behind).
+        SIGTERM (both interrupt a write cleanly: nothing partial is left behind), 141 when stdout's reader went
+        away (``| head``), without a message.
     """
     from .signals import Terminated, sigterm_as_interrupt
 
@@ -78,8 +80,31 @@ def main(argv: list[str] | None = None) -> int:
         signal_name = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         print(f"hf-tensorizer: error: interrupted ({signal_name}); partial output removed", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError as exc:
+        if _stdout_closed():  # `hf-tensorizer inspect f | head`: the reader has what it wanted; stop quietly
+            return 141  # as a process killed by SIGPIPE (128 + 13), what `yes | head` gives
+        return _fail(f"{type(exc).__name__}: {exc}", 1)
     except Exception as exc:  # a dependency's error (transformers, torch, boto3): one line, not a traceback
         return _fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe's write end then polls as an error); if so, stdout is pointed at
+    /dev/null so that the interpreter's final flush stays quiet too."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(event & select.POLLERR for _, event in poller.poll(0)):
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no descriptor (a replaced stdout), no poll (Windows)
+        return False
+    return True
 
 
 def _fail(message: object, code: int) -> int:

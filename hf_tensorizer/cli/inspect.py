@@ -1,7 +1,8 @@
 """``hf-tensorizer inspect URI``: print the index (one small read, no tensor data).
 
-URI may also be a local artifact folder (or a stock model folder): then its manifest, its files and a summary of
-the index of each weight file (``model.tensors``, or the safetensors shards) are shown.
+URI may also be an artifact root, a local folder (or a stock model folder) or a remote prefix with an
+``hf_tensorizer.json`` manifest (``s3://bucket/prefix``): then its manifest, its files and a summary of the index of
+each weight file (``model.tensors``, or the safetensors shards) are shown.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from ..errors import FormatError, SourceError
 from . import add_s3_arguments, describe, s3_options
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="print the index of a .tensors file, or an artifact folder's contents",
         description=describe(__doc__),
     )
-    p.add_argument("uri", help="local path or URI of a .tensors file, or a local artifact folder")
+    p.add_argument("uri", help="local path or URI of a .tensors file, or an artifact root (folder or remote prefix)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=0, help="show at most N tensors (0: all)")
     add_s3_arguments(p)
@@ -36,8 +41,16 @@ def run(args: argparse.Namespace) -> int:
     options = s3_options(args, args.uri)
     if scheme_of(args.uri) == "file" and os.path.isdir(local_path(args.uri)):
         return inspect_folder(local_path(args.uri), as_json=args.json)
-    with open_source(args.uri, **options) as src:
-        index = read_index(src)
+    try:
+        src = open_source(args.uri, **options)
+    except SourceError as exc:  # no object there: a remote artifact root is a prefix, not an object
+        if scheme_of(args.uri) == "file":
+            raise
+        if not _is_artifact_root(args.uri, **options):
+            raise SourceError(f"{exc} (nor is it an artifact root: no hf_tensorizer.json under it)") from None
+        return inspect_remote_root(args.uri.rstrip("/"), as_json=args.json, **options)
+    with src:
+        index = _named(src.uri, lambda: read_index(src))
         uri = src.uri
     entries = list(index.tensors.values())
     if args.limit:
@@ -62,13 +75,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(uri: str) -> dict[str, Any]:
+def _named(uri: str, read: Callable[[], T]) -> T:
+    """``read()``, with ``uri`` leading the message of a format error that does not name it ("bad magic")."""
+    try:
+        return read()
+    except FormatError as exc:
+        if uri in str(exc):
+            raise
+        raise FormatError(f"{uri}: {exc}") from None
+
+
+def _is_artifact_root(uri: str, **options: Any) -> bool:
+    from ..integrations.artifact.cache import read_manifest
+
+    try:
+        return read_manifest(uri.rstrip("/"), **options) is not None
+    except SourceError:
+        return False
+
+
+def _summary(uri: str, **options: Any) -> dict[str, Any]:
     from ..engine.header import read_index
     from ..format.sniff import sniff
     from ..sources import open_source
 
-    with open_source(uri) as src:
-        index = read_index(src)
+    with open_source(uri, **options) as src:
+        index = _named(src.uri, lambda: read_index(src))
         fmt = sniff(src.read(0, min(9, src.size)))
     return {
         "file": uri, "format": fmt, "tensors": len(index.tensors), "data_bytes": index.data_bytes,
@@ -102,7 +134,39 @@ def inspect_folder(folder: str, *, as_json: bool = False) -> int:
     if not weights:
         print("  no weights (model.tensors or safetensors) found")
     for w in weights:
-        enc = ", encrypted" if w["encrypted"] else ""
-        print(f"weights {os.path.relpath(w['file'], folder)}: {w['format']}, {w['tensors']} tensors, "
-              f"{w['data_bytes']:,} data bytes, file {w['file_size']:,} B, digest {w['digest']}{enc}")  # fmt: skip
+        _print_weights(os.path.relpath(w["file"], folder), w)
     return 0
+
+
+def inspect_remote_root(root: str, *, as_json: bool = False, **options: Any) -> int:
+    """Print a remote artifact (a prefix holding ``hf_tensorizer.json``): its manifest, the files it lists, and
+    the index summary of each weight file (one small read each).
+
+    Raises:
+        SourceError: the manifest or a weight file cannot be read.
+        FormatError: a malformed manifest or weight file.
+    """
+    from ..integrations.artifact.cache import read_manifest
+    from ..sources.uri import join, redact
+
+    manifest = read_manifest(root, **options) or {}
+    files = list(manifest.get("files", []))
+    weights = [{**_summary(join(root, f), **options), "file": f} for f in files if f.endswith(".tensors")]
+    shown = redact(root)
+    if as_json:
+        print(json.dumps({"root": shown, "manifest": manifest, "files": files, "weights": weights}, indent=1))
+        return 0
+    print(f"{shown}: artifact ({manifest.get('library', '?')}), {len(files)} files (listed by its manifest)")
+    for name in files:
+        print(f"  {name}")
+    if not weights:
+        print("  no weights (model.tensors) listed")
+    for w in weights:
+        _print_weights(w["file"], w)
+    return 0
+
+
+def _print_weights(name: str, w: dict[str, Any]) -> None:
+    enc = ", encrypted" if w["encrypted"] else ""
+    print(f"weights {name}: {w['format']}, {w['tensors']} tensors, {w['data_bytes']:,} data bytes, "
+          f"file {w['file_size']:,} B, digest {w['digest']}{enc}")  # fmt: skip

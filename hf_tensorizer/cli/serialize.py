@@ -3,11 +3,15 @@
 Two forms; in both the destination is given as the last positional argument or as ``--dest``:
 
 - ``serialize SRC DEST``: a safetensors / ``.bin`` state dict or a directory of shards to one
-  ``.tensors`` file (local path or ``s3://`` / ``hf://`` URI).
+  ``.tensors`` file (local path or ``s3://`` / ``hf://`` URI). A SRC that is already an hf_tensorizer file (local
+  or a URI) is checked and copied byte for byte: that is how an existing ``.tensors`` file is uploaded. With
+  ``--dtype``, ``--encrypt``, ``--digest``, ``--block-size`` or ``--metadata`` it is rewritten instead.
 - ``serialize --hf-model-id ID --dest ROOT``: a transformers model or diffusers pipeline (a Hub id or a
   local directory) to a ``from_pretrained``-able artifact: ``model.tensors`` plus config, generation
   config and tokenizer / processor / scheduler files, under a local folder, ``s3://bucket/prefix`` or
   ``hf://org/repo``.
+
+A local DEST's folder must exist (a typo must not create a tree of folders); ``--parents`` creates it.
 
 Interrupted (Ctrl-C, or SIGTERM as a Kubernetes Job gets) a write leaves nothing behind: the local temporary
 ``DEST.<random>.tmp`` is removed, an S3 multipart upload aborted. SIGKILL cannot be caught: a local stray is
@@ -47,9 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--revision", default=None, help="Hub revision of --hf-model-id")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors first")
     p.add_argument("--block-size", type=int, default=None, help="digest (and encryption) block size in bytes")
-    p.add_argument("--digest", choices=["crc32", "sha256", "none"], default="crc32")
+    p.add_argument("--digest", choices=["crc32", "sha256", "none"], default=None, help="per-block digest (crc32)")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="user metadata (repeat)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// destinations")
+    p.add_argument("--parents", action="store_true", help="create a local DEST's missing parent folders")
     p.add_argument("--encrypt", action="store_true", help="encrypt the tensor data (give a key option below)")
     add_key_arguments(p, writing=True)
     p.set_defaults(func=run)
@@ -85,7 +90,11 @@ def read_state_dict(src: str) -> dict[str, torch.Tensor]:
             raise FormatError(f"{src} is not a readable safetensors file: {exc}") from None
     if src.endswith((".bin", ".pt", ".pth")):
         return _torch_load(src)
-    raise UsageError(f"cannot tell the format of {src}: expected .safetensors, .bin/.pt or a directory")
+    if src.endswith(".tensors"):  # ours (rewritten: cast, re-digested...) or upstream tensorizer's
+        from ..engine.reader import load_state_dict
+
+        return load_state_dict(src)
+    raise UsageError(f"cannot tell the format of {src}: expected .safetensors, .bin/.pt, .tensors or a directory")
 
 
 def _torch_load(src: str) -> dict[str, torch.Tensor]:
@@ -132,7 +141,7 @@ def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise UsageError(f"--metadata takes KEY=VALUE, got {kv!r}")
         meta[key] = value
-    opts: dict[str, Any] = {"metadata": meta, "digest": args.digest}
+    opts: dict[str, Any] = {"metadata": meta, "digest": args.digest or "crc32"}
     if args.block_size:
         opts["block_size"] = args.block_size
     key = key_from_args(args, writing=True)
@@ -150,6 +159,7 @@ def _serializer_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     src, dest = _src_and_dest(args)
+    _check_parent(dest, args.parents)
     opts = _serializer_options(args)
     if args.hf_model_id:
         written = serialize_model(args.hf_model_id, dest, revision=args.revision, dtype=args.dtype, **opts)
@@ -159,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine.writer import TensorSerializer
 
+    rewrite = args.dtype or args.encrypt or args.digest or args.block_size or args.metadata
+    if not rewrite and _is_ours(src):
+        size = copy_file(src, dest, **({"endpoint_url": args.endpoint_url} if args.endpoint_url else {}))
+        print(f"copied {src} to {dest}: {size:,} bytes in {time.perf_counter() - t0:.2f} s")
+        return 0
     sd = read_state_dict(src)
     opts["metadata"] = {**read_metadata(src), **opts["metadata"]}  # e.g. torchao's description of its tensors
     if args.dtype:
@@ -170,6 +185,78 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {dest}: {len(index.tensors)} tensors, {index.file_size:,} bytes "
           f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
     return 0
+
+
+def _check_parent(dest: str, parents: bool) -> None:
+    """Refuse a local DEST whose folder is missing, unless ``--parents`` was given.
+
+    Raises:
+        UsageError: the folder is missing.
+    """
+    from ..sources.uri import local_path, scheme_of
+
+    if scheme_of(dest) != "file":
+        return
+    parent = os.path.dirname(os.path.abspath(local_path(dest).rstrip("/") or "/"))
+    if not parents and not os.path.isdir(parent):
+        raise UsageError(f"{parent}: no such folder (DEST's parent); create it, or pass --parents")
+
+
+def _is_ours(src: str) -> bool:
+    """Whether ``src`` (a local file or a URI) is an hf_tensorizer file: then it can be copied as it is."""
+    from ..format.sniff import HF_TENSORIZER, sniff
+    from ..sources import open_source
+    from ..sources.uri import local_path, scheme_of
+
+    local = scheme_of(src) == "file"
+    if local and not os.path.isfile(local_path(src)):
+        return False
+    if local and src.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        return False
+    with open_source(src) as source:
+        return sniff(source.read(0, min(9, source.size))) == HF_TENSORIZER
+
+
+def copy_file(src: str, dest: str, **sink_options: Any) -> int:
+    """Copy the hf_tensorizer file ``src`` to ``dest`` byte for byte (an upload, for a URI), index checked first.
+
+    Returns:
+        The bytes copied.
+
+    Raises:
+        FormatError: ``src`` is not a valid hf_tensorizer file.
+        SourceError, SinkError: reading or writing failed; nothing is left at ``dest`` then.
+    """
+    from ..engine.header import read_index
+    from ..engine.progress import Progress
+    from ..sources import open_sink, open_source
+
+    with open_source(src) as source:
+        read_index(source)  # a damaged file is refused before anything is written
+        sink = open_sink(dest, **sink_options)
+        buf = memoryview(bytearray(min(source.size, 16 << 20) or 1))
+        try:
+            with Progress("copying", source.size) as bar:
+                for pos in range(0, source.size, len(buf)):
+                    part = buf[: min(len(buf), source.size - pos)]
+                    source.read_into(pos, part)
+                    sink.write(part)
+                    bar.update(len(part))
+            sink.commit()
+        except BaseException:  # Ctrl-C and SIGTERM too: no partial file, no half-finished upload
+            sink.abort()
+            raise
+        return source.size
+
+
+def _diffusers_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
+    """The dtype keyword this diffusers takes: ``dtype`` where it has replaced ``torch_dtype`` (which then warns
+    "torch_dtype is deprecated" at every load), ``torch_dtype`` in older releases."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def _src_and_dest(args: argparse.Namespace) -> tuple[str, str]:
@@ -212,7 +299,7 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
 
         from ..integrations.adapters.diffusers.models import save_pipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, **_diffusers_dtype(torch_dtype))
         save_pipeline(pipe, dest, tensorizer_options=transport or None, **options)
         return dest
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer

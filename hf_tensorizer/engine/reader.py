@@ -15,7 +15,7 @@ from ..errors import TensorizerError, UsageError
 from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
-from . import pagecache
+from . import pagecache, progress
 from .decrypt import choose_transform
 from .distributed import begin_replicas, handshake, identity, load_replicated, split_unit
 from .handle import HandleMixin, refuse_upstream_spellings
@@ -128,7 +128,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         self._owns_source = not isinstance(source, Source)
         watch = begin_replicas(lazy, mmap, strategy, process_group) if distributed else None
         try:  # nothing may leak when construction fails: descriptors, pools, connections; replicas hear of it
-            self._source = open_source(source, **source_options)
+            self._source = progress.counted(open_source(source, **source_options))  # bytes for a progress bar
             self._closed = False
             if index is not None and (self._owns_source or index.file_size != self._source.size):
                 raise UsageError("index= must come from read_index() of the same open Source")
@@ -242,7 +242,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         metrics = LoadMetrics(threads=self.num_readers)
         metrics.strategy = self._pick_strategy(todo, metrics)
         load = self._load_mmap if metrics.strategy == "mmap" else self._load_streamed
-        loaded = load(todo, metrics)
+        loaded = progress.tracked(self._source, sum(e.length for e in todo), lambda: load(todo, metrics))  # bar
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

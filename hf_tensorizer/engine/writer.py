@@ -51,7 +51,8 @@ class TensorSerializer:
         block_size: digest (and encryption) block size; large tensors get one digest per block.
             Default 16 MiB, or 4 MiB for encrypted files (measured: more blocks decrypt in parallel).
         digest: ``"crc32"`` (default), ``"sha256"`` or ``"none"``.
-        progress: show a ``tqdm`` bar; ``None`` shows one for writes over 1 GiB.
+        progress: ``True`` shows a ``tqdm`` bar for a write that runs past ~2 s, ``False`` never; ``None`` where
+            someone watches (a terminal, a notebook; ``HF_TENSORIZER_PROGRESS``, see engine/progress.py).
         encryption: an ``EncryptionKey``, a ``Passphrase`` or 32 raw bytes (see hf_tensorizer.crypto):
             each block is sealed with XSalsa20-Poly1305 after its plaintext digest is taken, and the
             header is authenticated. ``None`` (default) writes a plain file.
@@ -216,12 +217,19 @@ class TensorSerializer:
         return index
 
     def _stream(self, index: FileIndex, sink: Sink | None, *, write: bool) -> None:
+        bar = self._bar(index.data_bytes) if write else None
+        try:
+            self._stream_blocks(index, sink, bar)
+        finally:  # a failed write too: the bar stops being drawn
+            if bar is not None:
+                bar.close()
+
+    def _stream_blocks(self, index: FileIndex, sink: Sink | None, bar: Any) -> None:
         hash_block = digest_fn(self.digest)
         self._digests: dict[str, list[str]] = {}
         self._macs: dict[str, list[str]] = {}
         sealer = self._sealer
         pos = index.data_offset
-        bar = self._bar(index.data_bytes) if write else None
         for entry in index.data_entries:
             tensor = self._pending[entry.name].tensor
             assert tensor is not None
@@ -244,8 +252,6 @@ class TensorSerializer:
                     bar.update(len(block))
             self._digests[entry.name] = digests
             self._macs[entry.name] = macs
-        if bar is not None:
-            bar.close()
 
     def _with_digests(self, index: FileIndex) -> FileIndex:
         if self.digest == "none" and self._sealer is None:
@@ -262,15 +268,9 @@ class TensorSerializer:
         return index
 
     def _bar(self, total: int) -> Any:
-        show = self.progress if self.progress is not None else total > (1 << 30)
-        if not show:
-            return None
-        from importlib.util import find_spec
+        from .progress import Progress
 
-        # tqdm.auto picks the notebook widget in Jupyter, which without ipywidgets prints "IProgress not found"
-        tqdm = __import__("tqdm.auto" if find_spec("ipywidgets") else "tqdm.std", fromlist=["tqdm"]).tqdm
-
-        return tqdm(total=total, unit="B", unit_scale=True, desc="serializing")
+        return Progress("serializing", total, show=self.progress)  # drawn past ~2 s, where watched (progress.py)
 
     def _check_open(self) -> None:
         if self._closed:

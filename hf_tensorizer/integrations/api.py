@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .artifact.publish import save_options
-from .artifact.routing import is_artifact, looks_like_uri
+from .artifact.routing import check_local_path, is_artifact, looks_like_uri
 from .options import KWARG, TensorizerOptions
 
 TRANSFORMERS_SAVE_ARGS = ("tokenizer", "processor", KWARG)
@@ -75,6 +75,7 @@ def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
             f"hf_tensorizer.from_pretrained takes a transformers or diffusers model class, an Auto model class or a "
             f"DiffusionPipeline class, not {cls!r}"
         )
+    check_local_path(path)  # a missing local folder: say so, not stock's "Repo id must be in the form ..."
     if not is_artifact(path, subfolder):  # a Hub id or a stock folder: what the stock call does
         kwargs.pop(KWARG, None)
         return cls.from_pretrained(path, *model_args, **kwargs)

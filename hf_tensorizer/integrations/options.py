@@ -74,10 +74,10 @@ class TensorizerOptions:
             raise UsageError(f"{KWARG} must be a dict, got {type(options).__name__}")
         engine = {k: v for k, v in options.items() if k in engine_keys()}
         transport = {k: v for k, v in options.items() if k in transport_keys()}
-        unknown = sorted(set(options) - set(engine) - set(transport))
+        unknown = sorted(set(options) - set(engine) - set(transport), key=str)
         if unknown:
             raise UsageError(
-                f"unknown {KWARG} {unknown}: engine options are {sorted(engine_keys())}; "
+                f"{_did_you_mean(unknown)}: engine options are {sorted(engine_keys())}; "
                 f"transport options are {sorted(transport_keys())}"
             )
         return cls(engine, transport)
@@ -85,6 +85,18 @@ class TensorizerOptions:
     def as_dict(self) -> dict[str, Any]:
         """The options as one dict again (to hand to a call that takes ``tensorizer_options``)."""
         return {**self.transport, **self.engine}
+
+
+def _did_you_mean(unknown: list[Any]) -> str:
+    """The fix first: ``unknown tensorizer_options key 'num_reader': did you mean 'num_readers'?``."""
+    from difflib import get_close_matches
+
+    known = sorted(engine_keys() | transport_keys())
+    parts = []
+    for key in unknown:
+        close = get_close_matches(str(key), known, n=1, cutoff=0.6)
+        parts.append(f"{key!r}: did you mean {close[0]!r}?" if close else repr(key))
+    return f"unknown {KWARG} key{'s' if len(unknown) > 1 else ''} " + ", ".join(parts)
 
 
 def transport_only(options: TensorizerOptions | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ...sources.uri import looks_like_uri
 from ..options import KWARG, TensorizerOptions
 from .layout import WEIGHTS_NAME
 from .manifest import MANIFEST_NAME
+from .routing import check_local_path
 
 __all__ = ["forget", "is_hub_artifact", "route_hub_id"]
 
@@ -127,6 +128,7 @@ def route_hub_id(path: Any, kwargs: dict[str, Any]) -> Any:
     and ``local_files_only`` as transport options (options given there win); ``revision`` and ``subfolder`` go
     into the URI (``subfolder`` leaves ``kwargs``). The other stock keyword arguments stay as they are.
     """
+    check_local_path(path)  # a missing local folder: say so, not stock's "Repo id must be in the form ..."
     repo_id = _hub_id(path)
     if repo_id is None:
         return path

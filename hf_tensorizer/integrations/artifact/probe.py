@@ -7,6 +7,7 @@ repository in one request instead); a pipeline's components are found through it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,10 +77,17 @@ def probe(
         found += more
         weights.update(comp_weights)
     if not found and not weights:
-        raise SourceError(
-            f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights): {first_error}"
-        ) from first_error
+        nothing = f"no tensorized artifact at {redact(root)} (no {MANIFEST_NAME}, config or weights)"
+        if first_error is not None and not _MISSING.search(str(first_error)):
+            # what kept every request out (no credentials, no access, no such bucket, offline) is what to fix:
+            # it leads; the chain below it (botocore's own exceptions) adds nothing a user can act on
+            raise SourceError(f"{first_error} (so: {nothing})") from None
+        raise SourceError(nothing) from None
     return found, weights
+
+
+# the manifest simply is not there (then "no tensorized artifact" is the news), as each transport says it
+_MISSING = re.compile(r": (no such object|not found \(HTTP 404\)|no such file in the repository at that revision)$")
 
 
 def _probe_folders(

@@ -13,9 +13,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ...errors import SourceError
 from ...sources.uri import looks_like_uri, scheme_of
 
-__all__ = ["is_artifact", "is_pipeline_artifact", "looks_like_uri", "reached_through"]
+__all__ = ["check_local_path", "is_artifact", "is_pipeline_artifact", "looks_like_uri", "reached_through"]
 from .layout import SAFETENSORS_NAMES, is_weights_name
 from .manifest import MANIFEST_NAME, REMOTE_MARKER
 
@@ -58,6 +59,35 @@ def is_artifact(path_or_uri: Any, subfolder: str = "") -> bool:
     here = os.path.abspath(folder)
     return any(os.path.commonpath([here, r]) == r for r in _FILE_URI_ROOTS.get()) and any(
         os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_NAMES
+    )
+
+
+def check_local_path(path: Any) -> None:
+    """Refuse, naming where it looked, a local path that does not exist and that no Hub id can be: stock code would
+    try it as a Hub repository and say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+
+    Raises:
+        SourceError: (an ``OSError``, as stock raises) ``path`` is such a path.
+    """
+    if not isinstance(path, (str, os.PathLike)) or looks_like_uri(path):
+        return
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or os.path.exists(text):
+        return
+    if isinstance(path, str):
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(text)
+            return  # a Hub id ("org/name"): the Hub says whether it exists
+        except Exception:  # HFValidationError
+            pass
+    where = os.path.abspath(text)
+    home = text.startswith("~") and os.path.exists(os.path.expanduser(text))
+    tilde = "; ~ is not expanded here: os.path.expanduser() it" if home else ""
+    raise SourceError(
+        f"{text}: no such local folder (looked at {where}){tilde}; from_pretrained takes a local folder, a Hub "
+        "id ('org/name') or a URI (s3://, hf://, https://, file://)"
     )
 
 
