@@ -1,5 +1,5 @@
 """Per-block digests of tensor data. Both algorithms release the GIL on large buffers, so reader
-threads verify in parallel."""
+threads verify, and writer threads hash, in parallel."""
 
 from __future__ import annotations
 
@@ -10,10 +10,27 @@ from collections.abc import Callable
 from ..format.index import DIGESTS
 
 
+def _fast_crc32() -> Callable[..., int]:
+    """The fastest available CRC-32 (the same polynomial and values as ``zlib.crc32``).
+
+    ISA-L's (``isal``, a dependency) folds with carry-less multiplies: 4.7 GB/s against zlib 1.2.13's 1.7 GB/s on
+    one core of the 2-core dev VM (16 MiB blocks, busy machine); both release the GIL. Falls back to zlib where the
+    wheel is missing.
+    """
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32
+    except ImportError:
+        return zlib.crc32
+    return isal_crc32  # type: ignore[no-any-return]
+
+
+crc32 = _fast_crc32()
+
+
 def digest_fn(algorithm: str) -> Callable[[memoryview], str]:
     """A function mapping one block's bytes to its hex digest as stored in the index."""
     if algorithm == "crc32":
-        return lambda b: f"{zlib.crc32(b) & 0xFFFFFFFF:08x}"
+        return lambda b: f"{crc32(b) & 0xFFFFFFFF:08x}"
     if algorithm == "sha256":
         return lambda b: hashlib.sha256(b).hexdigest()
     if algorithm == "none":

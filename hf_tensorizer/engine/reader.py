@@ -370,10 +370,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        elif not cold:
-            # mapping cached pages is CPU work (page tables): more threads than cores only contend (2-core VM,
-            # 0.92 GB warm: 2 threads 18 GB/s, 4 threads 14; docs/benchmarks.md)
-            mapping.populate(todo, min(self.num_readers, os.cpu_count() or 1))
+        elif not cold:  # mapped on first access, a large folio per fault (see FileMapping.map_cached)
+            mapping.map_cached(todo, fd)
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------
