@@ -161,7 +161,7 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
     """What ``w`` writes, built before the timer, and the tensor bytes it holds."""
     import torch
 
-    from .checkpoint import Shape, generate
+    from .checkpoint import Shape
 
     spec = json.loads((d / "spec.json").read_text())["tensors"]
     nbytes = sum(2 * _numel(s) for _, s in spec)
@@ -170,7 +170,7 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
 
         _ = transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM  # resolve the lazy modules
         return d / "hf", nbytes
-    sd, _ = generate(spec, "cpu")
+    sd = _state_dict(d)
     if w.needs == "state_dict":
         return sd, nbytes
     from transformers import AutoModelForCausalLM
@@ -184,6 +184,14 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
         model = AutoModelForCausalLM.from_config(Shape(**meta).config(), dtype=torch.bfloat16)
     model.load_state_dict(sd, assign=True)
     return model, nbytes
+
+
+def _state_dict(d: Path) -> dict[str, Any]:
+    """The checkpoint's tensors in fresh anonymous memory, as a model's are: read from the prepared safetensors file
+    and copied out of its mapping (the seeded generator would take seconds per child on a busy machine)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(d / "hf" / "model.safetensors")).items()}
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -17,14 +17,12 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
-from .distributed import load_replicated, split_unit
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
 from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import Chunk, plan_chunks, plan_windows
-from .prewarm import prewarm
 from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
@@ -121,6 +119,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
         if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
+            from .prewarm import prewarm  # CUDA-only work: imported on first use, not with the reader
+
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
                     num_readers=num_readers)  # fmt: skip
         _refuse_upstream_spellings(source_options)
@@ -293,6 +293,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
+            from .distributed import split_unit
+
             unit = split_unit(todo, unit, self.process_group)
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
@@ -341,6 +343,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             metrics.stages = read(chunks)
             metrics.bytes_read = sum(c.length for c in chunks)
             return
+        from .distributed import load_replicated
+
         metrics.stages, metrics.bytes_read, metrics.exchange_seconds = load_replicated(
             chunks, dests, read, self.process_group
         )
