@@ -1,6 +1,7 @@
 """``hf-tensorizer bench save`` on a tiny model: every writer runs in its own process and writes a file at least
 as large as the tensors (fsynced inside the timer); ours are compared with the right baseline, round by round;
-the report, table and plot come out. And the load bench's ``--busy`` processes run beside the loads, then stop."""
+the report, table and plot come out. The load bench's ``--busy`` processes run beside the loads, then stop; the
+first-use bench times each kind in fresh interpreters."""
 
 from __future__ import annotations
 
@@ -61,3 +62,13 @@ def test_busy_processes_run_beside_the_loads_and_stop_after(tmp_path: Path) -> N
     assert seen == [2] and results["busy"] == 2
     assert results["rows"][0]["status"] == "ok"
     assert not [c for c in psutil.Process().children() if "while True" in " ".join(c.cmdline())]
+
+
+@pytest.mark.slow
+def test_first_use_bench_times_every_kind_in_fresh_processes(tmp_path: Path) -> None:
+    from hf_tensorizer.bench import first
+
+    res = first.run_first(tmp_path, runs=1, tensors=2, mib=1, warmup=False)
+    assert set(res["times"]) == set(first.CODE)
+    assert all(len(t["runs"]) == 1 and t["min"] > 0 for t in res["times"].values())
+    assert len(res["ours_minus_safetensors"]) == 1
