@@ -1,5 +1,5 @@
 """First use in a fresh process imports only what the path needs (side effects, never timings): loading a file
-does not import the writer, the upstream decoder, the distributed loader or ISA-L; the switch-free API with a
+does not import the writer, the upstream decoder, the CUDA prewarm or ISA-L; the switch-free API with a
 transformers model never imports diffusers."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_loading_a_file_imports_only_the_read_path(tmp_path: Path) -> None:
     )
     assert "hf_tensorizer.engine.reader" in mods
     for unneeded in ("hf_tensorizer.engine.writer", "hf_tensorizer.upstream.format", "hf_tensorizer.engine.layout",
-                     "hf_tensorizer.engine.distributed", "hf_tensorizer.engine.prewarm", "isal"):  # fmt: skip
+                     "hf_tensorizer.engine.prewarm", "isal"):  # fmt: skip
         assert unneeded not in mods, unneeded
 
 

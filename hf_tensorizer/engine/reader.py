@@ -17,6 +17,7 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, open_source
 from . import pagecache
 from .decrypt import choose_transform
+from .distributed import load_replicated, split_unit
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
@@ -293,8 +294,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
-            from .distributed import split_unit
-
             unit = split_unit(todo, unit, self.process_group)
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
@@ -343,8 +342,6 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
             metrics.stages = read(chunks)
             metrics.bytes_read = sum(c.length for c in chunks)
             return
-        from .distributed import load_replicated
-
         metrics.stages, metrics.bytes_read, metrics.exchange_seconds = load_replicated(
             chunks, dests, read, self.process_group
         )
