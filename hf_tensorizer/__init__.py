@@ -27,13 +27,13 @@ from .version import __version__
 
 # public name -> the submodule that defines it
 _LAZY = {
-    "LoadInfo": "engine",
-    "LoadMetrics": "engine",
-    "TensorDeserializer": "engine",
-    "TensorSerializer": "engine",
-    "load_state_dict": "engine",
-    "read_index": "engine",
-    "save_state_dict": "engine",
+    "LoadInfo": "engine.reader",
+    "LoadMetrics": "engine.pipeline",
+    "TensorDeserializer": "engine.reader",
+    "TensorSerializer": "engine.writer",
+    "load_state_dict": "engine.reader",
+    "read_index": "engine.header",
+    "save_state_dict": "engine.reader",
     "FileIndex": "format",
     "TensorEntry": "format",
     "TensorKind": "format",

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -213,9 +214,13 @@ def run_bench(
     budget: float | None = None,
     with_limits: bool = True,
     threads: int = 16,
+    busy: int = 0,
     log: Log = log,
 ) -> dict[str, Any]:
     """Prepare (if needed), measure the limits, then time every loader in fresh processes.
+
+    ``busy``: that many CPU-bound processes (``while True: pass``) run beside every load, as on a server or a
+    notebook whose cores are not idle; the limits are measured before they start.
 
     Order: all loaders warm once, all cold (``cold_runs`` rounds, best kept, like the warm runs), then the
     remaining warm runs, so that a ``budget`` (seconds for the whole call) that runs out trims repeats first.
@@ -253,8 +258,10 @@ def run_bench(
         "limits": {},
         "env": {},
         "stopped": None,
+        "busy": busy,
     }
     runnable: list[Peer] = []
+    hogs: list[subprocess.Popen[bytes]] = []  # the --busy processes
     for p in peers:
         missing = p.missing_module()
         if missing:
@@ -298,6 +305,9 @@ def run_bench(
                 log("limits (GB/s): " + ", ".join(f"{k} {v}" for k, v in res["limits"].items()))
         files = sorted({f for p in runnable for f in p.data_files(d)})
         read_parallel(files, threads)  # everything in the page cache for the warm runs
+        hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy))
+        if hogs:
+            log(f"{busy} CPU-bound processes running beside the loads")
         durations: dict[str, float] = {}
         plan = [(p, False) for p in runnable] + [(p, True) for _ in range(cold_runs if cold else 0) for p in runnable]
         plan += [(p, False) for _ in range(warm_runs - 1) for p in runnable]
@@ -327,8 +337,17 @@ def run_bench(
         for row in rows.values():
             if row["status"] == "pending":
                 _mark(row, "skipped", "stopped early")
+    finally:
+        _stop(hogs)
     results["elapsed_s"] = round(time.monotonic() - start, 1)
     return results
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
 
 
 def _mark(row: dict[str, Any], status: str, note: str) -> None:
@@ -393,6 +412,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=16, help="threads of the parallel-read limit")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint directory afterwards")
     parser.add_argument("--no-table", action="store_true", help="do not print the table (it is in OUT/table.md)")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="N CPU-bound processes run beside every load (cores that are not idle)")  # fmt: skip
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -425,6 +446,7 @@ def bench_main(args: argparse.Namespace) -> int:
         budget=args.budget,
         with_limits=not args.no_limits,
         threads=args.threads,
+        busy=max(0, args.busy),
     )
     table = write_report(results, args.out)
     if args.clean:

@@ -8,6 +8,11 @@ processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained
 
 ``hf-tensorizer bench scale``: how load time and memory grow with model size, from a local file and over HTTP.
 
+``hf-tensorizer bench first``: interpreter start to the first tensor read, ours against safetensors.
+
+``hf-tensorizer bench save``: write throughput of our serializer, ``save_pretrained(tensorized=True)`` and
+``serialize --hf-model-id`` against safetensors, ``torch.save`` and upstream tensorizer, every file fsynced.
+
 ``hf-tensorizer bench artifact``: ``from_pretrained`` of remote artifacts whose cost is round trips, not bytes.
 
 ``hf-tensorizer bench fsspec``: read speed of fsspec stores (GCS emulator, ``memory://``) next to our HTTP transport.
@@ -27,7 +32,7 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import artifact, dist, fsspec, scale, ttr
+    from ..bench import artifact, dist, first, fsspec, save, scale, ttr
     from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
@@ -36,11 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,scale,dist,artifact,fsspec,remote,crypto}",
+    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,first,scale,save,dist,artifact,fsspec,remote,crypto}",
                              required=False)  # fmt: skip
     for module, help_text in (
         (ttr, "time to ready: interpreter start to first forward, ours vs stock vs raw"),
+        (first, "time to the first tensor in a fresh process, ours vs safetensors"),
         (scale, "how load time and memory grow with model size (local file and HTTP)"),
+        (save, "write throughput: our serializer, save_pretrained and serialize against safetensors, torch.save"),
         (dist, "distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server"),
         (artifact, "from_pretrained of remote artifacts whose cost is round trips (HTTP with latency, S3)"),
         (fsspec, "read speed of fsspec stores (GCS emulator, memory://) next to our HTTP transport"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 
 import torch
 
@@ -15,7 +16,8 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 # Populating costs a syscall; below this many bytes letting the copy fault the pages is as cheap.
 POPULATE_MIN_BYTES = 64 << 10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# the process's own symbols include libc on POSIX; find_library("c") would run ldconfig (~5 ms per import)
+_libc = ctypes.CDLL(None if os.name == "posix" else ctypes.util.find_library("c"), use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _WRITE_POPULATE_WORKS: list[bool] = []  # learnt on first use: [True] or [False]

@@ -7,7 +7,8 @@ import ctypes.util
 import mmap
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# the process's own symbols include libc on POSIX; find_library("c") would run ldconfig (~5 ms per import)
+_libc = ctypes.CDLL(None if os.name == "posix" else ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -25,7 +25,6 @@ from .memory import host_view
 from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import Chunk, plan_chunks, plan_windows
-from .prewarm import prewarm
 from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
@@ -122,6 +121,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
         if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
+            from .prewarm import prewarm  # CUDA-only work: imported on first use, not with the reader
+
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
                     num_readers=num_readers)  # fmt: skip
         refuse_upstream_spellings(source_options)
@@ -379,10 +380,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        elif not cold:
-            # mapping cached pages is CPU work (page tables): more threads than cores only contend (2-core VM,
-            # 0.92 GB warm: 2 threads 18 GB/s, 4 threads 14; docs/benchmarks.md)
-            mapping.populate(todo, min(self.num_readers, os.cpu_count() or 1))
+        elif not cold:  # mapped on first access, a large folio per fault (see FileMapping.map_cached)
+            mapping.map_cached(todo, fd)
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,33 +227,50 @@ class TensorSerializer:
                 bar.close()
 
     def _stream_blocks(self, index: FileIndex, sink: Sink | None, bar: Any) -> None:
-        hash_block = digest_fn(self.digest)
-        self._digests: dict[str, list[str]] = {}
-        self._macs: dict[str, list[str]] = {}
+        """Hash (and seal) every block, writing the results to ``sink`` in file order when it is given.
+
+        Hashing and sealing run on worker threads ahead of the writes (zlib / ISA-L CRC-32, hashlib and libsodium
+        release the GIL), so the sink's writes overlap them instead of waiting: see :class:`_BlockPipeline`.
+        """
+        hash_block = digest_fn(self.digest) if self.digest != "none" else None
         sealer = self._sealer
+        self._digests = {e.name: [] for e in index.data_entries}
+        self._macs = {e.name: [] for e in index.data_entries}
         pos = index.data_offset
-        for entry in index.data_entries:
-            tensor = self._pending[entry.name].tensor
-            assert tensor is not None
-            if sink is not None and entry.offset > pos:
-                _write_zeros(sink, entry.offset - pos)
-            pos = entry.offset
-            digests: list[str] = []
-            macs: list[str] = []
-            for i, block in enumerate(_host_blocks(tensor, index.block_size)):
-                if self.digest != "none":
-                    digests.append(hash_block(block))  # digests are of the plaintext
-                out = block
-                if sealer is not None:
-                    out, mac = sealer.seal(entry.name, i, block)
-                    macs.append(mac)
-                if sink is not None:
-                    sink.write(out)
-                pos += len(block)
-                if bar is not None:
-                    bar.update(len(block))
-            self._digests[entry.name] = digests
-            self._macs[entry.name] = macs
+
+        def process(name: str, i: int, block: memoryview) -> tuple[memoryview, str, str]:
+            digest = hash_block(block) if hash_block is not None else ""  # digests are of the plaintext
+            if sealer is None:
+                return block, digest, ""
+            out, mac = sealer.seal(name, i, block)
+            return out, digest, mac
+
+        def emit(name: str, result: tuple[memoryview, str, str]) -> None:
+            out, digest, mac = result
+            if hash_block is not None:
+                self._digests[name].append(digest)
+            if sealer is not None:
+                self._macs[name].append(mac)
+            if sink is not None:
+                sink.write(out)
+            if bar is not None:
+                bar.update(len(out))
+
+        work = hash_block is not None or sealer is not None
+        total = index.data_bytes if work else 0
+        with _BlockPipeline(total, index.block_size, sealed=sealer is not None, emit=emit) as pipe:
+            for entry in index.data_entries:
+                tensor = self._pending[entry.name].tensor
+                assert tensor is not None
+                if sink is not None and entry.offset > pos:
+                    pipe.drain()
+                    _write_zeros(sink, entry.offset - pos)
+                pos = entry.offset + entry.length
+                reused = tensor.device.type == "cuda"  # its blocks are two pinned buffers, refilled as we go
+                for i, block in enumerate(_host_blocks(tensor, index.block_size)):
+                    pipe.submit(entry.name, process, i, block)
+                    if reused:
+                        pipe.drain()
 
     def _with_digests(self, index: FileIndex) -> FileIndex:
         if self.digest == "none" and self._sealer is None:
@@ -285,6 +304,66 @@ class TensorSerializer:
         else:
             self._closed = True
             self._pending.clear()
+
+
+class _BlockPipeline:
+    """Runs ``fn(name, i, block)`` for the blocks of a save on worker threads, ``emit`` on this one in order.
+
+    Why: hashing a block (CRC-32 at 1.7-4.7 GB/s per core on the dev VM) and writing it to the page cache
+    (about 1.2 GB/s there) were done one after the other; with the hashing of the next blocks on other threads
+    the writes go on meanwhile, and sealing (libsodium) spreads over every core. At most ``window`` blocks are
+    in flight, so the memory beyond the tensors is bounded: nothing for plain saves (blocks are views of the
+    tensors), ``window`` sealed blocks for encrypted ones. Small saves (under ``INLINE_BYTES``) and machines
+    with one core run everything inline: starting threads would cost more than it saves.
+    """
+
+    INLINE_BYTES = 32 << 20
+    WINDOW_BYTES = 256 << 20  # sealed blocks in flight at most (each a fresh buffer of one block)
+
+    def __init__(self, total: int, block_size: int, *, sealed: bool,
+                 emit: Callable[[str, Any], None]) -> None:  # fmt: skip
+        cores = _cores()
+        self.workers = 0 if total < self.INLINE_BYTES or cores < 2 else min(cores, 16 if sealed else 4)
+        self.window = max(2, min(2 * self.workers + 2, self.WINDOW_BYTES // block_size if sealed else 64))
+        self._emit = emit
+        self._pending: deque[tuple[str, Future[Any]]] = deque()
+        self._pool = ThreadPoolExecutor(self.workers, "hf-tensorizer-write") if self.workers else None
+
+    def submit(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        if self._pool is None:
+            self._emit(name, fn(name, *args))
+            return
+        self._pending.append((name, self._pool.submit(fn, name, *args)))
+        while len(self._pending) > self.window:
+            self._emit_one()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._emit_one()
+
+    def _emit_one(self) -> None:
+        name, fut = self._pending.popleft()
+        self._emit(name, fut.result())
+
+    def __enter__(self) -> _BlockPipeline:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            if self._pool is not None:
+                for _, fut in self._pending:
+                    fut.cancel()
+                self._pool.shutdown(wait=True)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _write_zeros(sink: Sink, n: int) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Generator
 
 from ..errors import TruncatedFileError
-from ..upstream.format import UPSTREAM_MAGIC, decode_upstream
 from .index import MAGIC, PREAMBLE_SIZE, FileIndex, decode_index, decode_preamble
 from .safetensors import decode_safetensors
 
 HF_TENSORIZER = "hf_tensorizer"
 UPSTREAM = "tensorizer"
 SAFETENSORS = "safetensors"
+# upstream.format.UPSTREAM_MAGIC, repeated so that opening our own files does not import the upstream decoder
+# (tests/test_import_cost.py checks they agree)
+UPSTREAM_MAGIC = b"|TZR|"
 
 #: ranges to read, as ``(offset, length)``; the decoder is sent their bytes in the same order
 Reads = list[tuple[int, int]]
@@ -48,6 +50,8 @@ def decode_any(size: int, head: bytes) -> IndexDecoder:
     """
     kind = sniff(head)
     if kind == UPSTREAM:
+        from ..upstream.format import decode_upstream
+
         return (yield from decode_upstream(size, head))
     if kind == SAFETENSORS:
         return (yield from decode_safetensors(size, head))

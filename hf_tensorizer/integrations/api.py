@@ -10,6 +10,7 @@ diffusers exactly as it found them, unlike :func:`~hf_tensorizer.enable`, which 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from ..errors import UsageError
@@ -23,12 +24,15 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "re
 
 
 def _diffusers_classes() -> tuple[type | None, type | None]:
-    """``(ModelMixin, DiffusionPipeline)`` when diffusers is importable (it is optional)."""
-    try:
-        from diffusers import DiffusionPipeline, ModelMixin
-    except ImportError:
+    """``(ModelMixin, DiffusionPipeline)`` when diffusers is imported, else ``(None, None)``.
+
+    A class or object can only be a diffusers one once diffusers is imported (its module imported it), so a call
+    with a transformers model never imports diffusers (its import took 2-4 s of a first ``from_pretrained``).
+    """
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is None:
         return None, None
-    return ModelMixin, DiffusionPipeline
+    return diffusers.ModelMixin, diffusers.DiffusionPipeline
 
 
 def _is_subclass(cls: Any, base: type | None) -> bool:

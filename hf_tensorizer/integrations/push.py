@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -205,10 +206,10 @@ def _existing_card(api: Any, repo_id: str, revision: str | None) -> str | None:
 
 
 def _saver(obj: Any, *, tokenizer: Any, processor: Any) -> tuple[str, Any]:
-    try:
-        from diffusers import DiffusionPipeline, ModelMixin
-    except ImportError:  # diffusers is optional
-        DiffusionPipeline = ModelMixin = ()  # type: ignore[assignment,misc]
+    # only an imported diffusers can have made obj: a transformers model never pays diffusers' import (2-4 s)
+    diffusers = sys.modules.get("diffusers")
+    DiffusionPipeline = getattr(diffusers, "DiffusionPipeline", ())
+    ModelMixin = getattr(diffusers, "ModelMixin", ())
     if DiffusionPipeline and isinstance(obj, DiffusionPipeline):
         from .adapters.diffusers.models import save_pipeline
 

@@ -1,0 +1,106 @@
+"""``hf-tensorizer bench first``: time to the first tensor in a fresh process, ours against safetensors.
+
+Each run is a new interpreter (``python -c``) timed from spawn to the end of its work: interpreter start, the
+import (``from hf_tensorizer import TensorDeserializer`` / ``from safetensors import safe_open``, each importing
+torch), opening the file and one tensor read in full (``.sum()``). Runs alternate between the loaders, and the
+import alone is timed the same way, so the difference between the two is what our package adds. The file is the
+same tensors in both formats (seeded, bf16), warm in the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .proc import ROOT
+
+CODE = {
+    "ours": "from hf_tensorizer import TensorDeserializer\n"
+    "d = TensorDeserializer(PATH + '.tensors')\nfloat(d[NAME].sum())\n",
+    "safetensors": "from safetensors import safe_open\n"
+    "with safe_open(PATH + '.safetensors', framework='pt') as f:\n    float(f.get_tensor(NAME).sum())\n",
+    "ours-import": "from hf_tensorizer import TensorDeserializer\n",
+    "safetensors-import": "from safetensors import safe_open\nimport torch\n",
+}
+
+
+def prepare(d: Path, tensors: int, mib: int) -> tuple[str, str]:
+    """The same seeded bf16 tensors as ``d/first.tensors`` and ``d/first.safetensors``; (path stem, a name)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..engine.writer import TensorSerializer
+
+    d.mkdir(parents=True, exist_ok=True)
+    stem = str(d / "first")
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(mib << 19, generator=g).to(torch.bfloat16) for i in range(tensors)}
+    save_file(sd, stem + ".safetensors")
+    with TensorSerializer(stem + ".tensors") as s:
+        s.write_state_dict(sd)
+    for suffix in (".tensors", ".safetensors"):
+        Path(stem + suffix).read_bytes()  # warm
+    return stem, next(iter(sd))
+
+
+def run_once(kind: str, stem: str, name: str) -> float:
+    """Seconds from spawning a fresh interpreter to the end of ``CODE[kind]``."""
+    code = f"PATH, NAME = {stem!r}, {name!r}\n" + CODE[kind]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def run_first(d: str | Path, runs: int, tensors: int, mib: int, *, warmup: bool = True) -> dict[str, Any]:
+    """``runs`` rounds of every kind, alternating; per kind the times, median and minimum. ``warmup``: one untimed
+    run of each kind first (.pyc files written, libraries in the page cache)."""
+    stem, name = prepare(Path(d), tensors, mib)
+    for kind in CODE if warmup else ():
+        run_once(kind, stem, name)
+    times: dict[str, list[float]] = {k: [] for k in CODE}
+    for r in range(runs):
+        for kind in list(CODE)[r % 2 :] + list(CODE)[: r % 2]:
+            times[kind].append(round(run_once(kind, stem, name), 4))
+    summary = {k: {"median": round(statistics.median(v), 4), "min": min(v), "runs": v} for k, v in times.items()}
+    per_round = [round(o - s, 4) for o, s in zip(times["ours"], times["safetensors"])]
+    return {"tensors": tensors, "tensor_mib": mib, "times": summary, "ours_minus_safetensors": per_round,
+            "median_difference": round(statistics.median(per_round), 4)}  # fmt: skip
+
+
+def add_first_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hf-tensorizer bench first`` options."""
+    parser.add_argument("--dir", default=".bench/first", help="where the two files are written")
+    parser.add_argument("--runs", type=int, default=5, help="rounds (each kind once per round)")
+    parser.add_argument("--tensors", type=int, default=144, help="tensors in the file")
+    parser.add_argument("--tensor-mib", type=int, default=4, help="MiB per tensor")
+    parser.add_argument("--out", default=".bench/results", help="where first.json goes")
+
+
+def first_main(args: argparse.Namespace) -> int:
+    """Run the first-use benchmark from parsed options."""
+    res = run_first(args.dir, max(1, args.runs), args.tensors, args.tensor_mib)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "first.json").write_text(json.dumps(res, indent=1))
+    for kind, t in res["times"].items():
+        print(f"{kind:<20} median {t['median']:.3f} s  min {t['min']:.3f} s  runs {t['runs']}")
+    print(f"ours - safetensors, round by round: {res['ours_minus_safetensors']} (median {res['median_difference']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-tensorizer bench first", description=__doc__.splitlines()[0])
+    add_first_arguments(parser)
+    return first_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

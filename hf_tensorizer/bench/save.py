@@ -1,0 +1,416 @@
+"""``hf-tensorizer bench save``: write throughput of our serializer against safetensors, torch.save and upstream
+tensorizer, each writer in a fresh process, every written file fsynced inside the timer.
+
+The tensors are the load benchmark's seeded Llama-shaped bf16 checkpoint (``bench/checkpoint.py``), generated in
+each child before its timer. Writers of a state dict (``hft``, ``hft-enc``, ``st``, ``pt``, ``tz``) write it as
+it is; ``hftsp`` / ``hfsp`` write a model holding those tensors (``save_pretrained`` tensorized / stock
+safetensors); ``hftser`` / ``hfconv`` convert the stock safetensors folder (``serialize --hf-model-id DIR``
+against stock ``from_pretrained`` + ``save_pretrained``), so their time includes reading it. Each child also
+reports the save's peak resident memory above what it held before the timer (``VmHWM``, reset through
+``/proc/self/clear_refs``). Rounds rotate the writers' order; ratios to the fastest peer are given best
+against best and round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .proc import MARK, Log, collect, error_line, log, popen
+
+MODULE = "hf_tensorizer.bench.save"
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One way of saving: what it needs before the timer (``state_dict``, ``model`` or ``folder``) and its call."""
+
+    name: str
+    label: str
+    needs: str
+    modules: tuple[str, ...]
+    fn: Callable[[Any, Path, Path], None]  # (state dict | model | source folder, output dir, checkpoint dir)
+    ours: bool = False
+
+
+def _hft(sd: Any, out: Path, d: Path, **options: Any) -> None:
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(str(out / "model.tensors"), **options) as s:
+        s.write_state_dict(sd)
+
+
+def _hft_enc(sd: Any, out: Path, d: Path) -> None:
+    from hf_tensorizer.crypto import EncryptionKey
+
+    _hft(sd, out, d, encryption=EncryptionKey(bytes(range(32))))
+
+
+def _hftsp(model: Any, out: Path, d: Path) -> None:
+    model.save_pretrained(str(out), tensorized=True)
+
+
+def _hftser(src: Any, out: Path, d: Path) -> None:
+    from hf_tensorizer.cli.serialize import serialize_model
+
+    serialize_model(str(src), str(out))
+
+
+def _st(sd: Any, out: Path, d: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _pt(sd: Any, out: Path, d: Path) -> None:
+    import torch
+
+    torch.save(sd, out / "model.bin")
+
+
+def _tz(sd: Any, out: Path, d: Path) -> None:
+    from tensorizer import TensorSerializer as UpstreamSerializer
+
+    s = UpstreamSerializer(str(out / "model.tensors"))
+    s.write_state_dict(sd)
+    s.close()
+
+
+def _hfsp(model: Any, out: Path, d: Path) -> None:
+    model.save_pretrained(str(out))
+
+
+def _hfconv(src: Any, out: Path, d: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(src)).save_pretrained(str(out))
+
+
+_TF = ("transformers",)
+_ENGINE = ("hf_tensorizer.engine",)  # what `from hf_tensorizer import TensorSerializer` imports: before the timer
+_SER = (*_TF, *_ENGINE, "hf_tensorizer.cli.serialize")
+WRITERS: dict[str, Writer] = {
+    w.name: w
+    for w in (
+        Writer("hft", "ours TensorSerializer.write_state_dict", "state_dict", _ENGINE, _hft, True),
+        Writer("hft-enc", "ours, encrypted (XSalsa20-Poly1305)", "state_dict", (*_ENGINE, "nacl"), _hft_enc, True),
+        Writer("hftsp", "ours save_pretrained(tensorized=True)", "model", _TF, _hftsp, True),
+        Writer("hftser", "ours serialize --hf-model-id LOCAL_DIR", "folder", _SER, _hftser, True),
+        Writer("st", "safetensors save_file", "state_dict", ("safetensors.torch",), _st),
+        Writer("pt", "torch.save", "state_dict", (), _pt),
+        Writer("tz", "upstream tensorizer TensorSerializer", "state_dict", ("tensorizer",), _tz),
+        Writer("hfsp", "transformers save_pretrained (safetensors)", "model", _TF, _hfsp),
+        Writer("hfconv", "transformers from_pretrained + save_pretrained", "folder", _TF, _hfconv),
+    )
+}
+# what each of ours is compared with: the state-dict writers against the fastest state-dict peer, the others
+# against the stock call doing the same job
+BASELINE = {"hft": ("st", "pt", "tz"), "hft-enc": ("hft",), "hftsp": ("hfsp", "st", "pt", "tz"), "hftser": ("hfconv",)}
+PEER_GROUP = ("st", "pt", "tz")
+
+
+# One save, in this process ------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _fsync_tree(out: Path) -> int:
+    """fsync every file under ``out`` (and the folders), so every writer pays for durable bytes; returns bytes."""
+    total = 0
+    for root, _, files in os.walk(out):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return total
+
+
+def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
+    """What ``w`` writes, built before the timer, and the tensor bytes it holds."""
+    import torch
+
+    from .checkpoint import Shape
+
+    spec = json.loads((d / "spec.json").read_text())["tensors"]
+    nbytes = sum(2 * _numel(s) for _, s in spec)
+    if w.needs == "folder":
+        import transformers
+
+        _ = transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM  # resolve the lazy modules
+        return d / "hf", nbytes
+    sd = _state_dict(d)
+    if w.needs == "state_dict":
+        return sd, nbytes
+    from transformers import AutoModelForCausalLM
+
+    if w.name == "hftsp":
+        import hf_tensorizer
+
+        hf_tensorizer.enable()
+    meta = json.loads((d / "meta.json").read_text())["shape"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Shape(**meta).config(), dtype=torch.bfloat16)
+    model.load_state_dict(sd, assign=True)
+    return model, nbytes
+
+
+def _state_dict(d: Path) -> dict[str, Any]:
+    """The checkpoint's tensors in fresh anonymous memory, as a model's are: read from the prepared safetensors file
+    and copied out of its mapping (the seeded generator would take seconds per child on a busy machine)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(d / "hf" / "model.safetensors")).items()}
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def save_one(d: str | Path, name: str) -> dict[str, Any]:
+    """Time one save by writer ``name`` in this process (output under ``d/out-NAME``, removed after)."""
+    import importlib
+    import resource
+
+    d = Path(d)
+    w = WRITERS[name]
+    for mod in w.modules:
+        importlib.import_module(mod)
+    obj, nbytes = _prepared(w, d)
+    out = d / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    peak_ok = _reset_peak()
+    rss0 = _status_kib("VmRSS")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    w.fn(obj, out, d)
+    file_bytes = _fsync_tree(out)
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    peak = _status_kib("VmHWM")
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "writer": name,
+        "seconds": round(seconds, 4),
+        "bytes": nbytes,
+        "file_bytes": file_bytes,
+        "gbps": round(nbytes / seconds / 1e9, 3),
+        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
+        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
+        "rss_before_mib": round(rss0 / 1024, 1),
+        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
+        "ok": file_bytes >= nbytes,
+    }
+
+
+# The benchmark -------------------------------------------------------------------------------------------
+
+
+def run_save_bench(
+    d: str | Path,
+    writers: Sequence[str],
+    *,
+    layers: int,
+    hidden: int,
+    vocab: int,
+    runs: int,
+    timeout: float = 300.0,
+    log: Log = log,
+) -> dict[str, Any]:
+    """Prepare the checkpoint (its safetensors folder is ``hftser``'s input), then ``runs`` rounds of every
+    writer in a fresh process, the order rotated each round. Returns the rows and every run's numbers."""
+    from .checkpoint import prepare
+
+    d = Path(d)
+    unknown = [n for n in writers if n not in WRITERS]
+    if unknown:
+        raise KeyError(f"unknown writers {unknown}; choose from {', '.join(WRITERS)}")
+    meta = prepare(d, layers, hidden, vocab, "cpu", ["st"], log=log)
+    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in writers}
+    errors: dict[str, str] = {}
+    loads: list[list[float]] = []
+    order = list(writers)
+    for r in range(runs):
+        loads.append([round(x, 2) for x in os.getloadavg()])
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            if name in errors:
+                continue
+            res, out = collect(popen(["one", str(d), name], module=MODULE), timeout)
+            if res is None:
+                errors[name] = error_line(out)
+                log(f"  {name:<8} ERROR: {errors[name]}")
+                continue
+            res["round"] = r
+            runs_by[name].append(res)
+            log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
+                f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
+    loads.append([round(x, 2) for x in os.getloadavg()])
+    return {
+        "bytes": meta["bytes"],
+        "tensors": meta["tensors"],
+        "shape": meta["shape"],
+        "runs": runs_by,
+        "errors": errors,
+        "loadavg": loads,
+        "rows": summarize(runs_by),
+    }
+
+
+def summarize(runs_by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per writer: best / median / worst GB/s, peak memory, and for ours the ratio to its baseline (the
+    fastest of them), best against best and round by round (ours ÷ the fastest baseline of the same round)."""
+    rows = []
+    for name, runs in runs_by.items():
+        if not runs:
+            continue
+        g = [x["gbps"] for x in runs]
+        row: dict[str, Any] = {
+            "writer": name, "label": WRITERS[name].label, "ours": WRITERS[name].ours,
+            "best_gbps": max(g), "median_gbps": round(statistics.median(g), 3), "worst_gbps": min(g),
+            "peak_above_mib": max((x["peak_above_mib"] or 0) for x in runs),
+            "ok": all(x["ok"] for x in runs),
+        }  # fmt: skip
+        base = [b for b in BASELINE.get(name, ()) if runs_by.get(b)]
+        if base:
+            best_peer = max(max(x["gbps"] for x in runs_by[b]) for b in base)
+            row["vs"] = ",".join(base)
+            row["ratio_best"] = round(max(g) / best_peer, 3)
+            per_round = []
+            for x in runs:
+                same = [y["gbps"] for b in base for y in runs_by[b] if y["round"] == x["round"]]
+                if same:
+                    per_round.append(round(x["gbps"] / max(same), 3))
+            row["ratio_rounds"] = per_round
+            if per_round:
+                row["ratio_median"] = round(statistics.median(per_round), 3)
+        rows.append(row)
+    return rows
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table of the rows."""
+    lines = [
+        f"{results['tensors']} tensors, {results['bytes'] / 1e9:.2f} GB bf16; load average per round: "
+        + ", ".join(f"{la[0]:.1f}" for la in results["loadavg"]),
+        "",
+        "| writer | GB/s best | median | worst | peak RSS above before, MiB | vs | ratio best/best | "
+        "per round (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        per = ", ".join(f"{x:.2f}" for x in r.get("ratio_rounds", []))
+        med = f" ({r['ratio_median']:.2f})" if "ratio_median" in r else ""
+        name = f"**{r['writer']}**" if r["ours"] else r["writer"]
+        lines.append(
+            f"| {name} {r['label']} | {r['best_gbps']:.3f} | {r['median_gbps']:.3f} | {r['worst_gbps']:.3f} | "
+            f"{r['peak_above_mib']:.1f} | {r.get('vs', '')} | {r.get('ratio_best', '')} | {per}{med} |"
+        )
+    for name, why in results["errors"].items():
+        lines.append(f"\n{name}: error: {why}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Bars of the median GB/s with the best-to-worst range, ours highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    y = range(len(rows))
+    med = [r["median_gbps"] for r in rows]
+    err = [[m - r["worst_gbps"] for m, r in zip(med, rows)], [r["best_gbps"] - m for m, r in zip(med, rows)]]
+    ax.barh(list(y), med, xerr=err, color=["tab:orange" if r["ours"] else "tab:gray" for r in rows], capsize=3)
+    ax.set_yticks(list(y), [f"{r['writer']}: {r['label']}" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s (median, bars: best-worst), write + fsync")
+    ax.set_title(f"save, {results['bytes'] / 1e9:.2f} GB bf16, fresh processes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# CLI -----------------------------------------------------------------------------------------------------
+
+
+def add_save_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hf-tensorizer bench save`` options."""
+    parser.add_argument("--dir", default=".bench/save", help="checkpoint directory (prepared when missing)")
+    parser.add_argument("--layers", type=int, default=3, help="decoder layers (default 3: 0.59 GB with the rest)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    parser.add_argument("--writers", default=",".join(WRITERS), help="comma-separated: " + ", ".join(WRITERS))
+    parser.add_argument("--runs", type=int, default=3, help="rounds (each writer once per round)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per save")
+    parser.add_argument("--out", default=".bench/results", help="where save.json, save.md, save.png go")
+    parser.add_argument("--clean", action="store_true", help="delete the checkpoint directory afterwards")
+
+
+def save_main(args: argparse.Namespace) -> int:
+    """Run the save benchmark from parsed options; 1 when one of our writers failed."""
+    writers = [x.strip() for x in args.writers.split(",") if x.strip()]
+    results = run_save_bench(args.dir, writers, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
+                             runs=max(1, args.runs), timeout=args.timeout)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "save.json").write_text(json.dumps(results, indent=1))
+    table = format_table(results)
+    (out / "save.md").write_text(table + "\n")
+    if results["rows"]:
+        plot(results, out / "save.png")
+    if args.clean:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    print(f"results in {out}/ (save.json, save.md, save.png)\n\n{table}", flush=True)
+    bad = [n for n in results["errors"] if WRITERS[n].ours] + [r["writer"] for r in results["rows"] if not r["ok"]]
+    return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "one":
+        print(MARK + json.dumps(save_one(argv[1], argv[2])), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(prog="hf-tensorizer bench save", description=__doc__.splitlines()[0])
+    add_save_arguments(parser)
+    return save_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``hf-tensorizer bench save`` on a tiny model: every writer runs in its own process and writes a file at least
+as large as the tensors (fsynced inside the timer); ours are compared with the right baseline, round by round;
+the report, table and plot come out. The load bench's ``--busy`` processes run beside the loads, then stop; the
+first-use bench times each kind in fresh interpreters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hf_tensorizer.bench import runner, save
+
+pytest.importorskip("safetensors")
+pytest.importorskip("transformers")
+
+
+def test_save_bench_rows_ratios_and_report(tmp_path: Path) -> None:
+    writers = ["hft", "st"]
+    results = save.run_save_bench(tmp_path / "ckpt", writers, layers=1, hidden=64, vocab=512, runs=2,
+                                  log=lambda msg: None)  # fmt: skip
+    assert results["errors"] == {}
+    rows = {r["writer"]: r for r in results["rows"]}
+    assert set(rows) == set(writers)
+    for name in writers:
+        runs = results["runs"][name]
+        assert [x["round"] for x in runs] == [0, 1]
+        assert all(x["ok"] and x["file_bytes"] >= results["bytes"] and x["seconds"] > 0 for x in runs)
+        assert rows[name]["best_gbps"] >= rows[name]["median_gbps"] >= rows[name]["worst_gbps"]
+    hft = rows["hft"]
+    assert hft["vs"] == "st" and len(hft["ratio_rounds"]) == 2
+    fastest = max(x["gbps"] for x in results["runs"]["st"])
+    assert hft["ratio_best"] == pytest.approx(hft["best_gbps"] / fastest, rel=1e-2)
+    assert not list((tmp_path / "ckpt").glob("out-*"))  # every writer's output removed after its run
+    table = save.format_table(results)
+    assert "| **hft** " in table and "| st " in table
+    save.plot(results, tmp_path / "save.png")
+    assert (tmp_path / "save.png").stat().st_size > 1000
+    json.dumps(results)
+
+
+def test_round_ratios_use_the_fastest_baseline_of_the_same_round() -> None:
+    def run(r: int, g: float) -> dict:
+        return {"round": r, "gbps": g, "peak_above_mib": 1.0, "ok": True}
+
+    rows = save.summarize({"hft": [run(0, 1.0), run(1, 2.0)], "st": [run(0, 2.0), run(1, 1.0)], "pt": [run(1, 4.0)]})
+    hft = next(r for r in rows if r["writer"] == "hft")
+    assert hft["ratio_rounds"] == [0.5, 0.5] and hft["ratio_best"] == 0.5 and hft["ratio_median"] == 0.5
+
+
+def test_busy_processes_run_beside_the_loads_and_stop_after(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def log(msg: str) -> None:
+        if "CPU-bound processes" in msg:
+            seen.append(sum(1 for c in psutil.Process().children() if "while True" in " ".join(c.cmdline())))
+
+    results = runner.run_bench(tmp_path / "ckpt", ["hft"], "cpu", layers=1, hidden=64, vocab=512, warm_runs=1,
+                               cold=False, with_limits=False, busy=2, log=log)  # fmt: skip
+    assert seen == [2] and results["busy"] == 2
+    assert results["rows"][0]["status"] == "ok"
+    assert not [c for c in psutil.Process().children() if "while True" in " ".join(c.cmdline())]
+
+
+@pytest.mark.slow
+def test_first_use_bench_times_every_kind_in_fresh_processes(tmp_path: Path) -> None:
+    from hf_tensorizer.bench import first
+
+    res = first.run_first(tmp_path, runs=1, tensors=2, mib=1, warmup=False)
+    assert set(res["times"]) == set(first.CODE)
+    assert all(len(t["runs"]) == 1 and t["min"] > 0 for t in res["times"].values())
+    assert len(res["ours_minus_safetensors"]) == 1

@@ -1,0 +1,70 @@
+"""First use in a fresh process imports only what the path needs (side effects, never timings): loading a file
+does not import the writer, the upstream decoder, the CUDA prewarm or ISA-L; the switch-free API with a
+transformers model never imports diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """The modules imported by ``code`` in a fresh interpreter (this checkout first on the path)."""
+    script = code + "\nimport sys, json\nprint('@@' + json.dumps(sorted(sys.modules)))\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("@@"))
+    return set(json.loads(line[2:]))
+
+
+def test_loading_a_file_imports_only_the_read_path(tmp_path: Path) -> None:
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(tmp_path / "m.tensors") as s:
+        s.write_state_dict({"w": torch.arange(4096, dtype=torch.float32), "b": torch.ones(3)})
+    mods = _modules_after(
+        "from hf_tensorizer import TensorDeserializer\n"
+        "d = TensorDeserializer('m.tensors')\n"
+        "assert float(d['w'].sum()) == 4095 * 4096 / 2\n",
+        tmp_path,
+    )
+    assert "hf_tensorizer.engine.reader" in mods
+    for unneeded in ("hf_tensorizer.engine.writer", "hf_tensorizer.upstream.format", "hf_tensorizer.engine.layout",
+                     "hf_tensorizer.engine.prewarm", "isal"):  # fmt: skip
+        assert unneeded not in mods, unneeded
+
+
+def test_upstream_magic_is_the_upstream_decoders() -> None:
+    from hf_tensorizer.format import sniff
+    from hf_tensorizer.upstream import format as upstream
+
+    assert sniff.UPSTREAM_MAGIC == upstream.UPSTREAM_MAGIC
+    assert sniff.sniff(upstream.UPSTREAM_MAGIC + b"\0" * 8) == sniff.UPSTREAM
+
+
+def test_transformers_from_pretrained_does_not_import_diffusers(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")  # where it is not installed the check below proves nothing
+    mods = _modules_after(
+        "import torch, transformers, hf_tensorizer\n"
+        "cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                               num_attention_heads=4, num_key_value_heads=2)\n"
+        "torch.manual_seed(0)\n"
+        "ref = transformers.LlamaForCausalLM(cfg).eval()\n"
+        "hf_tensorizer.save_pretrained(ref, 'art')\n"
+        "m = hf_tensorizer.from_pretrained(transformers.AutoModelForCausalLM, 'art')\n"
+        "assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m.state_dict().values()))\n",
+        tmp_path,
+    )
+    assert "hf_tensorizer.integrations.adapters.transformers.load" in mods
+    assert not {m for m in mods if m == "diffusers" or m.startswith("diffusers.")}

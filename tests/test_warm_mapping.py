@@ -1,0 +1,67 @@
+"""Warm CPU loads map the file and leave its pages to their first access: no populate call, no threads, the
+bytes right, and a file truncated since it was opened is a typed error at load time, not a SIGBUS later."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same, random_tensor, write_file
+
+from hf_tensorizer import TensorDeserializer
+from hf_tensorizer.engine import mapping, memory
+from hf_tensorizer.errors import ObjectChangedError
+
+
+def _mapped_fraction(t: torch.Tensor) -> float:
+    """The share of ``t``'s pages present in this process's page tables (``/proc/self/pagemap``)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
+    return sum(1 for e in entries if e >> 63) / len(entries)
+
+
+@pytest.fixture()
+def warm_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors = {f"t{i}": random_tensor(torch.bfloat16, (1 << 20,), i) for i in range(6)}
+    tensors["small"] = random_tensor(torch.int8, (3,), 9)
+    path = tmp_path / "warm.tensors"
+    write_file(path, tensors)
+    path.read_bytes()  # in the page cache
+    return path, tensors
+
+
+def test_a_warm_load_populates_nothing_and_starts_no_thread(
+    warm_file: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, tensors = warm_file
+    advice: list[int] = []
+    real = memory.madvise
+    monkeypatch.setattr(mapping, "madvise", lambda a, n, adv: advice.append(adv) or real(a, n, adv))
+    started: list[str] = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or real_start(self))
+    with TensorDeserializer(path) as d:
+        assert d.metrics.strategy == "mmap" and d.metrics.resident == 1.0
+        got = dict(d)
+    assert advice == [] and started == []
+    assert _mapped_fraction(got["t3"]) < 0.5  # left to the first access
+    for name, t in tensors.items():
+        assert_same(got[name], t, name)  # the access faults the pages in: bytes right
+    assert _mapped_fraction(got["t3"]) == 1.0
+
+
+def test_a_file_truncated_after_opening_is_a_typed_error(warm_file: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = warm_file
+    with TensorDeserializer(path, lazy=True) as d:
+        keep = d["t0"]  # mapped, before the truncation
+        os.truncate(path, d.index.tensors["t5"].offset + 4096)  # most of the file still cached: the warm path
+        with pytest.raises(ObjectChangedError, match="now ends at byte"):
+            d["t5"]
+        assert keep.numel() == 1 << 20
