@@ -149,7 +149,7 @@ def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | Non
         body = {"instances": [{"prompt": PROMPT, "max_new_tokens": args.max_new_tokens}]}
         server = [sys.executable, "-m", "integrations.server", "--model-name", NAME, "--port", "{port}",
                   "--precision", args.precision, "--ready-wait", "600", "--max-queue", str(args.requests + 8),
-                  "--log-level", "warning"]  # fmt: skip
+                  "--device", args.device, "--log-level", "warning"]  # fmt: skip
         ready, path = f"/v1/models/{NAME}", f"/v1/models/{NAME}:predict"
         if row == "predictor":
             return Service([*server, "--model-uri", tensorized], ready, path, body, env, evict)
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="predictor,predictor-stock", help=f"comma-separated, from {ROWS}")
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--cache", default="warm,cold", help="warm, cold or both (cold: local sources only)")
+    p.add_argument("--device", default="cpu", help="the predictor's --device (cuda on a GPU machine)")
     p.add_argument("--vllm", default=None, help="the vllm executable for the vllm rows")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the service (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "model": {"arch": "LlamaForCausalLM", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "weights_bytes": size, "precision": args.precision},
-        "requests": args.requests, "max_new_tokens": args.max_new_tokens, "service_threads": args.threads,
+        "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "service_threads": args.threads,
         "runs": runs, "median": summary,
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
