@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "model": {"arch": "LlamaForCausalLM", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "weights_bytes": size, "precision": args.precision},
-        "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "service_threads": args.threads,
+        "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+        "service_threads": args.threads,
         "runs": runs, "median": summary,
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
