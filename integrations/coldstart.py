@@ -115,9 +115,17 @@ class Moto:
             except Exception:  # not listening yet
                 time.sleep(0.1)
         assert client is not None
-        for kind, folder in paths.items():
-            for f in sorted(folder.iterdir()):
-                client.upload_file(str(f), "bench", f"{kind}/{f.name}")
+        from boto3.s3.transfer import TransferConfig
+
+        # moto assembles multipart uploads in memory and has answered 500 to a 1 GB one under load: big parts
+        config = TransferConfig(multipart_threshold=256 << 20, multipart_chunksize=256 << 20, max_concurrency=2)
+        try:
+            for kind, folder in paths.items():
+                for f in sorted(folder.iterdir()):
+                    client.upload_file(str(f), "bench", f"{kind}/{f.name}", Config=config)
+        except Exception:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -350,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     combos = [(r, s, c) for s in args.sources.split(",") for c in args.cache.split(",") for r in args.rows.split(",")
               # moto keeps objects in its memory: no cold S3; the strategy only matters for a local file
               if not (s == "s3" and (c == "cold" or r == "predictor-mapped"))]  # fmt: skip
-    moto = Moto(paths) if "s3" in args.sources.split(",") else None
+    moto: Moto | None = None
     runs: dict[str, list[dict[str, Any]]] = {f"{r} {s} {c}": [] for r, s, c in combos}
     try:
         for rep in range(args.repeats):
             for row, source, cache in combos:  # alternate so drift on a shared machine hits every row alike
+                if source == "s3" and moto is None:
+                    moto = Moto(paths)  # started (and the model uploaded) once, when the first S3 row comes
                 service = make_service(row, source, paths, moto, args)
                 res = run_once(service, args.requests, args.threads, cache == "cold")
                 runs[f"{row} {source} {cache}"].append(res)
