@@ -85,6 +85,7 @@ class TensorizedModel(kserve.Model):
         return self.runner.ready.is_set() and (self.admitted < self.runner.config.max_queue or holds_slot)
 
     def stop(self) -> None:
+        """Called by the SDK when the server stops: unready, queued work dropped."""
         self.ready = False
         self.runner.shutdown()
 
@@ -101,6 +102,7 @@ class TensorizedModel(kserve.Model):
         return True
 
     def release(self, state: RequestState) -> None:
+        """Give back ``state``'s queue slot (if it holds one)."""
         if state.admitted:
             state.admitted = False
             self.admitted -= 1
