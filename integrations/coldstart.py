@@ -244,7 +244,8 @@ def run_once(service: Service, n: int, threads: int, cold: bool, timeout: float 
     text = Path(log).read_text(errors="replace")
     os.unlink(log)
     if len(done) != n or ready is None:
-        raise RuntimeError(f"{len(done)}/{n} served, errors {errors[:2]}, service said: {text[-3000:]}")
+        said = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error:" in ln][-5:]
+        raise RuntimeError(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
     done.sort()
     return {"ready_s": ready, "first_s": done[0], "mean_s": statistics.fmean(done), "p50_s": done[(n - 1) // 2],
             "p95_s": done[min(n - 1, round(0.95 * (n - 1)))], "max_s": done[-1], "peak_rss_gb": peak[0] / 1e9,
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               # moto keeps objects in its memory: no cold S3; the strategy only matters for a local file
               if not (s == "s3" and (c == "cold" or r == "predictor-mapped"))]  # fmt: skip
     moto: Moto | None = None
+    failures: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, Any]]] = {f"{r} {s} {c}": [] for r, s, c in combos}
     try:
         for rep in range(args.repeats):
@@ -366,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                 if source == "s3" and moto is None:
                     moto = Moto(paths)  # started (and the model uploaded) once, when the first S3 row comes
                 service = make_service(row, source, paths, moto, args)
-                res = run_once(service, args.requests, args.threads, cache == "cold")
+                try:
+                    res = run_once(service, args.requests, args.threads, cache == "cold")
+                except RuntimeError as exc:  # recorded, and the other rows still run
+                    print(f"run {rep} {row} {source} {cache} FAILED: {exc}", flush=True)
+                    failures.append({"row": f"{row} {source} {cache}", "repeat": rep, "error": str(exc)})
+                    continue
                 runs[f"{row} {source} {cache}"].append(res)
                 shown = "  ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float))
                 print(f"run {rep} {row:17s} {source:5s} {cache:4s} {shown}", flush=True)
@@ -374,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if moto is not None:
             moto.stop()
     summary = {k: {m: statistics.median(x[m] for x in v if x[m] is not None) if any(x[m] is not None for x in v)
-                   else None for m in METRICS} for k, v in runs.items()}  # fmt: skip
+                   else None for m in METRICS} for k, v in runs.items() if v}  # fmt: skip
     import torch
     import transformers
 
@@ -388,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                   "weights_bytes": size, "precision": args.precision},
         "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
         "service_threads": args.threads,
-        "runs": runs, "median": summary,
+        "runs": runs, "failures": failures, "median": summary,
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
     if args.json:
