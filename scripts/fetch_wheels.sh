@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the peer loaders' wheels (and the runtime deps the GPU image lacks) for the GPU machine's
-# CPython 3.12 / x86-64 into .whl/ (git-ignored), plus the inference server's (integrations/server) for
+# CPython 3.12 / x86-64 into .whl/ (git-ignored), plus the KServe predictor's (integrations/server) for
 # tests/gpu/integrations.sh. tests/gpu/run.sh and integrations.sh install them with `pip --target`.
 # The image already has torch, numpy, protobuf, psutil, typer, humanize, urllib3, python-dateutil, anyio, h11,
 # httpx, click, uvloop, annotated-doc, ... (see the device notes), so those are left out.
@@ -22,6 +22,15 @@ PKGS=(
   # the inference server (FastAPI + uvicorn) and their Requires-Dist that the image lacks
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 opentelemetry-api==1.45.2
+  # the KServe predictor (kserve SDK 0.21) and its Requires-Dist (versions of the dev venv; the list printed
+  # below is for checking them against the image, which was not done on a device yet)
+  kserve==0.21.0 cloudevents==1.13.0 deprecation==2.1.0 grpc-interceptor==0.15.4 grpcio==1.85.4
+  grpcio-tools==1.81.1 protobuf==6.33.6 orjson==3.13.0 pandas==2.3.3 pytz==2026.6 tzdata==2026.6
+  prometheus-client==0.26.0 tabulate==0.10.0 timing-asgi==0.3.2 kubernetes==37.0.3 durationpy==0.12
+  websocket-client==1.9.2 requests-oauthlib==2.0.0 oauthlib==4.0.1 google-auth==2.63.1 python-multipart==0.0.34
+  pyjwt==2.15.1 watchfiles==1.3.0 httptools==0.9.0 websockets==17.4 python-dotenv==1.2.4 six==1.17.0
+  aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1 yarl==1.25.1
+  propcache==0.5.4 psutil==5.9.8
   # the image has typing-extensions, maybe older than 4.16: pydantic-core imports its Sentinel (new in 4.16)
   typing-extensions==4.16.0
 )

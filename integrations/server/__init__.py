@@ -1,14 +1,10 @@
-"""KServe V1 REST inference server loading through hf_tensorizer: ``python -m integrations.server --help``."""
+"""KServe predictor loading through hf_tensorizer, on the kserve SDK: ``python -m integrations.server --help``.
 
-from typing import Any
+``model`` (loading, execution) and ``validation`` need no kserve; ``predictor``, ``guard`` and ``app`` do (imported
+lazily, so the CLI parser and the manifest tests load without it).
+"""
 
-from .model import BadRequest, ModelRunner, ServerConfig
+from .model import ModelRunner, ServerConfig
+from .validation import BadRequest
 
-__all__ = ["BadRequest", "ModelRunner", "ServerConfig", "create_app"]
-
-
-def create_app(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`integrations.server.app.create_app` (imported lazily: the CLI parser needs no FastAPI)."""
-    from .app import create_app as _create
-
-    return _create(*args, **kwargs)
+__all__ = ["BadRequest", "ModelRunner", "ServerConfig"]

@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The server's command line (also read by the manifest tests, so manifests cannot drift from it)."""
     p = argparse.ArgumentParser(
         prog="python -m integrations.server",
-        description="KServe V1 REST inference server: text generation (transformers causal LMs) and "
-        "text-to-image (diffusers pipelines), weights streamed through hf_tensorizer.",
+        description="KServe predictor (kserve SDK: V1 and V2 REST, health, Prometheus metrics): text generation "
+        "(transformers causal LMs) and text-to-image (diffusers pipelines), weights streamed through hf_tensorizer.",
     )
     p.add_argument("--model-uri", required=True,
                    help="tensorized artifact: local folder, file://, http(s)://, s3://bucket/prefix or hf://org/repo; "
@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-tokens", type=int, default=0, metavar="N",
                    help="longest prompt accepted, in tokens (default and upper bound: the model's maximum "
                         "positions); longer ones get a 400 without reaching the model")  # fmt: skip
+    p.add_argument("--max-request-tokens", type=int, default=4096, metavar="N",
+                   help="most new tokens one request may ask for, summed over its instances")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=32, metavar="N",
+                   help="requests admitted at once (running + queued + held during the load); more get 503 "
+                        "before their body is read, and readiness says 503 while full")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="BYTES",
+                   help="larger request bodies get 413 without being read")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop a request still running after this long (504); 0: no limit")  # fmt: skip
     p.add_argument("--ready-wait", type=float, default=0.0, metavar="SECONDS",
                    help="hold predict requests arriving during the load up to SECONDS instead of a 503")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -47,31 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until it is stopped. Returns 0 after a clean stop, 1 when the model failed to load."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from .app import create_app
-    from .model import ModelRunner
+    from .app import build, serve, set_log_level
 
     config = ServerConfig(model_uri=args.model_uri, model_name=args.model_name, precision=args.precision,
                           device=args.device, loader=args.loader, key_file=args.key_file,
                           tensorizer_options=dict(args.tensorizer_option),
                           max_new_tokens_limit=args.max_new_tokens_limit, ready_wait_s=args.ready_wait,
-                          max_input_tokens=args.max_input_tokens)  # fmt: skip
-    runner = ModelRunner(config)
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_failure(reason: str) -> None:
-        failure.append(reason)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(runner, on_load_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))  # fmt: skip
-    server.run()
+                          max_input_tokens=args.max_input_tokens, max_request_tokens=args.max_request_tokens,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                          request_timeout_s=args.request_timeout)  # fmt: skip
+    server, model = build(config, host=args.host, port=args.port)
+    set_log_level(args.log_level)
+    failure = serve(server, model)
     if failure:
-        print(f"error: could not load {redact(args.model_uri)}: {failure[0]}", file=sys.stderr)
+        print(f"error: could not load {redact(args.model_uri)}: {failure}", file=sys.stderr)
         return 1
     return 0
 

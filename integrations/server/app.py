@@ -1,127 +1,135 @@
-"""The HTTP side: a FastAPI app speaking the KServe V1 REST protocol around a :class:`ModelRunner`.
+"""The server: KServe's ``ModelServer`` (REST only) hosting one :class:`TensorizedModel`, plus the guard.
 
-Routes:
+Routes come from the SDK (``kserve.protocol.rest``):
 
-* ``GET /`` and ``GET /v2/health/live`` — liveness: 200 as soon as the process serves HTTP.
-* ``GET /v2/health/ready`` — 200 once the weights are loaded, 503 before.
-* ``GET /v1/models`` — ``{"models": [name]}``.
-* ``GET /v1/models/{name}`` — readiness of the model: 200 ``{"name", "ready": true, ...}``, 503 while loading.
-* ``POST /v1/models/{name}:predict`` — ``{"instances": [...], "parameters": {...}}`` → ``{"predictions": [...]}``;
-  503 while loading (or, with ``ready_wait_s``, held until the weights are in), 400 for a malformed body (also
-  one nested too deep to parse, a lone surrogate, a prompt over the input cap), 404 for another model name, 405 for
-  another method.
+* ``GET /``, ``GET /v2/health/live`` — liveness: 200 as soon as the process serves HTTP;
+* ``GET /v1/models/<name>``, ``GET /v2/models/<name>/ready`` — readiness of the model: 503 until the weights
+  are in (and while the queue is full), then 200; ``GET /v2/health/ready`` is the server's (always 200);
+* ``POST /v1/models/<name>:predict`` (V1) and ``POST /v2/models/<name>/infer`` (V2, Open Inference Protocol);
+* ``GET /v1/models``, ``GET /v2/models``, ``GET /v2/models/<name>`` (metadata), ``GET /v2`` (server metadata);
+* ``GET /metrics`` — Prometheus: the SDK's latency histograms plus this server's queue / shed / cancelled /
+  timed-out counters and the load time.
 
-The weights load on a background thread started with the app, so liveness answers during the load (as a
-KServe predictor does) and readiness flips when they are in memory. A failed load calls ``on_load_failure``
-(the CLI stops the server and exits non-zero).
+The weights load on a thread started before the HTTP server, so liveness answers during the load. A failed load
+stops the server: :func:`serve` returns 1 with the reason (the CLI prints it), a pod goes to ``CrashLoopBackOff``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from hf_tensorizer.sources import redact
-
-from .model import BadRequest, ModelRunner
+from .guard import Guard
+from .model import ModelRunner, ServerConfig
+from .predictor import ClientGone, RequestTimeout, TensorizedModel, kserve
 
 log = logging.getLogger("integrations.server")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def create_app(runner: ModelRunner, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    """The FastAPI app for ``runner``; loading starts when the app starts (lifespan).
+class PredictorServer(kserve.ModelServer):
+    """``kserve.ModelServer`` that binds ``host`` (the SDK binds 0.0.0.0) and can be stopped from a thread.
 
     Args:
-        runner: the model runner (not loaded yet).
-        on_load_failure: called with the reason when loading fails.
+        host: bind address.
+        port: HTTP port.
+        latency_logging: the SDK's per-request latency log line.
+    """
+
+    def __init__(self, host: str, port: int, latency_logging: bool = False) -> None:
+        super().__init__(http_port=port, enable_grpc=False, enable_latency_logging=latency_logging,
+                         grace_period=5)  # fmt: skip
+        self.host = host
+        self._stop_requested = False
+        self._lock = threading.Lock()
+
+    def setup_event_loop(self) -> None:
+        # start() calls this after it built the REST server and before it runs it: the one place to set the host
+        with self._lock:
+            if self._rest_server is not None:
+                self._rest_server.config.host = self.host
+                if self._stop_requested:  # the load failed before the server existed
+                    self._rest_server._server.should_exit = True
+        super().setup_event_loop()
+
+    def stop_serving(self) -> None:
+        """Ask the HTTP server to exit (from any thread): uvicorn checks the flag every 0.1 s."""
+        with self._lock:
+            self._stop_requested = True
+            if self._rest_server is not None:
+                self._rest_server._server.should_exit = True
+
+
+def _client_gone(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+def _timed_out(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=504)
+
+
+def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080) -> tuple[PredictorServer, TensorizedModel]:
+    """The server and its (unloaded) model, with the guard and error handlers installed on the SDK's app.
+
+    Args:
+        config: the model and its limits.
+        host: bind address.
+        port: HTTP port.
 
     Returns:
-        The app, ready for uvicorn.
+        ``(server, model)``; start with :func:`serve`.
     """
-    name = runner.config.model_name
-    started = time.time()
+    model = TensorizedModel(ModelRunner(config))
+    server = PredictorServer(host, port, latency_logging=logging.getLogger().isEnabledFor(logging.DEBUG))
+    server.register_model(model)  # registered unready: the SDK answers 503 for it until load() sets ready
+    app: FastAPI = kserve.model_server.app  # the SDK serves this module-level app
+    app.add_middleware(Guard, model=model)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(RequestTimeout, _timed_out)
+    return server, model
+
+
+def serve(server: PredictorServer, model: TensorizedModel) -> str | None:
+    """Load the model on a thread and serve until stopped.
+
+    Returns:
+        None after a clean stop; the reason when the model failed to load (the server stopped itself).
+    """
+    failure: list[str] = []
 
     def load() -> None:
         try:
-            runner.load()
+            model.load()
         except BaseException:
             log.exception("model load failed")
-            if on_load_failure is not None:
-                on_load_failure(runner.error or "unknown error")
+            failure.append(model.runner.error or "unknown error")
+            server.stop_serving()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load, name="model-load", daemon=True).start()
-        yield
-        runner.shutdown()
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+    server.start([])  # the model is registered already; start() would refuse one that is not ready yet
+    return failure[0] if failure else None
 
-    app = FastAPI(title="hf_tensorizer inference server", lifespan=lifespan)
 
-    def status() -> dict[str, Any]:
-        return {"name": name, "ready": runner.ready.is_set(), "task": runner.task, "loader": runner.config.loader,
-                "model_uri": redact(runner.config.model_uri), "precision": runner.config.precision,
-                "load_seconds": runner.load_seconds, "uptime_seconds": time.time() - started,
-                **({"error": runner.error} if runner.error else {})}  # fmt: skip
+def route_paths() -> set[str]:
+    """The paths KServe's REST server registers (what the manifests' probes may use)."""
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
+    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    @app.get("/")
-    @app.get("/v2/health/live")
-    async def live() -> dict[str, Any]:
-        return {"status": "alive", "live": True}
+    app = FastAPI()
+    plane = DataPlane(model_registry=ModelRepository())
+    register_v1_endpoints(app, plane, None)
+    register_v2_endpoints(app, plane, None)
+    return {"/", "/metrics"} | set(app.openapi()["paths"])  # the schema lists included routers' routes too
 
-    @app.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        return JSONResponse(status(), status_code=200 if runner.ready.is_set() else 503)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"models": [name]}
-
-    @app.api_route("/v1/models/{model}:predict", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"])
-    async def predict_wrong_method(model: str) -> JSONResponse:
-        # without this route GET .../m:predict matches /v1/models/{model} with model "m:predict": a 404
-        response = _error(405, "predict takes POST")
-        response.headers["Allow"] = "POST"
-        return response
-
-    @app.get("/v1/models/{model}")
-    async def model_status(model: str) -> JSONResponse:
-        if model != name:
-            return _error(404, f"model {model!r} not found; this server serves {name!r}")
-        return JSONResponse(status(), status_code=200 if runner.ready.is_set() else 503)
-
-    @app.post("/v1/models/{model}:predict")
-    async def predict(model: str, request: Request) -> JSONResponse:
-        if model != name:
-            return _error(404, f"model {model!r} not found; this server serves {name!r}")
-        if not runner.finished.is_set() and runner.config.ready_wait_s > 0:
-            # park the request on a thread blocked on the event: costs no CPU while the load runs
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, runner.finished.wait, runner.config.ready_wait_s)
-        if not runner.ready.is_set():
-            return _error(503, f"model {name!r} is not ready: " + (runner.error or "weights are loading"))
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return _error(400, f"body is not valid JSON: {exc}")
-        except RecursionError:  # json's decoder recurses per nesting level
-            return _error(400, "body is not valid JSON: nested too deep")
-        try:
-            instances = runner.parse(body)
-            predictions = await asyncio.wrap_future(runner.submit(instances))
-        except BadRequest as exc:
-            return _error(400, str(exc))
-        return JSONResponse({"predictions": predictions})
-
-    return app
+def set_log_level(level: str) -> None:
+    """Apply ``--log-level`` to ours, the SDK's and uvicorn's loggers (the SDK configures them at INFO)."""
+    value = level.upper()
+    for name in ("integrations.server", "kserve", "uvicorn", "uvicorn.error", "uvicorn.access", "hf_tensorizer"):
+        logging.getLogger(name).setLevel(value)
+    # the SDK's timing middleware logs every request at INFO on kserve.trace
+    logging.getLogger("kserve.trace").setLevel("DEBUG" if value == "DEBUG" else "WARNING")

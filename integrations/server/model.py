@@ -1,8 +1,9 @@
 """The model behind the server: loading (hf_tensorizer or stock Hugging Face) and request execution.
 
 :class:`ModelRunner` owns one model — a transformers causal LM with its tokenizer, or a diffusers pipeline —
-and runs every request on one worker thread, so concurrent HTTP requests never share the model at once.
-Request bodies are validated here (:class:`BadRequest` becomes an HTTP 400 with its message).
+and runs every request on one worker thread, so concurrent requests never share the model at once. Work is
+stoppable: every generated token (every denoising step) checks the request's cancel flag and deadline, so a
+request whose client hung up, or that ran past ``request_timeout_s``, gives the thread back at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,17 +26,20 @@ from hf_tensorizer.constants import KEY_ENV
 from hf_tensorizer.errors import MissingKeyError, UsageError
 from hf_tensorizer.sources import redact
 
+from .validation import DEFAULT_NEW_TOKENS, DEFAULT_STEPS, BadRequest, parse_v1, task_fields
+
 log = logging.getLogger("integrations.server")
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOADERS = ("hf_tensorizer", "hf")
-# A prompt longer than this many characters per allowed token is refused before it is tokenized: no tokenizer
-# turns 16 characters into less than one token in practice, and the check costs nothing on the event loop.
-CHARS_PER_TOKEN = 16
 
 
-class BadRequest(ValueError):
-    """A request the model cannot run as given (the server answers 400 with this message)."""
+class Cancelled(Exception):
+    """The request's client disconnected: its work was stopped (or never started)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request ran longer than ``request_timeout_s`` and was stopped."""
 
 
 @dataclass
@@ -54,45 +58,19 @@ class ServerConfig:
     max_instances: int = 64
     # prompt tokens accepted; 0: the model's maximum positions (a larger value is lowered to that too)
     max_input_tokens: int = 0
+    # work one request may ask for: the sum of max_new_tokens (num_inference_steps) over its instances
+    max_request_tokens: int = 4096
+    max_request_steps: int = 400
+    # a request still running after this long is stopped (504); 0: no limit
+    request_timeout_s: float = 300.0
+    # requests admitted at once (running + queued + held while loading); more are answered 503 before their
+    # body is read, and readiness answers 503 while the queue is full
+    max_queue: int = 32
+    # request bodies over this many bytes are answered 413 without being read
+    max_body_bytes: int = 8 << 20
     # >0: a predict request arriving while the weights load waits up to this long instead of getting 503
     # (what Knative's activator does for a service scaled from zero); 0: answer 503 at once (KServe's default)
     ready_wait_s: float = 0.0
-
-
-# Request fields accepted per task, with their validators. Anything else is rejected: a typo in a field name
-# must not silently fall back to a default.
-def _int_in(lo: int, hi: int) -> Any:
-    def check(name: str, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise BadRequest(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
-
-    return check
-
-
-def _float_in(lo: float, hi: float) -> Any:
-    def check(name: str, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise BadRequest(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
-        return float(v)
-
-    return check
-
-
-def _str(name: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise BadRequest(f"{name} must be a string, got {type(v).__name__}")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\\ud800" parses to a lone surrogate no tokenizer can encode
-        raise BadRequest(f"{name} is not valid Unicode (a lone surrogate escape)") from None
-    return v
-
-
-def _bool(name: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise BadRequest(f"{name} must be true or false, got {v!r}")
-    return v
 
 
 class ModelRunner:
@@ -121,15 +99,9 @@ class ModelRunner:
         # One worker: the model is never used by two requests at the same time (generation mutates caches,
         # pipelines mutate their scheduler); requests queue in arrival order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        lm = _int_in(1, config.max_new_tokens_limit)
-        self._fields = {
-            "text-generation": {"prompt": _str, "max_new_tokens": lm, "do_sample": _bool, "seed": _int_in(0, 2**63 - 1),
-                                "temperature": _float_in(1e-3, 100.0), "top_p": _float_in(0.0, 1.0),
-                                "top_k": _int_in(0, 100000), "repetition_penalty": _float_in(0.01, 100.0)},
-            "text-to-image": {"prompt": _str, "negative_prompt": _str, "num_inference_steps":
-                              _int_in(1, config.max_steps_limit), "guidance_scale": _float_in(0.0, 100.0),
-                              "height": _int_in(8, 4096), "width": _int_in(8, 4096), "seed": _int_in(0, 2**63 - 1)},
-        }  # fmt: skip
+        self._fields = task_fields(config.max_new_tokens_limit, config.max_steps_limit)
+        self._done_callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -147,7 +119,7 @@ class ModelRunner:
             if isinstance(exc, MissingKeyError):  # the library's advice names Python's encryption= argument
                 reason = exc.advise(f"start the server with --key-file PATH or set {KEY_ENV}")
             self.error = f"{type(reason).__name__}: {reason}"
-            self.finished.set()
+            self._finish()
             if reason is not exc:
                 raise reason from None
             raise
@@ -155,10 +127,27 @@ class ModelRunner:
         log.info("loaded %s (%s, %s) in %.2f s", redact(self.config.model_uri), self.task, self.config.precision,
                  self.load_seconds)  # fmt: skip
         self.ready.set()
-        self.finished.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            self.finished.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for fn in callbacks:
+            fn()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (from the loading thread) once loading has ended, or now if it already has."""
+        with self._lock:
+            if not self.finished.is_set():
+                self._done_callbacks.append(fn)
+                return
+        fn()
 
     def _options(self) -> dict[str, Any]:
-        options = dict(self.config.tensorizer_options)
+        # pread: the weights are copied into memory the server owns, so rewriting or truncating the artifact
+        # file under a running server cannot change (or SIGBUS) the model; see docs/serving.md for the cost
+        options = {"strategy": "pread", **self.config.tensorizer_options}
         if self.config.key_file:
             from hf_tensorizer.crypto import EncryptionKey
 
@@ -244,58 +233,41 @@ class ModelRunner:
     # ---- requests ---------------------------------------------------------------------------------------
 
     def parse(self, body: Any) -> list[dict[str, Any]]:
-        """Validate a KServe V1 body ``{"instances": [...]}``; each instance a prompt string or an object.
+        """Validate a KServe V1 body ``{"instances": [...], "parameters": {...}}`` for the loaded task.
 
         Raises:
             BadRequest: what is wrong with the body.
         """
-        if not isinstance(body, Mapping) or "instances" not in body:
-            raise BadRequest('body must be a JSON object with "instances": [...]')
-        extra = set(body) - {"instances", "parameters"}
-        if extra:
-            raise BadRequest(f"unknown top-level fields {sorted(extra)}")
-        instances, shared = body["instances"], body.get("parameters", {})
-        if not isinstance(instances, list) or not instances:
-            raise BadRequest('"instances" must be a non-empty list')
-        if len(instances) > self.config.max_instances:
-            raise BadRequest(f"at most {self.config.max_instances} instances per request, got {len(instances)}")
-        if not isinstance(shared, Mapping):
-            raise BadRequest('"parameters" must be an object')
-        fields = self._fields[self.task or "text-generation"]
-        out = []
-        for i, inst in enumerate(instances):
-            item = {"prompt": inst} if isinstance(inst, str) else inst
-            if not isinstance(item, Mapping):
-                raise BadRequest(f"instance {i} must be a string or an object, got {type(inst).__name__}")
-            item = {**shared, **item}
-            unknown = set(item) - set(fields)
-            if unknown:
-                raise BadRequest(f"instance {i}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
-            if "prompt" not in item:
-                raise BadRequest(f'instance {i}: "prompt" is required')
-            inst_out = {k: fields[k](f"instance {i}: {k}", v) for k, v in item.items()}
-            self._check_length(i, inst_out)
-            out.append(inst_out)
-        return out
+        c = self.config
+        task = self.task or "text-generation"
+        work = (("max_new_tokens", DEFAULT_NEW_TOKENS, c.max_request_tokens) if task == "text-generation"
+                else ("num_inference_steps", DEFAULT_STEPS, c.max_request_steps))  # fmt: skip
+        return parse_v1(body, self._fields[task], max_instances=c.max_instances, input_cap=self.max_input_tokens,
+                        work_cap=work)  # fmt: skip
 
-    def _check_length(self, i: int, inst: Mapping[str, Any]) -> None:
-        """Refuse prompts far longer than the cap before any tokenizer sees them (the cheap, coarse check)."""
-        cap = self.max_input_tokens
-        for k in ("prompt", "negative_prompt"):
-            if cap and k in inst and len(inst[k]) > cap * CHARS_PER_TOKEN:
-                raise BadRequest(f"instance {i}: {k} has {len(inst[k]):,} characters; at most "
-                                 f"{cap * CHARS_PER_TOKEN:,} ({cap} tokens) are accepted")  # fmt: skip
+    def submit(
+        self, instances: list[dict[str, Any]], cancel: threading.Event | None = None, deadline: float | None = None
+    ) -> Future[list[dict[str, Any]]]:
+        """Queue validated instances on the model thread; the future holds the predictions.
 
-    def submit(self, instances: list[dict[str, Any]]) -> Future[list[dict[str, Any]]]:
-        """Queue validated instances on the model thread; the future holds the predictions."""
+        Args:
+            instances: from :meth:`parse`.
+            cancel: once set, the work stops at the next token / step (or never starts): :class:`Cancelled`.
+            deadline: a ``time.monotonic()`` after which the work stops: :class:`DeadlineExceeded`.
+        """
         run = self._generate if self.task == "text-generation" else self._images
-        return self._executor.submit(run, instances)
+        stop = _Stop(cancel or threading.Event(), deadline)
+        return self._executor.submit(run, instances, stop)
 
     @torch.inference_mode()
-    def _generate(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _generate(self, instances: list[dict[str, Any]], stop: _Stop) -> list[dict[str, Any]]:
+        from transformers import StoppingCriteriaList
+
+        stop.check()  # cancelled while queued: no work at all
         encoded = [self._encode(i, inst) for i, inst in enumerate(instances)]  # every check before any work
         out = []
         for inst, ids in zip(instances, encoded, strict=True):
+            stop.check()
             # one prompt at a time: no padding, so each answer equals an unbatched in-process generate()
             ids = ids.to(self.model.device)
             kwargs = {k: inst[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -304,10 +276,15 @@ class ModelRunner:
                 torch.manual_seed(inst.get("seed", 0))
             else:
                 kwargs["do_sample"] = False
-            new = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=inst.get("max_new_tokens", 16),
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                                      **kwargs)[0, ids.shape[1]:].tolist()  # fmt: skip
+            new = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=inst.get("max_new_tokens", 16),
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
+                **kwargs,
+            )
+            new = new[0, ids.shape[1]:].tolist()  # fmt: skip
             out.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "output_ids": new,
                         "prompt_tokens": int(ids.shape[1])})  # fmt: skip
         return out
@@ -325,10 +302,17 @@ class ModelRunner:
         return ids
 
     @torch.inference_mode()
-    def _images(self, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _images(self, instances: list[dict[str, Any]], stop: _Stop) -> list[dict[str, Any]]:
+        import inspect
+
+        stop.check()
+        steps = "callback_on_step_end" in inspect.signature(self.model.__call__).parameters
         out = []
         for inst in instances:
+            stop.check()
             args = {k: v for k, v in inst.items() if k != "seed"}
+            if steps:  # checked after every denoising step
+                args["callback_on_step_end"] = stop.on_step_end
             gen = torch.Generator(device="cpu").manual_seed(inst.get("seed", 0))
             image = self.model(**args, generator=gen, output_type="pil").images[0]
             buf = io.BytesIO()
@@ -338,7 +322,31 @@ class ModelRunner:
         return out
 
     def shutdown(self) -> None:
+        """Drop queued work; the running request finishes (it is stopped by its own cancel flag)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Stop:
+    """A request's stop condition, checked between instances, per generated token and per denoising step."""
+
+    def __init__(self, cancel: threading.Event, deadline: float | None) -> None:
+        self.cancel = cancel
+        self.deadline = deadline
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the client disconnected")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("the request ran past its time limit")
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        # a transformers StoppingCriteria: raising ends generate() at once (its partial output is dropped)
+        self.check()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.check()
+        return callback_kwargs
 
 
 def _check_causal_lm(folder: str, uri: str) -> None:

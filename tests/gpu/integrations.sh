@@ -8,7 +8,8 @@
 #      and speed-up over stock; then hft and hftfp again with HF_TENSORIZER_PREWARM=0 (the staging block and
 #      CUDA context made in the load, not ahead of it) — the measurement that decides the prewarm default;
 #   t. time to ready (interpreter start -> first forward) on the same 6.5 GB shape: ours vs stock vs raw;
-#   c. cold start: the inference server started from zero with 100 requests in flight, hf_tensorizer vs hf.
+#   c. cold start: the KServe predictor started from zero with 100 clients retrying, hf_tensorizer (predictor)
+#      vs stock from_pretrained (predictor-stock), local files, warm and cold page cache.
 #
 #   here, once:  scripts/fetch_wheels.sh            (peers' and the server's wheels into .whl/, git-ignored)
 #   device tool: run(command="bash tests/gpu/integrations.sh", carry=[".whl"], timeout_s=590)
@@ -46,10 +47,10 @@ CS_VOCAB=${HFT_INT_CS_VOCAB:-32000}
 CS_REQUESTS=${HFT_INT_CS_REQUESTS:-100}  # as in tensorizer's "real world impact" benchmark
 CS_REPEATS=${HFT_INT_CS_REPEATS:-2}
 CS_PRECISION=${HFT_INT_CS_PRECISION:-float16}
-CS_RESERVE=${HFT_INT_CS_RESERVE:-170}  # prepare ~40 s + 2 x 2 server starts on a 16-core H100 machine
+CS_RESERVE=${HFT_INT_CS_RESERVE:-260}  # prepare ~40 s + 2 x 2 x 2 predictor starts on a 16-core H100 machine
 
 step "install the wheels (peers, inference server)"
-install_wheels "the server (cold start) needs fastapi + uvicorn"
+install_wheels "the predictor (cold start) needs kserve and its dependencies"
 lap wheels 0
 
 step "machine"
@@ -109,7 +110,7 @@ from pathlib import Path
 t = time.perf_counter()
 from integrations.coldstart import prepare
 paths = prepare(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
-size = sum(f.stat().st_size for f in paths["hf_tensorizer"].glob("*.tensors"))
+size = sum(f.stat().st_size for f in paths["tensorized"].glob("*.tensors"))
 print(f"prepared {size / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
 PY
 CSP_RC=$?
@@ -117,12 +118,12 @@ lap "c. cold start prepare" "$CSP_RC"
 
 REMAIN=$(( LIMIT - ($(date +%s) - T0) - 5 ))
 (( REMAIN < 30 )) && REMAIN=30
-step "c. cold start: $CS_REPEATS x (hf_tensorizer, hf) server starts on $CS_DEVICE, $CS_REQUESTS requests, ${REMAIN} s"
+step "c. cold start: $CS_REPEATS x (predictor, predictor-stock) x (warm, cold) on $CS_DEVICE, $CS_REQUESTS clients, ${REMAIN} s"
 rm -f "$OUT/coldstart.json" "$OUT/coldstart.png"
 timeout -k 10 "$REMAIN" python3 -m integrations.coldstart --workdir "$CS_DIR" --device "$CS_DEVICE" \
   --precision "$CS_PRECISION" --requests "$CS_REQUESTS" --repeats "$CS_REPEATS" --hidden "$CS_HIDDEN" \
-  --layers "$CS_LAYERS" --vocab "$CS_VOCAB" --loaders hf_tensorizer,hf --json "$OUT/coldstart.json" \
-  --plot "$OUT/coldstart.png"
+  --layers "$CS_LAYERS" --vocab "$CS_VOCAB" --rows predictor,predictor-stock --sources local --cache warm,cold \
+  --threads 0 --json "$OUT/coldstart.json" --plot "$OUT/coldstart.png"
 CS_RC=$?
 lap "c. cold start runs" "$CS_RC"
 
@@ -154,12 +155,13 @@ except (OSError, ValueError):
 m, med = r["model"], r["median"]
 print(f"{m['weights_bytes'] / 1e9:.2f} GB Llama (hidden {m['hidden']}, layers {m['layers']}), {m['precision']} on "
       f"{r['device']}, {r['requests']} requests, median of {len(next(iter(r['runs'].values())))} runs")
-keys = ["ready_s", "first_response_s", "mean_latency_s", "max_latency_s", "load_s"]
-print("| loader | " + " | ".join(keys) + " |")
+keys = ["ready_s", "first_s", "mean_s", "p50_s", "p95_s", "peak_rss_gb", "load_s"]
+print("| row | " + " | ".join(keys) + " |")
 print("|---" * (len(keys) + 1) + "|")
 for name, v in med.items():
     print(f"| {name} | " + " | ".join("–" if v[k] is None else f"{v[k]:.2f}" for k in keys) + " |")
-if {"hf", "hf_tensorizer"} <= set(med):
-    a, b = med["hf"], med["hf_tensorizer"]
-    print("hf ÷ hf_tensorizer: " + ", ".join(f"{k} {a[k] / b[k]:.2f}×" for k in keys if a[k] and b[k]))
+for cache in ("warm", "cold"):
+    a, b = med.get(f"predictor-stock local {cache}"), med.get(f"predictor local {cache}")
+    if a and b:
+        print(f"stock ÷ ours ({cache}): " + ", ".join(f"{k} {a[k] / b[k]:.2f}×" for k in keys if a[k] and b[k]))
 PY
