@@ -86,6 +86,10 @@ def test_errors_are_clear_and_exit_2(tmp_path: Path) -> None:
         (["a.safetensors", "b.tensors", "--dest", "c.tensors"], None),
         (["--hf-model-id", "org/m", "x", "--dest", "s3://b/p"], None),
         (["--hf-model-id", "org/m"], None),
+        (["--hf-model-id", "org/m", "--dest-bucket", "tensorized"], ("org/m", "s3://tensorized/org/m")),
+        (["--hf-model-id", "org/m", "--dest-bucket", "s3://tensorized/"], ("org/m", "s3://tensorized/org/m")),
+        (["--hf-model-id", "org/m", "--dest-bucket", "b", "--dest", "s3://b/p"], None),
+        (["a.safetensors", "--dest-bucket", "b"], None),
     ],
 )
 def test_serialize_destination_positional_or_dest(argv: list[str], expected: tuple[str, str] | None) -> None:

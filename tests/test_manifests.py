@@ -26,6 +26,7 @@ K8S = ROOT / "integrations" / "k8s"
 K8S_VERSION = "1.30"
 
 from hf_tensorizer.cli import build_parser as cli_parser  # noqa: E402
+from hf_tensorizer.cli.serialize import destination  # noqa: E402
 from integrations.server.__main__ import build_parser as server_parser  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def _secret_refs(container: dict[str, Any]) -> set[str]:
 
 
 def _job_dests() -> set[str]:
-    return {_parse(cli_parser(), _command(job)[1:]).dest for job in _all("Job")}
+    return {destination(_parse(cli_parser(), _command(job)[1:])) for job in _all("Job")}
 
 
 # ---- schemas ---------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_serialization_jobs_run_the_real_cli() -> None:
         command = _command(job)
         assert command[0] == "hf-tensorizer"
         args = _parse(cli_parser(), command[1:])
-        assert args.command == "serialize" and args.hf_model_id and args.dest.startswith("s3://")
+        assert args.command == "serialize" and args.hf_model_id and destination(args).startswith("s3://")
         assert secret["metadata"]["name"] in _secret_refs(_container(job))
 
 

@@ -9,7 +9,7 @@ Two forms; in both the destination is given as the last positional argument or a
 - ``serialize --hf-model-id ID --dest ROOT``: a transformers model or diffusers pipeline (a Hub id or a
   local directory) to a ``from_pretrained``-able artifact: ``model.tensors`` plus config, generation
   config and tokenizer / processor / scheduler files, under a local folder, ``s3://bucket/prefix`` or
-  ``hf://org/repo``.
+  ``hf://org/repo``. ``--dest-bucket BUCKET`` (the Kubernetes Job's form) is ``--dest s3://BUCKET/ID``.
 
 A local DEST's folder must exist (a typo must not create a tree of folders); ``--parents`` creates it.
 
@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="the destination, instead of the positional DEST: an output .tensors path or URI, "
         "or for --hf-model-id an artifact root: a folder, s3://bucket/prefix or hf://org/repo",
     )
+    p.add_argument("--dest-bucket", metavar="BUCKET",
+                   help="with --hf-model-id: write to s3://BUCKET/ID (a local directory: its folder name)")  # fmt: skip
     p.add_argument("--revision", default=None, help="Hub revision of --hf-model-id")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors first")
     p.add_argument("--block-size", type=int, default=None, help="digest (and encryption) block size in bytes")
@@ -259,12 +261,27 @@ def _diffusers_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
+def destination(args: argparse.Namespace) -> str:
+    """Where ``serialize`` writes, for parsed arguments (``--dest``, ``--dest-bucket`` or the positional DEST).
+
+    Raises:
+        UsageError: the arguments name no destination, or more than one.
+    """
+    return _src_and_dest(args)[1]
+
+
 def _src_and_dest(args: argparse.Namespace) -> tuple[str, str]:
     """(SRC, DEST) of either form; SRC is ``--hf-model-id`` for models. Raises UsageError on a wrong count."""
     usage = "give SRC DEST (or SRC --dest DEST), or --hf-model-id ID DEST (or --hf-model-id ID --dest DEST)"
     sources = ([args.hf_model_id] if args.hf_model_id else []) + args.paths
     if args.dest is not None:
         sources.append(args.dest)
+    if args.dest_bucket is not None:
+        if not args.hf_model_id:
+            raise UsageError("--dest-bucket goes with --hf-model-id (for a file give SRC DEST or --dest)")
+        model = args.hf_model_id
+        name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model.strip("/")
+        sources.append(f"s3://{args.dest_bucket.removeprefix('s3://').strip('/')}/{name}")
     if len(sources) != 2:
         raise UsageError(usage)
     return sources[0], sources[1]
