@@ -126,3 +126,40 @@ def test_missing_nginx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(remote.os.path, "exists", lambda p: False)
     with pytest.raises(FileNotFoundError, match="stdlib"), remote.http_server(tmp_path, "nginx"):
         pass
+
+
+def _http_section(default: float, best: float, s3_default: float) -> dict[str, object]:
+    """An HTTP result as bench_http makes it: the reference 2.0 GB/s, the default and a better sweep config."""
+    rows = [
+        {"reader": "curl --range ×8 → tmpfs", "gbps": 2.0, "kind": "ref"},
+        {"reader": "ours (default)", "config": "default", "gbps": default, "kind": "ours"},
+        {"reader": "ours (c4)", "config": "c4", "gbps": best, "kind": "ours"},
+        {"reader": "ours (default), transport only", "gbps": 3.0, "kind": "ours"},
+    ]
+    for r in rows:
+        r["of_ref"] = r["gbps"] / 2.0
+    return {"file_bytes": 10**9, "tensors": 12, "rounds": 3, "ref": "curl --range ×8 → tmpfs", "ref_gbps": 2.0,
+            "rows": rows, "sweep": {}, "transport_of_ref": 1.5, "default_of_ref": default / 2.0,
+            "target_met": True,  # a stale flag (old results judged the best config): the report must not trust it
+            "s3_of_http": {"default": s3_default, "c4": 1.0}}  # fmt: skip
+
+
+def test_report_judges_the_default_not_the_best_config() -> None:
+    """The issue-28 report: default 0.80× the reference, c4 1.2×; the line said "met". It must say NOT met."""
+    from hf_tensorizer.bench.remote_report import format_report, verdicts
+
+    res = {"machine": "m", "date": "d", "command": "c", "http_server": "nginx/1.22 (x)",
+           "http": _http_section(default=1.6, best=2.4, s3_default=0.82)}  # fmt: skip
+    text = format_report(res)
+    http_line = next(ln for ln in text.splitlines() if ln.startswith("**HTTP**"))
+    assert "**NOT met**" in http_line and "0.80×" in http_line, http_line
+    s3_line = next(ln for ln in text.splitlines() if ln.startswith("S3 (boto3)"))
+    assert "**NOT met**" in s3_line
+    judged = {v["target"].split(" (")[1] if "reference" in v["target"] else v["target"]: v for v in verdicts(res)}
+    assert [v["met"] for v in verdicts(res)] == [False, False, False]
+    assert {round(v["ratio"], 2) for v in judged.values()} == {0.8, round(1.6 / 2.4, 2), 0.82}
+    assert "| **met** |" not in text
+
+    res["http"] = _http_section(default=1.9, best=2.0, s3_default=0.95)
+    assert [v["met"] for v in verdicts(res)] == [True, True, True]
+    assert "**NOT met**" not in format_report(res)
