@@ -150,6 +150,11 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
                 self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
             self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+            hold = getattr(self._source, "hold_transfer", None)  # remote sources adapt unless the caller chose
+            if hold is not None and (num_readers or chunk_bytes):
+                hold(
+                    ", ".join(f"{k}={v}" for k, v in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes)) if v)
+                )
             self.staging_bytes = staging_bytes or STAGING_BYTES
             self.staging_allocation = staging_allocation or staging_allocation_default()
             self.strategy = strategy
@@ -245,6 +250,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         metrics.bytes = sum(e.length for e in todo)
         metrics.tensors = len(todo)
         metrics.seconds = time.perf_counter() - t_start
+        metrics.transfer = dict(getattr(self._source, "tuning", None) or {})  # remote: what ran, and why
         self._merge_metrics(metrics)
 
     def _merge_metrics(self, m: LoadMetrics) -> None:
@@ -258,6 +264,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         self.metrics.bytes_read += m.bytes_read
         self.metrics.exchange_seconds += m.exchange_seconds
         self.metrics.stages.add(m.stages)
+        self.metrics.transfer = m.transfer or self.metrics.transfer
 
     def _finish(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None and is_floating(entry.dtype) and entry.dtype != self.dtype:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import abc
 import email.utils
 import http.client
 import math
@@ -15,13 +14,24 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .. import constants
 from ..errors import NetworkLimitError, SourceError, TruncatedFileError, UsageError
 from .base import Source
+from .tuning import Decision, Gate, Sample, Tuner
 
-__all__ = ["Budget", "Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
+__all__ = [
+    "Body",
+    "Budget",
+    "Cursor",
+    "RangedSource",
+    "RetryPolicy",
+    "TransientError",
+    "describe_error",
+    "fill",
+    "readinto1",
+]
 
 T = TypeVar("T")
 
@@ -160,6 +170,7 @@ class Cursor:
         self.views = [v for v in views if len(v)]
         self.total = sum(len(v) for v in self.views)
         self.done = 0
+        self.first_byte: float | None = None  # when the first response's body started (set by fill)
         self._index = 0
         self._pos = 0
 
@@ -189,6 +200,8 @@ def fill(cursor: Cursor, expected: int, read: Callable[[memoryview, bool], int])
     budget = cursor.budget
     got = 0
     mark, mark_got = time.monotonic(), 0
+    if cursor.first_byte is None:
+        cursor.first_byte = mark
     while got < expected:
         n = read(cursor.next_view(expected - got), got == 0)
         if not n:
@@ -220,22 +233,43 @@ def _views_of(bufs: Sequence[memoryview | bytearray], offset: int, length: int) 
     return out
 
 
+@dataclass
+class Body:
+    """An open response body from ``start`` on: ``expected`` bytes, read with ``read(view, first)`` (at most one
+    socket read; 0 at the end; raises :class:`TransientError` when it breaks) and closed with ``finish(ok)``
+    (``ok``: fully read, the connection may be reused)."""
+
+    expected: int
+    read: Callable[[memoryview, bool], int]
+    finish: Callable[[bool], None]
+
+
 # --- shared machinery ------------------------------------------------------------------------------------
 
 
 class RangedSource(Source):
-    """Bounds checks, part splitting and the resumable retry loop shared by the remote sources.
+    """Bounds checks, part splitting, the resumable retry loop and the adaptive transfer shared by the remote
+    sources.
 
-    Subclasses set ``uri`` and ``size`` and implement :meth:`_attempt`, one request for a byte range that
-    writes into a :class:`Cursor` and raises :class:`TransientError` for failures worth retrying.
+    Subclasses set ``uri`` and ``size`` and implement :meth:`_open_body` (one request for a byte range whose body
+    is then read into a :class:`Cursor`; raises :class:`TransientError` for failures worth retrying), or override
+    :meth:`_attempt` when their transport has no streaming body (then reads never switch to one stream).
+
+    How many ranged GETs are in flight, and whether reads switch to one sequential GET, adapts to the server as it
+    reads (:mod:`.tuning`); ``tuning`` says what ran and why.
 
     Args:
-        concurrency: parallel ranged requests one large read is split into; also ``preferred_concurrency``.
-        part_size: reads larger than 1.5 × this are split into parts of about this size.
+        concurrency: parallel ranged requests one large read is split into, and the most in flight at once; also
+            ``preferred_concurrency``. Given explicitly, it holds the transfer (no adaptation).
+        part_size: reads larger than 1.5 × this are split into parts of about this size. Given explicitly, it holds
+            the transfer too.
         policy: the retry policy.
     """
 
-    def __init__(self, *, concurrency: int, part_size: int, policy: RetryPolicy) -> None:
+    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy) -> None:
+        held = ", ".join(f"{k}={v}" for k, v in (("concurrency", concurrency), ("part_size", part_size)) if v)
+        concurrency = constants.REMOTE_CONCURRENCY if concurrency is None else concurrency
+        part_size = constants.REMOTE_PART_BYTES if part_size is None else part_size
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1, got {concurrency}")
         if part_size < 1:
@@ -247,6 +281,26 @@ class RangedSource(Source):
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        if not held and not constants.REMOTE_ADAPT:
+            held = "HF_TENSORIZER_REMOTE_ADAPT=0"
+        can_stream = type(self)._open_body is not RangedSource._open_body
+        self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
+        self._tune_lock = threading.Lock()
+        self._gate = Gate(self._tuner.current.concurrency)
+        self._sequential: Any = None  # a sequential.SequentialReader once reads switch to one stream
+
+    @property
+    def tuning(self) -> dict[str, object]:
+        """What the transfer does now and why: ``mode`` (``ranged``, ``stream`` or ``held``), ``concurrency``,
+        ``reason``, the aggregate ``rates`` (bytes/s) measured per concurrency (0: the stream) and the ``steps``."""
+        with self._tune_lock:
+            return self._tuner.report()
+
+    def hold_transfer(self, why: str) -> None:
+        """Stop adapting: the caller chose the transfer's shape (``why`` names it, e.g. ``"num_readers=4"``)."""
+        with self._tune_lock:
+            if self._tuner.current.mode != "stream" or not self._tuner.settled:
+                self._apply(self._tuner.hold(why))
 
     # public API -----------------------------------------------------------------------------------------
 
@@ -265,6 +319,10 @@ class RangedSource(Source):
         if self._closed:
             raise SourceError(f"{self.uri}: source is closed")
         budget = Budget(self.uri, self.policy, f"reading bytes {offset}-{offset + total - 1}")
+        seq = self._sequential
+        if seq is not None and self._tuner.current.mode == "stream":
+            seq.read(offset, views, budget)
+            return
         nparts = math.ceil(total / self.part_size)
         if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
             self._fetch(offset, views, budget)
@@ -287,6 +345,9 @@ class RangedSource(Source):
 
     def close(self) -> None:
         self._closed = True
+        seq, self._sequential = getattr(self, "_sequential", None), None
+        if seq is not None:
+            seq.close()
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
@@ -294,13 +355,28 @@ class RangedSource(Source):
 
     # subclass hook --------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         """Request bytes ``first..last`` (inclusive) and write them at the cursor.
 
         May return early (a server may send less than asked); must raise :class:`TransientError` for a
         failure worth retrying and a :class:`SourceError` for a permanent one.
         """
+        body = self._open_body(first, last, cursor.budget or Budget(self.uri, self.policy, "reading"))
+        ok = False
+        try:
+            fill(cursor, body.expected, body.read)
+            ok = True
+        finally:
+            body.finish(ok)
+
+    def _open_body(self, first: int, last: int, budget: Budget) -> Body:
+        """Send one request for bytes ``first..last`` and return its checked, unread body (see :class:`Body`).
+
+        Raises:
+            TransientError: worth a retry.
+            SourceError: a permanent failure (the object changed, access denied...).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements _attempt or _open_body")
 
     # internals ------------------------------------------------------------------------------------------
 
@@ -325,7 +401,11 @@ class RangedSource(Source):
             before = cursor.done
             attempts += 1
             try:
-                self._attempt(start + cursor.done, start + total - 1, cursor)
+                with self._gate as limit:
+                    t0 = time.monotonic()
+                    self._attempt(start + cursor.done, start + total - 1, cursor)
+                if attempts == 1 and cursor.done == total:
+                    self._record(Sample(total, t0, cursor.first_byte or t0, time.monotonic(), limit))
                 if cursor.done > before:
                     failures = 0
                     continue
@@ -341,6 +421,22 @@ class RangedSource(Source):
                     f"{attempts} attempts: {exc}"
                 ) from exc
             budget.wait(failures, exc)
+
+    def _record(self, sample: Sample) -> None:
+        with self._tune_lock:
+            decision = self._tuner.add(sample)
+            if decision is not None:
+                self._apply(decision)
+
+    def _apply(self, decision: Decision) -> None:
+        """Put a decision in force (called with the tuning lock held)."""
+        if decision.mode == "stream":
+            from .sequential import SequentialReader  # the stream uses this module's Cursor and fill
+
+            if self._sequential is None and not self._closed:
+                self._sequential = SequentialReader(self.size, self._open_body, self._fetch, self._record)
+        else:
+            self._gate.set_limit(decision.concurrency)
 
     def _retrying(self, what: str, fn: Callable[[Budget], T]) -> T:
         """Run ``fn`` (one request, no body streaming) with the retry policy, under one :class:`Budget`."""
