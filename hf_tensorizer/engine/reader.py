@@ -14,7 +14,7 @@ from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES, staging_allocat
 from ..errors import TensorizerError, UsageError
 from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
-from ..sources import Source, open_source
+from ..sources import Source, hold_transfer, open_source
 from . import pagecache
 from .decrypt import choose_transform
 from .distributed import load_replicated, split_unit
@@ -150,11 +150,7 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
                 # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
                 self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
             self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-            hold = getattr(self._source, "hold_transfer", None)  # remote sources adapt unless the caller chose
-            if hold is not None and (num_readers or chunk_bytes):
-                hold(
-                    ", ".join(f"{k}={v}" for k, v in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes)) if v)
-                )
+            hold_transfer(self._source, num_readers=num_readers, chunk_bytes=chunk_bytes)  # remote: caller's wins
             self.staging_bytes = staging_bytes or STAGING_BYTES
             self.staging_allocation = staging_allocation or staging_allocation_default()
             self.strategy = strategy
@@ -257,12 +253,8 @@ class TensorDeserializer(Mapping[str, torch.Tensor]):
         if not self.metrics.bytes and not self.metrics.tensors:
             self.metrics = m
             return
-        self.metrics.bytes += m.bytes
-        self.metrics.tensors += m.tensors
-        self.metrics.seconds += m.seconds
-        self.metrics.chunks += m.chunks
-        self.metrics.bytes_read += m.bytes_read
-        self.metrics.exchange_seconds += m.exchange_seconds
+        for name in ("bytes", "tensors", "seconds", "chunks", "bytes_read", "exchange_seconds"):
+            setattr(self.metrics, name, getattr(self.metrics, name) + getattr(m, name))
         self.metrics.stages.add(m.stages)
         self.metrics.transfer = m.transfer or self.metrics.transfer
 

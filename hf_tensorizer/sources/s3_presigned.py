@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from .. import constants
 from ..errors import ObjectChangedError, SourceError, TensorizerError
 from .http_pool import POOLS, PoolKey, origin_of, release, send
-from .ranged import Body, Budget, TransientError, describe_error, parse_retry_after, readinto1
+from .wire import Body, Budget, TransientError, describe_error, parse_retry_after, readinto1
 
 __all__ = ["Fallback", "PresignedReader", "check_range_response", "usable"]
 

@@ -18,8 +18,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from .ranged import Body, Budget, Cursor, TransientError, _views_of, fill
 from .tuning import Sample
+from .wire import Body, Budget, Cursor, TransientError, fill, views_of
 
 __all__ = ["MAX_SKIP", "WAIT_S", "SequentialReader"]
 
@@ -138,7 +138,7 @@ class SequentialReader:
         done = cursor.done
         self._pos = offset + total
         if done < total:  # a broken body, or a server that sent less: the rest through the retrying path
-            self._fetch(offset + done, _views_of(list(views), done, total - done), budget)
+            self._fetch(offset + done, views_of(list(views), done, total - done), budget)
         else:
             self._record(Sample(total, t0, first_byte, time.monotonic(), 0))
 

@@ -119,6 +119,11 @@ class Tuner:
         self._phase = "held"
         return self._move(Decision("held", self.max_concurrency, f"set by the caller ({why})"))
 
+    def force(self, mode: str, why: str) -> Decision:
+        """Settle on ``mode`` (``"ranged"`` at the full concurrency, or ``"stream"``) whatever was measured."""
+        self._phase = "settled"
+        return self._move(Decision(mode, 1 if mode == "stream" else self.max_concurrency, why))
+
     def add(self, s: Sample) -> Decision | None:
         """Count one completed request; returns the new decision when this one completes a window that moves it."""
         if self.settled or s.nbytes < MIN_SAMPLE_BYTES:
@@ -218,7 +223,8 @@ class Tuner:
 
 
 class Gate:
-    """At most ``limit`` requests in flight; the limit may change at any time (waiters see it at once).
+    """At most ``limit`` requests in flight; the limit may change at any time (waiters see it at once). Once
+    ``diverted`` (reads switched to one stream), waiters that may go elsewhere leave at once.
 
     Args:
         limit: requests admitted at the same time.
@@ -228,25 +234,37 @@ class Gate:
         self._cv = threading.Condition()
         self._limit = max(1, limit)
         self._inflight = 0
+        self.diverted = False
 
     @property
     def limit(self) -> int:
         return self._limit
 
-    def set_limit(self, limit: int) -> None:
+    def set_limit(self, limit: int, *, diverted: bool = False) -> None:
         with self._cv:
             self._limit = max(1, limit)
+            self.diverted = diverted
+            self._cv.notify_all()
+
+    def acquire(self, divertable: bool = False) -> int:
+        """Wait for a slot; returns the limit in force when it was taken, or 0 (no slot taken) when
+        ``divertable`` and the reads were diverted to the stream."""
+        with self._cv:
+            while True:
+                if divertable and self.diverted:
+                    return 0
+                if self._inflight < self._limit:
+                    self._inflight += 1
+                    return self._limit
+                self._cv.wait()
+
+    def release(self) -> None:
+        with self._cv:
+            self._inflight -= 1
             self._cv.notify_all()
 
     def __enter__(self) -> int:
-        """Wait for a slot; returns the limit in force when it was taken."""
-        with self._cv:
-            while self._inflight >= self._limit:
-                self._cv.wait()
-            self._inflight += 1
-            return self._limit
+        return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        with self._cv:
-            self._inflight -= 1
-            self._cv.notify()
+        self.release()
