@@ -62,6 +62,8 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             add(server, "ours (default) ≥ 0.9 × best of our configurations", default_ratio(sec["rows"], max(fresh)))
         if "s3_of_http" in sec:
             add("S3 on the same nginx", "ours S3 (default) ≥ 0.9 × ours HTTP (default)", sec["s3_of_http"]["default"])
+        if "s3_of_boto3" in sec:
+            add("S3 on the same nginx", "ours S3 (default) ≥ 0.9 × boto3 download_fileobj", sec["s3_of_boto3"])
     return out
 
 
@@ -91,7 +93,21 @@ def format_report(res: dict[str, Any]) -> str:
                 f"best of {s['reps']}. Server figure = best boto3 download = {s['ref_gbps']:.3f} GB/s.", "",
                 "| reader | GB/s | ÷ server figure |", "|---|---|---|"]  # fmt: skip
         out += [f"| {r['reader']} | {r['gbps']:.3f} | {r['of_ref']:.2f} |" for r in s["rows"]]
+        if s.get("memory"):
+            m = s["memory"]
+            out += ["", f"Memory of the default S3 load (fresh process, transfer {m.get('transfer') or '?'}): "
+                    f"peak RSS − before − tensors = {m['overhead'] / MiB:.1f} MiB ({m['readers']} readers × "
+                    f"{m['chunk_mib']:.0f} MiB chunks in flight at most)."]  # fmt: skip
         out.append("")
+    for key in ("gcs", "azure"):
+        if key in res:
+            g = res[key]
+            out += [f"**{SECTIONS[key]}**: {g['object_bytes'] / 1e6:.0f} MB object; best of {g['reps']} interleaved "
+                    f"rounds. Reference: {g['ref']} = {g['ref_gbps']:.3f} GB/s.", "",
+                    "| reader | GB/s | ÷ reference | transfer |", "|---|---|---|---|"]  # fmt: skip
+            out += [f"| {r['reader']} | {r['gbps']:.3f} | {r['of_ref']:.2f} | {r.get('transfer') or ''} |"
+                    for r in g["rows"]]  # fmt: skip
+            out.append("")
     if "memory" in res:
         m = res["memory"]
         out += [f"**Memory** (HTTP load to CPU, fresh process each): bounded: **{'yes' if m['bounded'] else 'NO'}**.",
@@ -118,9 +134,9 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = [k for k in ("http", "s3", "memory") if k in res]
+    panels = [k for k in ("http", "s3", "gcs", "azure", "memory") if k in res]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
-    colors = {"ref": "tab:gray", "ours": "tab:blue", "peer": "tab:orange"}
+    colors = {"ref": "tab:gray", "ref-s3": "tab:green", "ours": "tab:blue", "peer": "tab:orange"}
     for ax, key in zip([a[0] for a in axes], panels, strict=True):
         if key == "memory":
             rows = res[key]["rows"]
@@ -141,8 +157,9 @@ def plot(res: dict[str, Any], path: Path) -> bool:
                 ax.legend(fontsize=8, loc="lower right")
             ax.set_xlabel("GB/s")
         ax.invert_yaxis()
-        ax.set_title({"http": f"HTTP, {res.get('http_server', '')[:60]}", "s3": "S3 (moto server)",
-                      "memory": "memory of HTTP loads to CPU"}[key], fontsize=10)  # fmt: skip
+        titles = {**SECTIONS, "http": f"HTTP, {res.get('http_server', '')[:60]}", "s3": "S3 (moto server)",
+                  "memory": "memory of HTTP loads to CPU"}  # fmt: skip
+        ax.set_title(titles[key], fontsize=10)
     fig.suptitle(f"{res['machine']}, {res['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
