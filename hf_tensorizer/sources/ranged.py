@@ -15,7 +15,7 @@ from typing import TypeVar
 from .. import constants
 from ..errors import SourceError, TruncatedFileError, UsageError
 from .base import Source
-from .sequential import SequentialReader
+from .sequential import WAIT_S, SequentialReader
 from .tuning import Decision, Gate, Sample, Tuner
 from .wire import (
     Body,
@@ -89,7 +89,8 @@ class RangedSource(Source):
         self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
         self._tune_lock = threading.Lock()
         self._gate = Gate(self._tuner.current.concurrency)
-        self._sequential: SequentialReader | None = None  # once reads switch to one stream
+        self._sequential: SequentialReader | None = None
+        self._ranged: dict[int, int] = {}  # reads sent as ranged GETs while probing (start -> end)
 
     @property
     def tuning(self) -> dict[str, object]:
@@ -127,7 +128,9 @@ class RangedSource(Source):
             return
         nparts = math.ceil(total / self.part_size)
         if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
-            if not self._fetch(offset, views, budget, divertable=True):  # reads switched to one stream meanwhile
+            if not self._fetch(
+                offset, views, budget, divertable=True
+            ):  # the reads switched to one stream while this one waited for its turn
                 seq = self._sequential
                 if seq is None:
                     raise SourceError(f"{self.uri}: source closed during a read")
@@ -213,6 +216,9 @@ class RangedSource(Source):
                 limit = self._gate.acquire(divertable and attempts == 1)
                 if not limit:
                     return False
+                if divertable and attempts == 1 and not self._tuner.settled:  # a stream chosen later skips it
+                    with self._tune_lock:
+                        self._ranged[start] = start + total
                 try:
                     t0 = time.monotonic()
                     self._attempt(start + cursor.done, start + total - 1, cursor)
@@ -252,7 +258,11 @@ class RangedSource(Source):
         """Put a decision in force (called with the tuning lock held)."""
         if decision.mode == "stream":
             if self._sequential is None and not self._closed:
-                self._sequential = SequentialReader(self.size, self._open_body, self._fetch, self._record)
+                wait = min(2.0, max(WAIT_S, self._tuner.ttfb))  # waiting for a late read beats its own GET
+                self._sequential = SequentialReader(self.size, self._open_body, self._fetch, self._record, wait)
+                for start, end in self._ranged.items():  # read, or being read, by ranged GETs: not waited for
+                    self._sequential.served(start, end)
+                self._ranged.clear()
                 self._gate.set_limit(self._gate.limit, diverted=True)  # reads waiting for a slot go to the stream
         else:
             self._gate.set_limit(decision.concurrency)

@@ -4,7 +4,8 @@ are slow (see :mod:`.tuning`).
 The engine's reader threads take chunks in file order and call ``read_into_many`` concurrently. Here the call for
 the bytes where the open body stands goes next and receives them straight into its buffers; the others wait their
 turn. A read that arrives behind the stream (a chunk whose thread was late and was skipped) is read with its own
-ranged GET; a read ahead of it waits :data:`WAIT_S` for the reads before it to arrive, then skips the gap (up to
+ranged GET; a read ahead of it waits for the reads before it to arrive (``wait_s``: at least :data:`WAIT_S`, up to
+what a ranged GET took to answer in the probe, which is what the late read would pay), then skips the gap (up to
 :data:`MAX_SKIP` bytes, read and dropped) or opens a new body at its own offset. A body that breaks mid-read is
 closed and the rest of that read goes through the normal retrying path (resuming at the exact byte); the next read
 opens a new body. Every body is checked against the pinned object like a ranged response (validators, size,
@@ -25,6 +26,7 @@ __all__ = ["MAX_SKIP", "WAIT_S", "SequentialReader"]
 
 WAIT_S = 0.05  # how long the stream waits for the read at its position before serving one further ahead
 MAX_SKIP = 32 << 20  # a gap up to this is read and dropped; a larger one opens a new body
+NEAR = 64 << 10  # a read this close after the stream's position is the next one (chunks skip tensor padding)
 
 
 Opener = Callable[[int, int, Budget], Body]  # (first, last, budget) -> an open body of bytes first..last
@@ -39,16 +41,22 @@ class SequentialReader:
         open_body: opens a body of bytes ``first..last`` (validated against the pinned object).
         fetch: the source's own ranged, retrying read, for reads behind the stream and after a broken body.
         record: receives one :class:`Sample` per read served from the stream.
+        wait_s: how long the stream waits for the read at its position (and, at the start, for the reads of the
+            first chunks to gather) before serving one further ahead.
     """
 
-    def __init__(self, size: int, open_body: Opener, fetch: Fetch, record: Callable[[Sample], None]) -> None:
+    def __init__(self, size: int, open_body: Opener, fetch: Fetch, record: Callable[[Sample], None],
+                 wait_s: float = WAIT_S) -> None:  # fmt: skip
         self.size = size
+        self.wait_s = wait_s
         self._open_body, self._fetch, self._record = open_body, fetch, record
         self._cv = threading.Condition()
         self._busy = False
-        self._pos: int | None = None  # where the next read from the stream starts (the body's position if open)
+        self._pos: int | None = None  # where the next read in file order starts
         self._body: Body | None = None
+        self._body_pos = 0  # where the open body stands
         self._end = 0  # one past the open body's last byte
+        self._served: dict[int, int] = {}  # reads the ranged path serves or served (start -> end): not waited for
         self._idle_since = time.monotonic()
         self._pending: Counter[int] = Counter()
         self._scratch = memoryview(bytearray(1 << 20))
@@ -62,17 +70,19 @@ class SequentialReader:
             try:
                 while not self._closed:
                     if not self._busy:
+                        while self._pos in self._served:  # read by ranged GETs: nobody comes for it here
+                            self._pos = self._served.pop(self._pos)
                         pos = self._pos
                         if pos == offset:
                             break
                         if pos is not None and offset < pos:
                             behind = True
                             break
-                        if min(self._pending) == offset and (
-                            pos is None or time.monotonic() - self._idle_since >= WAIT_S
-                        ):
+                        if pos is not None and offset - pos <= NEAR and min(self._pending) == offset:
+                            break  # the next read after the alignment padding between two chunks
+                        if min(self._pending) == offset and time.monotonic() - self._idle_since >= self.wait_s:
                             break  # no earlier read is waiting and the one at the stream's position is late
-                    self._cv.wait(WAIT_S)
+                    self._cv.wait(min(WAIT_S, self.wait_s))
             finally:
                 self._pending[offset] -= 1
                 if not self._pending[offset]:
@@ -90,6 +100,12 @@ class SequentialReader:
                 self._busy = False
                 self._idle_since = time.monotonic()
                 self._cv.notify_all()
+
+    def served(self, start: int, end: int) -> None:
+        """Bytes ``start..end-1`` are (being) read by ranged GETs: the stream does not wait for a read there."""
+        with self._cv:
+            self._served[start] = end
+            self._cv.notify_all()
 
     def close(self) -> None:
         """Close the open body (its connection is dropped: the body was not read to its end)."""
@@ -113,21 +129,20 @@ class SequentialReader:
         t0 = time.monotonic()
         first_byte = t0
         try:
-            if self._body is not None and self._pos is not None and offset != self._pos:
-                gap = offset - self._pos
-                if 0 < gap <= MAX_SKIP and gap <= self._end - self._pos:
+            if self._body is not None and offset != self._body_pos:
+                gap = offset - self._body_pos
+                if 0 < gap <= MAX_SKIP and offset < self._end:
                     self._skip(gap, budget)
                 else:
                     self._drop_body()
             if self._body is None:
                 self._body = self._open_body(offset, self.size - 1, budget)
-                self._end = offset + self._body.expected
+                self._body_pos, self._end = offset, offset + self._body.expected
                 first_byte = time.monotonic()
-            self._pos = offset
             n = min(total, self._end - offset)
             fill(cursor, n, self._body.read)
-            self._pos = offset + n
-            if self._pos >= self._end:
+            self._body_pos = offset + n
+            if self._body_pos >= self._end:
                 self._drop_body(ok=True)
         except TransientError:
             self._drop_body()
@@ -148,5 +163,4 @@ class SequentialReader:
             n = min(gap, len(self._scratch))
             fill(Cursor([self._scratch[:n]], budget), n, self._body.read)
             gap -= n
-            assert self._pos is not None
-            self._pos += n
+            self._body_pos += n

@@ -6,7 +6,7 @@ Servers differ in what they reward. nginx on loopback: 4 ranged GETs in flight b
 ranged GET by copying the whole object first: there 8 MiB ranges run 20× slower than one sequential GET. No fixed
 default fits all three, so a load starts with a few ranged GETs in flight, times them, and moves:
 
-1. **probe**: the first window of reads (``2 × concurrency``, at least 6, each ≥ 1 MiB) at :data:`START` in flight.
+1. **probe**: the first wave of reads (one per request in flight, at least 4, each ≥ 1 MiB) at :data:`START` in flight.
    Each request gives its time to the first byte (``ttfb``) and its body rate (bytes ÷ time after the first byte);
    the window gives the aggregate rate (bytes ÷ its wall time).
 2. **one stream** when ranges are slow: requests spend most of their time before the first byte
@@ -98,6 +98,7 @@ class Tuner:
         self.can_stream = can_stream
         self.rates: dict[int, float] = {}  # aggregate bytes/s of a window, per concurrency tried
         self._window: list[Sample] = []
+        self.ttfb = 0.0  # median time to the first byte of a ranged GET in the probe: what a late read would pay
         self._phase = "held" if held else "probe"
         if held:
             first = Decision("held", self.max_concurrency, f"set by the caller ({held})")
@@ -132,7 +133,14 @@ class Tuner:
         if s.limit != (0 if cur.mode == "stream" else cur.concurrency):
             return None  # sent under an earlier decision
         self._window.append(s)
-        need = 6 if cur.mode == "stream" else max(6, 2 * cur.concurrency)
+        # the probe decides on one wave (a server that punishes ranges makes every one of them costly)
+        need = (
+            6
+            if cur.mode == "stream"
+            else max(4, cur.concurrency)
+            if self._phase == "probe"
+            else max(6, 2 * cur.concurrency)
+        )
         if len(self._window) < need:
             return None
         window, self._window = self._window, []
@@ -162,7 +170,7 @@ class Tuner:
             self._phase = "grow"
             fixed = statistics.median((s.first_byte - s.start) / max(s.end - s.start, 1e-9) for s in window)
             body = statistics.median(s.nbytes / max(s.end - s.first_byte, 1e-9) for s in window)
-            ttfb = statistics.median(s.first_byte - s.start for s in window)
+            ttfb = self.ttfb = statistics.median(s.first_byte - s.start for s in window)
             if self.can_stream and fixed >= FIXED_SHARE and body >= STREAM_GAIN * rate:
                 self._phase = "stream"
                 return self._move(
