@@ -8,6 +8,7 @@ with the default and each sweep configuration, interleaved over ``reps`` rounds,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ CONTAINER = "bench"
 
 def bench_store(base: Path, kind: str, *, sweep: Sequence[str], reps: int, log: Log) -> dict[str, Any]:
     """``kind`` ``"gcs"`` or ``"azure"``: upload ``base/s3/model.tensors``, time the store's clients and ours."""
+    # gcsfs probes each bucket's type over gRPC at first use (a 60 s timeout against the emulator, which has no
+    # gRPC API); read at its import, here and in every child process (they inherit the environment)
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import fsspec
 
     d = base / "s3"
