@@ -49,6 +49,7 @@ ENCRYPTED_BLOCK_SIZE = 4 * MiB  # measured best for encrypted loads (docs/securi
 # Remote transports (HTTP, S3, Hub) -------------------------------------------------------------------
 REMOTE_CONCURRENCY = _env_int("HF_TENSORIZER_REMOTE_CONCURRENCY", 16)  # keep-alive connections per remote source
 REMOTE_PART_BYTES = _env_int("HF_TENSORIZER_REMOTE_PART_BYTES", 16 * MiB)  # larger reads split into ranged GETs
+REMOTE_ADAPT = _env_int("HF_TENSORIZER_REMOTE_ADAPT", 1) != 0  # remote reads adapt to the server (sources/tuning.py)
 REMOTE_RETRIES = _env_int("HF_TENSORIZER_REMOTE_RETRIES", 8)  # consecutive failed attempts before giving up
 REMOTE_TIMEOUT_S = _env_int("HF_TENSORIZER_REMOTE_TIMEOUT", 60)  # connect and per-socket-read timeout
 # Bounded time (docs/remote.md, "Timeouts and deadlines"): one open or one read call, retries and waits included,

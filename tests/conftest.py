@@ -8,6 +8,8 @@
 * ``hub_server`` — :mod:`servers.hub`, a local Hub with ``HF_ENDPOINT`` pointed at it.
 * ``gcs_emulator`` — :mod:`servers.gcs`, ``gcp-storage-emulator`` in a subprocess (one per session); skipped when
   it or gcsfs is not installed. ``gcs_bucket`` is a fresh bucket on it and the ``storage_options`` that reach it.
+* ``azurite`` — :mod:`servers.azurite`, Azurite's blob service from npm (one per session, installed by
+  scripts/azurite.sh); skipped only without node/npm or adlfs. ``azure_container``: a fresh container and options.
 
 Nothing here reaches beyond 127.0.0.1: the defaults below send stray Hub or instance-metadata calls nowhere.
 """
@@ -223,6 +225,36 @@ def gcs_emulator() -> Iterator[str]:
     emulator = GCSEmulator()
     yield emulator.endpoint
     emulator.stop()
+
+
+# --- Azure Blob Storage (Azurite from npm, through adlfs) -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Any]:
+    """Azurite's blob service shared by the session (installed once by scripts/azurite.sh); skipped only when
+    node/npm or adlfs is missing."""
+    pytest.importorskip("adlfs")
+    from servers.azurite import Azurite, install
+
+    try:
+        command = install()
+    except FileNotFoundError as exc:
+        pytest.skip(f"Azurite: {exc}")
+    emulator = Azurite(command)
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def azure_container(azurite: Any) -> tuple[str, dict[str, Any]]:
+    """``(container, storage_options)``: a fresh container on Azurite, and the adlfs options that reach it."""
+    import fsspec
+
+    options = {"connection_string": azurite.connection_string}
+    container = f"container-{os.getpid()}-{next(_gcs_buckets)}"
+    fsspec.filesystem("az", **options).mkdir(container)
+    return container, options
 
 
 _gcs_buckets = itertools.count()

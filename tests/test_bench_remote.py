@@ -26,7 +26,7 @@ TINY = {"http": (1, 64, 512), "s3": (1, 64, 256), "mem2": (2, 64, 512)}
 def _args(tmp: Path, out: str, **kw: object) -> argparse.Namespace:
     opts = dict(dir=str(tmp / "ckpt"), out=str(tmp / out), only="http,s3,memory", server="stdlib", quick=True,
                 rounds=1, curl="1,2", sweep="default", sweep_reps=1, s3_sweep="default", s3_reps=1,
-                argv=["--quick"])  # fmt: skip
+                store_sweep="default,c4", argv=["--quick"])  # fmt: skip
     opts.update(kw)
     return argparse.Namespace(**opts)
 
@@ -106,6 +106,20 @@ def test_nginx_serves_an_anonymous_path_style_bucket(tmp_path: Path) -> None:
             src.close()
 
 
+def test_gcs_and_azure_sections(tiny: Path, monkeypatch: pytest.MonkeyPatch, azurite: object) -> None:
+    """The GCS emulator and Azurite sections: the stores' own clients and ours, every load checked, judged."""
+    pytest.importorskip("gcp_storage_emulator")
+    monkeypatch.setattr(remote, "QUICK_SIZES", TINY)
+    res = remote.run(_args(tiny, "stores", only="gcs,azure"), log=lambda m: None)
+    for key, client in (("gcs", "gcsfs cat_file (one GET)"), ("azure", "adlfs cat_file")):
+        readers = {r["reader"]: r for r in res[key]["rows"]}
+        assert {client, "ours (default)", "ours (c4)"} <= set(readers), readers
+        assert all(r["gbps"] > 0 for r in readers.values())
+    table = (tiny / "stores" / "table.md").read_text()
+    assert "**GCS (emulator)**" in table and "**Azure Blob (Azurite)**" in table
+    assert table.count("| Azure Blob (Azurite) |") == 2  # judged against the best client and the best config
+
+
 def test_wrong_tensors_are_reported(tiny: Path) -> None:
     """A load that does not match the checkpoint's recorded sums fails the benchmark instead of being timed."""
     d = tiny / "ckpt" / "http"
@@ -126,3 +140,40 @@ def test_missing_nginx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(remote.os.path, "exists", lambda p: False)
     with pytest.raises(FileNotFoundError, match="stdlib"), remote.http_server(tmp_path, "nginx"):
         pass
+
+
+def _http_section(default: float, best: float, s3_default: float) -> dict[str, object]:
+    """An HTTP result as bench_http makes it: the reference 2.0 GB/s, the default and a better sweep config."""
+    rows = [
+        {"reader": "curl --range ×8 → tmpfs", "gbps": 2.0, "kind": "ref"},
+        {"reader": "ours (default)", "config": "default", "gbps": default, "kind": "ours"},
+        {"reader": "ours (c4)", "config": "c4", "gbps": best, "kind": "ours"},
+        {"reader": "ours (default), transport only", "gbps": 3.0, "kind": "ours"},
+    ]
+    for r in rows:
+        r["of_ref"] = r["gbps"] / 2.0
+    return {"file_bytes": 10**9, "tensors": 12, "rounds": 3, "ref": "curl --range ×8 → tmpfs", "ref_gbps": 2.0,
+            "rows": rows, "sweep": {}, "transport_of_ref": 1.5, "default_of_ref": default / 2.0,
+            "target_met": True,  # a stale flag (old results judged the best config): the report must not trust it
+            "s3_of_http": {"default": s3_default, "c4": 1.0}}  # fmt: skip
+
+
+def test_report_judges_the_default_not_the_best_config() -> None:
+    """The issue-28 report: default 0.80× the reference, c4 1.2×; the line said "met". It must say NOT met."""
+    from hf_tensorizer.bench.remote_report import format_report, verdicts
+
+    res = {"machine": "m", "date": "d", "command": "c", "http_server": "nginx/1.22 (x)",
+           "http": _http_section(default=1.6, best=2.4, s3_default=0.82)}  # fmt: skip
+    text = format_report(res)
+    http_line = next(ln for ln in text.splitlines() if ln.startswith("**HTTP**"))
+    assert "**NOT met**" in http_line and "0.80×" in http_line, http_line
+    s3_line = next(ln for ln in text.splitlines() if ln.startswith("S3 (boto3)"))
+    assert "**NOT met**" in s3_line
+    judged = {v["target"].split(" (")[1] if "reference" in v["target"] else v["target"]: v for v in verdicts(res)}
+    assert [v["met"] for v in verdicts(res)] == [False, False, False]
+    assert {round(v["ratio"], 2) for v in judged.values()} == {0.8, round(1.6 / 2.4, 2), 0.82}
+    assert "| **met** |" not in text
+
+    res["http"] = _http_section(default=1.9, best=2.0, s3_default=0.95)
+    assert [v["met"] for v in verdicts(res)] == [True, True, True]
+    assert "**NOT met**" not in format_report(res)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from source_contract import REMOTE_OPTIONS, SourceContract, Transport
+from source_contract import REMOTE_OPTIONS, SourceContract, Transport, payload
 
 from hf_tensorizer import constants
+from hf_tensorizer.errors import ObjectChangedError
 from hf_tensorizer.sources import Source, open_source
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,6 +106,42 @@ class TestHTTPSourceContract(SourceContract):
         return HTTPTransport(http_server)
 
 
+def _streaming(source: Source) -> Source:
+    """``source`` reading every range from one sequential GET (what ranged reads switch to on a server where ranges
+    are slow, see sources/tuning.py), whatever it measured."""
+    source._force("stream", "the contract tests the stream")  # type: ignore[attr-defined]
+    return source
+
+
+class StreamingContract(SourceContract):
+    """The same contract with reads served from one open-ended GET: in order, behind it, ahead of it."""
+
+    def test_replaced_object_is_detected_or_pinned(self, transport: Transport, data: bytes) -> None:
+        # the open body keeps serving the version it started on, a new request fails the pin: never a mix
+        uri = transport.put(data)
+        with transport.open(uri) as src:
+            assert src.read(0, 100) == data[:100]
+            transport.replace(uri, payload(len(data), seed=1))
+            for offset, length in ((100, 1000), (0, 50), (5000, len(data) - 5000)):
+                try:
+                    assert src.read(offset, length) == data[offset : offset + length]
+                except ObjectChangedError:
+                    pass
+
+
+class StreamingHTTPTransport(HTTPTransport):
+    def open(self, uri: str) -> Source:
+        return _streaming(super().open(uri))
+
+
+class TestHTTPStreamSourceContract(StreamingContract):
+    on_replace = "changed"
+
+    @pytest.fixture
+    def transport(self, http_server: Any) -> Transport:
+        return StreamingHTTPTransport(http_server)
+
+
 # --- S3 ------------------------------------------------------------------------------------------------------
 
 
@@ -150,6 +187,19 @@ class TestS3Boto3SourceContract(TestS3SourceContract):
     def transport(self, moto_s3: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Transport:
         monkeypatch.setattr(constants, "S3_PRESIGNED", False)
         return S3Transport(moto_s3, s3_client, s3_bucket, "boto3")
+
+
+class StreamingS3Transport(S3Transport):
+    def open(self, uri: str) -> Source:
+        return _streaming(super().open(uri))
+
+
+class TestS3StreamSourceContract(StreamingContract):
+    on_replace = "changed"
+
+    @pytest.fixture
+    def transport(self, moto_s3: str, s3_client: Any, s3_bucket: str) -> Transport:
+        return StreamingS3Transport(moto_s3, s3_client, s3_bucket)
 
 
 # --- Hub -----------------------------------------------------------------------------------------------------
@@ -228,6 +278,15 @@ class TestMemoryFsspecSourceContract(SourceContract):
         yield transport
         if transport.fs.exists(root):
             transport.fs.rm(root, recursive=True)
+
+
+class TestAzureSourceContract(SourceContract):
+    on_replace = "changed"  # Azurite keeps no versions: the ETag pin fails
+
+    @pytest.fixture
+    def transport(self, azure_container: tuple[str, dict[str, Any]]) -> Transport:
+        container, options = azure_container
+        return FsspecTransport(f"az://{container}/dir", options)
 
 
 class TestGCSSourceContract(SourceContract):

@@ -393,13 +393,13 @@ def test_https_with_custom_ca_bundle(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=6), data=st.data())
 def test_views_of_and_cursor_cover_exactly_the_range(sizes, data):
-    from hf_tensorizer.sources.ranged import Cursor, _views_of
+    from hf_tensorizer.sources.wire import Cursor, views_of
 
     total = sum(sizes)
     start = data.draw(st.integers(0, total))
     length = data.draw(st.integers(0, total - start))
     bufs = [bytearray(n) for n in sizes]
-    views = _views_of([memoryview(b) for b in bufs], start, length)
+    views = views_of([memoryview(b) for b in bufs], start, length)
     assert sum(len(v) for v in views) == length
     # write a pattern through a cursor in random steps, as a transport would
     cursor = Cursor(views)

@@ -91,7 +91,9 @@ def _load(kind: str, uri: str, opts: dict[str, Any]) -> tuple[dict[str, Any], di
         from hf_tensorizer import TensorDeserializer
 
         with TensorDeserializer(uri, device="cpu", **opts) as d:
-            return dict(d), {"readers": d.num_readers, "chunk_mib": d.chunk_bytes / MiB}
+            t = d.metrics.transfer
+            shape = f"{t['mode']} ×{t['concurrency']}" if t else ""  # what the adaptive transfer settled on
+            return dict(d), {"readers": d.num_readers, "chunk_mib": d.chunk_bytes / MiB, "transfer": shape}
     if kind in ("hft-staged", "hft-prefaulted"):
         return _load_pipeline(uri, opts, staged=kind == "hft-staged")
     import tensorizer
@@ -177,6 +179,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ``config``, peak RSS with ``mem``) checked against the checkpoint, or ``s3dl`` (the boto3 downloads)."""
     if job["kind"] == "s3dl":
         return _s3_downloads(job)
+    if job["kind"] in ("gcsdl", "azdl"):
+        return _store_downloads(job)
     from .checkpoint import verify
 
     meta = read_meta(Path(job["dir"]))
@@ -235,6 +239,33 @@ class _Discard:
         return self.n
 
 
+class _Into:
+    """A seekable writable stream over one preallocated buffer (what the Azure SDK's parallel readinto needs)."""
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytearray(size))
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else len(self.view) + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, b: bytes) -> int:
+        n = len(b)
+        self.view[self.pos : self.pos + n] = b
+        self.pos += n
+        return n
+
+
 def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
     """boto3 reads of one object: ``download_fileobj`` into a BytesIO and into a discarding sink (s3transfer
     defaults: 8 MiB parts, 10 threads), and one plain ``get_object`` streamed into a discarding sink."""
@@ -257,6 +288,8 @@ def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
         "boto3 download_fileobj → discard": lambda: client.download_fileobj(bucket, key, _Discard()),
         "boto3 get_object (one stream) → discard": get_object,
     }
+    if job.get("only"):
+        methods = {k: v for k, v in methods.items() if k in job["only"]}
     out: dict[str, Any] = {}
     for _ in range(job.get("reps", 1)):
         for name, fn in methods.items():
@@ -267,6 +300,50 @@ def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
         row["best_s"] = min(row["runs"])
         row["gbps"] = gbps(job["size"], row["best_s"])
     out["client_s"] = round(client_s, 4)
+    return out
+
+
+def _store_downloads(job: dict[str, Any]) -> dict[str, Any]:
+    """The store's own clients reading one object into fresh memory, each timed with its client made inside the
+    timer (as our loads make theirs): GCS through gcsfs (``cat_file``: one GET; ``cat_ranges``: 8 MiB ranges on
+    fsspec's event loop), Azure through adlfs (``cat_file``) and the Azure SDK (``download_blob(max_concurrency=8)
+    .readinto``)."""
+    import fsspec
+
+    size, path, opts = job["size"], job["path"], job["storage_options"]
+    ranges = [(a, min(size, a + 8 * MiB)) for a in range(0, size, 8 * MiB)]
+
+    def fs() -> Any:
+        return fsspec.filesystem("gs" if job["kind"] == "gcsdl" else "az", skip_instance_cache=True, **opts)
+
+    methods: dict[str, Any] = {}
+    if job["kind"] == "gcsdl":
+        methods["gcsfs cat_file (one GET)"] = lambda: fs().cat_file(path)
+        methods["gcsfs cat_ranges (8 MiB ranges)"] = lambda: fs().cat_ranges([path] * len(ranges),
+                                                                             *map(list, zip(*ranges)))  # fmt: skip
+    else:
+        from azure.storage.blob import BlobClient
+
+        container, _, blob = path.partition("/")
+
+        def sdk() -> None:
+            client = BlobClient.from_connection_string(opts["connection_string"], container, blob)
+            client.download_blob(max_concurrency=8).readinto(_Into(size))
+
+        methods["adlfs cat_file"] = lambda: fs().cat_file(path)
+        methods["azure-storage-blob download_blob ×8 → bytearray"] = sdk
+    out: dict[str, Any] = {}
+    for _ in range(job.get("reps", 1)):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            data = fn()
+            out.setdefault(name, {"runs": []})["runs"].append(round(time.perf_counter() - t0, 4))
+            got = len(data) if isinstance(data, bytes) else sum(map(len, data)) if isinstance(data, list) else size
+            if got != size:
+                raise RuntimeError(f"{name} returned the wrong number of bytes")
+    for row in out.values():
+        row["best_s"] = min(row["runs"])
+        row["gbps"] = gbps(size, row["best_s"])
     return out
 
 

@@ -180,3 +180,44 @@ def curl_parallel(url: str, size: int, n: int, dest: str | None = None) -> float
     if any(codes):
         raise RuntimeError(f"curl failed with exit codes {codes}")
     return seconds
+
+
+@contextmanager
+def gcs_server() -> Iterator[str]:
+    """``gcp-storage-emulator`` (PyPI) in memory on 127.0.0.1; yields its endpoint URL (gcsfs ``endpoint_url``)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    argv = [sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1", "--port", str(port),
+            "--in-memory", "-q"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        _wait_port(port, proc, "gcp-storage-emulator", timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's fixed, documented development key (not a secret: it only opens the local emulator)
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@contextmanager
+def azurite_server() -> Iterator[str]:
+    """Azurite's blob service (npm, installed once by scripts/azurite.sh) on 127.0.0.1 with its data in a temporary
+    folder; yields the adlfs/azure-storage-blob connection string."""
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "azurite.sh")], capture_output=True, text=True, timeout=900)
+    if run.returncode != 0:
+        raise RuntimeError(f"scripts/azurite.sh failed: {run.stderr.strip()[-300:]}")
+    command = run.stdout.strip().splitlines()[-1]
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="hft-azurite-") as tmp:
+        argv = [command, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", tmp, "--silent",
+                "--skipApiVersionCheck", "--loose"]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(port, proc, "azurite-blob", timeout=60)
+            yield (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                   f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")  # fmt: skip
+        finally:
+            _stop(proc)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -62,6 +63,7 @@ class LoadMetrics:
     exchange_seconds: float = 0.0  # replicated loads: waiting for and exchanging with the other ranks
     resident: float | None = None  # sampled share of a local file in the page cache at the start (None: not probed)
     stages: StageTimes = field(default_factory=StageTimes)
+    transfer: dict[str, Any] = field(default_factory=dict)  # remote sources: mode, concurrency, reason (tuning.py)
 
     @property
     def gbps(self) -> float:
@@ -80,6 +82,8 @@ class LoadMetrics:
         }  # fmt: skip
         if self.resident is not None:
             out["resident"] = round(self.resident, 3)
+        if self.transfer:
+            out.update({f"transfer_{k}": self.transfer[k] for k in ("mode", "concurrency", "reason")})
         for stage in (f.name for f in fields(self.stages)):
             busy = getattr(self.stages, stage)
             out[f"{stage}_busy_s"] = round(busy, 6)

@@ -14,7 +14,7 @@ from ..constants import CHUNK_BYTES, NUM_READERS, STAGING_BYTES, staging_allocat
 from ..errors import TensorizerError, UsageError
 from ..format.dtypes import is_floating
 from ..format.index import FileIndex, TensorEntry, TensorKind
-from ..sources import Source, open_source
+from ..sources import Source, hold_transfer, open_source
 from . import pagecache, progress
 from .decrypt import choose_transform
 from .distributed import begin_replicas, handshake, identity, load_replicated, split_unit
@@ -153,6 +153,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
                 # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
                 self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
             self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+            hold_transfer(self._source, num_readers=num_readers, chunk_bytes=chunk_bytes)  # remote: caller's wins
             self.staging_bytes = staging_bytes or STAGING_BYTES
             self.staging_allocation = staging_allocation or staging_allocation_default()
             self.strategy = strategy
@@ -254,19 +255,17 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         metrics.bytes = sum(e.length for e in todo)
         metrics.tensors = len(todo)
         metrics.seconds = time.perf_counter() - t_start
+        metrics.transfer = dict(getattr(self._source, "tuning", None) or {})  # remote: what ran, and why
         self._merge_metrics(metrics)
 
     def _merge_metrics(self, m: LoadMetrics) -> None:
         if not self.metrics.bytes and not self.metrics.tensors:
             self.metrics = m
             return
-        self.metrics.bytes += m.bytes
-        self.metrics.tensors += m.tensors
-        self.metrics.seconds += m.seconds
-        self.metrics.chunks += m.chunks
-        self.metrics.bytes_read += m.bytes_read
-        self.metrics.exchange_seconds += m.exchange_seconds
+        for name in ("bytes", "tensors", "seconds", "chunks", "bytes_read", "exchange_seconds"):
+            setattr(self.metrics, name, getattr(self.metrics, name) + getattr(m, name))
         self.metrics.stages.add(m.stages)
+        self.metrics.transfer = m.transfer or self.metrics.transfer
 
     def _finish(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None and is_floating(entry.dtype) and entry.dtype != self.dtype:

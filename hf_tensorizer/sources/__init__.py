@@ -33,6 +33,7 @@ __all__ = [
     "FileSource",
     "Sink",
     "Source",
+    "hold_transfer",
     "is_remote",
     "join",
     "local_path",
@@ -62,6 +63,20 @@ def shared_transport(uri: str | os.PathLike[str], options: dict[str, Any]) -> It
         yield {**options, "client": client}
     finally:
         client.close()
+
+
+def hold_transfer(source: Source, **given: int | None) -> None:
+    """Stop ``source`` adapting its transfer (remote sources, see ``sources.tuning``) when the caller set any of
+    ``given`` (e.g. ``num_readers=4``): explicit settings win. Other sources: nothing.
+
+    Args:
+        source: any source.
+        **given: the caller's transfer settings, None where not set.
+    """
+    hold = getattr(source, "hold_transfer", None)
+    why = ", ".join(f"{k}={v}" for k, v in given.items() if v)
+    if hold is not None and why:
+        hold(why)
 
 
 def open_source(uri: str | os.PathLike[str] | Source | IO[bytes], **options: Any) -> Source:

@@ -81,7 +81,8 @@ class FsspecSource(RangedSource):
         uri: ``protocol://path`` (``gs://bucket/key``, ``memory://dir/file``, ``simplecache::gs://...``).
         storage_options: the filesystem's options (credentials, endpoint, project...), as for ``fsspec.open``.
         filesystem: a ready ``fsspec.AbstractFileSystem`` to use instead of building one from the URI.
-        concurrency: parallel range requests one large read is split into.
+        concurrency: parallel range requests one large read is split into, and the most in flight (default 16;
+            the load adapts within it: fsspec reads return whole ranges, so it never switches to one stream).
         part_size: reads larger than 1.5 × this are split into parts.
         retries, backoff, max_backoff: the retry policy for failures the filesystem did not retry itself.
         verify_version: check after every read that the object is still the version opened.
@@ -97,8 +98,8 @@ class FsspecSource(RangedSource):
         *,
         storage_options: Mapping[str, Any] | None = None,
         filesystem: Any = None,
-        concurrency: int = constants.REMOTE_CONCURRENCY,
-        part_size: int = constants.REMOTE_PART_BYTES,
+        concurrency: int | None = None,
+        part_size: int | None = None,
         retries: int = constants.REMOTE_RETRIES,
         backoff: float = 0.25,
         max_backoff: float = 10.0,

@@ -40,13 +40,12 @@ from ..errors import (
 )
 from .http_pool import POOLS, ConnectionPool, Origin, PoolKey, origin_of, release, send
 from .ranged import (
+    Body,
     Budget,
-    Cursor,
     RangedSource,
     RetryPolicy,
     TransientError,
     describe_error,
-    fill,
     parse_retry_after,
     readinto1,
 )
@@ -88,8 +87,9 @@ class HTTPSource(RangedSource):
         min_rate: bytes per second a response body must keep up over ``rate_window`` seconds; 0: no minimum.
         rate_window: seconds over which ``min_rate`` is measured.
         connect_retries: quick retries of a refused connection (a restarting server) before failing.
-        concurrency: connections kept alive, and ranged GETs one large read is split into.
-        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs.
+        concurrency: connections kept alive, and the most ranged GETs in flight (default 16; the load adapts
+            within it, see docs/remote.md "Adaptive transfers"); given, it holds the transfer as set.
+        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs (default 16 MiB).
         max_redirects: redirects followed per request.
         name: what messages call the object (defaults to the URL without user info and query).
 
@@ -116,8 +116,8 @@ class HTTPSource(RangedSource):
         min_rate: float = constants.REMOTE_MIN_RATE,
         rate_window: float = constants.REMOTE_RATE_WINDOW_S,
         connect_retries: int = constants.REMOTE_CONNECT_RETRIES,
-        concurrency: int = constants.REMOTE_CONCURRENCY,
-        part_size: int = constants.REMOTE_PART_BYTES,
+        concurrency: int | None = None,
+        part_size: int | None = None,
         max_redirects: int = 10,
         name: str | None = None,
     ) -> None:
@@ -372,15 +372,14 @@ class HTTPSource(RangedSource):
 
     # --- data --------------------------------------------------------------------------------------------
 
-    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
+    def _open_body(self, first: int, last: int, budget: Budget) -> Body:
         extra = {"Range": f"bytes={first}-{last}"}
         if self.etag is not None:
             if not self.etag.startswith("W/"):  # If-Match uses strong comparison: a weak tag would never match
                 extra["If-Match"] = self.etag
         elif self.last_modified is not None:
             extra["If-Unmodified-Since"] = self.last_modified
-        r = self._request("GET", extra, cursor.budget or Budget(self.uri, self.policy, "reading"))
-        reuse = False
+        r = self._request("GET", extra, budget)
         try:
             resp = r.resp
             if resp.status in (200, 206):
@@ -410,14 +409,19 @@ class HTTPSource(RangedSource):
             else:
                 self._raise_for_status(r, "GET")
                 raise AssertionError("unreachable")
-            fill(cursor, expected, lambda view, first: readinto1(resp, view, first))
-            reuse = True
-        except TensorizerError:
+        except BaseException as exc:
+            self._finish(r, reuse=False)
+            if isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(exc, TensorizerError):
+                raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
             raise
-        except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
-        finally:
-            self._finish(r, reuse=reuse)
+
+        def read(view: memoryview, first_read: bool) -> int:
+            try:
+                return readinto1(resp, view, first_read)
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
+
+        return Body(expected, read, lambda ok: self._finish(r, reuse=ok))
 
     def close(self) -> None:
         super().close()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from ..errors import SourceError, TensorizerError
-from .ranged import Budget, TransientError, describe_error
+from .wire import Budget, TransientError, describe_error
 
 __all__ = ["POOLS", "ConnectionPool", "HTTPConnection", "HTTPSConnection", "Origin", "PoolKey", "PoolRegistry",
            "connect", "origin_of", "release", "send"]  # fmt: skip

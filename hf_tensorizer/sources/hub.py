@@ -221,6 +221,17 @@ class HubSource(Source):
             self._tee.write(offset, data)
         return data
 
+    @property
+    def tuning(self) -> dict[str, object] | None:
+        """The HTTP transfer's adaptation (see ``RangedSource.tuning``); None for a file read from the cache."""
+        return getattr(self._inner, "tuning", None)
+
+    def hold_transfer(self, why: str) -> None:
+        """Stop the HTTP transfer adapting (see ``RangedSource.hold_transfer``); nothing for a cached file."""
+        hold = getattr(self._inner, "hold_transfer", None)
+        if hold is not None:
+            hold(why)
+
     def fileno(self) -> int | None:
         return self._inner.fileno()
 

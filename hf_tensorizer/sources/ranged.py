@@ -1,241 +1,77 @@
-"""Byte ranges over a network: the retry policy, scatter bookkeeping and the transport-independent
-:class:`RangedSource` (bounds, part splitting, resumable retries) shared by :mod:`.http` and :mod:`.s3`.
+"""The transport-independent :class:`RangedSource` shared by :mod:`.http`, :mod:`.s3` and :mod:`.fsspec`: bounds,
+part splitting, resumable retries, and the transfer that adapts to the server (:mod:`.tuning`, :mod:`.sequential`).
+The low-level pieces (retry policy, cursor, :func:`fill`, :class:`Body`) live in :mod:`.wire` and are re-exported.
 """
 
 from __future__ import annotations
 
-import abc
-import email.utils
-import http.client
 import math
-import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import constants
-from ..errors import NetworkLimitError, SourceError, TruncatedFileError, UsageError
+from ..errors import SourceError, TruncatedFileError, UsageError
 from .base import Source
+from .sequential import WAIT_S, SequentialReader
+from .tuning import Decision, Gate, Sample, Tuner
+from .wire import (
+    Body,
+    Budget,
+    Cursor,
+    RetryPolicy,
+    TransientError,
+    describe_error,
+    fill,
+    parse_retry_after,
+    readinto1,
+    views_of,
+)
 
-__all__ = ["Budget", "Cursor", "RangedSource", "RetryPolicy", "TransientError", "describe_error", "fill", "readinto1"]
+__all__ = [
+    "Body",
+    "Budget",
+    "Cursor",
+    "RangedSource",
+    "RetryPolicy",
+    "TransientError",
+    "describe_error",
+    "fill",
+    "parse_retry_after",
+    "readinto1",
+]
 
 T = TypeVar("T")
-
-
-# --- retry policy ----------------------------------------------------------------------------------------
-
-
-class TransientError(Exception):
-    """A failure worth retrying (dropped connection, timeout, 5xx, 429). Internal to the transports.
-
-    Args:
-        message: what failed, without credentials.
-        retry_after: the server's ``Retry-After`` in seconds, when it sent one.
-    """
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter, and the bounds on time (docs/remote.md, "Timeouts and deadlines").
-
-    Args:
-        retries: consecutive failed attempts tolerated for one range (the count restarts when an attempt made
-            progress, so a flaky link that still moves data is not cut off).
-        backoff: first delay in seconds; doubles each consecutive failure.
-        max_backoff: cap of one delay.
-        max_retry_after: cap applied to a server's ``Retry-After``.
-        deadline: seconds one operation (opening, or one read call with all its parts, retries and waits) may
-            take; 0 turns it off. A ``Retry-After`` beyond what is left of it fails at once.
-        min_rate: bytes per second a response body must deliver, measured over ``rate_window``; 0 turns it off.
-        rate_window: seconds over which ``min_rate`` is measured.
-        connect_retries: quick retries of a refused connection (a server restarting) before failing.
-    """
-
-    retries: int = constants.REMOTE_RETRIES
-    backoff: float = 0.25
-    max_backoff: float = 10.0
-    max_retry_after: float = constants.REMOTE_MAX_RETRY_AFTER_S
-    deadline: float = constants.REMOTE_DEADLINE_S
-    min_rate: float = constants.REMOTE_MIN_RATE
-    rate_window: float = constants.REMOTE_RATE_WINDOW_S
-    connect_retries: int = constants.REMOTE_CONNECT_RETRIES
-
-    def delay(self, failures: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
-        if retry_after is not None:
-            return max(0.0, min(retry_after, self.max_retry_after))
-        base = min(self.max_backoff, self.backoff * (2 ** max(0, failures - 1)))
-        return base * random.uniform(0.5, 1.0)
-
-
-class Budget:
-    """The time left to one operation (opening a source, or one read call with all its parts) under ``policy``.
-
-    Args:
-        uri: what messages name (already redacted).
-        policy: the deadline and rate rule.
-        what: the operation, for messages (``"opening"``, ``"reading bytes 0-99"``).
-    """
-
-    def __init__(self, uri: str, policy: RetryPolicy, what: str) -> None:
-        self.uri = uri
-        self.policy = policy
-        self.what = what
-        self.end = time.monotonic() + policy.deadline if policy.deadline > 0 else math.inf
-
-    def remaining(self) -> float:
-        """Seconds left before the deadline (``inf`` without one)."""
-        return self.end - time.monotonic()
-
-    def timeout(self, timeout: float) -> float:
-        """A socket timeout that does not run (much) past the deadline."""
-        return max(0.05, min(timeout, self.remaining()))
-
-    def check(self, last: BaseException | None = None) -> None:
-        """Raises:
-        SourceError: the deadline has passed."""
-        if time.monotonic() >= self.end:
-            cause = f" (last error: {last})" if last is not None else ""
-            raise NetworkLimitError(
-                f"{self.uri}: {self.what} did not finish within the deadline of {self.policy.deadline:g} s{cause}; "
-                "a slow link needs a larger deadline= (HF_TENSORIZER_REMOTE_DEADLINE)"
-            )
-
-    def wait(self, failures: int, exc: TransientError) -> None:
-        """Sleep before the next attempt, never past the deadline.
-
-        Raises:
-            SourceError: the server's ``Retry-After`` reaches beyond the deadline, or the deadline passed.
-        """
-        left = self.remaining()
-        if exc.retry_after is not None and exc.retry_after > left:
-            raise NetworkLimitError(
-                f"{self.uri}: {self.what}: the server asked to retry later (Retry-After: {exc.retry_after:g} s, "
-                f"after {exc}), beyond the deadline of {self.policy.deadline:g} s ({max(0.0, left):.0f} s left)"
-            )
-        time.sleep(max(0.0, min(self.policy.delay(failures, exc.retry_after), left)))
-        self.check(exc)
-
-    def check_rate(self, received: int, seconds: float) -> None:
-        """Raises:
-        SourceError: a response delivered ``received`` bytes in ``seconds``, below the minimum rate."""
-        if self.policy.min_rate > 0 and received < self.policy.min_rate * seconds:
-            raise NetworkLimitError(
-                f"{self.uri}: {self.what}: the server is too slow ({received} bytes in {seconds:.1f} s, below the "
-                f"minimum of {self.policy.min_rate:g} bytes/s); a slow link needs a lower min_rate= "
-                "(HF_TENSORIZER_REMOTE_MIN_RATE, 0 turns the rule off)"
-            )
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date); None when absent or unparsable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-# --- scatter cursor --------------------------------------------------------------------------------------
-
-
-class Cursor:
-    """Where the next received byte goes in a list of buffers; ``done`` counts bytes that landed."""
-
-    def __init__(self, views: Sequence[memoryview], budget: Budget | None = None) -> None:
-        self.budget = budget  # the operation's deadline and rate rule, checked as bytes land
-        self.views = [v for v in views if len(v)]
-        self.total = sum(len(v) for v in self.views)
-        self.done = 0
-        self._index = 0
-        self._pos = 0
-
-    def next_view(self, limit: int) -> memoryview:
-        view = self.views[self._index]
-        return view[self._pos : self._pos + limit]
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self._pos += n
-        while self._index < len(self.views) and self._pos >= len(self.views[self._index]):
-            self._pos -= len(self.views[self._index])
-            self._index += 1
-
-
-def fill(cursor: Cursor, expected: int, read: Callable[[memoryview, bool], int]) -> None:
-    """Receive ``expected`` body bytes into ``cursor``, one ``read(view, first)`` call at a time.
-
-    ``cursor.done`` always counts the bytes that landed, so a retry after a failure resumes at the exact byte.
-    With a :class:`Budget` on the cursor, a body trickling below its minimum rate (each socket read returns a
-    little data, so no timeout fires) or running past its deadline fails.
-
-    Raises:
-        TransientError: the stream ended early (a retry asks for the rest).
-        SourceError: too slow, or past the deadline.
-    """
-    budget = cursor.budget
-    got = 0
-    mark, mark_got = time.monotonic(), 0
-    while got < expected:
-        n = read(cursor.next_view(expected - got), got == 0)
-        if not n:
-            raise TransientError(f"connection closed after {got} of {expected} bytes")
-        cursor.advance(n)
-        got += n
-        if budget is not None:
-            now = time.monotonic()
-            if now - mark >= budget.policy.rate_window:
-                budget.check_rate(got - mark_got, now - mark)
-                mark, mark_got = now, got
-            budget.check()
-
-
-def _views_of(bufs: Sequence[memoryview | bytearray], offset: int, length: int) -> list[memoryview]:
-    """The sub-views of ``bufs`` (taken as one contiguous run) covering ``[offset, offset + length)``."""
-    out: list[memoryview] = []
-    for b in bufs:
-        n = len(b)
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, length)
-        out.append(b[offset : offset + take])  # type: ignore[arg-type]
-        length -= take
-        offset = 0
-        if not length:
-            break
-    return out
 
 
 # --- shared machinery ------------------------------------------------------------------------------------
 
 
 class RangedSource(Source):
-    """Bounds checks, part splitting and the resumable retry loop shared by the remote sources.
+    """Bounds checks, part splitting, the resumable retry loop and the adaptive transfer shared by the remote
+    sources.
 
-    Subclasses set ``uri`` and ``size`` and implement :meth:`_attempt`, one request for a byte range that
-    writes into a :class:`Cursor` and raises :class:`TransientError` for failures worth retrying.
+    Subclasses set ``uri`` and ``size`` and implement :meth:`_open_body` (one request for a byte range whose body
+    is then read into a :class:`Cursor`; raises :class:`TransientError` for failures worth retrying), or override
+    :meth:`_attempt` when their transport has no streaming body (then reads never switch to one stream).
+
+    How many ranged GETs are in flight, and whether reads switch to one sequential GET, adapts to the server as it
+    reads (:mod:`.tuning`); ``tuning`` says what ran and why.
 
     Args:
-        concurrency: parallel ranged requests one large read is split into; also ``preferred_concurrency``.
-        part_size: reads larger than 1.5 × this are split into parts of about this size.
+        concurrency: parallel ranged requests one large read is split into, and the most in flight at once; also
+            ``preferred_concurrency``. Given explicitly, it holds the transfer (no adaptation).
+        part_size: reads larger than 1.5 × this are split into parts of about this size. Given explicitly, it holds
+            the transfer too.
         policy: the retry policy.
     """
 
-    def __init__(self, *, concurrency: int, part_size: int, policy: RetryPolicy) -> None:
+    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy) -> None:
+        held = ", ".join(f"{k}={v}" for k, v in (("concurrency", concurrency), ("part_size", part_size)) if v)
+        concurrency = constants.REMOTE_CONCURRENCY if concurrency is None else concurrency
+        part_size = constants.REMOTE_PART_BYTES if part_size is None else part_size
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1, got {concurrency}")
         if part_size < 1:
@@ -247,6 +83,27 @@ class RangedSource(Source):
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        if not held and not constants.REMOTE_ADAPT:
+            held = "HF_TENSORIZER_REMOTE_ADAPT=0"
+        can_stream = type(self)._open_body is not RangedSource._open_body
+        self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
+        self._tune_lock = threading.Lock()
+        self._gate = Gate(self._tuner.current.concurrency)
+        self._sequential: SequentialReader | None = None
+        self._ranged: dict[int, int] = {}  # reads sent as ranged GETs while probing (start -> end)
+
+    @property
+    def tuning(self) -> dict[str, object]:
+        """What the transfer does now and why: ``mode`` (``ranged``, ``stream`` or ``held``), ``concurrency``,
+        ``reason``, the aggregate ``rates`` (bytes/s) measured per concurrency (0: the stream) and the ``steps``."""
+        with self._tune_lock:
+            return self._tuner.report()
+
+    def hold_transfer(self, why: str) -> None:
+        """Stop adapting: the caller chose the transfer's shape (``why`` names it, e.g. ``"num_readers=4"``)."""
+        with self._tune_lock:
+            if self._tuner.current.mode != "stream" or not self._tuner.settled:
+                self._apply(self._tuner.hold(why))
 
     # public API -----------------------------------------------------------------------------------------
 
@@ -265,16 +122,26 @@ class RangedSource(Source):
         if self._closed:
             raise SourceError(f"{self.uri}: source is closed")
         budget = Budget(self.uri, self.policy, f"reading bytes {offset}-{offset + total - 1}")
+        seq = self._sequential
+        if seq is not None and self._tuner.current.mode == "stream":
+            seq.read(offset, views, budget)
+            return
         nparts = math.ceil(total / self.part_size)
         if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
-            self._fetch(offset, views, budget)
+            if not self._fetch(
+                offset, views, budget, divertable=True
+            ):  # the reads switched to one stream while this one waited for its turn
+                seq = self._sequential
+                if seq is None:
+                    raise SourceError(f"{self.uri}: source closed during a read")
+                seq.read(offset, views, budget)
             return
         step = math.ceil(total / nparts)
         futures: list[Future[None]] = []
         pool = self._pool_executor()
         for start in range(0, total, step):
             length = min(step, total - start)
-            futures.append(pool.submit(self._fetch, offset + start, _views_of(views, start, length), budget))
+            futures.append(pool.submit(self._fetch, offset + start, views_of(views, start, length), budget))
         # Wait for every part even after a failure: returning early would let workers keep writing into
         # buffers the caller believes are free again.
         error: BaseException | None = None
@@ -287,6 +154,9 @@ class RangedSource(Source):
 
     def close(self) -> None:
         self._closed = True
+        seq, self._sequential = getattr(self, "_sequential", None), None
+        if seq is not None:
+            seq.close()
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
@@ -294,13 +164,28 @@ class RangedSource(Source):
 
     # subclass hook --------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         """Request bytes ``first..last`` (inclusive) and write them at the cursor.
 
         May return early (a server may send less than asked); must raise :class:`TransientError` for a
         failure worth retrying and a :class:`SourceError` for a permanent one.
         """
+        body = self._open_body(first, last, cursor.budget or Budget(self.uri, self.policy, "reading"))
+        ok = False
+        try:
+            fill(cursor, body.expected, body.read)
+            ok = True
+        finally:
+            body.finish(ok)
+
+    def _open_body(self, first: int, last: int, budget: Budget) -> Body:
+        """Send one request for bytes ``first..last`` and return its checked, unread body (see :class:`Body`).
+
+        Raises:
+            TransientError: worth a retry.
+            SourceError: a permanent failure (the object changed, access denied...).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements _attempt or _open_body")
 
     # internals ------------------------------------------------------------------------------------------
 
@@ -310,8 +195,11 @@ class RangedSource(Source):
                 self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-part")
             return self._executor
 
-    def _fetch(self, start: int, views: Sequence[memoryview], budget: Budget) -> None:
-        """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received."""
+    def _fetch(self, start: int, views: Sequence[memoryview], budget: Budget, divertable: bool = False) -> bool:
+        """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received.
+
+        Returns False, with nothing read, when ``divertable`` and the reads switched to one stream while this one
+        waited for its turn (the caller reads it from the stream); True once filled."""
         cursor = Cursor(views, budget)
         total = cursor.total
         failures = 0
@@ -325,7 +213,19 @@ class RangedSource(Source):
             before = cursor.done
             attempts += 1
             try:
-                self._attempt(start + cursor.done, start + total - 1, cursor)
+                limit = self._gate.acquire(divertable and attempts == 1)
+                if not limit:
+                    return False
+                if divertable and attempts == 1 and not self._tuner.settled:  # a stream chosen later skips it
+                    with self._tune_lock:
+                        self._ranged[start] = start + total
+                try:
+                    t0 = time.monotonic()
+                    self._attempt(start + cursor.done, start + total - 1, cursor)
+                finally:
+                    self._gate.release()
+                if attempts == 1 and cursor.done == total:
+                    self._record(Sample(total, t0, cursor.first_byte or t0, time.monotonic(), limit))
                 if cursor.done > before:
                     failures = 0
                     continue
@@ -341,6 +241,31 @@ class RangedSource(Source):
                     f"{attempts} attempts: {exc}"
                 ) from exc
             budget.wait(failures, exc)
+        return True
+
+    def _force(self, mode: str, why: str) -> None:
+        """Settle the transfer on ``mode`` (``"ranged"`` or ``"stream"``): for tests and diagnostics."""
+        with self._tune_lock:
+            self._apply(self._tuner.force(mode, why))
+
+    def _record(self, sample: Sample) -> None:
+        with self._tune_lock:
+            decision = self._tuner.add(sample)
+            if decision is not None:
+                self._apply(decision)
+
+    def _apply(self, decision: Decision) -> None:
+        """Put a decision in force (called with the tuning lock held)."""
+        if decision.mode == "stream":
+            if self._sequential is None and not self._closed:
+                wait = min(2.0, max(WAIT_S, self._tuner.ttfb))  # waiting for a late read beats its own GET
+                self._sequential = SequentialReader(self.size, self._open_body, self._fetch, self._record, wait)
+                for start, end in self._ranged.items():  # read, or being read, by ranged GETs: not waited for
+                    self._sequential.served(start, end)
+                self._ranged.clear()
+                self._gate.set_limit(self._gate.limit, diverted=True)  # reads waiting for a slot go to the stream
+        else:
+            self._gate.set_limit(decision.concurrency)
 
     def _retrying(self, what: str, fn: Callable[[Budget], T]) -> T:
         """Run ``fn`` (one request, no body streaming) with the retry policy, under one :class:`Budget`."""
@@ -354,44 +279,3 @@ class RangedSource(Source):
                 if failures > self.policy.retries:
                     raise SourceError(f"{self.uri}: {what} failed after {failures} attempts: {exc}") from exc
                 budget.wait(failures, exc)
-
-
-def readinto1(resp: http.client.HTTPResponse, view: memoryview, first: bool) -> int:
-    """At most one socket read from ``resp``'s body into ``view``; 0 at end of stream.
-
-    ``HTTPResponse.readinto`` loops until the buffer is full, and when a read fails midway the bytes that already
-    landed are not reported: a retry would fetch them again, and could not say where it resumed. This keeps
-    http.client's bookkeeping (``length``, end of response) so the connection stays reusable.
-
-    Args:
-        resp: a response with a Content-Length (ranged bodies always have one).
-        view: where the bytes go.
-        first: this is the first read of the body: bytes buffered along with the headers are handed out alone, so
-            no socket read can fail after some of them were copied.
-    """
-    if resp.fp is None or resp.chunked or resp.length is None:
-        return resp.readinto(view)
-    if len(view) > resp.length:
-        view = view[: resp.length]
-    if first:
-        view = view[: len(resp.fp.peek(1))]
-    if not len(view):
-        return 0
-    n = resp.fp.readinto1(view)
-    if not n:
-        resp.close()
-        return 0
-    resp.length -= n
-    if not resp.length:
-        resp.read(0)  # lets http.client mark the response complete (the connection becomes reusable)
-    return n
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short description of a network error (no URLs: http.client errors carry none)."""
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, http.client.IncompleteRead):
-        return f"connection closed mid-body ({len(exc.partial)} bytes of the last slice received)"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -32,7 +32,7 @@ from ..errors import (
     TensorizerError,
     UsageError,
 )
-from .ranged import Cursor, RangedSource, RetryPolicy, TransientError, describe_error, fill, readinto1
+from .ranged import Body, Budget, RangedSource, RetryPolicy, TransientError, describe_error, readinto1
 from .s3_presigned import Fallback, PresignedReader, check_range_response, usable
 
 logger = logging.getLogger(__name__)
@@ -262,8 +262,9 @@ class S3Source(RangedSource):
         anonymous: unsigned requests, for public buckets.
         addressing_style: ``"path"``, ``"virtual"`` or ``"auto"``.
         version_id: read this version instead of the latest.
-        concurrency: parallel range requests and keep-alive connections.
-        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs.
+        concurrency: the most range requests in flight, and keep-alive connections (default 16; the load adapts
+            within it, see docs/remote.md "Adaptive transfers"); given, it holds the transfer as set.
+        part_size: reads larger than 1.5 × this are split into concurrent ranged GETs (default 16 MiB).
         retries: consecutive failed attempts per range (and botocore's request-phase attempts).
         backoff: first retry delay in seconds for broken bodies (doubles, jittered).
         max_backoff: cap of one retry delay.
@@ -288,8 +289,8 @@ class S3Source(RangedSource):
         anonymous: bool = False,
         addressing_style: str | None = None,
         version_id: str | None = None,
-        concurrency: int = constants.REMOTE_CONCURRENCY,
-        part_size: int = constants.REMOTE_PART_BYTES,
+        concurrency: int | None = None,
+        part_size: int | None = None,
         retries: int = constants.REMOTE_RETRIES,
         backoff: float = 0.25,
         max_backoff: float = 10.0,
@@ -322,7 +323,7 @@ class S3Source(RangedSource):
             profile=profile,
             anonymous=anonymous,
             addressing_style=addressing_style,
-            max_pool_connections=concurrency * 2,
+            max_pool_connections=self.concurrency * 2,
             retries=retries,
             timeout=timeout,
         )
@@ -348,7 +349,7 @@ class S3Source(RangedSource):
                 params["VersionId"] = self.version_id
             try:
                 self._presigned = PresignedReader(self._client, params, uri=self.uri, size=self.size, etag=self.etag,
-                                                  concurrency=concurrency, timeout=timeout)  # fmt: skip
+                                                  concurrency=self.concurrency, timeout=timeout)  # fmt: skip
             except Fallback as exc:
                 logger.debug("%s: ranged reads through boto3 (%s)", self.uri, exc)
 
@@ -366,13 +367,12 @@ class S3Source(RangedSource):
         if self._owns_client:
             self._client.close()
 
-    def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
+    def _open_body(self, first: int, last: int, budget: Budget) -> Body:
         reader = self._presigned
         if reader is not None:
             try:
-                reader.attempt(first, last, cursor)
-                return
-            except Fallback as exc:  # nothing was written: this attempt goes through boto3, and every later one
+                return reader.open(first, last, budget)
+            except Fallback as exc:  # nothing was written: this request goes through boto3, and every later one
                 logger.debug("%s: presigned GETs refused (%s); ranged reads through boto3", self.uri, exc)
                 self._presigned = None
                 reader.close()
@@ -394,20 +394,23 @@ class S3Source(RangedSource):
             raise translate_error(exc, self.uri, SourceError) from exc
         except BotoCoreError as exc:  # connection errors botocore already retried: count them as ours too
             raise TransientError(f"get_object: {exc}") from exc
-        body = resp["Body"]
-        readinto, finish = _body_reader(body)
-        ok = False
+        readinto, finish = _body_reader(resp["Body"])
         try:
             expected = check_range_response(self.uri, self.etag, self.size, resp.get("ETag"), resp.get("ContentRange"),
                                             first, last)  # fmt: skip
-            fill(cursor, expected, readinto)
-            ok = True
-        except TensorizerError:
+        except BaseException:
+            finish(False)
             raise
-        except (OSError, http.client.HTTPException, BotoCoreError) as exc:
-            raise TransientError(f"reading bytes {first}-{last}: {describe_error(exc)}") from exc
-        finally:
-            finish(ok)
+
+        def read(view: memoryview, first_read: bool) -> int:
+            try:
+                return readinto(view, first_read)
+            except TensorizerError:
+                raise
+            except (OSError, http.client.HTTPException, BotoCoreError) as exc:
+                raise TransientError(f"reading bytes {first}-{last}: {describe_error(exc)}") from exc
+
+        return Body(expected, read, finish)
 
     def __repr__(self) -> str:
         return f"S3Source({self.uri!r}, size={self.size})"

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from .. import constants
 from ..errors import ObjectChangedError, SourceError, TensorizerError
 from .http_pool import POOLS, PoolKey, origin_of, release, send
-from .ranged import Cursor, TransientError, describe_error, fill, parse_retry_after, readinto1
+from .wire import Body, Budget, TransientError, describe_error, parse_retry_after, readinto1
 
 __all__ = ["Fallback", "PresignedReader", "check_range_response", "usable"]
 
@@ -132,12 +132,13 @@ class PresignedReader:
                 self._target, self._signed_at = _path_and_query(self._sign()), time.monotonic()
             return self._target
 
-    def attempt(self, first: int, last: int, cursor: Cursor) -> None:
-        """One ranged GET of bytes ``first..last`` into ``cursor`` (the contract of ``RangedSource._attempt``).
+    def open(self, first: int, last: int, budget: Budget) -> Body:
+        """One ranged GET of bytes ``first..last``; returns its checked, unread body (the contract of
+        ``RangedSource._open_body``).
 
         Raises:
             Fallback: the URL was refused (see the module docstring); nothing was written.
-            TransientError: worth a retry (5xx, 408, 429, a broken body).
+            TransientError: worth a retry (5xx, 408, 429, a broken connection).
             ObjectChangedError: the object changed, was deleted or shrank since it was pinned.
             SourceError: a malformed response.
         """
@@ -146,8 +147,6 @@ class PresignedReader:
         headers = {"Range": f"bytes={first}-{last}", "User-Agent": "hf_tensorizer", "Accept-Encoding": "identity"}
         if self.etag:
             headers["If-Match"] = self.etag
-        budget = cursor.budget
-        assert budget is not None
         try:
             resp, conn = send(self._pool, "GET", self._current_target(), headers, budget, uri=self.uri,
                               timeout=self._timeout, connect_retries=self._connect_retries)  # fmt: skip
@@ -161,9 +160,14 @@ class PresignedReader:
             if status == 206:
                 expected = check_range_response(self.uri, self.etag, self.size, resp.getheader("ETag"),
                                                 resp.getheader("Content-Range"), first, last)  # fmt: skip
-                fill(cursor, expected, lambda view, first_read: readinto1(resp, view, first_read))
-                reuse = True
-                return
+
+                def read(view: memoryview, first_read: bool) -> int:
+                    try:
+                        return readinto1(resp, view, first_read)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
+
+                return Body(expected, read, lambda ok: release(self._pool, resp, conn, reuse=ok))
             reuse = True  # an error page is small: drained, the connection kept
             if status in _FALLBACK_STATUSES:
                 raise Fallback(f"HTTP {status}")
@@ -181,13 +185,11 @@ class PresignedReader:
             if status == 200:
                 raise SourceError(f"{self.uri}: asked for bytes {first}-{last}, the endpoint sent the whole object")
             raise Fallback(f"HTTP {status}")
-        except TensorizerError:
+        except BaseException as exc:
+            release(self._pool, resp, conn, reuse=reuse and not isinstance(exc, (OSError, http.client.HTTPException)))
+            if isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(exc, TensorizerError):
+                raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
             raise
-        except (OSError, http.client.HTTPException) as exc:
-            reuse = False
-            raise TransientError(f"GET bytes={first}-{last}: {describe_error(exc)}") from exc
-        finally:
-            release(self._pool, resp, conn, reuse=reuse)
 
     def close(self) -> None:
         """Hand the pool back (idempotent; requests in flight finish on their own connections)."""

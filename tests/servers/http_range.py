@@ -28,6 +28,10 @@ Control (JSON over HTTP on the same port, paths under ``/__control__/``):
   ``status`` (302), ``signed`` (append ``?sig=N``; ``POST expire`` makes old signatures answer 403)).
   Paths under the redirect prefix are served with the prefix removed and need no token (like a CDN).
   ``latency`` (seconds every GET/HEAD waits before it is answered: a distant server, for benchmarks).
+  ``serial_cost`` (seconds every ranged GET spends before its answer, one request at a time server-wide: a server
+  that copies the whole object for each range, as moto does; parallel ranges then gain nothing while one long
+  response streams at full speed). ``conn_rate`` (bytes/s each response body is paced to: a per-connection
+  bandwidth, as on real S3, so more connections move more).
 * ``POST reset`` — drop faults, config and the request log. ``POST expire`` — invalidate redirect signatures.
 * ``GET log`` — the request log: ``[{method, path, query, range, if_match, auth, status, port}]``.
 """
@@ -69,9 +73,12 @@ class _State:
             "honor_if_match": True,
             "redirect": None,
             "latency": 0.0,
+            "serial_cost": 0.0,
+            "conn_rate": 0.0,
         }
         self.log: list[dict[str, Any]] = []
         self.epoch = 0
+        self.serial = threading.Lock()  # serial_cost: one ranged GET at a time pays it
 
     def take_fault(self, method: str, path: str) -> dict[str, Any] | None:
         """The fault that applies to this request, if any (also advances "change" faults)."""
@@ -189,6 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
         config = state.config
         if config.get("latency"):
             time.sleep(config["latency"])  # a far-away server: every request waits this long before its answer
+        if config.get("serial_cost") and self.command == "GET" and self.headers.get("Range"):
+            with state.serial:  # the per-range cost of a server that copies the object first, one at a time
+                time.sleep(config["serial_cost"])
         redirect = config.get("redirect")
         via_redirect = False
         if redirect:
@@ -306,12 +316,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             f.seek(start)
             sent = 0
+            rate = float(self.server.state.config.get("conn_rate") or 0)
+            piece, t0 = (64 << 10 if rate else 1 << 20), time.monotonic()
             while sent < limit:
-                chunk = f.read(min(1 << 20, limit - sent))
+                chunk = f.read(min(piece, limit - sent))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                if rate:  # paced: this response moves at most conn_rate bytes per second
+                    ahead = t0 + sent / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
             if fault and fault["kind"] == "drop" and limit < length:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,278 @@
+"""How a remote read adapts to its server while it reads: the decision (:class:`Tuner`, pure: timings in,
+decisions out) and the gate that applies its concurrency (:class:`Gate`).
+
+Servers differ in what they reward. nginx on loopback: 4 ranged GETs in flight beat 16 on a small machine. Real S3:
+~85–90 MB/s per connection, so many connections. moto and some on-premises S3-compatible stores answer every
+ranged GET by copying the whole object first: there 8 MiB ranges run 20× slower than one sequential GET. No fixed
+default fits all three, so a load starts with a few ranged GETs in flight, times them, and moves:
+
+1. **probe**: the first wave of reads (one per request in flight, at least 4, each ≥ 1 MiB) at :data:`START` in flight.
+   Each request gives its time to the first byte (``ttfb``) and its body rate (bytes ÷ time after the first byte);
+   the window gives the aggregate rate (bytes ÷ its wall time).
+2. **one stream** when ranges are slow: requests spend most of their time before the first byte
+   (≥ :data:`FIXED_SHARE`) and one body moves ≥ :data:`STREAM_GAIN` × what the whole window did in parallel. The
+   load then reads the rest as one sequential GET (:mod:`.sequential`); its first window is checked, and if the
+   stream does worse than the ranges did the load goes back to them.
+3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` ×; if the first
+   step gains nothing, try half as many; settle on the best window.
+
+Explicit settings win: a caller's ``concurrency``/``part_size`` (the source) or ``num_readers``/``chunk_bytes``
+(``TensorDeserializer``) hold the transfer as given (``Tuner(held=...)``). ``HF_TENSORIZER_REMOTE_ADAPT=0`` holds
+every source at its configured concurrency.
+
+Memory: the tuner only ever lowers how many of the engine's reads are in flight, or serves them from one stream
+into the same buffers, so the bound of a load (readers × chunk bytes) is unchanged.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["FIXED_SHARE", "GROW_GAIN", "START", "STREAM_GAIN", "Decision", "Gate", "Sample", "Tuner"]
+
+START = 4  # requests in flight while probing (capped by the source's concurrency)
+MIN_SAMPLE_BYTES = 1 << 20  # smaller reads (the index, headers) time the latency only: not counted
+FIXED_SHARE = 0.5  # requests spending at least this share before their first byte have a costly fixed part...
+STREAM_GAIN = 2.0  # ...and one body at least this many times the window's aggregate: read one stream
+GROW_GAIN = 1.15  # a step must gain this much to count (noise on a busy machine is ~10 %)
+SHRINK_GAIN = 1.05  # fewer requests in flight are kept when they are at least this much faster
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completed request (or one read served by the stream).
+
+    Args:
+        nbytes: bytes it carried.
+        start: ``time.monotonic()`` when it was sent.
+        first_byte: when its response headers arrived (``start`` when unknown).
+        end: when its last byte landed.
+        limit: the decision's concurrency when it was sent (0: served by the stream).
+    """
+
+    nbytes: int
+    start: float
+    first_byte: float
+    end: float
+    limit: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the reads do now and why.
+
+    Args:
+        mode: ``"ranged"`` (parallel ranged GETs), ``"stream"`` (one sequential GET) or ``"held"`` (as configured).
+        concurrency: ranged GETs in flight (1 for the stream).
+        reason: why, with the numbers that decided it.
+    """
+
+    mode: str
+    concurrency: int
+    reason: str
+
+
+def _mbs(rate: float) -> str:
+    return f"{rate / 1e6:.0f} MB/s" if rate < 1e9 else f"{rate / 1e9:.2f} GB/s"
+
+
+class Tuner:
+    """The decision logic: :meth:`add` each completed request; it returns a new :class:`Decision` when it moves.
+
+    Pure bookkeeping (no clock, no threads, no I/O): the caller serializes calls and supplies the timings, so it
+    is tested with synthetic timings.
+
+    Args:
+        max_concurrency: the most requests in flight it may choose (the source's connections).
+        can_stream: whether the transport can serve reads from one sequential GET.
+        held: set when the caller fixed the transfer (e.g. ``"num_readers=4"``): the decision never moves.
+        start: requests in flight while probing.
+    """
+
+    def __init__(self, *, max_concurrency: int, can_stream: bool = True, held: str | None = None,
+                 start: int = START) -> None:  # fmt: skip
+        self.max_concurrency = max(1, max_concurrency)
+        self.can_stream = can_stream
+        self.rates: dict[int, float] = {}  # aggregate bytes/s of a window, per concurrency tried
+        self._window: list[Sample] = []
+        self.ttfb = 0.0  # median time to the first byte of a ranged GET in the probe: what a late read would pay
+        self._phase = "held" if held else "probe"
+        if held:
+            first = Decision("held", self.max_concurrency, f"set by the caller ({held})")
+        else:
+            c = min(start, self.max_concurrency)
+            first = Decision("ranged", c, f"probing: {c} ranged GETs in flight")
+        self.history: list[Decision] = [first]
+
+    @property
+    def current(self) -> Decision:
+        return self.history[-1]
+
+    @property
+    def settled(self) -> bool:
+        return self._phase in ("held", "settled")
+
+    def hold(self, why: str) -> Decision:
+        """Fix the transfer at the full concurrency from now on (the caller set it)."""
+        self._phase = "held"
+        return self._move(Decision("held", self.max_concurrency, f"set by the caller ({why})"))
+
+    def force(self, mode: str, why: str) -> Decision:
+        """Settle on ``mode`` (``"ranged"`` at the full concurrency, or ``"stream"``) whatever was measured."""
+        self._phase = "settled"
+        return self._move(Decision(mode, 1 if mode == "stream" else self.max_concurrency, why))
+
+    def add(self, s: Sample) -> Decision | None:
+        """Count one completed request; returns the new decision when this one completes a window that moves it."""
+        if self.settled or s.nbytes < MIN_SAMPLE_BYTES:
+            return None
+        cur = self.current
+        if s.limit != (0 if cur.mode == "stream" else cur.concurrency):
+            return None  # sent under an earlier decision
+        self._window.append(s)
+        # the probe decides on one wave (a server that punishes ranges makes every one of them costly)
+        need = (
+            6
+            if cur.mode == "stream"
+            else max(4, cur.concurrency)
+            if self._phase == "probe"
+            else max(6, 2 * cur.concurrency)
+        )
+        if len(self._window) < need:
+            return None
+        window, self._window = self._window, []
+        return self._stream_checked(window) if cur.mode == "stream" else self._ranged_window(cur.concurrency, window)
+
+    def report(self) -> dict[str, Any]:
+        """What ran and why, for ``LoadMetrics.transfer``: the current decision, the rates measured, the steps."""
+        return {**asdict(self.current), "rates": {c: round(r) for c, r in self.rates.items()},
+                "steps": [f"{d.mode} ×{d.concurrency}: {d.reason}" for d in self.history]}  # fmt: skip
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    def _move(self, d: Decision) -> Decision:
+        self.history.append(d)
+        return d
+
+    def _settle(self, why: str) -> Decision:
+        self._phase = "settled"
+        best = max(self.rates, key=lambda c: self.rates[c])
+        return self._move(Decision("ranged", best, why))
+
+    def _ranged_window(self, c: int, window: list[Sample]) -> Decision | None:
+        span = max(s.end for s in window) - min(s.start for s in window)
+        rate = sum(s.nbytes for s in window) / max(span, 1e-9)
+        self.rates[c] = rate
+        if self._phase == "probe":
+            self._phase = "grow"
+            fixed = statistics.median((s.first_byte - s.start) / max(s.end - s.start, 1e-9) for s in window)
+            body = statistics.median(s.nbytes / max(s.end - s.first_byte, 1e-9) for s in window)
+            ttfb = self.ttfb = statistics.median(s.first_byte - s.start for s in window)
+            if self.can_stream and fixed >= FIXED_SHARE and body >= STREAM_GAIN * rate:
+                self._phase = "stream"
+                return self._move(
+                    Decision(
+                        "stream",
+                        1,
+                        (
+                            f"ranged GETs spent {fixed:.0%} of their time before the first byte ({ttfb * 1e3:.0f} ms); "
+                            f"{c} in flight moved {_mbs(rate)} in all, one body moves {_mbs(body)}: one sequential GET"
+                        ),
+                    )
+                )
+        best = max(self.rates, key=lambda k: self.rates[k])
+        if self._phase == "grow":
+            prev = max((k for k in self.rates if k < c), default=None)
+            if prev is not None and rate < GROW_GAIN * self.rates[prev]:
+                if len(self.rates) == 2 and prev > 1:  # the first step up gained nothing: try fewer
+                    self._phase = "shrink"
+                    return self._move(
+                        Decision(
+                            "ranged",
+                            max(1, prev // 2),
+                            (
+                                f"{prev} → {c} in flight: {_mbs(self.rates[prev])} → {_mbs(rate)}, no gain; trying "
+                                f"{max(1, prev // 2)}"
+                            ),
+                        )
+                    )
+                return self._settle(f"{prev} → {c} in flight: {_mbs(self.rates[prev])} → {_mbs(rate)}, no gain; "
+                                    f"settled at {best} ({_mbs(self.rates[best])})")  # fmt: skip
+            if c >= self.max_concurrency:
+                return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
+            nxt = min(2 * c, self.max_concurrency)
+            return self._move(Decision("ranged", nxt, f"{c} in flight moved {_mbs(rate)}; trying {nxt}"))
+        # shrink: one step down was tried
+        up = min(k for k in self.rates if k > c)
+        if rate >= SHRINK_GAIN * self.rates[up]:
+            return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}; settled at {c}")
+        return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}, no gain; settled at {up}")
+
+    def _stream_checked(self, window: list[Sample]) -> Decision:
+        span = max(s.end for s in window) - min(s.start for s in window)  # as the ranged windows: wall time
+        rate = sum(s.nbytes for s in window) / max(span, 1e-9)
+        self.rates[0] = rate  # 0: the stream
+        ranged = max((r for c, r in self.rates.items() if c), default=0.0)
+        if rate * GROW_GAIN < ranged:
+            self._phase = "settled"
+            best = max((c for c in self.rates if c), key=lambda k: self.rates[k])
+            return self._move(
+                Decision(
+                    "ranged",
+                    best,
+                    (f"one stream moved {_mbs(rate)}, below the {_mbs(ranged)} of {best} ranged GETs: back to ranges"),
+                )
+            )
+        self._phase = "settled"
+        return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)} against {_mbs(ranged)} ranged; kept"))
+
+
+class Gate:
+    """At most ``limit`` requests in flight; the limit may change at any time (waiters see it at once). Once
+    ``diverted`` (reads switched to one stream), waiters that may go elsewhere leave at once.
+
+    Args:
+        limit: requests admitted at the same time.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._cv = threading.Condition()
+        self._limit = max(1, limit)
+        self._inflight = 0
+        self.diverted = False
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int, *, diverted: bool = False) -> None:
+        with self._cv:
+            self._limit = max(1, limit)
+            self.diverted = diverted
+            self._cv.notify_all()
+
+    def acquire(self, divertable: bool = False) -> int:
+        """Wait for a slot; returns the limit in force when it was taken, or 0 (no slot taken) when
+        ``divertable`` and the reads were diverted to the stream."""
+        with self._cv:
+            while True:
+                if divertable and self.diverted:
+                    return 0
+                if self._inflight < self._limit:
+                    self._inflight += 1
+                    return self._limit
+                self._cv.wait()
+
+    def release(self) -> None:
+        with self._cv:
+            self._inflight -= 1
+            self._cv.notify_all()
+
+    def __enter__(self) -> int:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
