@@ -31,7 +31,7 @@ setup() {
 
 cmd=${1:-demo}
 shift || true
-if [ "$cmd" = test ]; then setup dev,quant; else setup dev; fi
+if [ "$cmd" = test ]; then setup dev,quant; bash scripts/vllm_env.sh; else setup dev; fi  # vLLM tests: own venv
 case "$cmd" in
   demo) exec "$VENV/bin/hf-tensorizer" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q -n 2 --timeout 600 "$@" ;;
