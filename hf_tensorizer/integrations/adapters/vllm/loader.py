@@ -206,8 +206,8 @@ class HfTensorizerLoaderMixin:
         log.info("Loading weights took %.2f seconds (%.2f GB, %.2f GB/s, hf_tensorizer %s)", seconds, read / 1e9,
                  read / 1e9 / max(seconds, 1e-9), stats["strategy"])  # fmt: skip
         if tp > 1:
-            log.info("hf_tensorizer: this rank read %.3f GB of %.3f GB (%d requests, %.1f%% over-read)",
-                     metrics.bytes / 1e9, metrics.whole / 1e9, metrics.requests, 100 * metrics.overread)  # fmt: skip
+            log.info("hf_tensorizer: this rank read %d of %d bytes (%d requests, %.1f%% over-read)", metrics.bytes,
+                     metrics.whole, metrics.requests, 100 * metrics.overread)  # fmt: skip
         if loaded is not None and model_config.quantization is None:
             _check_complete(model, set(loaded), root)
 
