@@ -196,3 +196,22 @@ def test_lazy_tensor_ops(weight: Any) -> None:
     assert torch.equal(lazy[:, -4:].to(torch.float64), w[:, -4:].double())
     assert torch.equal(lazy.t().contiguous(), w.t())  # any other op reads the box whole
     assert "LazyTensor('w'" in repr(lazy[2:4])
+
+
+def test_bare_hub_id_of_an_artifact(hub_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vllm serve me/llama-tz``: the Hub id of a tensorized repository resolves like ``hf://me/llama-tz``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import hf_tensorizer
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setenv("HF_TENSORIZER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TENSORIZER_VLLM_RESOLVED", raising=False)
+    monkeypatch.setattr("hf_tensorizer.integrations.adapters.vllm.frontend._log_resolved", lambda *a: None)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    hf_tensorizer.push_to_hub(GPT2LMHeadModel(cfg), "tester/tz")
+    argv = ["vllm", "serve", "tester/tz", "--load-format", "hf_tensorizer"]
+    folder = resolve_command_line(argv)
+    assert folder is not None and folder.startswith(str(tmp_path / "cache"))
+    assert argv[2] == folder and argv[-2:] == ["--served-model-name", "tester/tz"]
+    assert (Path(folder) / "config.json").is_file() and not (Path(folder) / "model.tensors").exists()

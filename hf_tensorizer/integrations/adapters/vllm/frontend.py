@@ -57,14 +57,18 @@ def serve_arguments(argv: Sequence[str]) -> tuple[str, str | None] | None:
     return model[1], None if extra is None else extra[1]
 
 
+def _hub_uri(model: str) -> str | None:
+    """The ``hf://`` URI of ``model`` when it is a bare Hub id of a tensorized artifact."""
+    from ...artifact.hub_ids import route_hub_id
+
+    routed = route_hub_id(model, {})  # one HEAD of the manifest, or the local HF cache
+    return routed if routed != model else None
+
+
 def needs_resolution(model: str) -> bool:
     """Whether vLLM cannot read ``model``'s config itself: a URI, or a bare Hub id of a tensorized artifact (its
     small files then come from one pinned commit, the one the weights are read at)."""
-    if looks_like_uri(model):
-        return True
-    from ...hub_ids import _hub_id, is_hub_artifact
-
-    return _hub_id(model) is not None and is_hub_artifact(model)
+    return looks_like_uri(model) or _hub_uri(model) is not None
 
 
 def local_folder(model: str, extra_config: Any = None) -> str:
@@ -78,12 +82,11 @@ def local_folder(model: str, extra_config: Any = None) -> str:
         UsageError: a bad extra config.
         SourceError / ObjectChangedError / FormatError: the artifact's files cannot be fetched.
     """
-    from ...cache import resolve
+    from ...artifact.cache import resolve
 
     options = parse_extra_config(extra_config)
-    if not looks_like_uri(model) and needs_resolution(model):
-        model = f"hf://{model}"
-    return resolve(model, **options.transport)
+    uri = model if looks_like_uri(model) else _hub_uri(model) or model
+    return resolve(uri, **options.transport)
 
 
 def engine_args(artifact: str, extra_config: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def resolve_command_line(argv: list[str] | None = None) -> str | None:
 
 
 def _log_resolved(model: str, folder: str) -> None:
-    from .loader import _log
+    from .loader import vllm_logger
 
-    _log().info("hf_tensorizer: %s resolved to %s (configs and tokenizer; weights stream from the source)",
+    vllm_logger().info("hf_tensorizer: %s resolved to %s (configs and tokenizer; weights stream from the source)",
                 redact(model), folder)  # fmt: skip

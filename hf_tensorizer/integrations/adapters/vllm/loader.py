@@ -25,7 +25,7 @@ from ....engine.slices import SliceMetrics, TensorSlice
 from ....engine.staging import reuse_blocks
 from ....errors import FormatError, MissingKeyError, UsageError
 from ....sources.uri import redact
-from ...weights import OpenWeights, locate, open_weights
+from ...loading.weights import OpenWeights, locate, open_weights
 from .lazy import LazyTensor
 from .options import FLAG, LoaderOptions, parse_extra_config
 
@@ -33,7 +33,8 @@ BATCH_BYTES = 1 << 30  # tensors per deserializer: bounds the copies held at onc
 LOGGER = "vllm.hf_tensorizer"  # under vLLM's logger: its handler and format
 
 
-def _log() -> Any:
+def vllm_logger() -> Any:
+    """A logger under vLLM's own (its handler and format)."""
     from vllm.logger import init_logger
 
     return init_logger(LOGGER)
@@ -180,7 +181,7 @@ class HfTensorizerLoaderMixin:
             SourceError / ObjectChangedError: the weights cannot be read, or changed since the manifest.
             FormatError / HashMismatchError: a corrupt or incomplete artifact.
         """
-        log = _log()
+        log = vllm_logger()
         opts = self._options()
         root = weights_root(model_config)
         t0 = time.perf_counter()
