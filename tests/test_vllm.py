@@ -141,41 +141,65 @@ def serve(model: str, tmp: Path, load_format: str = "hf_tensorizer", extra: dict
         _stop(proc)
 
 
-def failed_start(model: str, tmp: Path, extra: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 timeout: float = START_TIMEOUT) -> tuple[int, str, float]:  # fmt: skip
-    """Run ``vllm serve`` that must fail: (exit code, log, seconds to exit)."""
-    port = _free_port()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(_command(model, "hf_tensorizer", port, extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=_env(env), cwd=tmp, text=True,
-                            start_new_session=True)  # fmt: skip
+def failed_starts(runs: dict[str, tuple[str, dict[str, Any] | None, dict[str, str] | None]], tmp: Path,
+                  timeout: float = START_TIMEOUT) -> dict[str, tuple[int, str]]:  # fmt: skip
+    """Start one ``vllm serve`` per entry (name -> (model, extra config, env)), all at once, each of which must
+    fail: name -> (exit code, log)."""
+    procs = {}
+    for name, (model, extra, env) in runs.items():
+        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(env), cwd=tmp,
+                                       text=True, start_new_session=True)  # fmt: skip
+    out = {}
+    deadline = time.monotonic() + timeout
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop(proc)
-        pytest.fail(f"vllm serve did not fail within {timeout} s")
+        for name, proc in procs.items():
+            try:
+                log, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"vllm serve ({name}) did not fail within {timeout} s")
+            out[name] = (proc.returncode, log)
     finally:
-        _stop(proc)
-    return proc.returncode, out, time.monotonic() - t0
+        for proc in procs.values():
+            _stop(proc)
+    return out
 
 
 # ---- fixtures: one model, its reference tokens ---------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _once(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder shared by every pytest-xdist worker of the run, and whether it still has to be filled: the first
+    worker fills it under a file lock while the others wait (one model build, one reference server per run)."""
+    from filelock import FileLock
+
+    root = factory.getbasetemp().parent / name  # the base of every worker's temp folder
+    with FileLock(str(root) + ".lock"):
+        done = root / ".done"
+        root.mkdir(exist_ok=True)
+        yield root, not done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("vllm-models")
-    subprocess.run([str(PYTHON), str(ROOT / "tests" / "vllm" / "build_models.py"), str(out)], check=True,
-                   cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
+    with _once(tmp_path_factory, "vllm-models") as (out, todo):
+        if todo:
+            subprocess.run([str(PYTHON), str(ROOT / "tests" / "vllm" / "build_models.py"), str(out)], check=True,
+                           cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
     return out
 
 
 @pytest.fixture(scope="module")
 def reference(models: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
     """Greedy tokens of vLLM's default loader serving the stock safetensors folder."""
-    tmp = tmp_path_factory.mktemp("vllm-stock")
-    with serve(str(models / "stock"), tmp, load_format="safetensors") as s:
-        tokens = [s.tokens(p) for p in PROMPTS]
+    with _once(tmp_path_factory, "vllm-reference") as (folder, todo):
+        if todo:
+            with serve(str(models / "stock"), folder, load_format="safetensors") as s:
+                tokens = [s.tokens(p) for p in PROMPTS]
+            (folder / "tokens.json").write_text(json.dumps(tokens))
+        tokens = json.loads((folder / "tokens.json").read_text())
     assert all(len(t) == 16 for t in tokens)
     return tokens
 
@@ -257,37 +281,37 @@ def test_http_encrypted_artifact_same_tokens(models: Path, http_root: str, refer
 # ---- start-up failures: fast, with our message ----------------------------------------------------------------
 
 
-def test_unknown_option_fails_naming_valid_keys(models: Path, tmp_path: Path) -> None:
-    code, log, seconds = failed_start(str(models / "artifact"), tmp_path, extra={"num_reader": 4})
-    assert code != 0
-    assert "UsageError" in log and "unknown --model-loader-extra-config key(s) ['num_reader']" in log
-    assert "num_readers" in log and "endpoint_url" in log and "key_file" in log  # names the valid ones
-    assert seconds < 120
-
-
-def test_wrong_key_fails_before_the_engine_starts(models: Path, tmp_path: Path) -> None:
+def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[str, dict[str, str]],
+                                             _moto_server: str, tmp_path: Path) -> None:  # fmt: skip
+    """An unknown option, a wrong key, no key, a missing S3 object: vLLM's front-end stops with our typed error
+    before it starts an engine (the four run at once)."""
     from hf_tensorizer.crypto import EncryptionKey
 
     wrong = tmp_path / "wrong.key"
     EncryptionKey.generate().save(str(wrong))
-    code, log, _ = failed_start(str(models / "encrypted"), tmp_path, extra={"key_file": str(wrong)})
-    assert code != 0 and "DecryptionError" in log
-    assert "EngineCore" not in log  # stopped in the front-end, no engine or worker was started
-    code, log, _ = failed_start(str(models / "encrypted"), tmp_path)
-    assert code != 0 and "MissingKeyError" in log and "key_file" in log  # the advice names the vLLM spelling
-
-
-def test_missing_object_fails_fast(s3_artifact: tuple[str, dict[str, str]], _moto_server: str,
-                                   tmp_path: Path) -> None:  # fmt: skip
     _, creds = s3_artifact
-    env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache")}
-    code, log, _ = failed_start("s3://vllm-models/no-such-model", tmp_path, extra={"endpoint_url": _moto_server},
-                                env=env)  # fmt: skip
-    assert code != 0 and "SourceError" in log and "no-such-model" in log
-    assert "EngineCore" not in log
+    s3_env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache")}
+    enc = str(models / "encrypted")
+    results = failed_starts({
+        "unknown": (str(models / "artifact"), {"num_reader": 4}, None),
+        "wrong key": (enc, {"key_file": str(wrong)}, None),
+        "no key": (enc, None, None),
+        "missing": ("s3://vllm-models/no-such-model", {"endpoint_url": _moto_server}, s3_env),
+    }, tmp_path)  # fmt: skip
+    for name, (code, log) in results.items():
+        assert code != 0, name
+        assert "EngineCore" not in log, name  # no engine or worker was started
+    log = results["unknown"][1]
+    assert "UsageError: unknown --model-loader-extra-config key(s) ['num_reader']" in log
+    assert "num_readers" in log and "endpoint_url" in log and "key_file" in log  # names the valid ones
+    assert "DecryptionError" in results["wrong key"][1]
+    assert "MissingKeyError" in results["no key"][1] and "key_file" in results["no key"][1]  # vLLM's spelling
+    log = results["missing"][1]
+    assert "SourceError" in log and "no-such-model" in log
 
 
 def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
-    code, log, _ = failed_start(str(models / "broken"), tmp_path, extra={"verify_hash": True})
+    """Corrupt tensor data (digests kept) passes the front-end's checks; the worker's ``verify_hash`` stops it."""
+    code, log = failed_starts({"broken": (str(models / "broken"), {"verify_hash": True}, None)}, tmp_path)["broken"]
     assert code != 0
     assert "HashMismatchError" in log and "lm_head.weight" in log

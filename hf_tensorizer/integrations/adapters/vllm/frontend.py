@@ -22,6 +22,8 @@ from typing import Any
 from ....sources.uri import looks_like_uri, redact
 from .options import FLAG, parse_extra_config
 
+LOGGER = "vllm.hf_tensorizer"
+
 LOAD_FORMAT = "hf_tensorizer"
 _DONE_ENV = "HF_TENSORIZER_VLLM_RESOLVED"  # set for the processes vLLM starts: resolved once, in the front-end
 
@@ -146,7 +148,11 @@ def resolve_command_line(argv: list[str] | None = None) -> str | None:
 
 
 def _log_resolved(model: str, folder: str) -> None:
-    from .loader import vllm_logger
+    import logging
 
-    vllm_logger().info("hf_tensorizer: %s resolved to %s (configs and tokenizer; weights stream from the source)",
-                redact(model), folder)  # fmt: skip
+    msg = f"hf_tensorizer: {redact(model)} resolved to {folder} (configs and tokenizer; weights stream from the source)"
+    log = logging.getLogger(LOGGER)
+    if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+        log.info(msg)
+    else:  # the front-end configures vLLM's logging only after it parsed the command line, i.e. after this
+        print(f"INFO {msg}", file=sys.stderr, flush=True)
