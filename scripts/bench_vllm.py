@@ -55,9 +55,10 @@ def main() -> None:
             while fh.read(64 << 20):
                 pass
     rows: dict[str, list[float]] = {"safetensors": [], "hf_tensorizer": []}
-    for _ in range(args.runs):
-        rows["safetensors"].append(one(d / "stock", "safetensors"))
-        rows["hf_tensorizer"].append(one(d / "artifact", "hf_tensorizer"))
+    for i in range(args.runs):
+        for name, folder in (("safetensors", d / "stock"), ("hf_tensorizer", d / "artifact")):
+            rows[name].append(one(folder, name))
+            print(f"run {i + 1}: {name} {rows[name][-1]:.3f} s", flush=True)
     print(f"model: {size / 1e9:.2f} GB, {args.runs} runs each, warm page cache")
     for name, times in rows.items():
         print(
