@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ....sources.uri import looks_like_uri, redact
-from .options import FLAG, parse_extra_config
-
-LOGGER = "vllm.hf_tensorizer"
+from .options import FLAG, LOGGER, parse_extra_config
 
 LOAD_FORMAT = "hf_tensorizer"
 _DONE_ENV = "HF_TENSORIZER_VLLM_RESOLVED"  # set for the processes vLLM starts: resolved once, in the front-end

@@ -26,9 +26,8 @@ from ....engine.staging import reuse_blocks
 from ....errors import FormatError, MissingKeyError, UsageError
 from ....sources.uri import redact
 from ...loading.weights import OpenWeights, locate, open_weights
-from .frontend import LOGGER
 from .lazy import LazyTensor
-from .options import FLAG, LoaderOptions, parse_extra_config
+from .options import FLAG, LOGGER, LoaderOptions, parse_extra_config
 
 BATCH_BYTES = 1 << 30  # tensors per deserializer: bounds the copies held at once (remote/encrypted/cast loads)
 

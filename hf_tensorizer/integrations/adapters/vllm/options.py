@@ -22,6 +22,7 @@ from ....errors import UsageError
 from ...options import TensorizerOptions, engine_keys, transport_keys
 
 FLAG = "--model-loader-extra-config"
+LOGGER = "vllm.hf_tensorizer"  # under vLLM's logger: its handler and format, once vLLM configured it
 KEY_OPTIONS = ("key_file", "passphrase_env")  # the vLLM spellings of encryption=
 # set by vLLM itself (the model's device and dtype) or meaningless for a load into vLLM's own parameters
 _NOT_HERE = frozenset({"transform", "process_group", "lazy", "index", "staging_allocation"})
