@@ -64,7 +64,10 @@ shift || true
 setup
 case "$cmd" in
   demo) exec "$VENV/bin/hf-tensorizer" demo "$@" ;;
-  test) setup_test; exec "$TEST_VENV/bin/python" -m pytest -q -n 2 --timeout 600 "$@" ;;
+  test) setup_test
+        bash scripts/vllm_env.sh  # the vLLM tests drive vllm serve in its own venv
+        bash scripts/azurite.sh >/dev/null || echo "azurite not installed: the Azure tests will skip" >&2
+        exec "$TEST_VENV/bin/python" -m pytest -q -n 2 --timeout 600 "$@" ;;
   bench) exec "$VENV/bin/hf-tensorizer" bench "$@" ;;
   *) echo "usage: scripts/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,242 @@
+"""``--load-format hf_tensorizer``: vLLM's model loader for tensorized artifacts (and safetensors behind a URI).
+
+vLLM builds the model (its own parameter layout: fused QKV, gate/up, vocabulary shards) and calls
+:meth:`HfTensorizerLoader.load_weights`, which hands ``model.load_weights`` an iterator of ``(name, tensor)``: the
+model's own weight loaders rename, fuse and shard them. With one tensor-parallel rank, the tensors stream through
+:class:`~hf_tensorizer.TensorDeserializer` in batches of about ``BATCH_BYTES`` (a local file is mapped, zero copy;
+a remote or encrypted one is read on many threads), so memory beyond the model stays bounded. With several ranks
+each tensor is a :class:`~.lazy.LazyTensor`: the weight loader's ``narrow`` picks this rank's box before a byte is
+read, and each rank reads only its shards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ....constants import KEY_ENV, SLICE_MAX_GAP
+from ....engine import TensorDeserializer
+from ....engine.decrypt import choose_transform
+from ....engine.pipeline import Verifier
+from ....engine.slices import SliceMetrics, TensorSlice
+from ....engine.staging import reuse_blocks
+from ....errors import FormatError, MissingKeyError, UsageError
+from ....sources.uri import redact
+from ...loading.weights import OpenWeights, locate, open_weights
+from .lazy import LazyTensor
+from .options import FLAG, LOGGER, LoaderOptions, parse_extra_config
+
+BATCH_BYTES = 1 << 30  # tensors per deserializer: bounds the copies held at once (remote/encrypted/cast loads)
+
+
+def vllm_logger() -> Any:
+    """A logger under vLLM's own (its handler and format)."""
+    from vllm.logger import init_logger
+
+    return init_logger(LOGGER)
+
+
+def _key_advice() -> str:
+    return f'give {FLAG} \'{{"key_file": PATH}}\' (or "passphrase_env": VAR) or set {KEY_ENV}'
+
+
+def batches(weights: OpenWeights, limit: int = BATCH_BYTES) -> Iterator[tuple[int, list[str]]]:
+    """``(file, tensor names)`` groups in file order, each at most ``limit`` bytes (one tensor may exceed it)."""
+    for i, index in enumerate(weights.indexes):
+        group: list[str] = []
+        size = 0
+        for name, entry in index.tensors.items():
+            n = 0 if entry.alias is not None else entry.length
+            if group and size + n > limit:
+                yield i, group
+                group, size = [], 0
+            group.append(name)
+            size += n
+        if group:
+            yield i, group
+
+
+def streamed(weights: OpenWeights, engine: Mapping[str, Any], device: torch.device,
+             stats: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Every tensor of the open files, streamed onto ``device`` one batch at a time.
+
+    Raises:
+        MissingKeyError: an encrypted file and no key (the message says how to give one to vLLM).
+        DecryptionError / HashMismatchError / SourceError / FormatError: as the engine raises them.
+    """
+    with reuse_blocks():  # one pinned staging block for every batch (GPU loads)
+        for i, names in batches(weights):
+            try:
+                d = TensorDeserializer(weights.sources[i], device=device, filter=names, index=weights.indexes[i],
+                                       **engine)  # fmt: skip
+            except MissingKeyError as exc:
+                raise exc.advise(_key_advice()) from None
+            with d:
+                stats["bytes"] += d.metrics.bytes
+                stats["strategy"] = d.metrics.strategy
+                yield from d.items()
+
+
+def file_checks(weights: OpenWeights, engine: Mapping[str, Any]) -> dict[int, tuple[Any, Verifier | None]]:
+    """Per weight file, its decrypting transform (the header authenticated with the key) and verifier.
+
+    Raises:
+        MissingKeyError: an encrypted file and no key (the message says how to give one to vLLM).
+        DecryptionError: a wrong key, a tampered header, or a key for a plain file.
+        UsageError: ``verify_hash`` on a file without digests.
+    """
+    out: dict[int, tuple[Any, Verifier | None]] = {}
+    for i, index in enumerate(weights.indexes):
+        uri = redact(weights.sources[i].uri)
+        try:
+            transform = choose_transform(index, engine.get("encryption"), engine.get("transform"), uri)
+        except MissingKeyError as exc:
+            raise exc.advise(_key_advice()) from None
+        verify = bool(engine.get("verify_hash"))
+        if verify and index.digest == "none" and transform is None:
+            raise UsageError(f"{uri} has no digests to verify")
+        out[i] = (transform, Verifier(index) if verify else None)
+    return out
+
+
+def preflight(root: str, options: LoaderOptions) -> None:
+    """What can be checked before vLLM starts its engine, in one small read per weight file: the artifact and its
+    weights exist, their indexes parse, an encrypted file's header authenticates with the key given.
+
+    Raises:
+        UsageError / SourceError / ObjectChangedError / FormatError / MissingKeyError / DecryptionError: the load
+            would fail; vLLM's front-end stops with this error instead of starting workers.
+    """
+    _, uris = locate(root, **options.transport)
+    with open_weights(uris, **options.transport) as weights:
+        file_checks(weights, options.engine)
+
+
+def sliced(weights: OpenWeights, engine: Mapping[str, Any], metrics: SliceMetrics) -> Iterator[tuple[str, LazyTensor]]:
+    """Every tensor of the open files as a :class:`~.lazy.LazyTensor`: only the boxes the weight loaders keep
+    are read (decrypted and verified by whole blocks, as a full load does).
+
+    Raises:
+        MissingKeyError / UsageError: as for a whole load (no key; ``verify_hash`` on a file without digests).
+    """
+    per_file = file_checks(weights, engine)
+    threads = engine.get("num_readers") or 4
+    for name, i in weights.file_of.items():
+        transform, verifier = per_file[i]
+        metrics.whole += weights.entry(name).length
+        yield name, LazyTensor(TensorSlice(weights.sources[i], weights.indexes[i], name, metrics, threads=threads,
+                                           max_gap=SLICE_MAX_GAP, transform=transform, verifier=verifier))  # fmt: skip
+
+
+def weights_root(model_config: Any) -> str:
+    """Where the weights of vLLM's model come from: the original URI when the model's small files were fetched
+    into a local folder (``model_weights``), else the model path itself (a local folder, or a cached one whose
+    marker names the remote weights)."""
+    return model_config.model_weights or model_config.model
+
+
+def _tp_world() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except Exception:  # no model-parallel group (a load outside vLLM's workers)
+        return 1
+
+
+def _loader_base() -> type:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    return BaseModelLoader
+
+
+class HfTensorizerLoaderMixin:
+    """The loader's behaviour; :func:`loader_class` joins it with vLLM's ``BaseModelLoader`` (imported only in a
+    process that runs vLLM, so this module imports without vLLM)."""
+
+    load_config: Any
+
+    def _options(self) -> LoaderOptions:
+        return parse_extra_config(self.load_config.model_loader_extra_config)
+
+    def download_model(self, model_config: Any) -> None:
+        """Fetch the artifact's small files (configs, tokenizer) into the local cache; the weights stay where
+        they are and stream at load time.
+
+        Raises:
+            SourceError / FormatError / UsageError: the artifact cannot be read or has no weights.
+        """
+        locate(weights_root(model_config), **self._options().transport)
+
+    def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
+        """Stream the artifact's weights into vLLM's ``model`` (see the module doc).
+
+        Raises:
+            UsageError: bad extra config, or an artifact without weights.
+            MissingKeyError / DecryptionError: encrypted artifact without the right key.
+            SourceError / ObjectChangedError: the weights cannot be read, or changed since the manifest.
+            FormatError / HashMismatchError: a corrupt or incomplete artifact.
+        """
+        log = vllm_logger()
+        opts = self._options()
+        root = weights_root(model_config)
+        t0 = time.perf_counter()
+        _, uris = locate(root, **opts.transport)
+        tp = _tp_world()
+        if tp > 1 and opts.engine.get("distributed"):
+            raise UsageError(f"{FLAG}: distributed=true shares whole tensors between replicas; with "
+                             f"tensor_parallel_size={tp} every rank reads its own shards instead")  # fmt: skip
+        with open_weights(uris, **opts.transport) as weights:
+            total = sum(weights.entry(n).length for n in weights.file_of if weights.entry(n).alias is None)
+            log.info("hf_tensorizer: loading %d tensors (%.2f GB) from %s", len(weights.file_of), total / 1e9,
+                     redact(root))  # fmt: skip
+            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            stats: dict[str, Any] = {"bytes": 0, "strategy": "slices"}
+            metrics = SliceMetrics()
+            if tp > 1:
+                tensors: Iterator[tuple[str, torch.Tensor]] = sliced(weights, opts.engine, metrics)
+            else:
+                tensors = streamed(weights, opts.engine, device, stats)
+            loaded = model.load_weights(tensors)
+        seconds = time.perf_counter() - t0
+        read = metrics.bytes if tp > 1 else stats["bytes"]
+        log.info("Loading weights took %.2f seconds (%.2f GB, %.2f GB/s, hf_tensorizer %s)", seconds, read / 1e9,
+                 read / 1e9 / max(seconds, 1e-9), stats["strategy"])  # fmt: skip
+        if tp > 1:
+            log.info("hf_tensorizer: this rank read %d of %d bytes (%d requests, %.1f%% over-read)", metrics.bytes,
+                     metrics.whole, metrics.requests, 100 * metrics.overread)  # fmt: skip
+        if loaded is not None and model_config.quantization is None:
+            _check_complete(model, set(loaded), root)
+
+
+def _check_complete(model: torch.nn.Module, loaded: set[str], root: str) -> None:
+    """Every parameter of an unquantized model came from the artifact: vLLM's default loader's own check
+    (``track_weights_loading``, which knows the parameters a checkpoint need not hold).
+
+    Raises:
+        FormatError: parameters the artifact did not provide.
+    """
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    try:
+        DefaultModelLoader.track_weights_loading(None, model, loaded)  # type: ignore[arg-type]  # uses no state
+    except ValueError as exc:
+        raise FormatError(f"{redact(root)} does not hold every weight of the model vLLM built: {exc}") from None
+
+
+def loader_class() -> type:
+    """The ``BaseModelLoader`` subclass vLLM instantiates for ``--load-format hf_tensorizer``."""
+    base = _loader_base()
+
+    class HfTensorizerLoader(HfTensorizerLoaderMixin, base):  # type: ignore[valid-type,misc]
+        """vLLM model loader of tensorized artifacts (``--load-format hf_tensorizer``)."""
+
+        def __init__(self, load_config: Any) -> None:
+            super().__init__(load_config)
+            self._options()  # a bad extra config fails here, before the model is built
+
+    HfTensorizerLoader.__module__, HfTensorizerLoader.__qualname__ = __name__, "HfTensorizerLoader"
+    return HfTensorizerLoader

