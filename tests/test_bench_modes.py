@@ -15,6 +15,7 @@ CLI = [sys.executable, "-m", "hf_tensorizer"]
     [
         ("artifact", "--latency"),
         ("fsspec", "--part-mib"),
+        ("vllm", "--runs"),
         ("remote", "--sweep"),  # modes with their own parser get every argument after the mode, --help included
         ("crypto", "--decrypt-mib"),
     ],

@@ -17,6 +17,8 @@ processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained
 
 ``hf-tensorizer bench fsspec``: read speed of fsspec stores (GCS emulator, ``memory://``) next to our HTTP transport.
 
+``hf-tensorizer bench vllm``: vLLM's weight loading with our load format against its default (the vLLM venv).
+
 ``hf-tensorizer bench remote``: HTTP, S3 and fsspec stores against curl and boto3 on the same server
 (docs/remote.md). ``hf-tensorizer bench crypto``: encryption and decryption throughput (docs/security.md).
 
@@ -32,7 +34,7 @@ from . import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ..bench import artifact, dist, first, fsspec, save, scale, ttr
+    from ..bench import artifact, dist, first, fsspec, save, scale, ttr, vllm
     from ..bench.peers import loaders_legend
     from ..bench.runner import add_bench_arguments, bench_main
 
@@ -41,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_bench_arguments(p)
     p.set_defaults(func=bench_main)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{ttr,first,scale,save,dist,artifact,fsspec,remote,crypto}",
-                             required=False)  # fmt: skip
+    modes = p.add_subparsers(dest="bench_mode", required=False,
+                             metavar="{ttr,first,scale,save,dist,artifact,fsspec,vllm,remote,crypto}")  # fmt: skip
     for module, help_text in (
         (ttr, "time to ready: interpreter start to first forward, ours vs stock vs raw"),
         (first, "time to the first tensor in a fresh process, ours vs safetensors"),
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         (dist, "distributed loads: N ranks, tensor parallel and replicas, from a bandwidth-capped server"),
         (artifact, "from_pretrained of remote artifacts whose cost is round trips (HTTP with latency, S3)"),
         (fsspec, "read speed of fsspec stores (GCS emulator, memory://) next to our HTTP transport"),
+        (vllm, "vLLM weight loading: --load-format hf_tensorizer against vLLM's safetensors loader"),
     ):
         name = module.__name__.rpartition(".")[2]  # each mode module has add_<name>_arguments and <name>_main
         mode = modes.add_parser(name, help=help_text, description=describe(module.__doc__),
