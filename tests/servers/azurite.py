@@ -7,13 +7,12 @@ through a connection string: ``storage_options={"connection_string": emulator.co
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from .emulator import free_port, spawn_listening, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "devstoreaccount1"
@@ -36,12 +35,6 @@ def install() -> str:
     return run.stdout.strip().splitlines()[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Azurite:
     """``azurite-blob`` on a free loopback port with its data in a temporary folder; :meth:`stop` ends both.
 
@@ -52,32 +45,16 @@ class Azurite:
 
     def __init__(self, command: str | None = None, timeout: float = 60.0) -> None:
         command = command or install()
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/{ACCOUNT}"
         self.connection_string = (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={self.endpoint};"
         )
         self._dir = tempfile.mkdtemp(prefix="hft-azurite-")
-        env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
         argv = [command, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", self._dir,
                 "--silent", "--skipApiVersionCheck", "--loose"]  # fmt: skip
-        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("azurite-blob did not start") from None
-                time.sleep(0.1)
+        self._proc = spawn_listening(argv, self.port, "azurite-blob", timeout)
 
     def stop(self) -> None:
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        terminate(self._proc)
         shutil.rmtree(self._dir, ignore_errors=True)
