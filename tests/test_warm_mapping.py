@@ -62,6 +62,6 @@ def test_a_file_truncated_after_opening_is_a_typed_error(warm_file: tuple[Path, 
     with TensorDeserializer(path, lazy=True) as d:
         keep = d["t0"]  # mapped, before the truncation
         os.truncate(path, d.index.tensors["t5"].offset + 4096)  # most of the file still cached: the warm path
-        with pytest.raises(ObjectChangedError, match="now ends at byte"):
+        with pytest.raises(ObjectChangedError, match="shorter than the"):
             d["t5"]
         assert keep.numel() == 1 << 20

@@ -15,12 +15,15 @@ Why it is safe:
   place load with ``strategy="pread"`` (copies; docs/security.md).
 
 Why it is fast: the page-cache pages *are* the tensors, so a load costs no copy and no fresh memory, only
-page-table entries. A warm file's pages are mapped by their first access (:meth:`FileMapping.map_cached`): a fault
-maps a whole large folio of the page cache, cheaper than populating page by page. A cold file is first pulled
-through the page cache (:meth:`FileMapping.read_through`): threads claim fixed-size pieces in file order and
-``sendfile`` each to ``/dev/null`` — a sized read of exactly that piece with no copy to user memory — then
-map it and read a byte of each page while the other threads still wait on the disk. ``MADV_POPULATE_READ``
-maps page-cache pages read-only; unlike ``MAP_POPULATE`` on a writable private mapping it makes no copies.
+page-table entries. A warm file's pages are mapped by their first access: a fault maps a whole large folio of the
+page cache (about 1,300 faults for 0.6 GB on the dev VM, kernel 6.18), while ``MADV_POPULATE_READ`` walks page by
+page and cost ~1.7x the CPU time (24 ms against 14 ms per 0.6 GB, load + first touch, fresh processes); spread over
+threads it also lost 1.5-2x on a machine whose cores are busy, as servers' and notebooks' are (docs/benchmarks.md).
+A cold file is first pulled through the page cache (:meth:`FileMapping.read_through`): threads claim fixed-size
+pieces in file order and ``sendfile`` each to ``/dev/null`` — a sized read of exactly that piece with no copy to
+user memory — then map it and read a byte of each page while the other threads still wait on the disk.
+``MADV_POPULATE_READ`` maps page-cache pages read-only; unlike ``MAP_POPULATE`` on a writable private mapping it
+makes no copies.
 """
 
 from __future__ import annotations
@@ -93,26 +96,6 @@ class FileMapping:
         else:
             raw = torch.frombuffer(memoryview(self._mm)[entry.offset : entry.offset + entry.length], dtype=torch.uint8)
         return raw.view(entry.dtype).reshape(entry.shape)
-
-    def map_cached(self, entries: Sequence[TensorEntry], fd: int) -> None:
-        """Prepare the pages of ``entries`` of a file already in the page cache: check that the file still holds
-        them, and leave mapping them to the first access.
-
-        Why not populate: a first access faults a whole large folio of the page cache in at once (about 1,300 faults
-        for 0.6 GB on the dev VM, kernel 6.18), while ``MADV_POPULATE_READ`` walks page by page and cost ~1.7x the
-        CPU time (24 ms against 14 ms per 0.6 GB, load + first touch, fresh processes); spread over threads it also
-        loses 1.5-2x on a machine whose cores are busy, as servers' and notebooks' are (docs/benchmarks.md).
-
-        Raises:
-            ObjectChangedError: the file is now shorter than the entries need (truncated since it was opened).
-        """
-        end = max((e.offset + e.length for e in entries if e.length), default=0)
-        size = os.fstat(fd).st_size
-        if size < end:
-            raise ObjectChangedError(
-                f"the mapped file now ends at byte {size}, before the {end} bytes its tensors need: it was truncated "
-                "or rewritten in place while loading"
-            )
 
     def populate(self, entries: Sequence[TensorEntry], threads: int) -> None:
         """Fault in the pages of ``entries`` now, ``threads`` threads over disjoint contiguous ranges."""

@@ -379,8 +379,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        elif not cold:  # mapped on first access, a large folio per fault (see FileMapping.map_cached)
-            mapping.map_cached(todo, fd)
+        # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------
