@@ -21,6 +21,8 @@ import torch
 
 from ...constants import KEY_ENV
 from ...engine import TensorDeserializer, read_index
+from ...engine.decrypt import choose_transform
+from ...engine.pipeline import Verifier
 from ...engine.staging import reuse_blocks
 from ...errors import FormatError, HeaderTooLargeError, MissingKeyError, SourceError, UsageError
 from ...format.index import FileIndex
@@ -346,3 +348,28 @@ def iter_safetensors_indexes(uri_or_dir: str | os.PathLike[str], **options: Any)
     for f in files:
         with open_source(f, **options) as src:
             yield f, read_index(src)
+
+
+def slice_checks(index: FileIndex, uri: str, engine: Mapping[str, Any]) -> tuple[Any, Verifier | None]:
+    """The decrypting transform and the verifier of one weight file, for reads that bypass ``TensorDeserializer``
+    (the lazy slices of tensor-parallel loads, transformers' and vLLM's).
+
+    Args:
+        index: the file's index.
+        uri: the file's location (redacted in messages).
+        engine: the load's ``TensorDeserializer`` options (``encryption``, ``transform``, ``verify_hash`` apply).
+
+    Returns:
+        ``(transform, verifier)``: the transform authenticated the header with the key (None for a plain file); the
+        verifier is None unless ``verify_hash``.
+
+    Raises:
+        MissingKeyError / DecryptionError: an encrypted file and no key, a wrong key, a tampered header.
+        UsageError: ``verify_hash`` on a file without digests.
+    """
+    shown = redact(uri)
+    transform = choose_transform(index, engine.get("encryption"), engine.get("transform"), shown)
+    verify = bool(engine.get("verify_hash"))
+    if verify and index.digest == "none" and transform is None:
+        raise UsageError(f"{shown} has no digests to verify")
+    return transform, (Verifier(index) if verify else None)

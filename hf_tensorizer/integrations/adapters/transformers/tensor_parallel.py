@@ -19,13 +19,11 @@ from typing import Any
 import torch
 
 from ....constants import SLICE_MAX_GAP
-from ....engine.decrypt import choose_transform
 from ....engine.distributed import gather_rows, handshake, identity_of_files
 from ....engine.pipeline import Verifier
 from ....engine.rankwatch import watch_for
 from ....engine.slices import Ranges, SliceMetrics, TensorSlice, normalize_box
-from ....errors import UsageError
-from ...loading.weights import OpenWeights
+from ...loading.weights import OpenWeights, slice_checks
 
 
 def is_sharded(param: Any) -> bool:
@@ -56,12 +54,7 @@ class ShardReader:
 
     def _file(self, i: int) -> tuple[Any, Verifier | None]:
         if i not in self._per_file:
-            index, uri = self.weights.indexes[i], self.weights.sources[i].uri
-            transform = choose_transform(index, self.engine.get("encryption"), self.engine.get("transform"), uri)
-            verify = bool(self.engine.get("verify_hash"))
-            if verify and index.digest == "none" and transform is None:
-                raise UsageError(f"{uri} has no digests to verify")
-            self._per_file[i] = (transform, Verifier(index) if verify else None)
+            self._per_file[i] = slice_checks(self.weights.indexes[i], self.weights.sources[i].uri, self.engine)
         return self._per_file[i]
 
     def slice(self, name: str) -> TensorSlice:

@@ -19,13 +19,12 @@ import torch
 
 from ....constants import KEY_ENV, SLICE_MAX_GAP
 from ....engine import TensorDeserializer
-from ....engine.decrypt import choose_transform
 from ....engine.pipeline import Verifier
 from ....engine.slices import SliceMetrics, TensorSlice
 from ....engine.staging import reuse_blocks
 from ....errors import FormatError, MissingKeyError, UsageError
 from ....sources.uri import redact
-from ...loading.weights import OpenWeights, locate, open_weights
+from ...loading.weights import OpenWeights, locate, open_weights, slice_checks
 from .lazy import LazyTensor
 from .options import FLAG, LOGGER, LoaderOptions, parse_extra_config
 
@@ -90,15 +89,10 @@ def file_checks(weights: OpenWeights, engine: Mapping[str, Any]) -> dict[int, tu
     """
     out: dict[int, tuple[Any, Verifier | None]] = {}
     for i, index in enumerate(weights.indexes):
-        uri = redact(weights.sources[i].uri)
         try:
-            transform = choose_transform(index, engine.get("encryption"), engine.get("transform"), uri)
+            out[i] = slice_checks(index, weights.sources[i].uri, engine)
         except MissingKeyError as exc:
             raise exc.advise(_key_advice()) from None
-        verify = bool(engine.get("verify_hash"))
-        if verify and index.digest == "none" and transform is None:
-            raise UsageError(f"{uri} has no digests to verify")
-        out[i] = (transform, Verifier(index) if verify else None)
     return out
 
 
