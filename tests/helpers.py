@@ -82,6 +82,27 @@ def random_tensor(dtype: torch.dtype, shape: Sequence[int], seed: int = 0) -> to
     return raw.view(dtype).reshape(tuple(shape))
 
 
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    """A small seeded state dict of four dtypes (float32, bfloat16, int64, bool) with odd shapes."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(300, 257, generator=g),
+        "h": torch.randn(64, 3, generator=g).to(torch.bfloat16),
+        "i": torch.arange(1000, dtype=torch.int64),
+        "b": torch.rand(77, generator=g) > 0.5,
+    }
+
+
+def mapped_fraction(t: torch.Tensor) -> float:
+    """The share of ``t``'s pages present in this process's page tables (``/proc/self/pagemap``)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
+    return sum(1 for e in entries if e >> 63) / len(entries)
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw little-endian bytes of ``t`` (any dtype, any layout, conj/neg bits resolved)."""
     t = t.detach().resolve_conj().resolve_neg().cpu().contiguous()

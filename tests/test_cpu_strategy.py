@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same, flip_byte, random_tensor, write_file
+from helpers import assert_same, flip_byte, mapped_fraction, random_tensor, write_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +82,7 @@ def test_auto_reads_a_cold_file_through_the_page_cache_and_maps_it(tmp_path: Pat
             assert d.metrics.resident is not None and d.metrics.resident < 0.5
             assert d.metrics.stages.read > 0
             # before anything touches it, every page is in the page cache and mapped into this process
-            assert _mapped_fraction(d["large"]) == 1.0
+            assert mapped_fraction(d["large"]) == 1.0
             assert pagecache.resident_fraction(fd, size, samples=10_000, window=4096) == 1.0
             _check(d, tensors)
         with TensorDeserializer(path) as d:  # the load above cached it
@@ -117,10 +117,10 @@ def test_read_through_fills_the_page_cache_before_mapping(tmp_path: Path) -> Non
         finally:
             os.close(devnull)
         assert _resident(fd, start, 1 << 20) == 1.0  # that piece, read (the kernel may read ahead of it)
-        assert _mapped_fraction(m.base[start : start + (1 << 20)]) == 0.0  # and not mapped
+        assert mapped_fraction(m.base[start : start + (1 << 20)]) == 0.0  # and not mapped
         m.read_through(fd, [a, b], threads=4, piece_bytes=300_000)  # pieces round up to whole pages
         for e in (a, b):
-            assert _mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
+            assert mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
             assert_same(m.tensor(e), tensors[e.name])
         os.truncate(path, b.offset + 4096)
         pagecache.evict(path)
@@ -162,7 +162,7 @@ def test_read_through_without_sendfile_faults_pieces_in(
         m = FileMapping(fd, os.fstat(fd).st_size)
         m.read_through(fd, list(index.tensors.values()), threads=1, piece_bytes=1 << 20)
         for e in index.tensors.values():
-            assert _mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
+            assert mapped_fraction(m.base[e.offset : e.offset + e.length]) == 1.0
             assert_same(m.tensor(e), tensors[e.name])
     finally:
         os.close(fd)
@@ -181,16 +181,6 @@ def _resident(fd: int, start: int, length: int) -> float:
         return sum(v & 1 for v in vec) / len(vec)
     finally:
         _libc.munmap(addr, start + length)
-
-
-def _mapped_fraction(t: torch.Tensor) -> float:
-    """The share of ``t``'s pages present in this process's page tables (``/proc/self/pagemap``)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
-    return sum(1 for e in entries if e >> 63) / len(entries)
 
 
 def test_auto_reads_in_parallel_when_it_cannot_map(plain: tuple[Path, dict[str, torch.Tensor]], http_server) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from helpers import mixed_state_dict
 
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.errors import ObjectChangedError, SourceError
@@ -20,20 +21,10 @@ from hf_tensorizer.sources.fsspec import FsspecSource
 pytestmark = pytest.mark.timeout(300)  # the first test may install Azurite (scripts/azurite.sh, ~1 min once)
 
 
-def _state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "w": torch.randn(300, 257, generator=g),
-        "h": torch.randn(64, 3, generator=g).to(torch.bfloat16),
-        "i": torch.arange(1000, dtype=torch.int64),
-        "b": torch.rand(77, generator=g) > 0.5,
-    }
-
-
 @pytest.mark.parametrize("scheme", ["az", "abfs"])
 def test_round_trip_is_bit_identical(tmp_path: Path, azure_container: tuple[str, dict[str, Any]], scheme: str) -> None:
     container, options = azure_container
-    sd = _state_dict()
+    sd = mixed_state_dict()
     uri = f"{scheme}://{container}/models/model.tensors"
     with TensorSerializer(uri, storage_options=options) as s:
         s.write_state_dict(sd)

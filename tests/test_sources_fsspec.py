@@ -14,6 +14,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
+from helpers import mixed_state_dict
 
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.engine.header import read_index
@@ -25,16 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 
 _n = itertools.count()
 FAST = {"retries": 2, "backoff": 0.01, "max_backoff": 0.02}
-
-
-def _state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "w": torch.randn(300, 257, generator=g),
-        "h": torch.randn(64, 3, generator=g).to(torch.bfloat16),
-        "i": torch.arange(1000, dtype=torch.int64),
-        "b": torch.rand(77, generator=g) > 0.5,
-    }
 
 
 def _reference(tmp_path: Path, sd: dict[str, torch.Tensor]) -> bytes:
@@ -64,7 +55,7 @@ def memory_root() -> Any:
 
 
 def test_memory_round_trip_is_bit_identical(tmp_path: Path, memory_root: str) -> None:
-    sd = _state_dict()
+    sd = mixed_state_dict()
     uri = f"{memory_root}/m/model.tensors"
     with TensorSerializer(uri) as s:
         s.write_state_dict(sd)
@@ -76,7 +67,7 @@ def test_memory_round_trip_is_bit_identical(tmp_path: Path, memory_root: str) ->
 
 def test_gcs_round_trip_is_bit_identical(tmp_path: Path, gcs_bucket: tuple[str, dict[str, Any]]) -> None:
     bucket, options = gcs_bucket
-    sd = _state_dict()
+    sd = mixed_state_dict()
     uri = f"gs://{bucket}/models/model.tensors"
     with TensorSerializer(uri, storage_options=options) as s:
         s.write_state_dict(sd)
@@ -113,7 +104,7 @@ def test_gcs_upload_in_several_chunks(gcs_bucket: tuple[str, dict[str, Any]], mo
 
 @pytest.mark.parametrize("kind", ["bytesio", "file"])
 def test_seekable_file_object_round_trip(tmp_path: Path, kind: str) -> None:
-    sd = _state_dict()
+    sd = mixed_state_dict()
     f: Any = io.BytesIO() if kind == "bytesio" else open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
     with f:
         f.write(b"prefix")  # the object starts where the file object is positioned
@@ -155,7 +146,7 @@ class ReadOnlyStream(io.RawIOBase):
 
 
 def test_non_seekable_streams_round_trip(tmp_path: Path) -> None:
-    sd = _state_dict()
+    sd = mixed_state_dict()
     out = WriteOnlyStream()
     sink = open_sink(out)
     assert not sink.can_rewrite_head  # the serializer hashes in a first pass
@@ -261,7 +252,7 @@ def test_sink_abort_and_failure_leave_nothing(memory_root: str) -> None:
         def state_dict(self, *a: Any, **k: Any) -> Any:
             raise RuntimeError("boom")
 
-    sd = _state_dict()
+    sd = mixed_state_dict()
     s = TensorSerializer(uri)
     s.write_state_dict(sd)
     real_write = FsspecSink.write

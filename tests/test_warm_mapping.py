@@ -4,27 +4,16 @@ bytes right, and a file truncated since it was opened is a typed error at load t
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same, random_tensor, write_file
+from helpers import assert_same, mapped_fraction, random_tensor, write_file
 
 from hf_tensorizer import TensorDeserializer
 from hf_tensorizer.engine import mapping, memory
 from hf_tensorizer.errors import ObjectChangedError
-
-
-def _mapped_fraction(t: torch.Tensor) -> float:
-    """The share of ``t``'s pages present in this process's page tables (``/proc/self/pagemap``)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
-    return sum(1 for e in entries if e >> 63) / len(entries)
 
 
 @pytest.fixture()
@@ -51,10 +40,10 @@ def test_a_warm_load_populates_nothing_and_starts_no_thread(
         assert d.metrics.strategy == "mmap" and d.metrics.resident == 1.0
         got = dict(d)
     assert advice == [] and started == []
-    assert _mapped_fraction(got["t3"]) < 0.5  # left to the first access
+    assert mapped_fraction(got["t3"]) < 0.5  # left to the first access
     for name, t in tensors.items():
         assert_same(got[name], t, name)  # the access faults the pages in: bytes right
-    assert _mapped_fraction(got["t3"]) == 1.0
+    assert mapped_fraction(got["t3"]) == 1.0
 
 
 def test_a_file_truncated_after_opening_is_a_typed_error(warm_file: tuple[Path, dict[str, torch.Tensor]]) -> None:
