@@ -3,9 +3,9 @@
 The decision logic against synthetic timings (models of servers that reward parallel ranges, punish them, or sit
 in between; hypothesis for the invariants), then the whole path against real servers on 127.0.0.1: the range
 server paced per connection (rewards parallelism, as real S3 does), the same server with a serialized per-range
-cost (punishes it, as moto does), moto itself, and a load through ``TensorDeserializer`` whose metrics say what
-ran and why. Every byte is checked; timings are never asserted, only which way the decision went under servers
-whose behaviour is set far apart.
+cost (punishes it, as moto does on some machines), moto itself through boto3, and a load through
+``TensorDeserializer`` whose metrics say what ran and why. Every byte is checked; timings are never asserted, only
+which way the decision went under servers whose behaviour is set far apart.
 """
 
 from __future__ import annotations
@@ -217,12 +217,30 @@ def test_range_server_with_serialized_ranges_switches_to_one_stream(http_server:
     assert len(gets) < len(big) // (2 * MiB)  # fewer requests than reads: the stream served most of them
 
 
-def test_moto_switches_to_one_stream(moto_s3: str, s3_client: Any, s3_bucket: str, big: bytes) -> None:
+def test_moto_through_boto3_decides_from_what_it_measured(moto_s3: str, s3_client: Any, s3_bucket: str,
+                                                          big: bytes) -> None:  # fmt: skip
+    """moto's speed depends on the machine (it punished parallel ranges 20x on one VM and not on another), so the
+    decision is checked against the rates the tuner measured through real boto3, not against a fixed outcome."""
     s3_client.put_object(Bucket=s3_bucket, Key="big", Body=big)
     with open_source(f"s3://{s3_bucket}/big", client=s3_client) as src:
         read_all(src, big)
         t = src.tuning
-    assert t["mode"] == "stream", t
+    assert 4 in t["rates"], t  # the probe ran through boto3's ranged GETs
+    if t["mode"] == "stream":
+        assert "before the first byte" in t["steps"][1], t
+    else:
+        assert t["mode"] == "ranged" and t["concurrency"] != 4, t  # it moved on from the probe
+        assert "moved" in t["reason"], t
+
+
+def test_s3_stream_serves_every_byte_through_boto3(moto_s3: str, s3_client: Any, s3_bucket: str,
+                                                   big: bytes) -> None:  # fmt: skip
+    data = big[: 12 * MiB + 4321]
+    s3_client.put_object(Bucket=s3_bucket, Key="streamed", Body=data)
+    with open_source(f"s3://{s3_bucket}/streamed", client=s3_client) as src:
+        src._force("stream", "test")
+        read_all(src, data, read=MiB + 7, threads=6, order="shuffled")
+        assert src.tuning["mode"] == "stream"
 
 
 @pytest.mark.parametrize("order", ["file", "shuffled"])
