@@ -174,6 +174,36 @@ def test_verify_hash_catches_tampering(tmp_path: Path) -> None:
     assert isinstance(err.value, HashMismatchError)
 
 
+_TensorHash = tz.serialization.TensorHash
+
+
+def _zeroed_hash(*args: object, **kwargs: object) -> tz.serialization.TensorHash:
+    """Upstream's own tests' ``mock_invalid_tensor_hash``: every hash record decoded from a file reads as zeros."""
+    record = _TensorHash(*args, **kwargs)
+    record.hash = bytes(len(record.hash))
+    return record
+
+
+@pytest.mark.parametrize("writer", ["ours", "upstream"])
+def test_verify_hash_decodes_stored_hashes_through_tensor_hash(tmp_path: Path, writer: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A patched ``serialization.TensorHash`` is what verification compares with (upstream's test_verification_fail),
+    for our block digests and for an upstream file's CRC32/SHA-256; unpatched, both verify."""
+    path = tmp_path / f"{writer}.tensors"
+    cls = pytest.importorskip("tensorizer").TensorSerializer if writer == "upstream" else TensorSerializer
+    s = cls(str(path))
+    s.write_state_dict({"w": torch.arange(4096.0), "b": torch.ones(3)})
+    s.close()
+    with TensorDeserializer(str(path), device="cpu", verify_hash=True, num_readers=2) as d:
+        assert torch.equal(d["w"], torch.arange(4096.0))
+    monkeypatch.setattr(tz.serialization, "TensorHash", _zeroed_hash)
+    with pytest.raises(tz.serialization.HashMismatchError) as err:
+        TensorDeserializer(str(path), device="cpu", verify_hash=True).close()
+    assert isinstance(err.value, HashMismatchError) and err.value.tensors
+    with TensorDeserializer(str(path), device="cpu") as d:  # no verify_hash: the records are not consulted
+        assert torch.equal(d["b"], torch.ones(3))
+
+
 def test_open_stream_and_file_objects(tmp_path: Path) -> None:
     path = tmp_path / "s.tensors"
     with stream_io.open_stream(str(path), "wb") as f:
