@@ -4,6 +4,7 @@ scripts/upstream_suite.sh; this file is what CI runs without the network)."""
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import pickle
 import threading
@@ -202,6 +203,22 @@ def test_verify_hash_decodes_stored_hashes_through_tensor_hash(tmp_path: Path, w
     assert isinstance(err.value, HashMismatchError) and err.value.tensors
     with TensorDeserializer(str(path), device="cpu") as d:  # no verify_hash: the records are not consulted
         assert torch.equal(d["b"], torch.ones(3))
+
+
+def test_cpu_loads_give_each_tensor_its_own_storage(tmp_path: Path) -> None:
+    """Upstream code hashes and pickles ``tensor.untyped_storage()``: on the default (mapped) CPU load it holds that
+    tensor's bytes alone, and ``torch.save`` of one tensor writes about its own size, not the file's."""
+    path = tmp_path / "big.tensors"
+    s = TensorSerializer(str(path))
+    s.write_state_dict({"small": torch.arange(4.0), "big": torch.zeros(1 << 20)})
+    s.close()
+    with TensorDeserializer(str(path), device="cpu") as d:
+        small = d["small"]
+        assert d._reader.metrics.strategy == "mmap"
+    assert small.untyped_storage().nbytes() == 16
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    assert len(buf.getvalue()) < 4096 < path.stat().st_size // 100
 
 
 def test_open_stream_and_file_objects(tmp_path: Path) -> None:

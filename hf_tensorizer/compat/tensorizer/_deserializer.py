@@ -77,9 +77,6 @@ class TensorDeserializer(Mapping):
                     source, index=index, device=self._device, dtype=dtype, filter=wanted, lazy=lazy_load,
                     num_readers=num_readers, encryption=key_for(index, encryption),
                     verify_hash=bool(verify_hash) and not upstream,
-                    # new tensors, as upstream's: its users hash and pickle tensor.untyped_storage(), which must
-                    # hold that tensor alone, not a shared mapping of the file
-                    strategy="pread" if self._device.type == "cpu" else "auto",
                 )  # fmt: skip
                 if verify_hash and upstream:
                     verify_upstream(self._reader)
