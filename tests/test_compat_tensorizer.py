@@ -221,6 +221,72 @@ def test_cpu_loads_give_each_tensor_its_own_storage(tmp_path: Path) -> None:
     assert len(buf.getvalue()) < 4096 < path.stat().st_size // 100
 
 
+#: upstream's public callables that migrating code calls: the shim must take exactly their parameters
+_UPSTREAM_API = [
+    ("serialization", "TensorSerializer", ("__init__", "write_tensor", "write_state_dict", "write_module", "close")),
+    ("serialization", "TensorDeserializer", ("__init__", "read_tensors", "read_numpy_arrays", "load_into_module",
+                                             "verify_module", "tree", "to_redis", "close")),
+    ("serialization", "EncryptionParams", ("__init__", "random", "from_string")),
+    ("serialization", "DecryptionParams", ("from_key", "from_string")),
+    ("stream_io", None, ("open_stream",)),
+    ("utils", None, ("no_init_or_tensor", "convert_bytes", "get_mem_usage", "get_device", "get_gpu_name")),
+    ("torch_compat", None, ("tensorizer_saving", "tensorizer_loading")),
+]  # fmt: skip
+
+
+def _params(fn: object) -> list[tuple[str, object, object]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("module", "owner", "names"), _UPSTREAM_API)
+def test_public_api_takes_upstreams_parameters(module: str, owner: str | None, names: tuple[str, ...]) -> None:
+    upstream = pytest.importorskip(f"tensorizer.{module}")
+    ours = getattr(tz, module)
+    theirs_owner, ours_owner = (getattr(upstream, owner), getattr(ours, owner)) if owner else (upstream, ours)
+    for name in names:
+        assert _params(getattr(ours_owner, name)) == _params(getattr(theirs_owner, name)), f"{owner}.{name}"
+
+
+def test_read_numpy_arrays_as_upstream(tmp_path: Path) -> None:
+    """Same arrays, flags and opaque dtype names as upstream's ``read_numpy_arrays`` on the same upstream file."""
+    upstream = pytest.importorskip("tensorizer")
+    path = tmp_path / "np.tensors"
+    s = upstream.TensorSerializer(str(path))
+    s.write_state_dict({"f": torch.randn(3, 2), "i": torch.arange(5), "bf": torch.randn(4, dtype=torch.bfloat16)})
+    s.close()
+
+    def rows(cls: type) -> list[tuple]:
+        with cls(str(path), device="cpu", lazy_load=True) as d:  # upstream's eager load consumes its stream
+            return [(i, t, n, a.dtype.str, a.tobytes(), o, dt) for i, t, n, a, o, dt in
+                    d.read_numpy_arrays(allow_raw_data=True)]  # fmt: skip
+
+    ours = rows(TensorDeserializer)
+    assert ours == rows(upstream.TensorDeserializer)
+    assert [r[5:] for r in ours] == [(False, None), (False, None), (True, "torch.bfloat16")]
+    with TensorDeserializer(str(path), device="cpu") as d, pytest.raises(ValueError, match="allow_raw_data"):
+        list(d.read_numpy_arrays())
+
+
+def test_verify_hash_per_call(tmp_path: Path) -> None:
+    """``read_tensors`` / ``load_into_module(verify_hash=True)`` on a deserializer opened without it still verify."""
+    path = tmp_path / "late.tensors"
+    s = TensorSerializer(path)
+    s.write_state_dict({"w": torch.ones(4096), "ok": torch.zeros(2)})
+    s.close()
+    raw = bytearray(path.read_bytes())
+    raw[read_index(path).tensors["w"].offset + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with TensorDeserializer(path, device="cpu", lazy_load=True) as d:
+        assert [n for *_, n, _ in d.read_tensors(filter_func=lambda n: n == "ok", verify_hash=True)] == ["ok"]
+        with pytest.raises(tz.serialization.HashMismatchError):
+            list(d.read_tensors(verify_hash=True))
+        module = torch.nn.Module()
+        module.register_buffer("w", torch.empty(4096))
+        with pytest.raises(tz.serialization.HashMismatchError):
+            d.load_into_module(module, filter_func=lambda n: n == "w", verify_hash=True)
+        assert d.load_into_module(module, filter_func=lambda n: n == "w") == 1  # not asked: not checked
+
+
 def test_open_stream_and_file_objects(tmp_path: Path) -> None:
     path = tmp_path / "s.tensors"
     with stream_io.open_stream(str(path), "wb") as f:

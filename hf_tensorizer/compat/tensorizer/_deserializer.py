@@ -9,6 +9,7 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy
 import torch
 
 from ...engine.header import read_index
@@ -36,6 +37,9 @@ from ._common import (
     source_of,
 )
 
+#: what ``read_numpy_arrays`` yields: ``(module_idx, tensor_type, name, array, is_opaque, torch_dtype)``
+NumpyItem = tuple[int, int, str, numpy.ndarray, bool, str | None]
+
 
 class TensorDeserializer(Mapping):
     """Upstream's ``TensorDeserializer``: a mapping of tensors read by our engine.
@@ -59,23 +63,24 @@ class TensorDeserializer(Mapping):
 
     def __init__(self, file_obj: Any, device: Any = None, filter_func: FilterFuncType | None = None,
                  dtype: torch.dtype | None = None, *, lazy_load: bool = False, plaid_mode: Any = None,
-                 plaid_mode_buffers: Any = None, num_readers: int | None = None, verify_hash: bool | None = None,
+                 plaid_mode_buffers: Any = None, num_readers: int | None = None, verify_hash: bool = False,
                  encryption: Any = None) -> None:  # fmt: skip
         self._device = torch.device(device) if device is not None else default_device()
         src, options = source_of(file_obj)
         source = open_source(src, **options)
         try:
             with Translated():
-                index = read_index(source)
+                self._raw_index = index = read_index(source)
                 upstream = isinstance(index, UpstreamIndex)
                 if verify_hash:
                     index = _decoded_hashes(index)
                 self._filter = filter_func
                 self._upstream_names = index.upstream if upstream else {}
+                self._key, self._verified = key_for(index, encryption), bool(verify_hash)
                 wanted = None if filter_func is None else (lambda n: bool(filter_func(self._public(n))))
                 self._reader = _Reader(
                     source, index=index, device=self._device, dtype=dtype, filter=wanted, lazy=lazy_load,
-                    num_readers=num_readers, encryption=key_for(index, encryption),
+                    num_readers=num_readers, encryption=self._key,
                     verify_hash=bool(verify_hash) and not upstream,
                 )  # fmt: skip
                 if verify_hash and upstream:
@@ -162,15 +167,60 @@ class TensorDeserializer(Mapping):
 
     def read_tensors(self, filter_func: FilterFuncType | None = None, num_tensors: int = -1,
                      verify_hash: bool | None = None) -> Iterator[tuple[int, int, str, torch.Tensor]]:  # fmt: skip
-        """``(module_idx, tensor_type, name, tensor)`` for each tensor, in file order (``module_idx`` is 0)."""
-        count = 0
-        for name in self._names:
-            if num_tensors >= 0 and count >= num_tensors:
-                return
-            if filter_func is not None and not filter_func(self._public(name)):
-                continue
+        """``(module_idx, tensor_type, name, tensor)`` for each tensor, in file order (``module_idx`` is 0).
+
+        ``verify_hash=True`` on a deserializer opened without it checks these tensors' stored bytes first.
+
+        Raises:
+            HashMismatchError: with ``verify_hash``, bytes that do not match their hashes.
+        """
+        names = [n for n in self._names if filter_func is None or filter_func(self._public(n))]
+        names = names if num_tensors < 0 else names[:num_tensors]
+        if verify_hash:
+            self._check_hashes(names)
+        for name in names:
             yield 0, int(self._type(name)), name, self._get(name)
-            count += 1
+
+    def _check_hashes(self, names: list[str]) -> None:
+        """Verify ``names`` now, for a per-call ``verify_hash=True`` when the constructor's was off: their bytes are
+        read again by a verifying reader (our block digests, or upstream's per-tensor hashes)."""
+        todo = [n for n in names if n not in self._meta]
+        if self._verified or not todo:
+            return
+        with Translated():
+            check = _Reader(self._source, index=_decoded_hashes(self._raw_index), device="cpu", filter=todo,
+                            encryption=self._key, verify_hash=not self._upstream)  # fmt: skip
+            try:
+                if self._upstream:
+                    verify_upstream(check)
+            finally:
+                check.close()
+
+    def read_numpy_arrays(self, filter_func: FilterFuncType | None = None, num_tensors: int = -1,
+                          allow_raw_data: bool = False,
+                          verify_hash: bool | None = None) -> Iterator[NumpyItem]:  # fmt: skip
+        """``(module_idx, tensor_type, name, array, is_opaque, torch_dtype)`` per tensor, in file order.
+
+        A dtype numpy lacks (``bfloat16``, the float8s...) is "opaque", as upstream calls it: with ``allow_raw_data``
+        its bytes come back as a signed-integer array of the same width, ``is_opaque`` True and ``torch_dtype`` the
+        torch name (``"torch.bfloat16"``); without it, a ``ValueError``.
+
+        Raises:
+            RuntimeError: the deserializer's device is not the CPU.
+            ValueError: an opaque dtype without ``allow_raw_data``.
+        """
+        if self._device.type != "cpu":
+            raise RuntimeError("read_numpy_arrays is only valid when deserializing to the CPU")
+        for module_idx, tensor_type, name, tensor in self.read_tensors(filter_func, num_tensors, verify_hash):
+            tensor = tensor.detach()
+            if tensor.dtype in _NUMPY_DTYPES:
+                yield module_idx, tensor_type, name, tensor.numpy(), False, None
+                continue
+            raw = _OPAQUE_VIEWS.get(tensor.element_size())
+            if raw is None or not allow_raw_data:
+                raise ValueError(f"{name} has an opaque datatype ({tensor.dtype}): set allow_raw_data=True to read "
+                                 "its bytes as a numpy array, or use read_tensors()")  # fmt: skip
+            yield module_idx, tensor_type, name, tensor.view(raw).numpy(), True, str(tensor.dtype)
 
     def _type(self, name: str) -> TensorType:
         if name in self._meta:
@@ -183,11 +233,13 @@ class TensorDeserializer(Mapping):
 
         Raises:
             RuntimeError: a tensor of the file that ``m`` lacks, or a shape mismatch.
+            HashMismatchError: with ``verify_hash`` (here or in the constructor), bytes that do not match.
         """
+        names = [n for n in self._names if filter_func is None or filter_func(self._public(n))]
+        if verify_hash:
+            self._check_hashes(names)
         count = 0
-        for name in self._names:
-            if filter_func is not None and not filter_func(self._public(name)):
-                continue
+        for name in names:
             module_path, _, attr = name.rpartition(".")
             try:
                 sub = m.get_submodule(module_path) if module_path else m
@@ -212,7 +264,7 @@ class TensorDeserializer(Mapping):
         results = [(name, _same(mine.get(name), self._get(name), name in self._meta)) for name in self._names]
         return all(ok for _, ok in results), results
 
-    def to_redis(self, *args: Any, **kwargs: Any) -> None:
+    def to_redis(self, redis_client: Any, key_prefix: str, force: bool = False) -> None:
         """Not offered: Redis is not a source of ours (docs/compat.md)."""
         raise NotImplementedError("to_redis is not offered by hf_tensorizer's compat layer")
 
@@ -272,6 +324,10 @@ def _decoded_hashes(index: Any) -> Any:
 _NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
                  torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
                  torch.complex128}  # fmt: skip
+
+
+#: the integer dtype upstream views an opaque element of each width as (``_NumpyTensor._intermediate_type``)
+_OPAQUE_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _upstream_version(index: Any, meta: dict[str, Any], flags: FileFeatureFlags) -> int:
