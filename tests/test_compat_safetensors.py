@@ -204,22 +204,33 @@ def test_fuzz_random_headers(header: dict, data: bytes) -> None:
 
 
 def test_every_safetensors_dtype_torch_reads(tmp_path: Path) -> None:
+    """Every torch dtype safetensors writes (its own ``_SIZE`` table, so a dtype it adds shows up here) reads
+    bit-identical to ``safe_open``, on the mapped and the streamed path, scalars and empty tensors included."""
+    from safetensors import safe_open
+
     g = torch.Generator().manual_seed(1)
-    sd = {
-        "e4m3fnuz": torch.randn(4, 6, generator=g).to(torch.float8_e4m3fnuz),
-        "e5m2fnuz": torch.randn(4, 6, generator=g).to(torch.float8_e5m2fnuz),
-        "e8m0": torch.rand(5, generator=g).to(torch.float8_e8m0fnu),
-        "f4": torch.randint(0, 255, (3, 4), dtype=torch.uint8, generator=g).view(torch.float4_e2m1fn_x2),
-        "u32": torch.arange(7).to(torch.uint32),
-    }
-    path = tmp_path / "odd.safetensors"
+    dtypes = [dt for dt in st_torch._SIZE if dt is not None]
+    assert len(dtypes) >= 20 and torch.float4_e2m1fn_x2 in dtypes and torch.float8_e8m0fnu in dtypes
+    sd = {}
+    for dt in dtypes:
+        name = str(dt).removeprefix("torch.")
+        if dt is torch.bool:
+            sd[name] = torch.randint(0, 2, (3, 4), generator=g).bool()
+        else:  # any bit pattern: NaNs and all, compared bitwise
+            size = torch.empty((), dtype=dt).element_size()
+            sd[name] = torch.randint(0, 256, (3, 4 * size), dtype=torch.uint8, generator=g).view(dt)
+        if dt is not torch.float4_e2m1fn_x2:  # safetensors refuses a 0-d or empty F4 (its shape counts halves)
+            sd[name + ".scalar"], sd[name + ".empty"] = sd[name][0, 0].clone(), sd[name][:0]
+    path = tmp_path / "every.safetensors"
     st_torch.save_file(sd, str(path))
-    ref = st_torch.load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        ref = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - a safe_open handle is not iterable
+    assert ref.keys() == sd.keys()
     for strategy in ("mmap", "pread"):
         with TensorDeserializer(path, strategy=strategy) as d:
             for name in sd:
-                assert same(d[name], ref[name]), (name, strategy)
-    assert read_index(path).tensors["f4"].shape == (3, 4)  # stored as [3, 8] values: torch's pairs, as safe_open
+                assert same(d[name], ref[name]) and same(d[name], sd[name]), (name, strategy)
+    assert read_index(path).tensors["float4_e2m1fn_x2"].shape == (3, 4)  # stored as [3, 8] values, as safe_open
 
 
 def _slice_file(tmp_path: Path) -> Path:
