@@ -6,7 +6,7 @@ import dataclasses
 import json
 import struct
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy
@@ -30,6 +30,7 @@ from ._common import (
     FileFeatureFlags,
     FilterFuncType,
     HashType,
+    TensorHash,
     TensorType,
     Translated,
     default_device,
@@ -290,14 +291,23 @@ def _same(theirs: torch.Tensor | None, ours: torch.Tensor, ours_meta: bool) -> b
     return a.numel() == 0 or torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
 
 
+def _own_tensor_hash() -> Callable[..., Any]:
+    return TensorHash
+
+
+#: the record type stored hashes are decoded through, asked for on each open: :mod:`.serialization` points this at
+#: its own ``TensorHash`` name, so code that patches ``serialization.TensorHash`` (upstream's tests do) is heard
+hash_record: Callable[[], Callable[..., Any]] = _own_tensor_hash
+
+
 def _decoded_hashes(index: Any) -> Any:
-    """``index`` with every stored hash decoded through ``serialization.TensorHash``, as upstream's reader decodes
-    its headers' hashes: looked up at call time, so code that patches that name (upstream's own tests do) sees its
-    records used for verification. Our block digests and upstream's CRC32/SHA-256 alike round-trip unchanged."""
-    from . import serialization  # at call time: a patched name counts, and no import cycle
+    """``index`` with every stored hash decoded through :data:`hash_record`, as upstream's reader decodes its
+    headers' hashes into ``TensorHash`` records. Our block digests and upstream's CRC32/SHA-256 alike round-trip
+    unchanged unless the record type is patched."""
+    cls = hash_record()
 
     def record(kind: HashType, value: bytes) -> bytes:
-        return bytes(serialization.TensorHash(type=kind, hash=value).hash)
+        return bytes(cls(type=kind, hash=value).hash)
 
     if isinstance(index, UpstreamIndex):
         infos = {}
