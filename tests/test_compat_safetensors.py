@@ -341,3 +341,34 @@ def test_safe_open_surface(tmp_path: Path) -> None:
         ours.safe_open(path, framework="np")
     with pytest.raises(TensorizerError, match="backend"):
         ours.load_file(path, backend="io_uring")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "upstream"])
+def test_other_formats_load_into_per_tensor_storages(tmp_path: Path, fmt: str) -> None:
+    """Issue 23: safetensors and upstream tensorizer files too, on every CPU path (mapped, lazy, streamed) and through
+    the safetensors-style readers: a small tensor's storage is its own bytes, so ``torch.save`` of it stays small."""
+    import io
+
+    from hf_tensorizer.compat import safetensors as ours
+
+    sd = {"four": torch.arange(4.0), "big": torch.randn(512, 512)}
+    path = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m.tensors")
+    if fmt == "safetensors":
+        st_torch.save_file(sd, str(path))
+    else:
+        upstream = pytest.importorskip("tensorizer")
+        s = upstream.TensorSerializer(str(path))
+        s.write_state_dict(sd)
+        s.close()
+    got = []
+    for kw in ({}, {"lazy": True}, {"strategy": "pread"}):
+        with TensorDeserializer(path, **kw) as d:
+            got.append(d["four"])
+    got.append(ours.load_file(path)["four"])
+    with ours.safe_open(path, "pt") as f:
+        got += [f.get_tensor("four"), f.get_slice("big")[:1, :4]]
+    for t in got:
+        assert t.untyped_storage().nbytes() == t.numel() * 4
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        assert len(buf.getvalue()) < 2000
