@@ -354,3 +354,17 @@ def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
     code, log = failed_starts({"broken": (str(models / "broken"), {"verify_hash": True}, None)}, tmp_path)["broken"]
     assert code != 0
     assert "HashMismatchError" in log and "lm_head.weight" in log
+
+
+@pytest.mark.skipif(not os.environ.get("HF_TENSORIZER_VLLM_DP"), reason="set HF_TENSORIZER_VLLM_DP=1 (2 engines: "
+                    "~1 min idle, ~5 min on a busy 2-core machine, over the CI budget)")  # fmt: skip
+def test_data_parallel_replicas(models: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    """``--data-parallel-size 2`` on vLLM's CPU backend: the same tokens; with ``distributed: true`` each replica
+    says it is alone in its process group (vLLM runs dense DP ranks as independent engines) and reads every byte."""
+    with serve(str(models / "artifact"), tmp_path, extra={"distributed": True},
+               args=["--data-parallel-size", "2"]) as s:  # fmt: skip
+        assert [s.tokens(p) for p in PROMPTS] == reference
+        log = s.log()
+    assert LOADED.findall(log) == ["pread", "pread"]  # two replicas, each loaded (distributed: read, not mapped)
+    assert log.count("distributed=true but this worker's process group has one rank") == 2
+    assert len(re.findall(r"this replica read \d+ of \d+ bytes \(rank 0 of 1", log)) == 2
