@@ -143,13 +143,13 @@ def serve(model: str, tmp: Path, load_format: str = "hf_tensorizer", extra: dict
         _stop(proc)
 
 
-def failed_starts(runs: dict[str, tuple[str, dict[str, Any] | None, dict[str, str] | None]], tmp: Path,
+def failed_starts(runs: dict[str, tuple[Any, ...]], tmp: Path,
                   timeout: float = START_TIMEOUT) -> dict[str, tuple[int, str]]:  # fmt: skip
-    """Start one ``vllm serve`` per entry (name -> (model, extra config, env)), all at once, each of which must
-    fail: name -> (exit code, log)."""
+    """Start one ``vllm serve`` per entry (name -> (model, extra config, env[, more arguments])), all at once, each
+    of which must fail: name -> (exit code, log)."""
     procs = {}
-    for name, (model, extra, env) in runs.items():
-        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra),
+    for name, (model, extra, env, *args) in runs.items():
+        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra, *args),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(env), cwd=tmp,
                                        text=True, start_new_session=True)  # fmt: skip
     out = {}
@@ -322,8 +322,8 @@ def test_http_encrypted_artifact_same_tokens(models: Path, http_root: str, refer
 
 def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[str, dict[str, str]],
                                              _moto_server: str, tmp_path: Path) -> None:  # fmt: skip
-    """An unknown option, a wrong key, no key, a missing S3 object: vLLM's front-end stops with our typed error
-    before it starts an engine (the four run at once)."""
+    """An unknown option, a wrong key, no key, a missing S3 object, a missing S3 LoRA adapter: vLLM's front-end
+    stops with our typed error before it starts an engine (the five run at once)."""
     from hf_tensorizer.crypto import EncryptionKey
 
     wrong = tmp_path / "wrong.key"
@@ -336,6 +336,9 @@ def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[st
         "wrong key": (enc, {"key_file": str(wrong)}, None),
         "no key": (enc, None, None),
         "missing": ("s3://vllm-models/no-such-model", {"endpoint_url": _moto_server}, s3_env),
+        # a local model takes no S3 options (UsageError): the endpoint of boto3's own environment
+        "lora": (str(models / "artifact"), None, {**s3_env, "AWS_ENDPOINT_URL_S3": _moto_server},
+                 ["--enable-lora", "--lora-modules", "x=s3://vllm-models/no-such-adapter"]),
     }, tmp_path)  # fmt: skip
     for name, (code, log) in results.items():
         assert code != 0, name
@@ -347,6 +350,8 @@ def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[st
     assert "MissingKeyError" in results["no key"][1] and "key_file" in results["no key"][1]  # vLLM's spelling
     log = results["missing"][1]
     assert "SourceError" in log and "no-such-model" in log
+    log = results["lora"][1]
+    assert "SourceError" in log and "no-such-adapter" in log
 
 
 def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
