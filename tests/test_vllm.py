@@ -10,6 +10,7 @@ missing object, corrupt data) must stop start-up quickly with our typed error's 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -63,7 +64,8 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), VLLM_LOGGING_LEVEL="INFO", OMP_NUM_THREADS="1")  # fmt: skip
     env.pop("VLLM_MODEL_REDIRECT_PATH", None)
-    env.pop("HF_TENSORIZER_VLLM_RESOLVED", None)
+    for name in ("HF_TENSORIZER_VLLM_RESOLVED", "HF_TENSORIZER_VLLM_LORAS", "HF_TENSORIZER_LORA_ROOT"):
+        env.pop(name, None)
     env.update(extra or {})
     return env
 
@@ -77,9 +79,9 @@ class Served:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def tokens(self, prompt: str, max_tokens: int = 16) -> list[int]:
-        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": 0,
-                "return_token_ids": True}  # fmt: skip
+    def tokens(self, prompt: str, max_tokens: int = 16, model: str = "m", ignore_eos: bool = False) -> list[int]:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": 0,
+                "return_token_ids": True, "ignore_eos": ignore_eos}  # fmt: skip
         req = urllib.request.Request(f"{self.base}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -141,13 +143,13 @@ def serve(model: str, tmp: Path, load_format: str = "hf_tensorizer", extra: dict
         _stop(proc)
 
 
-def failed_starts(runs: dict[str, tuple[str, dict[str, Any] | None, dict[str, str] | None]], tmp: Path,
+def failed_starts(runs: dict[str, tuple[Any, ...]], tmp: Path,
                   timeout: float = START_TIMEOUT) -> dict[str, tuple[int, str]]:  # fmt: skip
-    """Start one ``vllm serve`` per entry (name -> (model, extra config, env)), all at once, each of which must
-    fail: name -> (exit code, log)."""
+    """Start one ``vllm serve`` per entry (name -> (model, extra config, env[, more arguments])), all at once, each
+    of which must fail: name -> (exit code, log)."""
     procs = {}
-    for name, (model, extra, env) in runs.items():
-        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra),
+    for name, (model, extra, env, *args) in runs.items():
+        procs[name] = subprocess.Popen(_command(model, "hf_tensorizer", _free_port(), extra, *args),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(env), cwd=tmp,
                                        text=True, start_new_session=True)  # fmt: skip
     out = {}
@@ -174,7 +176,10 @@ def _once(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bo
     worker fills it under a file lock while the others wait (one model build, one reference server per run)."""
     from filelock import FileLock
 
-    root = factory.getbasetemp().parent / name  # the base of every worker's temp folder
+    # the base of every worker's temp folder (without xdist: pytest's root, kept across runs, so the name carries
+    # the digest of the model builder: a run never serves models an older builder made)
+    built_by = hashlib.sha256((ROOT / "tests" / "vllm" / "build_models.py").read_bytes()).hexdigest()[:12]
+    root = factory.getbasetemp().parent / f"{name}-{built_by}"
     with FileLock(str(root) + ".lock"):
         done = root / ".done"
         root.mkdir(exist_ok=True)
@@ -186,8 +191,12 @@ def _once(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bo
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with _once(tmp_path_factory, "vllm-models") as (out, todo):
         if todo:
-            subprocess.run([str(PYTHON), str(ROOT / "tests" / "vllm" / "build_models.py"), str(out)], check=True,
-                           cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
+            build = str(ROOT / "tests" / "vllm" / "build_models.py")
+            subprocess.run([str(PYTHON), build, str(out), "--only", "stock,artifact,encrypted,broken,quant"],
+                           check=True, cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
+            # the LoRA adapters need peft, which the test venv has and vLLM's does not (shapes and seeds only)
+            subprocess.run([sys.executable, build, str(out), "--only", "lora"], check=True, cwd=ROOT, env=_env(),
+                           capture_output=True)  # fmt: skip
     return out
 
 
@@ -233,12 +242,42 @@ def s3_artifact(models: Path, _moto_server: str) -> tuple[str, dict[str, str]]:
 # ---- same tokens from every source ----------------------------------------------------------------------------
 
 
-def test_local_artifact_same_tokens_as_stock(models: Path, reference: list[list[int]], tmp_path: Path) -> None:
-    with serve(str(models / "artifact"), tmp_path) as s:
+LOADED = re.compile(r"Loading weights took [0-9.]+ seconds \([0-9.]+ GB, [0-9.]+ GB/s, hf_tensorizer (\w+)\)")
+
+
+def test_local_artifact_and_lora_adapters_same_tokens_as_stock(models: Path, reference: list[list[int]],
+                                                               http_root: str, tmp_path: Path) -> None:  # fmt: skip
+    """The local artifact with LoRA on (one server for both): the base model gives the reference tokens; the
+    tensorized PEFT adapter, given to ``--lora-modules`` as a local folder and resolved by name over HTTP
+    (``HF_TENSORIZER_LORA_ROOT``), gives the tokens of the stock adapter folder, which differ from the base's."""
+    env = {"HF_TENSORIZER_CACHE": str(tmp_path / "cache"), "HF_TENSORIZER_LORA_ROOT": http_root,
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # fmt: skip
+    args = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "3",
+            "--lora-modules", f"stock={models / 'lora-stock'}", f"ours={models / 'lora-artifact'}"]  # fmt: skip
+    with serve(str(models / "artifact"), tmp_path, env=env, args=args) as s:
         assert [s.tokens(p) for p in PROMPTS] == reference
+        stock = [s.tokens(p, model="stock", ignore_eos=True) for p in PROMPTS]
+        assert [s.tokens(p, model="ours", ignore_eos=True) for p in PROMPTS] == stock
+        assert [s.tokens(p, model="lora-artifact", ignore_eos=True) for p in PROMPTS] == stock  # the resolver
         log = s.log()
-    assert "Loading weights took" in log and "hf_tensorizer mmap" in log  # local: mapped, zero copy
-    assert "GB/s" in log
+    assert stock != reference  # the adapter does change the completions
+    assert LOADED.findall(log) == ["mmap"]  # vLLM's own line, with our throughput; local: mapped, zero copy
+    assert "LoRA adapter ours read into a local folder" in log and "Resolved and loaded LoRA adapter" in log
+    cached = [p.name for p in (tmp_path / "cache").rglob("*")]
+    assert "adapter_model.safetensors" in cached and "adapter_model.tensors" not in cached
+
+
+def test_prequantized_artifact_same_tokens_as_stock(models: Path, tmp_path: Path) -> None:
+    """A compressed-tensors W8A8 int8 model (vLLM's CPU int8 kernel), saved tensorized from transformers: the same
+    greedy tokens as vLLM serving the stock checkpoint."""
+    outputs, logs = [], []
+    for folder, load_format in (("quant-stock", "safetensors"), ("quant-artifact", "hf_tensorizer")):
+        with serve(str(models / folder), tmp_path, load_format=load_format) as s:
+            outputs.append([s.tokens(p, ignore_eos=True) for p in PROMPTS])
+            logs.append(s.log())
+    assert outputs[1] == outputs[0]
+    assert all("CompressedTensorsW8A8Int8" in log for log in logs)  # quantized kernels in both
+    assert LOADED.findall(logs[1]) == ["mmap"]
 
 
 def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],
@@ -254,7 +293,7 @@ def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tupl
     with serve(uri, tmp_path, extra=extra, env=env, args=["--tensor-parallel-size", "2"]) as s:
         assert [s.tokens(p) for p in PROMPTS] == reference
         log = s.log()
-    assert "resolved to" in log and "Loading weights took" in log
+    assert "resolved to" in log and LOADED.findall(log) == ["slices", "slices"]
     reads = [(int(a), int(b)) for a, b in re.findall(r"this rank read (\d+) of (\d+) bytes", log)]
     assert len(reads) == 2
     from hf_tensorizer.engine import read_index
@@ -283,8 +322,8 @@ def test_http_encrypted_artifact_same_tokens(models: Path, http_root: str, refer
 
 def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[str, dict[str, str]],
                                              _moto_server: str, tmp_path: Path) -> None:  # fmt: skip
-    """An unknown option, a wrong key, no key, a missing S3 object: vLLM's front-end stops with our typed error
-    before it starts an engine (the four run at once)."""
+    """An unknown option, a wrong key, no key, a missing S3 object, a missing S3 LoRA adapter: vLLM's front-end
+    stops with our typed error before it starts an engine (the five run at once)."""
     from hf_tensorizer.crypto import EncryptionKey
 
     wrong = tmp_path / "wrong.key"
@@ -297,6 +336,9 @@ def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[st
         "wrong key": (enc, {"key_file": str(wrong)}, None),
         "no key": (enc, None, None),
         "missing": ("s3://vllm-models/no-such-model", {"endpoint_url": _moto_server}, s3_env),
+        # a local model takes no S3 options (UsageError): the endpoint of boto3's own environment
+        "lora": (str(models / "artifact"), None, {**s3_env, "AWS_ENDPOINT_URL_S3": _moto_server},
+                 ["--enable-lora", "--lora-modules", "x=s3://vllm-models/no-such-adapter"]),
     }, tmp_path)  # fmt: skip
     for name, (code, log) in results.items():
         assert code != 0, name
@@ -308,6 +350,8 @@ def test_startup_failures_stop_the_front_end(models: Path, s3_artifact: tuple[st
     assert "MissingKeyError" in results["no key"][1] and "key_file" in results["no key"][1]  # vLLM's spelling
     log = results["missing"][1]
     assert "SourceError" in log and "no-such-model" in log
+    log = results["lora"][1]
+    assert "SourceError" in log and "no-such-adapter" in log
 
 
 def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
@@ -315,3 +359,17 @@ def test_corrupt_weights_stop_the_workers(models: Path, tmp_path: Path) -> None:
     code, log = failed_starts({"broken": (str(models / "broken"), {"verify_hash": True}, None)}, tmp_path)["broken"]
     assert code != 0
     assert "HashMismatchError" in log and "lm_head.weight" in log
+
+
+@pytest.mark.skipif(not os.environ.get("HF_TENSORIZER_VLLM_DP"), reason="set HF_TENSORIZER_VLLM_DP=1 (2 engines: "
+                    "~1 min idle, ~5 min on a busy 2-core machine, over the CI budget)")  # fmt: skip
+def test_data_parallel_replicas(models: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    """``--data-parallel-size 2`` on vLLM's CPU backend: the same tokens; with ``distributed: true`` each replica
+    says it is alone in its process group (vLLM runs dense DP ranks as independent engines) and reads every byte."""
+    with serve(str(models / "artifact"), tmp_path, extra={"distributed": True},
+               args=["--data-parallel-size", "2"]) as s:  # fmt: skip
+        assert [s.tokens(p) for p in PROMPTS] == reference
+        log = s.log()
+    assert LOADED.findall(log) == ["pread", "pread"]  # two replicas, each loaded (distributed: read, not mapped)
+    assert log.count("distributed=true but this worker's process group has one rank") == 2
+    assert len(re.findall(r"this replica read \d+ of \d+ bytes \(rank 0 of 1", log)) == 2

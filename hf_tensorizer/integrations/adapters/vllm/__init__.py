@@ -3,8 +3,9 @@
 Installed with the ``[vllm]`` extra; vLLM finds it through the ``vllm.general_plugins`` entry point
 (``hf_tensorizer = hf_tensorizer.integrations.adapters.vllm:register``), which vLLM runs in each of its
 processes. :func:`register` adds the load format with vLLM's public ``register_model_loader`` and, in the
-front-end, resolves a remote ARTIFACT's small files (:mod:`.frontend`); :mod:`.loader` streams the weights,
-:mod:`.lazy` makes tensor-parallel ranks read only their shards, :mod:`.options` checks the extra config.
+front-end, resolves a remote ARTIFACT's small files (:mod:`.frontend`) and tensorized LoRA adapters (:mod:`.lora`);
+:mod:`.loader` streams the weights, :mod:`.lazy` makes tensor-parallel ranks read only their shards,
+:mod:`.options` checks the extra config.
 See docs/vllm.md.
 """
 
@@ -18,19 +19,21 @@ __all__ = ["LOAD_FORMAT", "engine_args", "register"]
 
 
 def register() -> None:
-    """vLLM's general-plugin hook: register ``--load-format hf_tensorizer``, then resolve a remote model of this
-    command line (front-end process only; vLLM's own processes inherit the result).
+    """vLLM's general-plugin hook: register ``--load-format hf_tensorizer``, then resolve a remote model and
+    tensorized ``--lora-modules`` of this command line (front-end process only; vLLM's own processes inherit the
+    result), and register the LoRA resolver when ``HF_TENSORIZER_LORA_ROOT`` is set.
 
     Raises:
         UsageError / SourceError / FormatError: a remote artifact that cannot be resolved (vLLM stops).
     """
     from vllm.model_executor.model_loader import register_model_loader
 
-    from .frontend import resolve_command_line
+    from .frontend import resolve_command_line, resolve_loras
     from .loader import loader_class
 
     register_model_loader(LOAD_FORMAT)(loader_class())
     resolve_command_line()
+    resolve_loras()
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ from .options import FLAG, LOGGER, parse_extra_config
 
 LOAD_FORMAT = "hf_tensorizer"
 _DONE_ENV = "HF_TENSORIZER_VLLM_RESOLVED"  # set for the processes vLLM starts: resolved once, in the front-end
+_LORA_DONE_ENV = "HF_TENSORIZER_VLLM_LORAS"  # the same for --lora-modules
 
 
 def _value(argv: Sequence[str], flag: str) -> tuple[int, str] | None:
@@ -145,10 +146,39 @@ def resolve_command_line(argv: list[str] | None = None) -> str | None:
     return folder
 
 
+def resolve_loras(argv: list[str] | None = None) -> list[str]:
+    """In a front-end: rewrite ``--lora-modules`` entries naming tensorized adapters to local folders vLLM reads
+    (:func:`~.lora.resolve_lora_modules`; with the transport options of ``--model-loader-extra-config`` when the
+    load format is ours), and register the LoRA resolver when ``HF_TENSORIZER_LORA_ROOT`` is set. Returns the
+    names of the adapters rewritten.
+
+    Raises:
+        UsageError / SourceError / FormatError / MissingKeyError / DecryptionError: an adapter cannot be read.
+    """
+    from .lora import ROOT_ENV, register_resolver, resolve_lora_modules
+
+    argv = sys.argv if argv is None else argv
+    ours = serve_arguments(argv)
+    extra = ours[1] if ours is not None else None
+    resolver = register_resolver(extra)  # in every process: vLLM's API servers ask it
+    if os.environ.get(_LORA_DONE_ENV):
+        return []
+    os.environ[_LORA_DONE_ENV] = "1"
+    if resolver:
+        _log(f"hf_tensorizer: LoRA adapters by name from {redact(os.environ[ROOT_ENV])}")
+    names = resolve_lora_modules(argv, extra)
+    for name in names:
+        _log(f"hf_tensorizer: LoRA adapter {name} read into a local folder for vLLM's LoRA loader")
+    return names
+
+
 def _log_resolved(model: str, folder: str) -> None:
+    _log(f"hf_tensorizer: {redact(model)} resolved to {folder} (configs and tokenizer; weights stream from the source)")
+
+
+def _log(msg: str) -> None:
     import logging
 
-    msg = f"hf_tensorizer: {redact(model)} resolved to {folder} (configs and tokenizer; weights stream from the source)"
     log = logging.getLogger(LOGGER)
     if log.hasHandlers() and log.isEnabledFor(logging.INFO):
         log.info(msg)

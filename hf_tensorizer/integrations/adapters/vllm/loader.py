@@ -75,6 +75,7 @@ def streamed(weights: OpenWeights, engine: Mapping[str, Any], device: torch.devi
                 raise exc.advise(_key_advice()) from None
             with d:
                 stats["bytes"] += d.metrics.bytes
+                stats["read"] += d.metrics.bytes_read
                 stats["strategy"] = d.metrics.strategy
                 yield from d.items()
 
@@ -141,6 +142,15 @@ def _tp_world() -> int:
         return 1
 
 
+def _world() -> tuple[int, int]:
+    """(rank, size) of the default process group: every replica of a ``distributed`` load ((0, 1) without one)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _loader_base() -> type:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
@@ -183,12 +193,19 @@ class HfTensorizerLoaderMixin:
         if tp > 1 and opts.engine.get("distributed"):
             raise UsageError(f"{FLAG}: distributed=true shares whole tensors between replicas; with "
                              f"tensor_parallel_size={tp} every rank reads its own shards instead")  # fmt: skip
+        if opts.engine.get("distributed") and tp == 1 and _world()[1] == 1:
+            # vLLM runs the data-parallel ranks of a dense model as independent engines, each in a world of one
+            # (vllm/v1/engine/core.py, reconfigure_for_independent_dp_rank): no group spans the replicas
+            log.warning(
+                "hf_tensorizer: distributed=true but this worker's process group has one rank (vLLM "
+                "runs data-parallel replicas of a dense model as independent engines): it reads every byte"
+            )
         with open_weights(uris, **opts.transport) as weights:
             total = sum(weights.entry(n).length for n in weights.file_of if weights.entry(n).alias is None)
             log.info("hf_tensorizer: loading %d tensors (%.2f GB) from %s", len(weights.file_of), total / 1e9,
                      redact(root))  # fmt: skip
             device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-            stats: dict[str, Any] = {"bytes": 0, "strategy": "slices"}
+            stats: dict[str, Any] = {"bytes": 0, "read": 0, "strategy": "slices"}
             metrics = SliceMetrics()
             if tp > 1:
                 tensors: Iterator[tuple[str, torch.Tensor]] = sliced(weights, opts.engine, metrics)
@@ -202,6 +219,9 @@ class HfTensorizerLoaderMixin:
         if tp > 1:
             log.info("hf_tensorizer: this rank read %d of %d bytes (%d requests, %.1f%% over-read)", metrics.bytes,
                      metrics.whole, metrics.requests, 100 * metrics.overread)  # fmt: skip
+        elif opts.engine.get("distributed"):
+            log.info("hf_tensorizer: this replica read %d of %d bytes (rank %d of %d; the others sent the rest)",
+                     stats["read"], stats["bytes"], *_world())  # fmt: skip
         if loaded is not None and model_config.quantization is None:
             _check_complete(model, set(loaded), root)
 
