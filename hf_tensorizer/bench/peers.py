@@ -376,6 +376,30 @@ def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB, *, fre
     return sum(total)
 
 
+def read_once(paths: list[Path]) -> int:
+    """Evict ``paths``, then read each once, one after the other, front to back on one thread; returns bytes.
+
+    Why: the page cache keeps a file in folios whose sizes follow how its pages got there (a sequential read
+    ramps readahead up to large folios, parallel far-apart reads leave small ones), and mapping a file costs a
+    fault per folio. The warm runs of ``bench --page-cache same`` start from this, so that every loader's file
+    has the same history and the rows compare loaders, not write or read histories.
+    """
+    evict(paths)
+    return sum(_read_one(p, MiB) for p in paths)
+
+
+def scratch_copy(src: Path, dst: Path, chunk: int = 64 * MiB) -> Path:
+    """Copy ``src`` to ``dst`` with large reads and writes (for measurements that must evict a file without
+    disturbing the page cache of a file that a loader reads)."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as out:
+        while k := f.readinto(buf):
+            out.write(view[:k])
+        os.fsync(out.fileno())
+    return dst
+
+
 def _read_one(path: Path, chunk: int = 64 * MiB) -> int:
     buf = bytearray(chunk)
     n = 0
