@@ -40,8 +40,16 @@ def test_loading_a_file_imports_only_the_read_path(tmp_path: Path) -> None:
     )
     assert "hf_tensorizer.engine.reader" in mods
     for unneeded in ("hf_tensorizer.engine.writer", "hf_tensorizer.upstream.format", "hf_tensorizer.engine.layout",
-                     "hf_tensorizer.engine.prewarm", "isal"):  # fmt: skip
+                     "hf_tensorizer.engine.prewarm", "isal", "hf_tensorizer.engine.distributed",
+                     "hf_tensorizer.engine.rankwatch", "hf_tensorizer.engine.modules"):  # fmt: skip
         assert unneeded not in mods, unneeded
+
+
+def test_load_info_is_still_exported_where_it_was() -> None:
+    import hf_tensorizer
+    from hf_tensorizer.engine import modules, reader
+
+    assert hf_tensorizer.LoadInfo is reader.LoadInfo is modules.LoadInfo
 
 
 def test_upstream_magic_is_the_upstream_decoders() -> None:
