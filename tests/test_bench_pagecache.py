@@ -85,3 +85,32 @@ def test_same_page_cache_reads_every_file_once_before_the_warm_runs(
     assert results["page_cache"] == "as-written" and calls == []
     with pytest.raises(ValueError, match="page_cache"):
         runner.run_bench(tmp_path / "ckpt", ["hft"], "cpu", page_cache="cold", **kw)
+
+
+def test_ours_imports_nothing_inside_the_timer(tmp_path: Path) -> None:
+    """Every loader's modules are imported before its timer: ours imports lazily, so the bench names the load path's
+    modules (without them a fresh interpreter compiled and imported ~30 modules inside the timed load)."""
+    import json
+    import subprocess
+    import sys
+
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(tmp_path / "model.tensors") as s:
+        s.write_state_dict({"w": __import__("torch").ones(1000)})
+    code = (
+        "import importlib, json, sys\n"
+        "from hf_tensorizer.bench import peers\n"
+        "p = peers.resolve('hft')\n"
+        "for m in p.modules: importlib.import_module(m)\n"
+        "before = set(sys.modules)\n"
+        f"sd = p.fn(peers.Ctx(peers.Path({str(tmp_path)!r})), 'cpu')\n"
+        "print(json.dumps(sorted(m for m in set(sys.modules) - before if m.startswith('hf_tensorizer'))))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

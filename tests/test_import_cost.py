@@ -76,3 +76,17 @@ def test_transformers_from_pretrained_does_not_import_diffusers(tmp_path: Path) 
     )
     assert "hf_tensorizer.integrations.adapters.transformers.load" in mods
     assert not {m for m in mods if m == "diffusers" or m.startswith("diffusers.")}
+
+
+def test_a_cpu_load_naming_its_device_does_not_import_the_cuda_prewarm(tmp_path: Path) -> None:
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(tmp_path / "m.tensors") as s:
+        s.write_state_dict({"w": torch.ones(8)})
+    mods = _modules_after(
+        "import torch\nfrom hf_tensorizer import TensorDeserializer\n"
+        "for dev in ('cpu', torch.device('cpu')):\n"
+        "    assert float(TensorDeserializer('m.tensors', device=dev)['w'].sum()) == 8\n",
+        tmp_path,
+    )
+    assert "hf_tensorizer.engine.prewarm" not in mods

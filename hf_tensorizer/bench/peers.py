@@ -304,6 +304,10 @@ def loaders_legend() -> str:
     return "\n".join(lines)
 
 
+# what a load imports on first use (the package imports lazily): imported before the timer, as every peer's are
+_HFT_MODULES = ("hf_tensorizer", "hf_tensorizer.engine.reader", "hf_tensorizer.engine.mapping")
+
+
 def resolve(name: str) -> Peer:
     """The Peer for a loader name (peers by name, ours as ``hft`` plus keyword variants)."""
     if name in PEERS:
@@ -317,9 +321,7 @@ def resolve(name: str) -> Peer:
         return load_hft(ctx, device, **kw)
 
     fn.__doc__ = load_hft.__doc__
-    return Peer(
-        name, f"ours ({desc})", "hft", ("hf_tensorizer",), fn, cuda_only=kw.get("strategy") == "register", ours=True
-    )
+    return Peer(name, f"ours ({desc})", "hft", _HFT_MODULES, fn, cuda_only=kw.get("strategy") == "register", ours=True)
 
 
 # Limits ------------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         **source_options: Any,
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
-        if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
+        if device is not None and str(device) != "cpu" and strategy not in ("register", "mmap"):  # pin meanwhile
             from .prewarm import prewarm  # CUDA-only work: imported on first use, not with the reader
 
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
