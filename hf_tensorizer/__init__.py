@@ -27,7 +27,7 @@ from .version import __version__
 
 # public name -> the submodule that defines it
 _LAZY = {
-    "LoadInfo": "engine.reader",
+    "LoadInfo": "engine.modules",
     "LoadMetrics": "engine.pipeline",
     "TensorDeserializer": "engine.reader",
     "TensorSerializer": "engine.writer",

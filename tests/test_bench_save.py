@@ -72,3 +72,10 @@ def test_first_use_bench_times_every_kind_in_fresh_processes(tmp_path: Path) -> 
     assert set(res["times"]) == set(first.CODE)
     assert all(len(t["runs"]) == 1 and t["min"] > 0 for t in res["times"].values())
     assert len(res["ours_minus_safetensors"]) == 1
+    # our package was byte-compiled as an install would (PYTHONDONTWRITEBYTECODE or not): no compile in the timer
+    import importlib.util
+
+    import hf_tensorizer.engine.reader as reader
+
+    assert res["compiled"] is True
+    assert Path(importlib.util.cache_from_source(reader.__file__)).exists()

@@ -40,8 +40,16 @@ def test_loading_a_file_imports_only_the_read_path(tmp_path: Path) -> None:
     )
     assert "hf_tensorizer.engine.reader" in mods
     for unneeded in ("hf_tensorizer.engine.writer", "hf_tensorizer.upstream.format", "hf_tensorizer.engine.layout",
-                     "hf_tensorizer.engine.prewarm", "isal"):  # fmt: skip
+                     "hf_tensorizer.engine.prewarm", "isal", "hf_tensorizer.engine.distributed",
+                     "hf_tensorizer.engine.rankwatch", "hf_tensorizer.engine.modules"):  # fmt: skip
         assert unneeded not in mods, unneeded
+
+
+def test_load_info_is_still_exported_where_it_was() -> None:
+    import hf_tensorizer
+    from hf_tensorizer.engine import modules, reader
+
+    assert hf_tensorizer.LoadInfo is reader.LoadInfo is modules.LoadInfo
 
 
 def test_upstream_magic_is_the_upstream_decoders() -> None:
@@ -68,3 +76,17 @@ def test_transformers_from_pretrained_does_not_import_diffusers(tmp_path: Path) 
     )
     assert "hf_tensorizer.integrations.adapters.transformers.load" in mods
     assert not {m for m in mods if m == "diffusers" or m.startswith("diffusers.")}
+
+
+def test_a_cpu_load_naming_its_device_does_not_import_the_cuda_prewarm(tmp_path: Path) -> None:
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(tmp_path / "m.tensors") as s:
+        s.write_state_dict({"w": torch.ones(8)})
+    mods = _modules_after(
+        "import torch\nfrom hf_tensorizer import TensorDeserializer\n"
+        "for dev in ('cpu', torch.device('cpu')):\n"
+        "    assert float(TensorDeserializer('m.tensors', device=dev)['w'].sum()) == 8\n",
+        tmp_path,
+    )
+    assert "hf_tensorizer.engine.prewarm" not in mods

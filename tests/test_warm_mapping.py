@@ -54,3 +54,33 @@ def test_a_file_truncated_after_opening_is_a_typed_error(warm_file: tuple[Path, 
         with pytest.raises(ObjectChangedError, match="shorter than the"):
             d["t5"]
         assert keep.numel() == 1 << 20
+
+
+def test_the_first_load_of_a_process_does_not_wait_for_a_thread_to_start(
+    warm_file: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """``threading.Thread.start`` blocks until the new thread has run (2-5 ms on busy cores, as much as a whole warm
+    mapped load): the progress bar's drawing thread is started without that wait. A fresh interpreter, so no earlier
+    load or save has started it already."""
+    import subprocess
+    import sys
+
+    path, _ = warm_file
+    code = (
+        "import threading, torch\n"
+        "from hf_tensorizer import TensorDeserializer\n"
+        "started = []\n"
+        "real = threading.Thread.start\n"
+        "threading.Thread.start = lambda self: started.append(self.name) or real(self)\n"
+        f"d = TensorDeserializer({str(path)!r})\n"
+        "sd = dict(d)\n"
+        "assert d.metrics.strategy == 'mmap', d.metrics.strategy\n"
+        "print(sorted(started))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -304,6 +304,10 @@ def loaders_legend() -> str:
     return "\n".join(lines)
 
 
+# what a load imports on first use (the package imports lazily): imported before the timer, as every peer's are
+_HFT_MODULES = ("hf_tensorizer", "hf_tensorizer.engine.reader", "hf_tensorizer.engine.mapping")
+
+
 def resolve(name: str) -> Peer:
     """The Peer for a loader name (peers by name, ours as ``hft`` plus keyword variants)."""
     if name in PEERS:
@@ -317,9 +321,7 @@ def resolve(name: str) -> Peer:
         return load_hft(ctx, device, **kw)
 
     fn.__doc__ = load_hft.__doc__
-    return Peer(
-        name, f"ours ({desc})", "hft", ("hf_tensorizer",), fn, cuda_only=kw.get("strategy") == "register", ours=True
-    )
+    return Peer(name, f"ours ({desc})", "hft", _HFT_MODULES, fn, cuda_only=kw.get("strategy") == "register", ours=True)
 
 
 # Limits ------------------------------------------------------------------------------------------------
@@ -374,6 +376,30 @@ def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB, *, fre
     for t in ts:
         t.join()
     return sum(total)
+
+
+def read_once(paths: list[Path]) -> int:
+    """Evict ``paths``, then read each once, one after the other, front to back on one thread; returns bytes.
+
+    Why: the page cache keeps a file in folios whose sizes follow how its pages got there (a sequential read
+    ramps readahead up to large folios, parallel far-apart reads leave small ones), and mapping a file costs a
+    fault per folio. The warm runs of ``bench --page-cache same`` start from this, so that every loader's file
+    has the same history and the rows compare loaders, not write or read histories.
+    """
+    evict(paths)
+    return sum(_read_one(p, MiB) for p in paths)
+
+
+def scratch_copy(src: Path, dst: Path, chunk: int = 64 * MiB) -> Path:
+    """Copy ``src`` to ``dst`` with large reads and writes (for measurements that must evict a file without
+    disturbing the page cache of a file that a loader reads)."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as out:
+        while k := f.readinto(buf):
+            out.write(view[:k])
+        os.fsync(out.fileno())
+    return dst
 
 
 def _read_one(path: Path, chunk: int = 64 * MiB) -> int:

@@ -24,14 +24,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint import prepare, read_meta, verify, write_format
-from .peers import FORMAT_FILES, PEERS, Ctx, Peer, evict, gbps, limits, read_parallel, resolve
+from .peers import FORMAT_FILES, PEERS, Ctx, Peer, evict, gbps, limits, read_once, read_parallel, resolve, scratch_copy
 from .proc import MARK, Log, collect, error_line, log, popen
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_CUDA_LOADERS = (
     "hft",
@@ -68,9 +65,6 @@ class BenchStopped(Exception):
     """Raised (by SIGTERM) to end a benchmark early; what was measured is still reported."""
 
 
-# Checkpoint --------------------------------------------------------------------------------------------
-
-
 # One load, in this process -----------------------------------------------------------------------------
 
 
@@ -99,6 +93,7 @@ def run_one(d: str | Path, loader: str, device: str, cold: bool = False) -> dict
     ctx = Ctx(d)
     if cold:
         evict(peer.data_files(d))
+    faults0 = _minor_faults()
     t0 = time.perf_counter()
     sd = peer.fn(ctx, device)
     if device.startswith("cuda"):
@@ -106,6 +101,7 @@ def run_one(d: str | Path, loader: str, device: str, cold: bool = False) -> dict
     else:
         _touch(sd)  # CPU: memory-mapped loaders read on first access; only load + touch compares them fairly
     seconds = time.perf_counter() - t0
+    faults = _minor_faults() - faults0
     why = verify(dict(sd), meta, device)
     t1 = time.perf_counter()
     for fn in ctx.cleanup:
@@ -119,6 +115,7 @@ def run_one(d: str | Path, loader: str, device: str, cold: bool = False) -> dict
         "gbps": gbps(meta["bytes"], seconds),
         "ok": why is None,
         "close_s": round(close_s, 4),
+        "minor_faults": faults,  # a mapped warm file: about one per page-cache folio (see read_once)
     }
     if why is not None:
         res["why"] = why
@@ -129,6 +126,12 @@ def run_one(d: str | Path, loader: str, device: str, cold: bool = False) -> dict
     if metrics is not None:
         res["metrics"] = metrics.as_dict() if hasattr(metrics, "as_dict") else metrics
     return res
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # the whole process: loader threads included
 
 
 def _touch(sd: Any) -> None:
@@ -179,7 +182,12 @@ def _child(argv: list[str]) -> int:
     elif a.cmd == "limits":
         d = Path(a.dir)
         files = [d / FORMAT_FILES[f][0] for f in ("hft", "st", "tz", "bin") if (d / FORMAT_FILES[f][0]).exists()]
-        res = {"limits": limits(files[0], a.device, a.threads), "env": _env(a.device), "file": files[0].name}
+        # the limits evict and re-read with many threads: on a copy, so no loader's file is left in small folios
+        scratch = scratch_copy(files[0], d / ".limits.scratch")
+        try:
+            res = {"limits": limits(scratch, a.device, a.threads), "env": _env(a.device), "file": files[0].name}
+        finally:
+            scratch.unlink(missing_ok=True)
     else:
         res = run_one(a.dir, a.loader, a.device, a.cold)
     print(MARK + json.dumps(res, default=str), flush=True)
@@ -215,12 +223,20 @@ def run_bench(
     with_limits: bool = True,
     threads: int = 16,
     busy: int = 0,
+    page_cache: str = "same",
     log: Log = log,
 ) -> dict[str, Any]:
     """Prepare (if needed), measure the limits, then time every loader in fresh processes.
 
     ``busy``: that many CPU-bound processes (``while True: pass``) run beside every load, as on a server or a
-    notebook whose cores are not idle; the limits are measured before they start.
+    notebook whose cores are not idle; the limits are measured before they start (on a scratch copy).
+
+    ``page_cache``: the page-cache history of the files before the warm runs. ``"same"`` (default): every
+    loader's files are evicted and read once in turn by one sequential reader (:func:`read_once`), so the warm
+    rows compare loaders; ``"as-written"``: the files are left as their writers (and earlier runs) left them,
+    what a user meets right after saving (pass a fresh ``d`` for that). Mapping a file costs a fault per
+    page-cache folio, and folio sizes follow that history (see ``read_once``). After cold runs every file is
+    read back with ``read_once`` in both modes.
 
     Order: all loaders warm once, all cold (``cold_runs`` rounds, best kept, like the warm runs), then the
     remaining warm runs, so that a ``budget`` (seconds for the whole call) that runs out trims repeats first.
@@ -259,7 +275,10 @@ def run_bench(
         "env": {},
         "stopped": None,
         "busy": busy,
+        "page_cache": page_cache,
     }
+    if page_cache not in ("same", "as-written"):
+        raise ValueError(f"page_cache must be 'same' or 'as-written', got {page_cache!r}")
     runnable: list[Peer] = []
     hogs: list[subprocess.Popen[bytes]] = []  # the --busy processes
     for p in peers:
@@ -304,7 +323,10 @@ def run_bench(
                 results["limits"], results["env"] = res["limits"], res["env"]
                 log("limits (GB/s): " + ", ".join(f"{k} {v}" for k, v in res["limits"].items()))
         files = sorted({f for p in runnable for f in p.data_files(d)})
-        read_parallel(files, threads)  # everything in the page cache for the warm runs
+        if page_cache == "same":
+            read_once(files)
+        else:
+            read_parallel(files, threads)  # anything not cached yet (a no-op for files just written)
         hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy))
         if hogs:
             log(f"{busy} CPU-bound processes running beside the loads")
@@ -316,7 +338,7 @@ def run_bench(
             if row["status"] in ("error", "timeout", "wrong"):
                 continue
             if i > 0 and not is_cold and plan[i - 1][1]:
-                read_parallel(files, threads)  # the cold runs evicted them
+                read_once(files)  # the cold runs evicted them: read back alike
             now = time.monotonic()
             est = durations.get(p.name) or (statistics.median(durations.values()) if durations else 0.0)
             if now + est > deadline or deadline - now < 3:
@@ -374,6 +396,7 @@ def _record(row: dict[str, Any], res: dict[str, Any] | None, out: str, cold: boo
     else:
         row["warm_runs"].append(res["gbps"])
         row["warm_runs_s"].append(res["seconds"])
+        row.setdefault("warm_runs_faults", []).append(res.get("minor_faults"))
         if row["warm_s"] is None or res["seconds"] < row["warm_s"]:
             row["warm_gbps"], row["warm_s"] = res["gbps"], res["seconds"]
             if "metrics" in res:
@@ -414,6 +437,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-table", action="store_true", help="do not print the table (it is in OUT/table.md)")
     parser.add_argument("--busy", type=int, default=0, metavar="N",
                         help="N CPU-bound processes run beside every load (cores that are not idle)")  # fmt: skip
+    parser.add_argument("--page-cache", choices=("same", "as-written"), default="same",
+                        help="before the warm runs: evict every file and read each once alike (same, default), or "
+                             "leave them as their writers left them (as-written; use a fresh --dir)")  # fmt: skip
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -447,6 +473,7 @@ def bench_main(args: argparse.Namespace) -> int:
         with_limits=not args.no_limits,
         threads=args.threads,
         busy=max(0, args.busy),
+        page_cache=args.page_cache,
     )
     table = write_report(results, args.out)
     if args.clean:

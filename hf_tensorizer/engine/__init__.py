@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _NAMES = {
-    "LoadInfo": "reader",
+    "LoadInfo": "modules",
     "LoadMetrics": "pipeline",
     "TensorDeserializer": "reader",
     "TensorSerializer": "writer",
@@ -30,8 +30,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .header import read_index
+    from .modules import LoadInfo
     from .pipeline import LoadMetrics
-    from .reader import LoadInfo, TensorDeserializer, load_state_dict, save_state_dict
+    from .reader import TensorDeserializer, load_state_dict, save_state_dict
     from .writer import TensorSerializer
 
 

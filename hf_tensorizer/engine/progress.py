@@ -15,6 +15,7 @@ One daemon thread draws every bar of the process, waking ``REFRESH`` times a sec
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import threading
@@ -137,16 +138,17 @@ def _tqdm(total: int, desc: str) -> Any:
 
 _active: list[Progress] = []
 _wake = threading.Condition()
-_thread: threading.Thread | None = None
+_drawing: list[bool] = []  # [True] once the drawing thread runs (it never ends: it sleeps while nothing is active)
 
 
 def _register(p: Progress) -> None:
-    global _thread
     with _wake:
         _active.append(p)
-        if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_draw_loop, name="hf-tensorizer-progress", daemon=True)
-            _thread.start()
+        if not _drawing:
+            _drawing.append(True)
+            # not threading.Thread.start(): it waits until the new thread has been scheduled, 2-5 ms on busy cores,
+            # on every first load of a process (a warm mapped load takes about that much in all)
+            _thread.start_new_thread(_draw_loop, ())
         _wake.notify()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -17,18 +18,18 @@ from ..format.index import FileIndex, TensorEntry, TensorKind
 from ..sources import Source, hold_transfer, open_source
 from . import pagecache, progress
 from .decrypt import choose_transform
-from .distributed import begin_replicas, handshake, identity, load_replicated, split_unit
 from .handle import HandleMixin, refuse_upstream_spellings
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
 from .memory import host_view
-from .modules import LoadInfo, fill_module
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
 from .plan import Chunk, plan_chunks, plan_windows
 from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
+    from .modules import LoadInfo
+# .distributed (+ rankwatch) and .modules are imported where used: a plain load needs neither (first use, issue 24)
 
 STRATEGIES = ("auto", "mmap", "pread", "odirect", "register")
 
@@ -120,13 +121,15 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         **source_options: Any,
     ) -> None:
         _check_arguments(strategy, dtype, num_readers, chunk_bytes, staging_bytes, staging_allocation)
-        if device is not None and strategy not in ("register", "mmap"):  # pin while the index is read
+        if device is not None and str(device) != "cpu" and strategy not in ("register", "mmap"):  # pin meanwhile
             from .prewarm import prewarm  # CUDA-only work: imported on first use, not with the reader
 
             prewarm(device, allocation=staging_allocation, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes,
                     num_readers=num_readers)  # fmt: skip
         refuse_upstream_spellings(source_options)
         self._owns_source = not isinstance(source, Source)
+        if distributed:
+            from .distributed import begin_replicas, handshake, identity
         watch = begin_replicas(lazy, mmap, strategy, process_group) if distributed else None
         try:  # nothing may leak when construction fails: descriptors, pools, connections; replicas hear of it
             self._source = progress.counted(open_source(source, **source_options))  # bytes for a progress bar
@@ -301,6 +304,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
+            from .distributed import split_unit
+
             unit = split_unit(todo, unit, self.process_group)
         if strategy == "odirect" and unit == self.chunk_bytes and unit > 4 * PAGE:
             unit -= 2 * PAGE  # widening a chunk to page boundaries then still fits a chunk_bytes buffer
@@ -349,6 +354,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
             metrics.stages = read(chunks)
             metrics.bytes_read = sum(c.length for c in chunks)
             return
+        from .distributed import load_replicated
+
         metrics.stages, metrics.bytes_read, metrics.exchange_seconds = load_replicated(
             chunks, dests, read, self.process_group
         )
@@ -403,6 +410,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
             UsageError: with ``strict``, when the keys do not match; a shape mismatch; a non-persistent buffer
                 on meta that cannot be rebuilt (always).
         """
+        from .modules import fill_module
+
         return fill_module(self, module, device=self.device, strict=strict)
 
     # ---- lifetime --------------------------------------------------------------------------------
@@ -477,6 +486,12 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathL
     s = TensorSerializer(dest, **kwargs)
     s.write_state_dict(state_dict)
     return s.close()
+
+
+def __getattr__(name: str) -> Any:  # LoadInfo: defined in engine.modules, imported on first use
+    if name == "LoadInfo":
+        return importlib.import_module(".modules", __package__).LoadInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["LoadInfo", "TensorDeserializer", "TensorizerError", "load_state_dict", "save_state_dict"]
