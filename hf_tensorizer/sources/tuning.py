@@ -6,6 +6,11 @@ Servers differ in what they reward. nginx on loopback: 4 ranged GETs in flight b
 ranged GET by copying the whole object first: there 8 MiB ranges run 20× slower than one sequential GET. No fixed
 default fits all three, so a load starts with a few ranged GETs in flight, times them, and moves:
 
+0. **first read**: the source's first read (a load's header, at byte 0) is sent as one open-ended GET. When it waits for
+   its first byte ≥ :data:`EARLY_RATIO` × what opening the object took (the HEAD) and ≥ :data:`EARLY_MIN_S`, the
+   server does work per ranged GET that has nothing to do with the bytes asked for (moto copies the whole object
+   for each): the load stays on that body (one sequential GET from byte 0, no ranged GET at all). Otherwise the
+   body is dropped and the probe below decides.
 1. **probe**: the first wave of reads (one per request in flight, at least 4, each ≥ 1 MiB) at :data:`START` in flight.
    Each request gives its time to the first byte (``ttfb``) and its body rate (bytes ÷ time after the first byte);
    the window gives the aggregate rate (bytes ÷ its wall time).
@@ -31,13 +36,26 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FIXED_SHARE", "GROW_GAIN", "START", "STREAM_GAIN", "Decision", "Gate", "Sample", "Tuner"]
+__all__ = [
+    "EARLY_MIN_S",
+    "EARLY_RATIO",
+    "FIXED_SHARE",
+    "GROW_GAIN",
+    "START",
+    "STREAM_GAIN",
+    "Decision",
+    "Gate",
+    "Sample",
+    "Tuner",
+]
 
 START = 4  # requests in flight while probing (capped by the source's concurrency)
 MIN_SAMPLE_BYTES = 1 << 20  # smaller reads (the index, headers) time the latency only: not counted
 FIXED_SHARE = 0.5  # requests spending at least this share before their first byte have a costly fixed part...
 STREAM_GAIN = 2.0  # ...and one body at least this many times the window's aggregate: read one stream
 GROW_GAIN = 1.15  # a step must gain this much to count (noise on a busy machine is ~10 %)
+EARLY_RATIO = 4.0  # a first GET waiting this many times the HEAD for its first byte...
+EARLY_MIN_S = 0.03  # ...and at least this long (a busy machine's scheduling noise stays below): one stream at once
 SHRINK_GAIN = 1.05  # fewer requests in flight are kept when they are at least this much faster
 
 
@@ -124,6 +142,28 @@ class Tuner:
         """Settle on ``mode`` (``"ranged"`` at the full concurrency, or ``"stream"``) whatever was measured."""
         self._phase = "settled"
         return self._move(Decision(mode, 1 if mode == "stream" else self.max_concurrency, why))
+
+    def first_read(self, ttfb: float, open_s: float) -> Decision | None:
+        """The load's first GET (at byte 0, open-ended) waited ``ttfb`` for its first byte; opening the object (the
+        HEAD) took ``open_s``. Returns the stream decision when ranges carry a fixed cost far above a request's
+        (see the module docstring, step 0), else None (the probe decides)."""
+        if self._phase != "probe" or not self.can_stream or open_s <= 0:
+            return None
+        if ttfb < EARLY_MIN_S or ttfb < EARLY_RATIO * open_s:
+            return None
+        self.ttfb = ttfb
+        self._phase = "stream"
+        return self._move(
+            Decision(
+                "stream",
+                1,
+                (
+                    f"the first GET waited {ttfb * 1e3:.0f} ms for its first byte, {ttfb / open_s:.0f}× the HEAD "
+                    f"({open_s * 1e3:.1f} ms): the server works per request far beyond the bytes asked for; "
+                    "one sequential GET from there"
+                ),
+            )
+        )
 
     def add(self, s: Sample) -> Decision | None:
         """Count one completed request; returns the new decision when this one completes a window that moves it."""
@@ -227,7 +267,8 @@ class Tuner:
                 )
             )
         self._phase = "settled"
-        return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)} against {_mbs(ranged)} ranged; kept"))
+        against = f" against {_mbs(ranged)} ranged" if ranged else ""
+        return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)}{against}; kept"))
 
 
 class Gate:
