@@ -67,9 +67,11 @@ class RangedSource(Source):
         part_size: reads larger than 1.5 × this are split into parts of about this size. Given explicitly, it holds
             the transfer too.
         policy: the retry policy.
+        can_stream: whether reads may switch to one sequential GET (default: whether the class has ``_open_body``).
     """
 
-    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy) -> None:
+    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy,
+                 can_stream: bool | None = None) -> None:  # fmt: skip
         held = ", ".join(f"{k}={v}" for k, v in (("concurrency", concurrency), ("part_size", part_size)) if v)
         concurrency = constants.REMOTE_CONCURRENCY if concurrency is None else concurrency
         part_size = constants.REMOTE_PART_BYTES if part_size is None else part_size
@@ -86,7 +88,8 @@ class RangedSource(Source):
         self._closed = False
         if not held and not constants.REMOTE_ADAPT:
             held = "HF_TENSORIZER_REMOTE_ADAPT=0"
-        can_stream = type(self)._open_body is not RangedSource._open_body
+        if can_stream is None:  # a transport with a streaming body (``_open_body``) can read one sequential GET
+            can_stream = type(self)._open_body is not RangedSource._open_body
         self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
         self._tune_lock = threading.Lock()
         self._gate = Gate(self._tuner.current.concurrency)
