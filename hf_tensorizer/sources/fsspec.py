@@ -27,9 +27,11 @@ from typing import Any
 
 from .. import constants
 from ..errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
+from .azure_pinned import pinned_reader
 from .base import Sink
 from .gcs_stream import open_gcs_body, supports_stream
 from .ranged import Body, Budget, Cursor, RangedSource, RetryPolicy, TransientError
+from .sequential import copy_into
 from .uri import redact
 
 __all__ = ["DIRECT_UPLOAD_PROTOCOLS", "FsspecSink", "FsspecSource", "resolve_filesystem"]
@@ -128,6 +130,8 @@ class FsspecSource(RangedSource):
             raise SourceError(f"{self.uri}: the store reports no usable size ({size!r})")
         self.size = size
         self.version = _version(info)
+        etag = info.get("etag") or info.get("ETag")
+        self._pinned = pinned_reader(fs, path, protocol, etag if isinstance(etag, str) else None, self.uri)
 
     # --- reads -------------------------------------------------------------------------------------------
 
@@ -154,6 +158,10 @@ class FsspecSource(RangedSource):
     def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
         if self._streams:  # GCS: ranged GETs on the same path as the stream, timed to their first byte
             super()._attempt(first, last, cursor)
+            return
+        if self._pinned is not None:  # Azure: the service refuses a replaced blob; no lookup after the read
+            data = self._pinned(first, last)
+            copy_into(cursor, memoryview(data)[: last + 1 - first])
             return
         self._ranged_reads += 1
         try:
