@@ -113,8 +113,10 @@ class FsspecSource(RangedSource):
     ) -> None:
         policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
         fs, path, protocol = resolve_filesystem(uri, storage_options, filesystem, SourceError)
-        streams = supports_stream(fs, protocol)  # gcsfs: one streamed GET is possible (sources/gcs_stream.py)
-        super().__init__(concurrency=concurrency, part_size=part_size, policy=policy, can_stream=streams)
+        streams = supports_stream(fs, protocol)  # gcsfs: GETs with a streamed body (sources/gcs_stream.py)
+        # ...but the load never switches to one open stream on its own: a store that serves one request at a time
+        # (the GCS emulator) would hold a late read's GET, or a version lookup, behind the stream's unread body
+        super().__init__(concurrency=concurrency, part_size=part_size, policy=policy, can_stream=False)
         self.uri = redact(uri)
         self.fs, self.path, self.protocol = fs, path, protocol
         self.verify_version = verify_version
