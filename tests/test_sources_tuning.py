@@ -123,6 +123,21 @@ def test_first_read_far_slower_than_the_head_streams_at_once() -> None:
     assert late.first_read(1.0, 0.001) is None
 
 
+def test_no_step_up_that_the_rest_of_the_object_cannot_measure_and_use() -> None:
+    """A 258 MB object read in 8 MiB requests: after the probe (4) and a window at 8 (16), ~90 MB are left, less
+    than a window at 16 (32 requests): it settles at the best measured instead of ending the load on an untried
+    step. A large object still grows."""
+    small = Tuner(max_concurrency=16)
+    small.total = 258_000_000
+    drive(small, per_connection(85e6))
+    assert small.settled and small.current.concurrency == 8 and "left" in small.current.reason, small.report()
+    assert sorted(small.rates) == [4, 8]
+    large = Tuner(max_concurrency=16)
+    large.total = 10 << 30
+    drive(large, per_connection(85e6))
+    assert (large.current.mode, large.current.concurrency) == ("ranged", 16)
+
+
 def test_no_stream_when_the_transport_has_none() -> None:
     tuner = Tuner(max_concurrency=16, can_stream=False)
     drive(tuner, serialized(0.15, 1e9))

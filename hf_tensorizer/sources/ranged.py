@@ -289,6 +289,7 @@ class RangedSource(Source):
 
     def _record(self, sample: Sample) -> None:
         with self._tune_lock:
+            self._tuner.total = self._tuner.total or getattr(self, "size", 0)
             decision = self._tuner.add(sample)
             if decision is not None:
                 self._apply(decision)

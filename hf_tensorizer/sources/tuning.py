@@ -18,8 +18,9 @@ default fits all three, so a load starts with a few ranged GETs in flight, times
    (≥ :data:`FIXED_SHARE`) and one body moves ≥ :data:`STREAM_GAIN` × what the whole window did in parallel. The
    load then reads the rest as one sequential GET (:mod:`.sequential`); its first window is checked, and if the
    stream does worse than the ranges did the load goes back to them.
-3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` ×; if the first
-   step gains nothing, try half as many; settle on the best window.
+3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` × and enough of
+   the object is left to measure the next step (its window); if the first step gains
+   nothing, try half as many; settle on the best window.
 
 Explicit settings win: a caller's ``concurrency``/``part_size`` (the source) or ``num_readers``/``chunk_bytes``
 (``TensorDeserializer``) hold the transfer as given (``Tuner(held=...)``). ``HF_TENSORIZER_REMOTE_ADAPT=0`` holds
@@ -117,6 +118,8 @@ class Tuner:
         self.rates: dict[int, float] = {}  # aggregate bytes/s of a window, per concurrency tried
         self._window: list[Sample] = []
         self.ttfb = 0.0  # median time to the first byte of a ranged GET in the probe: what a late read would pay
+        self.total = 0  # the object's size when known: a step up is tried only when enough is left to use it
+        self._seen = 0  # bytes of the requests counted so far
         self._phase = "held" if held else "probe"
         if held:
             first = Decision("held", self.max_concurrency, f"set by the caller ({held})")
@@ -167,6 +170,7 @@ class Tuner:
 
     def add(self, s: Sample) -> Decision | None:
         """Count one completed request; returns the new decision when this one completes a window that moves it."""
+        self._seen += s.nbytes
         if self.settled or s.nbytes < MIN_SAMPLE_BYTES:
             return None
         cur = self.current
@@ -244,6 +248,11 @@ class Tuner:
             if c >= self.max_concurrency:
                 return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
             nxt = min(2 * c, self.max_concurrency)
+            need = max(6, 2 * nxt) * sum(s.nbytes for s in window) / len(window)  # the bytes of its window
+            if self.total and self.total - self._seen < need:
+                left = (self.total - self._seen) / 1e6
+                return self._settle(f"{c} in flight moved {_mbs(rate)}; {left:.0f} MB left, too little to measure "
+                                    f"{nxt}; settled at {best}")  # fmt: skip
             return self._move(Decision("ranged", nxt, f"{c} in flight moved {_mbs(rate)}; trying {nxt}"))
         # shrink: one step down was tried
         up = min(k for k in self.rates if k > c)
