@@ -82,3 +82,23 @@ def test_aborted_write_leaves_nothing_and_errors_are_typed(azure_container: tupl
         open_source(f"az://{container}/missing.bin", storage_options=options)
     with pytest.raises(SourceError):
         open_source("az://no-such-container-xyz/m.bin", storage_options=options)
+
+
+def test_reads_are_pinned_to_the_etag_without_a_lookup_each(azure_container: tuple[str, dict[str, Any]],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Each range carries the ETag as a condition (sources/azure_pinned.py), so no read needs a metadata request
+    of its own; a blob replaced meanwhile is still refused by the service itself."""
+    container, options = azure_container
+    fs = fsspec.filesystem("az", **options)
+    data = bytes(range(256)) * 4000
+    fs.pipe_file(f"{container}/p.bin", data)
+    with open_source(f"az://{container}/p.bin", storage_options=options) as src:
+        lookups: list[str] = []
+        real = src.fs.info  # type: ignore[attr-defined]
+        monkeypatch.setattr(src.fs, "info", lambda *a, **k: lookups.append("info") or real(*a, **k))
+        for off in range(0, len(data), 100_000):
+            assert src.read(off, min(100_000, len(data) - off)) == data[off : off + 100_000]
+        assert lookups == []
+        fs.pipe_file(f"{container}/p.bin", data[::-1])
+        with pytest.raises(ObjectChangedError, match="changed"):
+            src.read(0, 10)

@@ -103,6 +103,41 @@ def test_saturated_server_settles_where_the_aggregate_peaks() -> None:
     assert (tuner.current.mode, tuner.current.concurrency) == ("ranged", 2)
 
 
+def test_first_read_far_slower_than_the_head_streams_at_once() -> None:
+    """Step 0: a first GET waiting many times the HEAD (moto copies the object per request) streams at once;
+    a server slow on every request alike (a far one), a fast one, a held or streamless source do not."""
+    tuner = Tuner(max_concurrency=16)
+    d = tuner.first_read(0.4, 0.01)
+    assert d is not None and d.mode == "stream" and tuner.current is d and not tuner.settled
+    assert "40× the HEAD" in d.reason
+    tuner.add(Sample(8 * MiB, 1.0, 1.0, 1.01, 0))
+    for i in range(5):  # its first window is still checked, and kept (no ranged rate to compare with)
+        tuner.add(Sample(8 * MiB, 1.0, 1.0, 1.01 + i / 100, 0))
+    assert tuner.settled and tuner.current.mode == "stream" and "kept" in tuner.current.reason
+    for ttfb, head in ((0.02, 0.0001), (0.1, 0.05), (0.3, 0.0), (0.001, 0.0001)):  # below the floor / ratio
+        assert Tuner(max_concurrency=16).first_read(ttfb, head) is None
+    assert Tuner(max_concurrency=16, held="concurrency=4").first_read(1.0, 0.001) is None
+    assert Tuner(max_concurrency=16, can_stream=False).first_read(1.0, 0.001) is None
+    late = Tuner(max_concurrency=16)
+    drive(late, per_connection(85e6))  # after the probe started deciding, the first-read rule no longer applies
+    assert late.first_read(1.0, 0.001) is None
+
+
+def test_no_step_up_that_the_rest_of_the_object_cannot_measure_and_use() -> None:
+    """A 258 MB object read in 8 MiB requests: after the probe (4) and a window at 8 (16), ~90 MB are left, less
+    than a window at 16 (32 requests): it settles at the best measured instead of ending the load on an untried
+    step. A large object still grows."""
+    small = Tuner(max_concurrency=16)
+    small.total = 258_000_000
+    drive(small, per_connection(85e6))
+    assert small.settled and small.current.concurrency == 8 and "left" in small.current.reason, small.report()
+    assert sorted(small.rates) == [4, 8]
+    large = Tuner(max_concurrency=16)
+    large.total = 10 << 30
+    drive(large, per_connection(85e6))
+    assert (large.current.mode, large.current.concurrency) == ("ranged", 16)
+
+
 def test_no_stream_when_the_transport_has_none() -> None:
     tuner = Tuner(max_concurrency=16, can_stream=False)
     drive(tuner, serialized(0.15, 1e9))
@@ -207,14 +242,28 @@ def test_range_server_paced_per_connection_grows_concurrency(http_server: Any, b
 
 
 def test_range_server_with_serialized_ranges_switches_to_one_stream(http_server: Any, big: bytes) -> None:
-    http_server.config(serial_cost=0.05)  # every ranged GET waits its turn: parallel ranges gain nothing
+    # every ranged GET waits its turn (0.2 s: far above a HEAD's time, however busy the machine): parallel ranges
+    # gain nothing
+    http_server.config(serial_cost=0.2)
     with HTTPSource(http_server.write("o.bin", big)) as src:
         read_all(src, big)
         t = src.tuning
     assert t["mode"] == "stream", t
-    assert "before the first byte" in t["steps"][1]
+    assert "the first GET waited" in t["steps"][1], t  # decided on the first read: its GET waited ≫ the HEAD
     gets = [r for r in http_server.log() if r["method"] == "GET"]
+    assert gets[0]["range"].endswith(f"-{len(big) - 1}")  # the first read was the open-ended GET that carried on
     assert len(gets) < len(big) // (2 * MiB)  # fewer requests than reads: the stream served most of them
+
+
+def test_serialized_ranges_behind_a_far_server_are_found_by_the_probe(http_server: Any, big: bytes) -> None:
+    """Every request waits 60 ms (a far server, the HEAD too) and ranges also queue: the first GET is not far
+    slower than the HEAD, so the first-read rule stays out and the probe's measurement decides."""
+    http_server.config(latency=0.06, serial_cost=0.05)
+    with HTTPSource(http_server.write("o.bin", big)) as src:
+        read_all(src, big)
+        t = src.tuning
+    assert not any("the first GET waited" in step for step in t["steps"]), t
+    assert 4 in t["rates"] and t["mode"] == "stream" and "before the first byte" in t["steps"][1], t
 
 
 def test_moto_through_boto3_decides_from_what_it_measured(moto_s3: str, s3_client: Any, s3_bucket: str,
@@ -225,6 +274,9 @@ def test_moto_through_boto3_decides_from_what_it_measured(moto_s3: str, s3_clien
     with open_source(f"s3://{s3_bucket}/big", client=s3_client) as src:
         read_all(src, big)
         t = src.tuning
+    if "the first GET waited" in t["steps"][1]:  # moto copied the object for the first GET: streamed at once
+        assert t["mode"] == "stream", t
+        return
     assert 4 in t["rates"], t  # the probe ran through boto3's ranged GETs
     if t["mode"] == "stream":
         assert "before the first byte" in t["steps"][1], t
@@ -287,12 +339,16 @@ def test_a_load_says_what_ran_and_why(http_server: Any, model_url: Any, monkeypa
 
     url, sd = model_url
     monkeypatch.setattr(reader, "CHUNK_BYTES", 2 * MiB)  # enough reads in a small model for the tuner to decide
-    http_server.config(serial_cost=0.04)
+    http_server.config(serial_cost=0.2)  # far above a HEAD's time however busy the machine: one GET decides
     with TensorDeserializer(url, device="cpu") as d:
         assert all(torch.equal(d[k], v) for k, v in sd.items())
         m, steps = d.metrics.as_dict(), d.metrics.transfer["steps"]
     assert m["transfer_mode"] == "stream" and "stream" in str(m["transfer_reason"])
-    assert any("before the first byte" in step for step in steps), steps
+    assert "the first GET waited" in steps[1], steps  # the header's GET told: it carried on as the stream
+    gets = [r for r in http_server.log() if r["method"] == "GET"]
+    # the header's read was one open-ended GET (to the last byte of the 48 MiB file, not the 64 KiB asked for)
+    assert gets[0]["range"].startswith("bytes=0-") and int(gets[0]["range"].rsplit("-", 1)[1]) > 40 * MiB, gets
+    assert len(gets) < 24 // 2, gets  # 24 chunks of 2 MiB: nearly all served by the header's own GET
     with TensorDeserializer(url, device="cpu", num_readers=4) as d:
         assert all(torch.equal(d[k], v) for k, v in sd.items())
         assert d.metrics.transfer["mode"] == "held" and "num_readers=4" in d.metrics.transfer["reason"]

@@ -4,8 +4,10 @@ fsspec knows, read and written through the protocol's own filesystem and credent
 Reading: one ``info`` pins the object (size and its version: GCS ``generation``, a ``VersionId``, an ETag, or the
 creation time); large reads split into parts fetched in parallel with ``cat_file(path, start, end)`` (for async
 filesystems such as gcsfs those run concurrently on fsspec's event loop) and copied into the caller's buffers.
-After each read the version is checked again: a read never returns bytes of an object replaced meanwhile
+After each ranged read the version is checked again: a read never returns bytes of an object replaced meanwhile
 (:class:`ObjectChangedError`); this costs one metadata request per read call (``verify_version=False`` skips it).
+On GCS (gcsfs) a load can also read one streamed GET pinned to the generation (:mod:`.gcs_stream`, chosen by the
+adaptive transfer, :mod:`.tuning`): its version is checked once when it opens, not per read.
 
 Writing is atomic: object stores whose uploads only appear when complete (GCS resumable uploads) are written
 straight to the final name and the upload is cancelled on abort; every other protocol is written to a temporary
@@ -19,13 +21,17 @@ Credentials: the protocol's own (``storage_options={...}`` passed to the filesys
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import constants
 from ..errors import InvalidURIError, ObjectChangedError, SinkError, SourceError, UsageError
+from .azure_pinned import pinned_reader
 from .base import Sink
-from .ranged import Budget, Cursor, RangedSource, RetryPolicy, TransientError
+from .gcs_stream import open_gcs_body, supports_stream
+from .ranged import Body, Budget, Cursor, RangedSource, RetryPolicy, TransientError
+from .sequential import copy_into
 from .uri import redact
 
 __all__ = ["DIRECT_UPLOAD_PROTOCOLS", "FsspecSink", "FsspecSource", "resolve_filesystem"]
@@ -106,11 +112,19 @@ class FsspecSource(RangedSource):
         verify_version: bool = True,
     ) -> None:
         policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
-        super().__init__(concurrency=concurrency, part_size=part_size, policy=policy)
+        fs, path, protocol = resolve_filesystem(uri, storage_options, filesystem, SourceError)
+        streams = supports_stream(fs, protocol)  # gcsfs: GETs with a streamed body (sources/gcs_stream.py)
+        # ...but the load never switches to one open stream on its own: a store that serves one request at a time
+        # (the GCS emulator) would hold a late read's GET, or a version lookup, behind the stream's unread body
+        super().__init__(concurrency=concurrency, part_size=part_size, policy=policy, can_stream=False)
         self.uri = redact(uri)
-        self.fs, self.path, self.protocol = resolve_filesystem(uri, storage_options, filesystem, SourceError)
+        self.fs, self.path, self.protocol = fs, path, protocol
         self.verify_version = verify_version
+        self._ranged_reads = 0  # cat_file calls so far (GETs of their own check first, in _open_body)
+        self._streams, self._fresh = streams, True
+        t0 = time.monotonic()
         info = self._info()
+        self.open_s = time.monotonic() - t0  # the first read's yardstick (sources/tuning.py, step 0)
         if info.get("type", "file") != "file":
             raise SourceError(f"{self.uri} is a {info.get('type')}, not an object")
         size = info.get("size")
@@ -118,15 +132,40 @@ class FsspecSource(RangedSource):
             raise SourceError(f"{self.uri}: the store reports no usable size ({size!r})")
         self.size = size
         self.version = _version(info)
+        etag = info.get("etag") or info.get("ETag")
+        self._pinned = pinned_reader(fs, path, protocol, etag if isinstance(etag, str) else None, self.uri)
 
     # --- reads -------------------------------------------------------------------------------------------
 
     def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        before = self._ranged_reads
         super().read_into_many(offset, bufs)
-        if self.verify_version and any(len(b) for b in bufs):
+        # A ranged read is checked after it lands (a version check per read call); bytes served by the stream
+        # come from one response whose version was checked when it opened (:meth:`_open_body`). Any cat_file
+        # meanwhile (this read's or another's) checks, to stay on the safe side.
+        if self.verify_version and any(len(b) for b in bufs) and self._ranged_reads != before:
             self._check_version()
 
+    def _open_body(self, first: int, last: int, budget: Budget) -> Body:
+        """One GET with a streamed body (gcsfs only: ranged reads and the one sequential GET): pinned to the
+        generation opened (GCS answers 404 once it is gone), the version checked just before it opens (for stores
+        that ignore the pin)."""
+        generation = self.version[1] if self.version and self.version[0] == "generation" else None
+        fresh, self._fresh = self._fresh, False  # the first GET follows the open's own lookup: no second one
+        if self.verify_version and not fresh:  # before the GET: a single-threaded store (the emulator) answers
+            self._check_version()  # nothing else while a body is open; GCS itself refuses a gone generation (404)
+        return open_gcs_body(self.fs, self.path, generation, first, last, size=self.size, uri=self.uri,
+                             timeout=constants.REMOTE_TIMEOUT_S)  # fmt: skip
+
     def _attempt(self, first: int, last: int, cursor: Cursor) -> None:
+        if self._streams:  # GCS: ranged GETs on the same path as the stream, timed to their first byte
+            super()._attempt(first, last, cursor)
+            return
+        if self._pinned is not None:  # Azure: the service refuses a replaced blob; no lookup after the read
+            data = self._pinned(first, last)
+            copy_into(cursor, memoryview(data)[: last + 1 - first])
+            return
+        self._ranged_reads += 1
         try:
             data = self.fs.cat_file(self.path, start=first, end=last + 1)
         except FileNotFoundError as exc:

@@ -26,6 +26,7 @@ import base64
 import http.client
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -175,7 +176,9 @@ class HTTPSource(RangedSource):
         self.last_modified: str | None = None
         self._pin_lock = threading.Lock()
         try:
+            t0 = time.monotonic()
             self.size = self._retrying("opening", self._probe)
+            self.open_s = time.monotonic() - t0
         except BaseException:
             self.close()  # hand back the shared pool
             raise

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+HEAD_KEEP = 1 << 20  # the first read's bytes kept for the reads that overlap it, when the stream carries on from it
 
 
 # --- shared machinery ------------------------------------------------------------------------------------
@@ -66,9 +67,11 @@ class RangedSource(Source):
         part_size: reads larger than 1.5 × this are split into parts of about this size. Given explicitly, it holds
             the transfer too.
         policy: the retry policy.
+        can_stream: whether reads may switch to one sequential GET (default: whether the class has ``_open_body``).
     """
 
-    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy) -> None:
+    def __init__(self, *, concurrency: int | None, part_size: int | None, policy: RetryPolicy,
+                 can_stream: bool | None = None) -> None:  # fmt: skip
         held = ", ".join(f"{k}={v}" for k, v in (("concurrency", concurrency), ("part_size", part_size)) if v)
         concurrency = constants.REMOTE_CONCURRENCY if concurrency is None else concurrency
         part_size = constants.REMOTE_PART_BYTES if part_size is None else part_size
@@ -85,12 +88,15 @@ class RangedSource(Source):
         self._closed = False
         if not held and not constants.REMOTE_ADAPT:
             held = "HF_TENSORIZER_REMOTE_ADAPT=0"
-        can_stream = type(self)._open_body is not RangedSource._open_body
+        if can_stream is None:  # a transport with a streaming body (``_open_body``) can read one sequential GET
+            can_stream = type(self)._open_body is not RangedSource._open_body
         self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
         self._tune_lock = threading.Lock()
         self._gate = Gate(self._tuner.current.concurrency)
         self._sequential: SequentialReader | None = None
         self._ranged: dict[int, int] = {}  # reads sent as ranged GETs while probing (start -> end)
+        self.open_s = 0.0  # how long opening the object took (subclasses time their HEAD): the first read's yardstick
+        self._first = can_stream and not held  # the first read goes as one open-ended GET (tuning step 0)
 
     @property
     def tuning(self) -> dict[str, object]:
@@ -122,6 +128,10 @@ class RangedSource(Source):
         if self._closed:
             raise SourceError(f"{self.uri}: source is closed")
         budget = Budget(self.uri, self.policy, f"reading bytes {offset}-{offset + total - 1}")
+        first = False
+        if self._first and offset == 0:  # a load's first read: its header
+            with self._tune_lock:
+                first, self._first = self._first, False
         seq = self._sequential
         if seq is not None and self._tuner.current.mode == "stream":
             seq.read(offset, views, budget)
@@ -129,7 +139,7 @@ class RangedSource(Source):
         nparts = math.ceil(total / self.part_size)
         if self.concurrency == 1 or total <= self.part_size * 3 // 2 or nparts < 2:
             if not self._fetch(
-                offset, views, budget, divertable=True
+                offset, views, budget, divertable=True, first=first
             ):  # the reads switched to one stream while this one waited for its turn
                 seq = self._sequential
                 if seq is None:
@@ -195,9 +205,11 @@ class RangedSource(Source):
                 self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hf-tensorizer-part")
             return self._executor
 
-    def _fetch(self, start: int, views: Sequence[memoryview], budget: Budget, divertable: bool = False) -> bool:
+    def _fetch(self, start: int, views: Sequence[memoryview], budget: Budget, divertable: bool = False,
+               first: bool = False) -> bool:  # fmt: skip
         """Fill ``views`` with the bytes from ``start``: retries resume at the first byte not yet received.
 
+        ``first``: the source's first read, sent as one open-ended GET (tuning step 0, :meth:`_first_attempt`).
         Returns False, with nothing read, when ``divertable`` and the reads switched to one stream while this one
         waited for its turn (the caller reads it from the stream); True once filled."""
         cursor = Cursor(views, budget)
@@ -221,7 +233,10 @@ class RangedSource(Source):
                         self._ranged[start] = start + total
                 try:
                     t0 = time.monotonic()
-                    self._attempt(start + cursor.done, start + total - 1, cursor)
+                    if first and attempts == 1:
+                        self._first_attempt(start, cursor)
+                    else:
+                        self._attempt(start + cursor.done, start + total - 1, cursor)
                 finally:
                     self._gate.release()
                 if attempts == 1 and cursor.done == total:
@@ -243,6 +258,30 @@ class RangedSource(Source):
             budget.wait(failures, exc)
         return True
 
+    def _first_attempt(self, start: int, cursor: Cursor) -> None:
+        """The first attempt of the source's first read (a load's header): one open-ended GET from ``start``, timed
+        to its first byte (tuning step 0). When the tuner switches to one stream on it, the body carries on as the
+        stream; otherwise it is dropped once the read has its bytes. Failures raise as :meth:`_attempt`'s do."""
+        budget = cursor.budget or Budget(self.uri, self.policy, "reading")
+        t0 = time.monotonic()
+        body = self._open_body(start, self.size - 1, budget)
+        ttfb = time.monotonic() - t0
+        keep = False
+        try:
+            fill(cursor, cursor.total, body.read)
+            with self._tune_lock:
+                decision = self._tuner.first_read(ttfb, self.open_s)
+                if decision is not None and not self._closed:
+                    self._apply(decision)
+                    if self._sequential is not None:
+                        small = cursor.total <= HEAD_KEEP  # kept for the first chunk, which starts inside it
+                        head = b"".join(cursor.views) if small else None
+                        self._sequential.adopt(body, start, start + cursor.total, head)
+                        keep = True
+        finally:
+            if not keep:
+                body.finish(False)  # not read to its end: the connection is dropped
+
     def _force(self, mode: str, why: str) -> None:
         """Settle the transfer on ``mode`` (``"ranged"`` or ``"stream"``): for tests and diagnostics."""
         with self._tune_lock:
@@ -250,6 +289,7 @@ class RangedSource(Source):
 
     def _record(self, sample: Sample) -> None:
         with self._tune_lock:
+            self._tuner.total = self._tuner.total or getattr(self, "size", 0)
             decision = self._tuner.add(sample)
             if decision is not None:
                 self._apply(decision)

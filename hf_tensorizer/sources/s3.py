@@ -21,6 +21,7 @@ import http.client
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -333,7 +334,9 @@ class S3Source(RangedSource):
         if version_id:
             kwargs["VersionId"] = version_id
         try:
+            t0 = time.monotonic()
             head = self._client.head_object(**kwargs)
+            self.open_s = time.monotonic() - t0
         except (BotoCoreError, ClientError) as exc:
             error = translate_error(exc, self.uri, SourceError, client=self._client, bucket=self.bucket)
             self.close()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from .tuning import Sample
 from .wire import Body, Budget, Cursor, TransientError, fill, views_of
 
-__all__ = ["MAX_SKIP", "WAIT_S", "SequentialReader"]
+__all__ = ["MAX_SKIP", "WAIT_S", "SequentialReader", "copy_into"]
 
 WAIT_S = 0.05  # how long the stream waits for the read at its position before serving one further ahead
 MAX_SKIP = 32 << 20  # a gap up to this is read and dropped; a larger one opens a new body
@@ -60,6 +60,8 @@ class SequentialReader:
         self._idle_since = time.monotonic()
         self._pending: Counter[int] = Counter()
         self._scratch = memoryview(bytearray(1 << 20))
+        self._head: bytes | None = None  # the bytes the open body already passed (see adopt)
+        self._head_start = 0
         self._closed = False
 
     def read(self, offset: int, views: Sequence[memoryview], budget: Budget) -> None:
@@ -76,12 +78,15 @@ class SequentialReader:
                         if pos == offset:
                             break
                         if pos is not None and offset < pos:
-                            behind = True
+                            behind = not self._in_head(offset)
                             break
                         if pos is not None and offset - pos <= NEAR and min(self._pending) == offset:
                             break  # the next read after the alignment padding between two chunks
-                        if min(self._pending) == offset and time.monotonic() - self._idle_since >= self.wait_s:
-                            break  # no earlier read is waiting and the one at the stream's position is late
+                        # no earlier read is waiting and the one at the stream's position is late; before the
+                        # first read there is no position to wait for, only the first reads to gather (WAIT_S)
+                        wait = WAIT_S if pos is None else self.wait_s
+                        if min(self._pending) == offset and time.monotonic() - self._idle_since >= wait:
+                            break
                     self._cv.wait(min(WAIT_S, self.wait_s))
             finally:
                 self._pending[offset] -= 1
@@ -100,6 +105,16 @@ class SequentialReader:
                 self._busy = False
                 self._idle_since = time.monotonic()
                 self._cv.notify_all()
+
+    def adopt(self, body: Body, start: int, pos: int, head: bytes | None = None) -> None:
+        """Continue on ``body`` (an open body of bytes ``start``..the end), read up to ``pos`` already. ``head``
+        (those bytes, when small: the load's first read) is kept until the body moves past it, so the reads that
+        overlap it (the first chunk starts inside the header read) are served without a GET of their own."""
+        with self._cv:
+            self._body, self._body_pos, self._end = body, pos, start + body.expected
+            self._head, self._head_start = head, start
+            self._pos = start if head is not None else pos
+            self._cv.notify_all()
 
     def served(self, start: int, end: int) -> None:
         """Bytes ``start..end-1`` are (being) read by ranged GETs: the stream does not wait for a read there."""
@@ -123,27 +138,42 @@ class SequentialReader:
         if body is not None:
             body.finish(ok)
 
+    def _in_head(self, offset: int) -> bool:
+        """Whether a read at ``offset`` starts in the kept head and the body stands right after it."""
+        head = self._head
+        return (
+            head is not None
+            and self._body is not None
+            and self._head_start <= offset < self._body_pos == self._head_start + len(head)
+        )
+
     def _serve(self, offset: int, views: Sequence[memoryview], budget: Budget) -> None:
         cursor = Cursor(views, budget)
         total = cursor.total
         t0 = time.monotonic()
         first_byte = t0
         try:
-            if self._body is not None and offset != self._body_pos:
-                gap = offset - self._body_pos
-                if 0 < gap <= MAX_SKIP and offset < self._end:
-                    self._skip(gap, budget)
-                else:
-                    self._drop_body()
-            if self._body is None:
-                self._body = self._open_body(offset, self.size - 1, budget)
-                self._body_pos, self._end = offset, offset + self._body.expected
-                first_byte = time.monotonic()
-            n = min(total, self._end - offset)
-            fill(cursor, n, self._body.read)
-            self._body_pos = offset + n
-            if self._body_pos >= self._end:
-                self._drop_body(ok=True)
+            if self._in_head(offset):  # the bytes the first read already took, then the body from where it stands
+                assert self._head is not None
+                copy_into(cursor, memoryview(self._head)[offset - self._head_start : offset - self._head_start + total])
+            at = offset + cursor.done
+            if cursor.done < total:
+                self._head = None
+                if self._body is not None and at != self._body_pos:
+                    gap = at - self._body_pos
+                    if 0 < gap <= MAX_SKIP and at < self._end:
+                        self._skip(gap, budget)
+                    else:
+                        self._drop_body()
+                if self._body is None:
+                    self._body = self._open_body(at, self.size - 1, budget)
+                    self._body_pos, self._end = at, at + self._body.expected
+                    first_byte = time.monotonic()
+                n = min(total - cursor.done, self._end - at)
+                fill(cursor, n, self._body.read)
+                self._body_pos = at + n
+                if self._body_pos >= self._end:
+                    self._drop_body(ok=True)
         except TransientError:
             self._drop_body()
         except BaseException:
@@ -164,3 +194,12 @@ class SequentialReader:
             fill(Cursor([self._scratch[:n]], budget), n, self._body.read)
             gap -= n
             self._body_pos += n
+
+
+def copy_into(cursor: Cursor, data: memoryview) -> None:
+    """Scatter ``data`` into ``cursor``'s buffers from where it stands."""
+    while len(data):
+        dest = cursor.next_view(len(data))
+        dest[:] = data[: len(dest)]
+        cursor.advance(len(dest))
+        data = data[len(dest) :]

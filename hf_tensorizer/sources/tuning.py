@@ -6,6 +6,11 @@ Servers differ in what they reward. nginx on loopback: 4 ranged GETs in flight b
 ranged GET by copying the whole object first: there 8 MiB ranges run 20× slower than one sequential GET. No fixed
 default fits all three, so a load starts with a few ranged GETs in flight, times them, and moves:
 
+0. **first read**: the source's first read (a load's header, at byte 0) is sent as one open-ended GET. When it waits for
+   its first byte ≥ :data:`EARLY_RATIO` × what opening the object took (the HEAD) and ≥ :data:`EARLY_MIN_S`, the
+   server does work per ranged GET that has nothing to do with the bytes asked for (moto copies the whole object
+   for each): the load stays on that body (one sequential GET from byte 0, no ranged GET at all). Otherwise the
+   body is dropped and the probe below decides.
 1. **probe**: the first wave of reads (one per request in flight, at least 4, each ≥ 1 MiB) at :data:`START` in flight.
    Each request gives its time to the first byte (``ttfb``) and its body rate (bytes ÷ time after the first byte);
    the window gives the aggregate rate (bytes ÷ its wall time).
@@ -13,8 +18,9 @@ default fits all three, so a load starts with a few ranged GETs in flight, times
    (≥ :data:`FIXED_SHARE`) and one body moves ≥ :data:`STREAM_GAIN` × what the whole window did in parallel. The
    load then reads the rest as one sequential GET (:mod:`.sequential`); its first window is checked, and if the
    stream does worse than the ranges did the load goes back to them.
-3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` ×; if the first
-   step gains nothing, try half as many; settle on the best window.
+3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` × and enough of
+   the object is left to measure the next step (its window); if the first step gains
+   nothing, try half as many; settle on the best window.
 
 Explicit settings win: a caller's ``concurrency``/``part_size`` (the source) or ``num_readers``/``chunk_bytes``
 (``TensorDeserializer``) hold the transfer as given (``Tuner(held=...)``). ``HF_TENSORIZER_REMOTE_ADAPT=0`` holds
@@ -31,13 +37,26 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FIXED_SHARE", "GROW_GAIN", "START", "STREAM_GAIN", "Decision", "Gate", "Sample", "Tuner"]
+__all__ = [
+    "EARLY_MIN_S",
+    "EARLY_RATIO",
+    "FIXED_SHARE",
+    "GROW_GAIN",
+    "START",
+    "STREAM_GAIN",
+    "Decision",
+    "Gate",
+    "Sample",
+    "Tuner",
+]
 
 START = 4  # requests in flight while probing (capped by the source's concurrency)
 MIN_SAMPLE_BYTES = 1 << 20  # smaller reads (the index, headers) time the latency only: not counted
 FIXED_SHARE = 0.5  # requests spending at least this share before their first byte have a costly fixed part...
 STREAM_GAIN = 2.0  # ...and one body at least this many times the window's aggregate: read one stream
 GROW_GAIN = 1.15  # a step must gain this much to count (noise on a busy machine is ~10 %)
+EARLY_RATIO = 4.0  # a first GET waiting this many times the HEAD for its first byte...
+EARLY_MIN_S = 0.03  # ...and at least this long (a busy machine's scheduling noise stays below): one stream at once
 SHRINK_GAIN = 1.05  # fewer requests in flight are kept when they are at least this much faster
 
 
@@ -99,6 +118,8 @@ class Tuner:
         self.rates: dict[int, float] = {}  # aggregate bytes/s of a window, per concurrency tried
         self._window: list[Sample] = []
         self.ttfb = 0.0  # median time to the first byte of a ranged GET in the probe: what a late read would pay
+        self.total = 0  # the object's size when known: a step up is tried only when enough is left to use it
+        self._seen = 0  # bytes of the requests counted so far
         self._phase = "held" if held else "probe"
         if held:
             first = Decision("held", self.max_concurrency, f"set by the caller ({held})")
@@ -125,8 +146,31 @@ class Tuner:
         self._phase = "settled"
         return self._move(Decision(mode, 1 if mode == "stream" else self.max_concurrency, why))
 
+    def first_read(self, ttfb: float, open_s: float) -> Decision | None:
+        """The load's first GET (at byte 0, open-ended) waited ``ttfb`` for its first byte; opening the object (the
+        HEAD) took ``open_s``. Returns the stream decision when ranges carry a fixed cost far above a request's
+        (see the module docstring, step 0), else None (the probe decides)."""
+        if self._phase != "probe" or not self.can_stream or open_s <= 0:
+            return None
+        if ttfb < EARLY_MIN_S or ttfb < EARLY_RATIO * open_s:
+            return None
+        self.ttfb = ttfb
+        self._phase = "stream"
+        return self._move(
+            Decision(
+                "stream",
+                1,
+                (
+                    f"the first GET waited {ttfb * 1e3:.0f} ms for its first byte, {ttfb / open_s:.0f}× the HEAD "
+                    f"({open_s * 1e3:.1f} ms): the server works per request far beyond the bytes asked for; "
+                    "one sequential GET from there"
+                ),
+            )
+        )
+
     def add(self, s: Sample) -> Decision | None:
         """Count one completed request; returns the new decision when this one completes a window that moves it."""
+        self._seen += s.nbytes
         if self.settled or s.nbytes < MIN_SAMPLE_BYTES:
             return None
         cur = self.current
@@ -204,6 +248,11 @@ class Tuner:
             if c >= self.max_concurrency:
                 return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
             nxt = min(2 * c, self.max_concurrency)
+            need = max(6, 2 * nxt) * sum(s.nbytes for s in window) / len(window)  # the bytes of its window
+            if self.total and self.total - self._seen < need:
+                left = (self.total - self._seen) / 1e6
+                return self._settle(f"{c} in flight moved {_mbs(rate)}; {left:.0f} MB left, too little to measure "
+                                    f"{nxt}; settled at {best}")  # fmt: skip
             return self._move(Decision("ranged", nxt, f"{c} in flight moved {_mbs(rate)}; trying {nxt}"))
         # shrink: one step down was tried
         up = min(k for k in self.rates if k > c)
@@ -227,7 +276,8 @@ class Tuner:
                 )
             )
         self._phase = "settled"
-        return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)} against {_mbs(ranged)} ranged; kept"))
+        against = f" against {_mbs(ranged)} ranged" if ranged else ""
+        return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)}{against}; kept"))
 
 
 class Gate:
