@@ -1,0 +1,170 @@
+"""The scale-from-zero benchmark's parsing, summaries, verdicts and row command lines (integrations/coldstart*.py).
+
+No benchmark runs here (that is minutes of vLLM and predictor starts): the log lines are the ones each loader
+prints, the verdicts are fed results that meet and miss the targets, and the S3 upload path runs against a real
+moto server process with a small folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from integrations import coldstart, coldstart_report, coldstart_rows
+from integrations.coldstart_report import summarize, verdicts, weight_seconds
+
+# log lines as each loader prints them (vLLM 0.32's default loader, ours, vLLM's tensorizer loader, Run:ai)
+LOGS = {
+    "vllm": "INFO 12-07 03:10:11 [loader.py:200] Loading weights took 3.21 seconds (1.07 GB, 0.33 GB/s, "
+    "hf_tensorizer mmap)\n",
+    "vllm-default": "INFO 12-07 03:10:11 [default_loader.py:502] Loading weights took 4.50 seconds\n",
+    "vllm-tensorizer": "INFO 12-07 03:10:11 [tensorizer.py:521] Deserialized 1.1 GB in 2.75s, 390.2 MB/s\n",
+    "vllm-runai": "[RunAI Streamer] Overall time to stream 1.0 GiB of all files: 5.13s, 199.6 MiB/s\n",
+}
+
+
+@pytest.mark.parametrize(("row", "seconds"), [("vllm", 3.21), ("vllm-default", 4.50), ("vllm-tensorizer", 2.75),
+                                              ("vllm-runai", 5.13)])  # fmt: skip
+def test_weight_seconds_reads_each_loaders_own_line(row: str, seconds: float) -> None:
+    log = "INFO noise\n" + LOGS[row] + "INFO after\n"
+    assert weight_seconds(row, log) == pytest.approx(seconds)
+
+
+def test_weight_seconds_takes_the_last_line_and_tells_ours_from_the_default() -> None:
+    # the default loader's line has no "(… hf_tensorizer …)": it is not ours
+    assert weight_seconds("vllm", LOGS["vllm-default"]) is None
+    assert (
+        weight_seconds("vllm-default", LOGS["vllm-default"] * 2 + LOGS["vllm-default"].replace("4.50", "9.00")) == 9.0
+    )
+    assert weight_seconds("vllm-runai", "no streamer line") is None
+    assert weight_seconds("predictor", LOGS["vllm"]) is None  # the predictor's time comes from /metrics
+
+
+def _run(first: float, load: float | None) -> dict[str, float | None]:
+    return {"ready_s": first - 1, "first_s": first, "mean_s": first + 5, "p50_s": first + 4, "p95_s": first + 9,
+            "max_s": first + 10, "peak_rss_gb": 2.0, "load_s": load}  # fmt: skip
+
+
+def test_summarize_medians_and_ranges() -> None:
+    s = summarize({"vllm local warm": [_run(30, 3), _run(40, 5), _run(20, 4)], "vllm s3 warm": []})
+    assert list(s) == ["vllm local warm"]
+    assert s["vllm local warm"]["first_s"] == 30 and s["vllm local warm"]["load_s"] == 4
+    assert s["vllm local warm"]["range"]["first_s"] == [20, 40] and s["vllm local warm"]["runs"] == 3
+
+
+def test_verdicts_met() -> None:
+    runs = {"vllm local warm": [_run(30, 2.0)], "vllm-default local warm": [_run(35, 2.5)],
+            "vllm-runai local warm": [_run(33, 3.0)], "predictor-stock local warm": [_run(60, None)]}  # fmt: skip
+    found = {v["target"]: v for v in verdicts(summarize(runs))}
+    assert found["weights"]["verdict"] == "met" and found["weights"]["best_other"] == ("vllm-default", 2.5)
+    assert found["weights"]["ratio"] == pytest.approx(1.25)
+    assert found["first response"]["verdict"] == "met" and found["first response"]["ours"] == ("vllm", 30)
+
+
+def test_verdicts_not_met_when_a_peer_is_faster() -> None:
+    runs = {"vllm s3 warm": [_run(50, 6.0)], "vllm-runai s3 warm": [_run(45, 4.0)],
+            "predictor s3 warm": [_run(70, 9.0)], "predictor-stock s3 warm": [_run(80, 12.0)],
+            "vllm local cold": [_run(30, 2.0)]}  # fmt: skip
+    found = {(v["target"], v["source"], v["cache"]): v for v in verdicts(summarize(runs))}
+    weights, first = found[("weights", "s3", "warm")], found[("first response", "s3", "warm")]
+    assert weights["verdict"] == "not met" and weights["ratio"] == pytest.approx(4 / 6)
+    assert first["verdict"] == "not met" and first["best_other"] == ("vllm-runai", 45)
+    # no other vLLM format measured from the local cold cache: no verdict there
+    assert found[("weights", "local", "cold")]["verdict"] == "not measured"
+    assert "**not met**" in coldstart_report.verdict_table(list(found.values()))
+
+
+def test_verdicts_ignore_non_default_rows() -> None:
+    # predictor-mapped is ours with a non-default option: it neither wins nor loses a verdict
+    runs = {"predictor-mapped local warm": [_run(10, 1.0)], "predictor local warm": [_run(50, 5.0)],
+            "predictor-stock local warm": [_run(40, 4.0)]}  # fmt: skip
+    (first,) = [v for v in verdicts(summarize(runs)) if v["target"] == "first response"]
+    assert first["ours"] == ("predictor", 50) and first["verdict"] == "not met"
+
+
+def test_table_and_report_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {"vllm local warm": [_run(30, 2.0), _run(32, 2.2)], "vllm-default local warm": [_run(35, None)]}
+    result = {"median": summarize(runs), "verdicts": verdicts(summarize(runs))}
+    text = coldstart_report.table(result["median"])
+    assert "| `vllm` | local | warm | 30.0 s | 31.0 s (30.0–32.0) |" in text
+    assert "| `vllm-default` | local | warm |" in text and text.rstrip().endswith("| – |")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert coldstart.main(["--report", str(path)]) == 0
+    # ours had a weight-loading time, the peer none: no verdict
+    assert "| weights | local, warm | `vllm` 2.1 s | – | – | **not measured** |" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = {"vllm local warm": [_run(30, 2.0)], "vllm-default local warm": [_run(35, 2.5)],
+            "vllm s3 warm": [_run(40, 3.0)]}  # fmt: skip
+    coldstart_report.plot(summarize(runs), "t", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_combos_skip_cold_s3_and_mapped_s3() -> None:
+    got = coldstart.combos("vllm,predictor-mapped", "local,s3", "warm,cold")
+    assert ("vllm", "s3", "warm") in got and ("predictor-mapped", "local", "cold") in got
+    assert not [c for c in got if c[1] == "s3" and (c[2] == "cold" or c[0] == "predictor-mapped")]
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    args = coldstart.parse_args(["--vllm-python", "/venv/bin/python", "--requests", "100"])
+    vars(args).update(kw)
+    return args
+
+
+class _FakeMoto:
+    url = "http://127.0.0.1:9"
+
+    def __init__(self) -> None:
+        self.env = {"AWS_ENDPOINT_URL": self.url}
+
+
+def test_vllm_rows_command_lines(tmp_path: Path) -> None:
+    paths = {k: tmp_path / k for k in ("tensorized", "safetensors", "vllm-tensorized")}
+    for p in paths.values():
+        p.mkdir()
+        (p / "f").write_bytes(b"x")
+    moto = _FakeMoto()
+    ours = coldstart_rows.make_service("vllm", "s3", paths, moto, _args())  # type: ignore[arg-type]
+    i = ours.argv.index("--model")
+    assert ours.argv[i + 1] == "s3://bench/tensorized" and "hf_tensorizer" in ours.argv
+    assert json.loads(ours.argv[ours.argv.index("--model-loader-extra-config") + 1]) == {"endpoint_url": moto.url}
+    assert ours.engine == "vllm" and ours.evict == [] and ours.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    tz = coldstart_rows.make_service("vllm-tensorizer", "local", paths, None, _args())
+    extra = json.loads(tz.argv[tz.argv.index("--model-loader-extra-config") + 1])
+    assert extra == {"tensorizer_uri": str(paths["vllm-tensorized"] / "model.tensors")}
+    assert tz.evict == [paths["vllm-tensorized"] / "model.tensors"]
+    runai = coldstart_rows.make_service("vllm-runai", "local", paths, None, _args())
+    assert runai.argv[runai.argv.index("--model") + 1] == str(paths["safetensors"]) and "runai_streamer" in runai.argv
+    assert runai.evict == [paths["safetensors"] / "f"]
+    stock = coldstart_rows.make_service("vllm-default", "s3", paths, moto, _args())  # type: ignore[arg-type]
+    assert stock.argv[0] == "sh" and "fetch s3://bench/safetensors" in stock.argv[2] and stock.scratch is not None
+    stock.scratch.rmdir()
+    with pytest.raises(SystemExit, match="--vllm-python"):
+        coldstart_rows.make_service("vllm", "local", paths, None, _args(vllm_python=None))
+
+
+def test_moto_uploads_in_one_put_and_fetch_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("moto.server")
+    _, transfer = coldstart_rows.upload_config()
+    assert transfer.multipart_threshold > 2 << 30  # a ~1 GB model file goes up in one PUT, never multipart
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.tensors").write_bytes(bytes(range(256)) * 4096)
+    (src / "config.json").write_text("{}")
+    moto = coldstart_rows.Moto()
+    try:
+        moto.upload(src, "tensorized")
+        for k, v in moto.env.items():
+            monkeypatch.setenv(k, v)
+        coldstart_rows.fetch("s3://bench/tensorized", str(tmp_path / "dst"))
+    finally:
+        moto.stop()
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["config.json", "model.tensors"]
+    assert (tmp_path / "dst" / "model.tensors").read_bytes() == (src / "model.tensors").read_bytes()
