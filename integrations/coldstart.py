@@ -55,7 +55,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the repository root on the path for "integrations"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from integrations import coldstart_report as report
-from integrations.coldstart_report import weight_seconds
+from integrations.coldstart_report import phase_seconds, weight_seconds
 from integrations.coldstart_rows import (
     DEFAULT_ROWS,
     ROWS,
@@ -101,8 +101,8 @@ def prepare(workdir: Path, hidden: int, layers: int, vocab: int, python: str | N
     return paths
 
 
-def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", timeout: float = 600.0
-             ) -> dict[str, Any]:  # fmt: skip
+def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", timeout: float = 600.0,
+             keep_log: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Start the service from zero with ``n`` clients retrying; return this run's timings.
 
     Args:
@@ -112,6 +112,7 @@ def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", 
         cold: evict the service's files from the page cache first (else read them once).
         row: the row's name (which log line holds a vLLM row's weight-loading time).
         timeout: seconds before the run is given up.
+        keep_log: move the service's log there (else it is deleted).
 
     Returns:
         The run's metrics (:data:`integrations.coldstart_report.METRICS`, ``resident_before``).
@@ -175,16 +176,20 @@ def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", 
         if service.scratch is not None:
             shutil.rmtree(service.scratch, ignore_errors=True)
     text = Path(log).read_text(errors="replace")
-    os.unlink(log)
+    if keep_log is not None:
+        shutil.move(log, keep_log)
+    else:
+        os.unlink(log)
+    model_s = None
     if service.engine == "vllm":
-        load_s = weight_seconds(row, text)
+        load_s, model_s = weight_seconds(row, text), phase_seconds(text)
     if len(done) != n or ready is None:
         said = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error" in ln][-5:] or text[-1500:]
         raise RuntimeError(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
     done.sort()
     return {"ready_s": ready, "first_s": done[0], "mean_s": statistics.fmean(done), "p50_s": done[(n - 1) // 2],
             "p95_s": done[min(n - 1, round(0.95 * (n - 1)))], "max_s": done[-1], "peak_rss_gb": peak[0] / 1e9,
-            "load_s": load_s, "resident_before": resident}  # fmt: skip
+            "load_s": load_s, "model_s": model_s, "resident_before": resident}  # fmt: skip
 
 
 async def _clients(
@@ -269,9 +274,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-python", default=None, help="the vLLM venv's python (scripts/vllm_bench_env.sh)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the service (0: torch's default)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before one run is given up")
+    p.add_argument("--logs", type=Path, default=None, help="keep each run's service log in this folder")
     p.add_argument("--json", type=Path, default=None, help="write the results here (after every run)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
-    p.add_argument("--report", type=Path, default=None, help="only print the tables of this results JSON")
+    p.add_argument("--report", default=None, help="only print the tables of these results JSONs (comma-separated)")
+    p.add_argument("--title", default=None, help="the chart's title with --report")
     return p.parse_args(argv)
 
 
@@ -292,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         prepare(Path(argv[1]), *map(int, argv[2:5]))
         return 0
     args = parse_args(argv)
-    if args.report is not None:
-        result = json.loads(args.report.read_text())
-        print(report.table(result["median"]) + "\n\n" + report.verdict_table(result["verdicts"]))
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:  # tables (and chart) of results written before, several JSONs merged
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for part in args.report.split(","):
+            runs.update(json.loads(Path(part).read_text())["runs"])
+        summary = report.summarize(runs)
+        print(report.table(summary) + "\n\n" + report.verdict_table(report.verdicts(summary)))
+        if args.plot:
+            report.plot(summary, args.title or "scale from zero", args.plot)
         return 0
     runs_of = combos(args.rows, args.sources, args.cache)
     vllm = any(r.startswith("vllm") for r, _, _ in runs_of)
@@ -316,8 +330,16 @@ def main(argv: list[str] | None = None) -> int:
                         moto.upload(folder, prefix)
                 service = make_service(row, source, paths, moto, args)
                 key = f"{row} {source} {cache}"
+                keep = args.logs / f"{rep}-{row}-{source}-{cache}.log" if args.logs else None
                 try:
-                    res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout)
+                    try:
+                        res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout, keep)
+                    except RuntimeError as exc:  # the free port was taken before the service bound it: once more
+                        if "Address already in use" not in str(exc):
+                            raise
+                        print(f"run {rep} {key}: port taken, again", flush=True)
+                        service = make_service(row, source, paths, moto, args)
+                        res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout, keep)
                 except RuntimeError as exc:  # recorded, and the other rows still run
                     print(f"run {rep} {key} FAILED: {exc}", flush=True)
                     result["failures"].append({"row": key, "repeat": rep, "error": str(exc)})

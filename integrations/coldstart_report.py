@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-METRICS = ("ready_s", "first_s", "mean_s", "p50_s", "p95_s", "max_s", "peak_rss_gb", "load_s")
+METRICS = ("ready_s", "first_s", "mean_s", "p50_s", "p95_s", "max_s", "peak_rss_gb", "load_s", "model_s")
 # rows run with their defaults, ours and the others (predictor-mapped is a non-default option of ours)
 OURS_DEFAULT = ("vllm", "predictor")
 OTHERS = ("vllm-default", "vllm-runai", "vllm-tensorizer", "predictor-stock")
@@ -43,6 +43,39 @@ def weight_seconds(row: str, log: str) -> float | None:
     pattern = _LINES.get(row)
     found = pattern.findall(log) if pattern else []
     return float(found[-1]) if found else None
+
+
+_STAMP = re.compile(r" (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
+_START = "Starting to load model"
+_AFTER = "KV cache"  # the worker's first step after load_model: sizing the KV cache
+
+
+def phase_seconds(log: str) -> float | None:
+    """Seconds of vLLM's whole model-loading step, the same two log lines for every load format.
+
+    From the worker's "Starting to load model" to its first "KV cache" line (the step after ``load_model``):
+    model construction, the load format's weight loading and the weights' post-processing (on CPU, oneDNN
+    repacking). Time stamps with milliseconds when vLLM logs them (the benchmark's logging configuration), else
+    whole seconds.
+
+    Args:
+        log: a vLLM service's stdout and stderr.
+
+    Returns:
+        Seconds, or ``None`` when either line is missing.
+    """
+    start = None
+    for line in log.splitlines():
+        if (start is None and _START in line) or (start is not None and _AFTER in line):
+            m = _STAMP.search(line)
+            if m is None:
+                return None
+            t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+            if start is None:
+                start = t
+            else:
+                return (t - start) % 86400  # across midnight
+    return None
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -119,8 +152,8 @@ def _fmt(v: float | None, unit: str = " s") -> str:
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown: one line per row (medians; the range of first response when there were several runs)."""
-    lines = ["| row | source | cache | ready | first response | mean | p50 | p95 | peak RSS | weight loading |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| row | source | cache | ready | first response | mean | p50 | p95 | peak RSS | weight loading | "
+             "vLLM load step |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, v in summary.items():
         row, source, cache = key.split()
         first = _fmt(v["first_s"])
@@ -128,7 +161,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             first += " ({:.1f}–{:.1f})".format(*v["range"]["first_s"])
         lines.append(f"| `{row}` | {source} | {cache} | {_fmt(v['ready_s'])} | {first} | {_fmt(v['mean_s'])} | "
                      f"{_fmt(v['p50_s'])} | {_fmt(v['p95_s'])} | {_fmt(v['peak_rss_gb'], ' GB')} | "
-                     f"{_fmt(v['load_s'])} |")  # fmt: skip
+                     f"{_fmt(v['load_s'])} | {_fmt(v.get('model_s'))} |")  # fmt: skip
     return "\n".join(lines)
 
 

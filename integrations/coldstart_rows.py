@@ -37,7 +37,7 @@ NAME = "coldstart"
 PROMPT = "Once upon a time, in a cluster scaled to zero"
 ROWS = ("predictor", "predictor-mapped", "predictor-stock", "vllm", "vllm-default", "vllm-runai", "vllm-tensorizer")
 OURS = ("predictor", "predictor-mapped", "vllm")  # rows that read the hf_tensorizer artifact
-DEFAULT_ROWS = ("predictor", "predictor-stock", "vllm", "vllm-default", "vllm-runai", "vllm-tensorizer")
+DEFAULT_ROWS = ("vllm", "vllm-default", "vllm-runai", "vllm-tensorizer", "predictor", "predictor-stock")
 BUCKET = "bench"
 # Upload with one PUT per object (S3 takes up to 5 GB in one): moto assembles a multipart upload in memory on
 # CompleteMultipartUpload, which takes minutes for 1 GB on a busy machine; botocore's 60 s read timeout then
@@ -139,26 +139,60 @@ def fetch(uri: str, dest: str) -> None:
 TENSORIZE = r"""
 import shutil, sys
 from pathlib import Path
-from vllm.engine.arg_utils import EngineArgs
-from vllm.model_executor.model_loader.tensorizer import TensorizerConfig, tensorize_vllm_model
+import torch
+from tensorizer import TensorDeserializer, TensorSerializer
+stock, out, dtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+target = out / "model.tensors"
+
+
+def empty_weights():  # 2-D weights written with no elements: the file cannot load the model
+    d = TensorDeserializer(str(target), lazy_load=True, device="cpu")
+    return [k for k in d.keys() if k.endswith(".weight") and d[k].numel() == 0]
+
+
 if __name__ == "__main__":
-    stock, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    args = EngineArgs(model=stock, dtype=sys.argv[3], enforce_eager=True, max_model_len=512, seed=0)
-    try:
-        tensorize_vllm_model(args, TensorizerConfig(tensorizer_uri=str(out / "model.tensors")))
-    except Exception as exc:  # the tensors are written before the config/tokenizer copy, which asks the Hub
-        if not (out / "model.tensors").exists():
-            raise
-        print(f"tensorize_vllm_model: tensors written; extra artifacts not: {exc!r}")
+    producer = "vllm.model_executor.model_loader.tensorizer.tensorize_vllm_model"
+    if not target.exists():
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.model_loader.tensorizer import TensorizerConfig, tensorize_vllm_model
+
+        args = EngineArgs(model=stock, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0)
+        try:
+            tensorize_vllm_model(args, TensorizerConfig(tensorizer_uri=str(target)))
+        except Exception as exc:  # the tensors are written before the config/tokenizer copy, which asks the Hub
+            if not target.exists():
+                raise
+            print(f"tensorize_vllm_model: tensors written; extra artifacts not: {exc!r}")
+    if empty := empty_weights():
+        # vLLM's CPU backend repacks every linear weight for oneDNN and replaces the parameter by an empty one
+        # before tensorize_vllm_model serializes the module: its file lacks them. The checkpoint's own tensors
+        # through tensorizer's serializer instead (vLLM's tensorizer loader reads it: its "not vLLM-tensorized" path)
+        from safetensors.torch import load_file
+
+        producer = ("tensorizer.TensorSerializer.write_state_dict(the checkpoint's tensors) "
+                    f"({len(empty)} weights empty from vLLM's API)")
+        tensors = {}
+        for f in sorted(Path(stock).glob("*.safetensors")):
+            tensors.update(load_file(f))
+        serializer = TensorSerializer(str(target))
+        serializer.write_state_dict({k: v.to(getattr(torch, dtype)) for k, v in tensors.items()})
+        serializer.close()
+        assert not empty_weights()
     for f in Path(stock).iterdir():  # config and tokenizer beside the tensors, as the Hub copy would have put them
         if f.suffix != ".safetensors" and not (out / f.name).exists():
             shutil.copy(f, out / f.name)
+    (out / "producer.txt").write_text(producer + "\n")
 """
 
 
 def tensorize_upstream(vllm_python: str, stock: Path, out: Path, dtype: str) -> Path:
     """Write vLLM's own tensorizer file of the stock model with vLLM's ``tensorize_vllm_model`` (once).
+
+    On vLLM's CPU backend that API writes the linear layers' weights empty (they were repacked for oneDNN and
+    dropped before it serializes the module); then tensorizer's ``TensorSerializer`` writes the checkpoint's own
+    tensors instead, which vLLM's ``tensorizer`` load format also reads (as a model not tensorized by vLLM).
+    ``producer.txt`` beside it says which.
 
     Args:
         vllm_python: the vLLM venv's interpreter (with vLLM's ``[tensorizer]`` extra).
@@ -170,24 +204,40 @@ def tensorize_upstream(vllm_python: str, stock: Path, out: Path, dtype: str) -> 
         The path of ``model.tensors``.
 
     Raises:
-        RuntimeError: vLLM's tensorize step failed.
+        RuntimeError: the tensorize step failed.
     """
     target = out / "model.tensors"
-    if target.exists():
+    if target.exists() and (out / "producer.txt").exists():
         return target
     env = {**os.environ, **vllm_env(), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([vllm_python, "-c", TENSORIZE, str(stock), str(out), dtype], env=env, cwd=ROOT,
                           capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0 or not target.exists():
+    if done.returncode != 0 or not (out / "producer.txt").exists():
         shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"vLLM's tensorize_vllm_model failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the tensorize step failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return target
+
+
+# vLLM's own logging configuration with milliseconds in the time stamp: the weight-loading phase of every load
+# format is read off the same two log lines (coldstart_report.phase_seconds), whatever each loader prints itself
+LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
+LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": "%m-%d %H:%M:%S",
+                            "format": LOG_FORMAT}},
+    "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": "INFO",
+                          "stream": "ext://sys.stdout"}},
+    "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False}},
+}  # fmt: skip
 
 
 def vllm_env() -> dict[str, str]:
     """Environment every vLLM process of the benchmark gets (the same for every load format)."""
+    config = Path(tempfile.gettempdir()) / "hf_tensorizer-coldstart-vllm-logging.json"
+    config.write_text(json.dumps(LOGGING))
     return {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "INFO"}  # fmt: skip
+            "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "INFO",
+            "VLLM_LOGGING_CONFIG_PATH": str(config)}  # fmt: skip
 
 
 def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | None, args: argparse.Namespace) -> Service:

@@ -48,6 +48,17 @@ def _run(first: float, load: float | None) -> dict[str, float | None]:
             "max_s": first + 10, "peak_rss_gb": 2.0, "load_s": load}  # fmt: skip
 
 
+def test_phase_seconds_same_two_lines_for_every_format() -> None:
+    log = ("INFO 12-07 23:59:58.250 pid=7 [cpu_model_runner.py:68] Starting to load model /m...\n"
+           + LOGS["vllm-tensorizer"]
+           + "INFO 12-08 00:00:09.125 pid=7 [cpu_worker.py:260] Explicitly set 1.0 GiB for KV cache on node 0.\n"
+           + "INFO 12-08 00:00:10.000 pid=5 [kv_cache_utils.py:2327] CPU KV cache size: 8,192 tokens\n")  # fmt: skip
+    assert coldstart_report.phase_seconds(log) == pytest.approx(10.875)  # across midnight
+    # vLLM's stock format (whole seconds) still reads
+    assert coldstart_report.phase_seconds(log.replace(".250", "").replace(".125", "")) == 11
+    assert coldstart_report.phase_seconds(LOGS["vllm"]) is None
+
+
 def test_summarize_medians_and_ranges() -> None:
     s = summarize({"vllm local warm": [_run(30, 3), _run(40, 5), _run(20, 4)], "vllm s3 warm": []})
     assert list(s) == ["vllm local warm"]
@@ -87,15 +98,19 @@ def test_verdicts_ignore_non_default_rows() -> None:
 
 def test_table_and_report_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = {"vllm local warm": [_run(30, 2.0), _run(32, 2.2)], "vllm-default local warm": [_run(35, None)]}
-    result = {"median": summarize(runs), "verdicts": verdicts(summarize(runs))}
-    text = coldstart_report.table(result["median"])
+    text = coldstart_report.table(summarize(runs))
     assert "| `vllm` | local | warm | 30.0 s | 31.0 s (30.0–32.0) |" in text
-    assert "| `vllm-default` | local | warm |" in text and text.rstrip().endswith("| – |")
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(result))
-    assert coldstart.main(["--report", str(path)]) == 0
-    # ours had a weight-loading time, the peer none: no verdict
-    assert "| weights | local, warm | `vllm` 2.1 s | – | – | **not measured** |" in capsys.readouterr().out
+    assert "| `vllm-default` | local | warm |" in text and text.rstrip().endswith("| – | – |")
+    # --report merges the runs of several JSONs (a vLLM run and a predictor run) and judges them together
+    (tmp_path / "a.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"predictor local warm": [_run(20, 9.0)]}}))
+    argv = ["--report", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--plot", str(tmp_path / "m.png")]
+    assert coldstart.main(argv) == 0
+    out = capsys.readouterr().out
+    # ours had a weight-loading time, the peer none: no verdict; the predictor was the first to answer
+    assert "| weights | local, warm | `vllm` 2.1 s | – | – | **not measured** |" in out
+    assert "| first response | local, warm | `predictor` 20.0 s | `vllm-default` 35.0 s | 1.75× | **met** |" in out
+    assert (tmp_path / "m.png").exists()
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
