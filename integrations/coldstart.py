@@ -305,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, Any]]] = {}
         for part in args.report.split(","):
             runs.update(json.loads(Path(part).read_text())["runs"])
+        if args.logs:  # the loaders' lines read again from the kept logs (a parser that learnt a new line)
+            _reread(runs, args.logs)
         summary = report.summarize(runs)
+        if args.json:
+            args.json.write_text(json.dumps({"sources": args.report.split(","), "runs": runs, "median": summary,
+                                             "verdicts": report.verdicts(summary)}, indent=2) + "\n")  # fmt: skip
         print(report.table(summary) + "\n\n" + report.verdict_table(report.verdicts(summary)))
         if args.plot:
             report.plot(summary, args.title or "scale from zero", args.plot)
@@ -345,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     result["failures"].append({"row": key, "repeat": rep, "error": str(exc)})
                     continue
                 res["load_average"] = os.getloadavg()[0]
+                if keep is not None:
+                    res["log"] = keep.name
                 runs[key].append(res)
                 shown = "  ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float))
                 print(f"run {rep} {row:16s} {source:5s} {cache:4s} {shown}", flush=True)
@@ -359,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
                  f"{os.cpu_count()} shared CPUs (median of {args.repeats})")  # fmt: skip
         report.plot(result["median"], title, args.plot)
     return 0
+
+
+def _reread(runs: dict[str, list[dict[str, Any]]], logs: Path) -> None:
+    for key, results in runs.items():
+        row, source, cache = key.split()
+        for i, res in enumerate(results):
+            log = logs / res.get("log", f"{i}-{row}-{source}-{cache}.log")
+            if row.startswith("vllm") and log.exists():
+                text = log.read_text(errors="replace")
+                res["load_s"], res["model_s"] = weight_seconds(row, text), phase_seconds(text)
 
 
 def _header(args: argparse.Namespace, argv: list[str], size: int) -> dict[str, Any]:

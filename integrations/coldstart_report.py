@@ -1,8 +1,10 @@
 """Reading and judging the scale-from-zero benchmark's results (``integrations/coldstart.py``).
 
 * :func:`weight_seconds` — a service log's weight-loading time, from each loader's own line: vLLM's default
-  loader and ours print "Loading weights took X seconds", vLLM's tensorizer loader "Deserialized … in Xs", Run:ai's
-  streamer "Overall time to stream … of all files: Xs";
+  loader and ours print "Loading weights took X seconds", vLLM's tensorizer loader "Deserialized … in Xs" (for a
+  file vLLM tensorized; a checkpoint's tensors go through ``model.load_weights`` with no line), the Run:ai loader
+  only its progress bar (elapsed whole seconds at 100 %);
+* :func:`phase_seconds` — vLLM's whole model-loading step, the same two log lines for every load format;
 * :func:`summarize` — median and range of every metric per row;
 * :func:`verdicts` — the issue's two targets, judged on the default configuration of every row, per source and
   page cache: our weight loading ≥ 1.0× the fastest other vLLM load format, and our time to first response ≤ the
@@ -26,8 +28,16 @@ _LINES = {
     "vllm": re.compile(r"Loading weights took ([0-9.]+) seconds \([^)]*hf_tensorizer"),
     "vllm-default": re.compile(r"Loading weights took ([0-9.]+) seconds"),
     "vllm-tensorizer": re.compile(r"Deserialized \S+ ?\S* in ([0-9.]+) ?s"),
-    "vllm-runai": re.compile(r"Overall time to stream .*? of all files:? ([0-9.]+) ?s"),
+    # vLLM's Run:ai loader prints no time of its own: its progress bar's elapsed time (whole seconds) at 100 %
+    "vllm-runai": re.compile(r"Runai Model Streamer: 100% Completed \| \d+/\d+ \[(\d+:\d\d(?::\d\d)?)<"),
 }
+
+
+def _seconds(text: str) -> float:
+    seconds = 0.0
+    for part in text.split(":"):  # "12.5", or tqdm's "MM:SS" / "H:MM:SS"
+        seconds = seconds * 60 + float(part)
+    return seconds
 
 
 def weight_seconds(row: str, log: str) -> float | None:
@@ -42,7 +52,7 @@ def weight_seconds(row: str, log: str) -> float | None:
     """
     pattern = _LINES.get(row)
     found = pattern.findall(log) if pattern else []
-    return float(found[-1]) if found else None
+    return _seconds(found[-1]) if found else None
 
 
 _STAMP = re.compile(r" (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")

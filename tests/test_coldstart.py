@@ -22,12 +22,13 @@ LOGS = {
     "hf_tensorizer mmap)\n",
     "vllm-default": "INFO 12-07 03:10:11 [default_loader.py:502] Loading weights took 4.50 seconds\n",
     "vllm-tensorizer": "INFO 12-07 03:10:11 [tensorizer.py:521] Deserialized 1.1 GB in 2.75s, 390.2 MB/s\n",
-    "vllm-runai": "[RunAI Streamer] Overall time to stream 1.0 GiB of all files: 5.13s, 199.6 MiB/s\n",
+    "vllm-runai": "Loading safetensors using Runai Model Streamer:  57% Completed | 84/147 [00:03<00:05, 11.97it/s]\r"
+    "Loading safetensors using Runai Model Streamer: 100% Completed | 147/147 [01:05<00:00, 14.41it/s]\n",
 }
 
 
 @pytest.mark.parametrize(("row", "seconds"), [("vllm", 3.21), ("vllm-default", 4.50), ("vllm-tensorizer", 2.75),
-                                              ("vllm-runai", 5.13)])  # fmt: skip
+                                              ("vllm-runai", 65.0)])  # fmt: skip
 def test_weight_seconds_reads_each_loaders_own_line(row: str, seconds: float) -> None:
     log = "INFO noise\n" + LOGS[row] + "INFO after\n"
     assert weight_seconds(row, log) == pytest.approx(seconds)
@@ -183,3 +184,19 @@ def test_moto_uploads_in_one_put_and_fetch_reads_back(tmp_path: Path, monkeypatc
         moto.stop()
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["config.json", "model.tensors"]
     assert (tmp_path / "dst" / "model.tensors").read_bytes() == (src / "model.tensors").read_bytes()
+
+
+def test_report_rereads_kept_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a run recorded before the parser knew its loader's line: --report --logs reads it again from the kept log
+    runs = {"vllm local warm": [_run(30, 2.0)], "vllm-runai local warm": [_run(35, None)]}
+    (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "0-vllm-runai-local-warm.log").write_text(LOGS["vllm-runai"])
+    out_json = tmp_path / "merged.json"
+    argv = ["--report", str(tmp_path / "r.json"), "--logs", str(tmp_path / "logs"), "--json", str(out_json)]
+    assert coldstart.main(argv) == 0
+    assert (
+        "| weights | local, warm | `vllm` 2.0 s | `vllm-runai` 65.0 s | 32.50× | **met** |" in capsys.readouterr().out
+    )
+    merged = json.loads(out_json.read_text())
+    assert merged["runs"]["vllm-runai local warm"][0]["load_s"] == 65.0
