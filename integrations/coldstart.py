@@ -101,6 +101,12 @@ def prepare(workdir: Path, hidden: int, layers: int, vocab: int, python: str | N
     return paths
 
 
+class RunFailed(RuntimeError):
+    """A run in which not every client was served; ``partial`` holds what was measured before."""
+
+    partial: dict[str, Any] | None = None
+
+
 def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", timeout: float = 600.0,
              keep_log: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Start the service from zero with ``n`` clients retrying; return this run's timings.
@@ -118,7 +124,7 @@ def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", 
         The run's metrics (:data:`integrations.coldstart_report.METRICS`, ``resident_before``).
 
     Raises:
-        RuntimeError: not every client was served, or readiness never answered.
+        RunFailed: not every client was served, or readiness never answered (``partial``: what was measured).
     """
     import psutil
 
@@ -185,7 +191,10 @@ def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", 
         load_s, model_s = weight_seconds(row, text), phase_seconds(text)
     if len(done) != n or ready is None:
         said = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error" in ln][-5:] or text[-1500:]
-        raise RuntimeError(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
+        failed = RunFailed(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
+        # what was measured before it failed (a vLLM load format that loads but cannot serve still has a load time)
+        failed.partial = {"ready_s": ready, "served": len(done), "load_s": load_s, "model_s": model_s}
+        raise failed
     done.sort()
     return {"ready_s": ready, "first_s": done[0], "mean_s": statistics.fmean(done), "p50_s": done[(n - 1) // 2],
             "p95_s": done[min(n - 1, round(0.95 * (n - 1)))], "max_s": done[-1], "peak_rss_gb": peak[0] / 1e9,
@@ -347,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout, keep)
                 except RuntimeError as exc:  # recorded, and the other rows still run
                     print(f"run {rep} {key} FAILED: {exc}", flush=True)
-                    result["failures"].append({"row": key, "repeat": rep, "error": str(exc)})
+                    result["failures"].append({"row": key, "repeat": rep, "error": str(exc),
+                                               "partial": getattr(exc, "partial", None)})  # fmt: skip
                     continue
                 res["load_average"] = os.getloadavg()[0]
                 if keep is not None:
