@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,8 @@ class _FakeMoto:
         self.env = {"AWS_ENDPOINT_URL": self.url}
 
 
-def test_vllm_rows_command_lines(tmp_path: Path) -> None:
+def test_vllm_rows_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # each service's cache and download folders
     paths = {k: tmp_path / k for k in ("tensorized", "safetensors", "vllm-tensorized")}
     for p in paths.values():
         p.mkdir()
@@ -161,7 +163,6 @@ def test_vllm_rows_command_lines(tmp_path: Path) -> None:
     assert runai.evict == [paths["safetensors"] / "f"]
     stock = coldstart_rows.make_service("vllm-default", "s3", paths, moto, _args())  # type: ignore[arg-type]
     assert stock.argv[0] == "sh" and "fetch s3://bench/safetensors" in stock.argv[2] and stock.scratch is not None
-    stock.scratch.rmdir()
     with pytest.raises(SystemExit, match="--vllm-python"):
         coldstart_rows.make_service("vllm", "local", paths, None, _args(vllm_python=None))
 
