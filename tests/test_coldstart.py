@@ -71,8 +71,11 @@ def test_summarize_medians_and_ranges() -> None:
 def test_verdicts_met() -> None:
     runs = {"vllm local warm": [_run(30, 2.0)], "vllm-default local warm": [_run(35, 2.5)],
             "vllm-runai local warm": [_run(33, 3.0)], "predictor-stock local warm": [_run(60, None)]}  # fmt: skip
+    runs["vllm local warm"][0]["model_s"], runs["vllm-default local warm"][0]["model_s"] = 9.0, 7.0
     found = {v["target"]: v for v in verdicts(summarize(runs))}
     assert found["weights"]["verdict"] == "met" and found["weights"]["best_other"] == ("vllm-default", 2.5)
+    # the whole load step, one clock for all: ours took longer there
+    assert found["load step"]["verdict"] == "not met" and found["load step"]["ratio"] == pytest.approx(7 / 9)
     assert found["weights"]["ratio"] == pytest.approx(1.25)
     assert found["first response"]["verdict"] == "met" and found["first response"]["ours"] == ("vllm", 30)
 
