@@ -88,9 +88,14 @@ def test_verdicts_not_met_when_a_peer_is_faster() -> None:
     weights, first = found[("weights", "s3", "warm")], found[("first response", "s3", "warm")]
     assert weights["verdict"] == "not met" and weights["ratio"] == pytest.approx(4 / 6)
     assert first["verdict"] == "not met" and first["best_other"] == ("vllm-runai", 45)
+    assert "**not met**" in coldstart_report.verdict_table(list(found.values()))
+    # from S3 the default loader loads a downloaded copy: not a peer of the S3 weight loads
+    runs["vllm-default s3 warm"], runs["vllm-runai s3 warm"] = [_run(60, 1.0)], []
+    found.update({(v["target"], v["source"], v["cache"]): v for v in verdicts(summarize(runs))})
+    assert found[("weights", "s3", "warm")]["verdict"] == "not measured"
+    assert found[("first response", "s3", "warm")]["best_other"] == ("vllm-default", 60)
     # no other vLLM format measured from the local cold cache: no verdict there
     assert found[("weights", "local", "cold")]["verdict"] == "not measured"
-    assert "**not met**" in coldstart_report.verdict_table(list(found.values()))
 
 
 def test_verdicts_ignore_non_default_rows() -> None:
