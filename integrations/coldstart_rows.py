@@ -267,9 +267,9 @@ def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | Non
         svc.argv = [*server, "--model", stock, "--load-format", "runai_streamer"]
     elif row == "vllm-tensorizer":
         uri = f"s3://{BUCKET}/vllm-tensorized/model.tensors" if s3 else str(paths["vllm-tensorized"] / "model.tensors")
+        # from S3: endpoint and keys from the AWS_* environment (moto's); tensorizer refuses an http:// endpoint
+        # given as s3_endpoint ("Non-HTTPS endpoint URLs are not allowed"), not one from AWS_ENDPOINT_URL
         extra = {"tensorizer_uri": uri}
-        if s3 and moto:
-            extra.update(s3_endpoint=moto.url, s3_access_key_id="bench", s3_secret_access_key="bench")
         svc.evict = [] if s3 else [paths["vllm-tensorized"] / "model.tensors"]
         svc.argv = [*server, "--model", str(paths["safetensors"]), "--load-format", "tensorizer",
                     "--model-loader-extra-config", json.dumps(extra)]  # fmt: skip

@@ -166,6 +166,11 @@ def test_vllm_rows_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     extra = json.loads(tz.argv[tz.argv.index("--model-loader-extra-config") + 1])
     assert extra == {"tensorizer_uri": str(paths["vllm-tensorized"] / "model.tensors")}
     assert tz.evict == [paths["vllm-tensorized"] / "model.tensors"]
+    # from S3 the endpoint comes from the environment: tensorizer refuses an http:// s3_endpoint option
+    tz = coldstart_rows.make_service("vllm-tensorizer", "s3", paths, moto, _args())  # type: ignore[arg-type]
+    extra = json.loads(tz.argv[tz.argv.index("--model-loader-extra-config") + 1])
+    assert extra == {"tensorizer_uri": "s3://bench/vllm-tensorized/model.tensors"}
+    assert tz.env["AWS_ENDPOINT_URL"] == moto.url and tz.evict == []
     runai = coldstart_rows.make_service("vllm-runai", "local", paths, None, _args())
     assert runai.argv[runai.argv.index("--model") + 1] == str(paths["safetensors"]) and "runai_streamer" in runai.argv
     assert runai.evict == [paths["safetensors"] / "f"]
