@@ -312,14 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         args.logs.mkdir(parents=True, exist_ok=True)
     if args.report is not None:  # tables (and chart) of results written before, several JSONs merged
         runs: dict[str, list[dict[str, Any]]] = {}
+        failures: list[dict[str, Any]] = []
         for part in args.report.split(","):
-            runs.update(json.loads(Path(part).read_text())["runs"])
+            doc = json.loads(Path(part).read_text())
+            runs.update(doc["runs"])
+            failures += doc.get("failures", [])
         if args.logs:  # the loaders' lines read again from the kept logs (a parser that learnt a new line)
             _reread(runs, args.logs)
         summary = report.summarize(runs)
         if args.json:
-            args.json.write_text(json.dumps({"sources": args.report.split(","), "runs": runs, "median": summary,
-                                             "verdicts": report.verdicts(summary)}, indent=2) + "\n")  # fmt: skip
+            args.json.write_text(json.dumps({"sources": args.report.split(","), "runs": runs, "failures": failures,
+                                             "median": summary, "verdicts": report.verdicts(summary)},
+                                            indent=2) + "\n")  # fmt: skip
         print(report.table(summary) + "\n\n" + report.verdict_table(report.verdicts(summary)))
         if args.plot:
             report.plot(summary, args.title or "scale from zero", args.plot)
