@@ -319,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             failures += doc.get("failures", [])
         if args.logs:  # the loaders' lines read again from the kept logs (a parser that learnt a new line)
             _reread(runs, args.logs)
+            for fail in failures:  # a format that loads but cannot serve still has a load time
+                row, source, cache = fail["row"].split()
+                log = args.logs / f"{fail['repeat']}-{row}-{source}-{cache}.log"
+                if row.startswith("vllm") and log.exists():
+                    text = log.read_text(errors="replace")
+                    fail["partial"] = {**(fail.get("partial") or {}), "load_s": weight_seconds(row, text),
+                                       "model_s": phase_seconds(text)}  # fmt: skip
         summary = report.summarize(runs)
         if args.json:
             args.json.write_text(json.dumps({"sources": args.report.split(","), "runs": runs, "failures": failures,

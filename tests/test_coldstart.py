@@ -203,9 +203,11 @@ def test_moto_uploads_in_one_put_and_fetch_reads_back(tmp_path: Path, monkeypatc
 def test_report_rereads_kept_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a run recorded before the parser knew its loader's line: --report --logs reads it again from the kept log
     runs = {"vllm local warm": [_run(30, 2.0)], "vllm-runai local warm": [_run(35, None)]}
-    (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
+    failed = {"row": "vllm-tensorizer local warm", "repeat": 0, "error": "0/100 served"}
+    (tmp_path / "r.json").write_text(json.dumps({"runs": runs, "failures": [failed]}))
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "0-vllm-runai-local-warm.log").write_text(LOGS["vllm-runai"])
+    (tmp_path / "logs" / "0-vllm-tensorizer-local-warm.log").write_text(LOGS["vllm-tensorizer"])
     out_json = tmp_path / "merged.json"
     argv = ["--report", str(tmp_path / "r.json"), "--logs", str(tmp_path / "logs"), "--json", str(out_json)]
     assert coldstart.main(argv) == 0
@@ -214,3 +216,5 @@ def test_report_rereads_kept_logs(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     merged = json.loads(out_json.read_text())
     assert merged["runs"]["vllm-runai local warm"][0]["load_s"] == 65.0
+    # a format that loaded and then failed to serve keeps its load time beside the failure
+    assert merged["failures"][0]["partial"]["load_s"] == 2.75
