@@ -197,23 +197,26 @@ def verdict_table(found: list[dict[str, Any]]) -> str:
 
 
 def plot(summary: dict[str, dict[str, Any]], title: str, path: Path) -> None:
-    """One panel per source and page cache: ready, first response, p95 and weight loading per row."""
+    """One panel per source and page cache: weight loading, vLLM's load step, ready, first response, p95 per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _groups(summary)
-    shown, labels = ("load_s", "ready_s", "first_s", "p95_s"), ("weight loading", "ready", "first response", "p95")
+    shown = ("load_s", "model_s", "ready_s", "first_s", "p95_s")
+    labels = ("weight loading\n(loader's line)", "vLLM load step", "ready", "first response", "p95")
+    colors = {row: f"C{i}" for i, row in enumerate(dict.fromkeys(k.split()[0] for k in summary))}
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.8), squeeze=False)
     for ax, (source, cache) in zip(axes[0], groups):
         rows = [k for k in summary if k.split()[1:3] == [source, cache]]
         width = 0.8 / max(1, len(rows))
         for i, key in enumerate(rows):
             xs = [j + i * width for j in range(len(shown))]
-            bars = ax.bar(xs, [summary[key][m] or 0 for m in shown], width, label=key.split()[0])
+            row = key.split()[0]
+            bars = ax.bar(xs, [summary[key].get(m) or 0 for m in shown], width, label=row, color=colors[row])
             ax.bar_label(bars, fmt="%.0f", fontsize=6)
-        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(shown))], labels, fontsize=8)
+        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(shown))], labels, fontsize=7)
         ax.set_title(f"{source}, {cache} page cache", fontsize=9)
         ax.set_ylabel("seconds (weight loading: the loader's own; others: since spawn)", fontsize=7)
         ax.legend(fontsize=6)
