@@ -201,9 +201,9 @@ class Tuner:
         self.history.append(d)
         return d
 
-    def _settle(self, why: str) -> Decision:
+    def _settle(self, why: str, concurrency: int | None = None) -> Decision:
         self._phase = "settled"
-        best = max(self.rates, key=lambda c: self.rates[c])
+        best = concurrency or max(self.rates, key=lambda c: self.rates[c])
         return self._move(Decision("ranged", best, why))
 
     def _ranged_window(self, c: int, window: list[Sample]) -> Decision | None:
@@ -227,6 +227,12 @@ class Tuner:
                         ),
                     )
                 )
+            # the first wave paid connection set-up and slow start: its rate says little about this concurrency, so
+            # it is measured again on warm connections before any step is judged against it
+            self._phase = "base"
+            return self._move(Decision("ranged", c, f"probe: {c} in flight moved {_mbs(rate)}; measuring {c} again"))
+        if self._phase == "base":
+            self._phase = "grow"
         best = max(self.rates, key=lambda k: self.rates[k])
         if self._phase == "grow":
             prev = max((k for k in self.rates if k < c), default=None)
@@ -243,8 +249,10 @@ class Tuner:
                             ),
                         )
                     )
+                # a step that gained less than GROW_GAIN is noise: keep the fewer requests unless another beat them
+                keep = best if self.rates[best] >= GROW_GAIN * self.rates[prev] else prev
                 return self._settle(f"{prev} → {c} in flight: {_mbs(self.rates[prev])} → {_mbs(rate)}, no gain; "
-                                    f"settled at {best} ({_mbs(self.rates[best])})")  # fmt: skip
+                                    f"settled at {keep} ({_mbs(self.rates[keep])})", keep)  # fmt: skip
             if c >= self.max_concurrency:
                 return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
             nxt = min(2 * c, self.max_concurrency)
@@ -257,8 +265,9 @@ class Tuner:
         # shrink: one step down was tried
         up = min(k for k in self.rates if k > c)
         if rate >= SHRINK_GAIN * self.rates[up]:
-            return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}; settled at {c}")
-        return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}, no gain; settled at {up}")
+            return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}; settled at {c}", c)
+        return self._settle(f"{up} → {c} in flight: {_mbs(self.rates[up])} → {_mbs(rate)}, no gain; settled at {up}",
+                            up)  # fmt: skip
 
     def _stream_checked(self, window: list[Sample]) -> Decision:
         span = max(s.end for s in window) - min(s.start for s in window)  # as the ranged windows: wall time
