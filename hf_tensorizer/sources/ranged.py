@@ -45,6 +45,10 @@ __all__ = [
 
 T = TypeVar("T")
 HEAD_KEEP = 1 << 20  # the first read's bytes kept for the reads that overlap it, when the stream carries on from it
+# The first read goes open-ended only on objects at least this large: a GET that is then dropped has made the server
+# send what fits in the socket buffers (a few MB on loopback), which is the whole of a small object and would make
+# N distributed ranks pull N extra copies of it; on a large object it is a small share and the stream can pay off.
+OPEN_ENDED_MIN = 16 << 20
 
 
 # --- shared machinery ------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class RangedSource(Source):
         first = False
         if self._first and offset == 0:  # a load's first read: its header
             with self._tune_lock:
-                first, self._first = self._first, False
+                first, self._first = self._first and self.size >= OPEN_ENDED_MIN, False
         seq = self._sequential
         if seq is not None and self._tuner.current.mode == "stream":
             seq.read(offset, views, budget)
