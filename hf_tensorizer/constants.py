@@ -35,6 +35,9 @@ NUM_READERS = _env_int("HF_TENSORIZER_NUM_READERS", 0)  # 0: chosen from the CPU
 # tensor-parallel slice reads: the largest gap between two row segments read rather than cut into two requests
 # (0: exact bytes, one request per segment; raise it for remote sources where requests cost more than bytes)
 SLICE_MAX_GAP = _env_int("HF_TENSORIZER_SLICE_MAX_GAP", 0)
+# Local saves write with O_DIRECT through a few page-aligned buffers (sources/file.py): 0 writes through the page
+# cache instead (then a file just written is cached for the next read)
+DIRECT_WRITE = _env_int("HF_TENSORIZER_DIRECT_WRITE", 1) != 0
 
 
 def staging_allocation_default() -> str:

@@ -313,3 +313,36 @@ def test_s3_round_trip_and_tamper(moto_s3, s3_bucket, s3_client, key):
         TensorDeserializer(uri, encryption=key, endpoint_url=moto_s3)
     with pytest.raises(DecryptionError, match="wrong key"):
         TensorDeserializer(uri, encryption=EncryptionKey.generate(), endpoint_url=moto_s3)
+
+
+def test_sealing_into_a_reused_buffer_gives_the_same_block(key):
+    from hf_tensorizer.crypto.keys import as_key_source
+    from hf_tensorizer.crypto.seal import MAC_BYTES, FileSealer
+    from hf_tensorizer.errors import EncryptionError
+
+    sealer = FileSealer(as_key_source(key), 8192)
+    buf = bytearray(8192 + MAC_BYTES)
+    for n in (8192, 100, 0):  # a shorter block leaves the rest of the buffer out of the ciphertext
+        plain = memoryview(bytes(range(256)) * 32)[:n]
+        fresh = sealer.seal("t", 3, plain)
+        ct, mac = sealer.seal("t", 3, plain, buf)
+        assert (bytes(ct), mac) == (bytes(fresh[0]), fresh[1]) and len(ct) == n
+    with pytest.raises(EncryptionError, match="too small"):
+        sealer.seal("t", 0, memoryview(bytes(100)), bytearray(50))
+
+
+def test_large_encrypted_save_reusing_buffers_round_trips(tmp_path, key):
+    """Enough blocks for the writer's worker threads to reuse sealing buffers (a file sink copies what it is
+    given); a sink that may keep references gets fresh buffers. Both files open and verify."""
+    g = torch.Generator().manual_seed(9)
+    sd = {f"w{i}": torch.randn(3_000_000 + 17 * i, generator=g) for i in range(4)}  # 48 MiB: threaded pipeline
+    with TensorSerializer(tmp_path / "e.tensors", encryption=key, block_size=1 << 20) as s:
+        s.write_state_dict(sd)
+    sink = _ListSink()
+    assert not sink.copies_writes
+    with TensorSerializer(sink, encryption=key, block_size=1 << 20) as s:
+        s.write_state_dict(sd)
+    (tmp_path / "l.tensors").write_bytes(b"".join(sink.parts))
+    for name in ("e.tensors", "l.tensors"):
+        with TensorDeserializer(tmp_path / name, encryption=key, verify_hash=True) as d:
+            _equal(d, sd)

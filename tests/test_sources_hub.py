@@ -146,6 +146,8 @@ def test_sink_uploads_on_commit(hub_server, monkeypatch, tmp_path):
     staging.mkdir()
     sink = open_sink("hf://org/out/sub/model.tensors", tmp_dir=staging)
     assert isinstance(sink, HubSink) and sink.can_rewrite_head
+    # staged through the page cache, not O_DIRECT: upload_file reads the file again right after the commit
+    assert sink._staging.direct is False
     data = bytearray(_data(2 * MiB + 5, seed=4))
     sink.write(memoryview(data)[:MiB])
     sink.write(bytes(data[MiB:]))

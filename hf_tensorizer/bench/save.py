@@ -7,8 +7,14 @@ it is; ``hftsp`` / ``hfsp`` write a model holding those tensors (``save_pretrain
 safetensors); ``hftser`` / ``hfconv`` convert the stock safetensors folder (``serialize --hf-model-id DIR``
 against stock ``from_pretrained`` + ``save_pretrained``), so their time includes reading it. Each child also
 reports the save's peak resident memory above what it held before the timer (``VmHWM``, reset through
-``/proc/self/clear_refs``). Rounds rotate the writers' order; ratios to the fastest peer are given best
-against best and round by round.
+``/proc/self/clear_refs``). Before each writer the parent syncs and lets the disk settle (``--settle``, 2 s), so
+no writer pays for the previous one's writeback. Rounds rotate the writers' order; ratios to the fastest peer are
+given best against best and round by round.
+
+``--s3`` times S3 writes instead, against moto's ``ThreadedMotoServer`` on 127.0.0.1 (in its own process) through
+real boto3: ours (``TensorSerializer("s3://…")``, a streaming multipart upload) against boto3 ``upload_file`` of
+the same bytes (our file, written to local disk before the rounds), each in a fresh process with its client made
+inside the timer.
 """
 
 from __future__ import annotations
@@ -114,8 +120,34 @@ WRITERS: dict[str, Writer] = {
 }
 # what each of ours is compared with: the state-dict writers against the fastest state-dict peer, the others
 # against the stock call doing the same job
-BASELINE = {"hft": ("st", "pt", "tz"), "hft-enc": ("hft",), "hftsp": ("hfsp", "st", "pt", "tz"), "hftser": ("hfconv",)}
+BASELINE = {"hft": ("st", "pt", "tz"), "hft-enc": ("hft",), "hftsp": ("hfsp", "st", "pt", "tz"), "hftser": ("hfconv",),
+            "hft-s3": ("boto3",)}
 PEER_GROUP = ("st", "pt", "tz")
+
+S3_BUCKET = "bench-save"
+S3_KEY = "model.tensors"
+
+
+def _s3_ours(sd: Any, endpoint: str, src: Path) -> None:
+    from hf_tensorizer import TensorSerializer
+
+    with TensorSerializer(f"s3://{S3_BUCKET}/ours/{S3_KEY}", endpoint_url=endpoint) as s:
+        s.write_state_dict(sd)
+
+
+def _s3_boto3(sd: Any, endpoint: str, src: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)  # inside the timer, as ours makes its own
+    client.upload_file(str(src), S3_BUCKET, f"boto3/{S3_KEY}")  # s3transfer: 8 MiB parts, 10 threads
+    client.close()
+
+
+# name -> (label, needs a state dict, call, ours)
+S3_WRITERS: dict[str, tuple[str, bool, Callable[[Any, str, Path], None], bool]] = {
+    "hft-s3": ("ours TensorSerializer to s3:// (multipart, streamed)", True, _s3_ours, True),
+    "boto3": ("boto3 upload_file of the same bytes", False, _s3_boto3, False),
+}
 
 
 # One save, in this process ------------------------------------------------------------------------------
@@ -238,6 +270,49 @@ def save_one(d: str | Path, name: str) -> dict[str, Any]:
     }
 
 
+def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
+    """Time one S3 write by ``name`` (a key of ``S3_WRITERS``) in this process, against ``endpoint``."""
+    import resource
+
+    import boto3  # noqa: F401 - imported before the timer by both writers
+
+    d = Path(d)
+    label, needs_sd, fn, ours = S3_WRITERS[name]
+    src = d / "s3-src.tensors"
+    sd: Any = None
+    nbytes = src.stat().st_size
+    if needs_sd:
+        import hf_tensorizer.engine  # noqa: F401 - what `from hf_tensorizer import TensorSerializer` imports
+        import hf_tensorizer.sources.s3_sink  # noqa: F401
+
+        sd = _state_dict(d)
+    peak_ok = _reset_peak()
+    rss0 = _status_kib("VmRSS")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    fn(sd, endpoint, src)
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    peak = _status_kib("VmHWM")
+    return {
+        "writer": name,
+        "seconds": round(seconds, 4),
+        "bytes": nbytes,
+        "gbps": round(nbytes / seconds / 1e9, 3),
+        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
+        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
+        "rss_before_mib": round(rss0 / 1024, 1),
+        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
+    }
+
+
+def _settle(seconds: float) -> None:
+    """Flush every dirty page and give the disk ``seconds`` to finish, so no writer pays for the one before."""
+    if seconds > 0:
+        os.sync()
+        time.sleep(seconds)
+
+
 # The benchmark -------------------------------------------------------------------------------------------
 
 
@@ -250,10 +325,12 @@ def run_save_bench(
     vocab: int,
     runs: int,
     timeout: float = 300.0,
+    settle: float = 2.0,
     log: Log = log,
 ) -> dict[str, Any]:
     """Prepare the checkpoint (its safetensors folder is ``hftser``'s input), then ``runs`` rounds of every
-    writer in a fresh process, the order rotated each round. Returns the rows and every run's numbers."""
+    writer in a fresh process, the order rotated each round, after a sync and ``settle`` seconds. Returns the rows
+    and every run's numbers."""
     from .checkpoint import prepare
 
     d = Path(d)
@@ -270,6 +347,7 @@ def run_save_bench(
         for name in order[r % len(order) :] + order[: r % len(order)]:
             if name in errors:
                 continue
+            _settle(settle)
             res, out = collect(popen(["one", str(d), name], module=MODULE), timeout)
             if res is None:
                 errors[name] = error_line(out)
@@ -291,6 +369,83 @@ def run_save_bench(
     }
 
 
+def run_s3_save_bench(
+    d: str | Path,
+    *,
+    layers: int,
+    hidden: int,
+    vocab: int,
+    runs: int,
+    timeout: float = 300.0,
+    settle: float = 2.0,
+    log: Log = log,
+) -> dict[str, Any]:
+    """``runs`` rounds of every S3 writer (fresh processes, order rotated) against one moto server; each object is
+    checked (its size) and deleted after its run, so the server holds one at a time. Returns rows and runs."""
+    import boto3
+
+    from .checkpoint import prepare
+    from .servers import AWS_ENV, moto_server
+
+    d = Path(d)
+    meta = prepare(d, layers, hidden, vocab, "cpu", ["st"], log=log)
+    src = d / "s3-src.tensors"
+    if not src.exists():  # the bytes boto3 uploads: our own file of the same tensors (in a child: torch)
+        res, out = collect(popen(["s3-src", str(d)], module=MODULE), timeout)
+        if res is None:
+            raise RuntimeError(f"writing the S3 source file failed: {error_line(out)}")
+    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in S3_WRITERS}
+    errors: dict[str, str] = {}
+    loads: list[list[float]] = []
+    order = list(S3_WRITERS)
+    with moto_server() as endpoint:
+        creds = {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+                 "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}  # fmt: skip
+        client = boto3.client("s3", endpoint_url=endpoint, **creds)
+        client.create_bucket(Bucket=S3_BUCKET)
+        for r in range(runs):
+            loads.append([round(x, 2) for x in os.getloadavg()])
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                if name in errors:
+                    continue
+                _settle(settle)
+                proc = popen(["one-s3", str(d), name, endpoint], module=MODULE, env=AWS_ENV)
+                res, out = collect(proc, timeout)
+                if res is None:
+                    errors[name] = error_line(out)
+                    log(f"  {name:<8} ERROR: {errors[name]}")
+                    continue
+                key = f"{'ours' if name == 'hft-s3' else 'boto3'}/{S3_KEY}"
+                size = client.head_object(Bucket=S3_BUCKET, Key=key)["ContentLength"]
+                client.delete_object(Bucket=S3_BUCKET, Key=key)
+                res.update(round=r, file_bytes=size, ok=size == res["bytes"])
+                runs_by[name].append(res)
+                log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
+                    f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
+        client.close()
+    loads.append([round(x, 2) for x in os.getloadavg()])
+    return {
+        "bytes": meta["bytes"],
+        "tensors": meta["tensors"],
+        "shape": meta["shape"],
+        "s3": True,
+        "runs": runs_by,
+        "errors": errors,
+        "loadavg": loads,
+        "rows": summarize(runs_by),
+    }
+
+
+def _write_source(d: Path) -> dict[str, Any]:
+    """Our file of the checkpoint, kept as ``d/s3-src.tensors`` for boto3 to upload."""
+    from hf_tensorizer import TensorSerializer
+
+    src = d / "s3-src.tensors"
+    with TensorSerializer(str(src)) as s:
+        s.write_state_dict(_state_dict(d))
+    return {"bytes": src.stat().st_size}
+
+
 def summarize(runs_by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per writer: best / median / worst GB/s, peak memory, and for ours the ratio to its baseline (the
     fastest of them), best against best and round by round (ours ÷ the fastest baseline of the same round)."""
@@ -300,7 +455,7 @@ def summarize(runs_by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             continue
         g = [x["gbps"] for x in runs]
         row: dict[str, Any] = {
-            "writer": name, "label": WRITERS[name].label, "ours": WRITERS[name].ours,
+            "writer": name, "label": _label(name), "ours": _ours(name),
             "best_gbps": max(g), "median_gbps": round(statistics.median(g), 3), "worst_gbps": min(g),
             "peak_above_mib": max((x["peak_above_mib"] or 0) for x in runs),
             "ok": all(x["ok"] for x in runs),
@@ -320,6 +475,14 @@ def summarize(runs_by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 row["ratio_median"] = round(statistics.median(per_round), 3)
         rows.append(row)
     return rows
+
+
+def _label(name: str) -> str:
+    return WRITERS[name].label if name in WRITERS else S3_WRITERS[name][0]
+
+
+def _ours(name: str) -> bool:
+    return WRITERS[name].ours if name in WRITERS else S3_WRITERS[name][3]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -360,7 +523,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.barh(list(y), med, xerr=err, color=["tab:orange" if r["ours"] else "tab:gray" for r in rows], capsize=3)
     ax.set_yticks(list(y), [f"{r['writer']}: {r['label']}" for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("GB/s (median, bars: best-worst), write + fsync")
+    where = "to S3 (moto on loopback)" if results.get("s3") else "write + fsync"
+    ax.set_xlabel(f"GB/s (median, bars: best-worst), {where}")
     ax.set_title(f"save, {results['bytes'] / 1e9:.2f} GB bf16, fresh processes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -380,25 +544,34 @@ def add_save_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="rounds (each writer once per round)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per save")
     parser.add_argument("--out", default=".bench/results", help="where save.json, save.md, save.png go")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds after a sync before each writer")
+    parser.add_argument("--s3", action="store_true",
+                        help="S3 writes instead: ours against boto3 upload_file, to a loopback moto server")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint directory afterwards")
 
 
 def save_main(args: argparse.Namespace) -> int:
     """Run the save benchmark from parsed options; 1 when one of our writers failed."""
-    writers = [x.strip() for x in args.writers.split(",") if x.strip()]
-    results = run_save_bench(args.dir, writers, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
-                             runs=max(1, args.runs), timeout=args.timeout)  # fmt: skip
+    common = dict(layers=args.layers, hidden=args.hidden, vocab=args.vocab, runs=max(1, args.runs),
+                  timeout=args.timeout, settle=args.settle)  # fmt: skip
+    if getattr(args, "s3", False):
+        results = run_s3_save_bench(args.dir, **common)
+        stem = "save-s3"
+    else:
+        writers = [x.strip() for x in args.writers.split(",") if x.strip()]
+        results = run_save_bench(args.dir, writers, **common)
+        stem = "save"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "save.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = format_table(results)
-    (out / "save.md").write_text(table + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
     if results["rows"]:
-        plot(results, out / "save.png")
+        plot(results, out / f"{stem}.png")
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print(f"results in {out}/ (save.json, save.md, save.png)\n\n{table}", flush=True)
-    bad = [n for n in results["errors"] if WRITERS[n].ours] + [r["writer"] for r in results["rows"] if not r["ok"]]
+    print(f"results in {out}/ ({stem}.json, {stem}.md, {stem}.png)\n\n{table}", flush=True)
+    bad = [n for n in results["errors"] if _ours(n)] + [r["writer"] for r in results["rows"] if not r["ok"]]
     return 1 if bad else 0
 
 
@@ -406,6 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "one":
         print(MARK + json.dumps(save_one(argv[1], argv[2])), flush=True)
+        return 0
+    if argv and argv[0] == "s3-src":
+        print(MARK + json.dumps(_write_source(Path(argv[1]))), flush=True)
+        return 0
+    if argv and argv[0] == "one-s3":
+        print(MARK + json.dumps(save_one_s3(argv[1], argv[2], argv[3])), flush=True)
         return 0
     parser = argparse.ArgumentParser(prog="hf-tensorizer bench save", description=__doc__.splitlines()[0])
     add_save_arguments(parser)

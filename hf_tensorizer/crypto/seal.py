@@ -171,17 +171,32 @@ class BlockCipher:
         self._key = keys.data_key
         self._local = threading.local()
 
-    def seal(self, name: str, block: int, plaintext: memoryview) -> tuple[memoryview, bytes]:
-        """Encrypt one block. Returns (ciphertext of the same length, 16-byte MAC)."""
+    def seal(self, name: str, block: int, plaintext: memoryview,
+             out: bytearray | None = None) -> tuple[memoryview, bytes]:  # fmt: skip
+        """Encrypt one block. Returns (ciphertext of the same length, 16-byte MAC).
+
+        Args:
+            name: the tensor's name (bound into the nonce).
+            block: the block's number within the tensor.
+            plaintext: the block's bytes.
+            out: a buffer of at least ``len(plaintext) + 16`` bytes to seal into (its start is the result's
+                memory: reuse it only once that is consumed); None allocates a fresh one.
+
+        Raises:
+            EncryptionError: libsodium failed, or ``out`` is too small.
+        """
         n = len(plaintext)
-        out = bytearray(n + MAC_BYTES)  # fresh per block: a sink may keep a reference until it uploads
+        if out is None:
+            out = bytearray(n + MAC_BYTES)  # fresh: a sink may keep a reference until it uploads
+        elif len(out) < n + MAC_BYTES:
+            raise EncryptionError(f"sealing buffer of {len(out)} bytes is too small for a block of {n}")
         ffi = self._ffi
         src = ffi.from_buffer(plaintext) if n else ffi.NULL
         rc = self._lib.crypto_secretbox_easy(ffi.from_buffer(out), src, n, self.keys.nonce(name, block), self._key)
         if rc != 0:
             raise EncryptionError(f"sealing block {block} of {name!r} failed")
         view = memoryview(out)
-        return view[MAC_BYTES:], bytes(view[:MAC_BYTES])
+        return view[MAC_BYTES : MAC_BYTES + n], bytes(view[:MAC_BYTES])
 
     def open_into(self, name: str, block: int, mac: bytes, data: memoryview) -> None:
         """Decrypt ``data`` in place after checking its MAC.
@@ -244,8 +259,10 @@ class FileSealer:
         """``crypt`` records of final width for tensors of ``sizes`` (name -> bytes)."""
         return {n: {"macs": [_MAC_HEX] * -(-size // self.block_size)} for n, size in sizes.items()}
 
-    def seal(self, name: str, block: int, plaintext: memoryview) -> tuple[memoryview, str]:
-        ct, mac = self.cipher.seal(name, block, plaintext)
+    def seal(self, name: str, block: int, plaintext: memoryview,
+             out: bytearray | None = None) -> tuple[memoryview, str]:  # fmt: skip
+        """Seal one block (into ``out`` when given, see :meth:`BlockCipher.seal`). Returns (ciphertext, MAC hex)."""
+        ct, mac = self.cipher.seal(name, block, plaintext, out)
         return ct, mac.hex()
 
     def header(self, index: FileIndex) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,8 @@ from ..sources import Sink, open_sink
 from .digest import digest_fn
 from .layout import LayoutItem, compute_layout
 from .memory import as_bytes, host_view
+
+_MAC_BYTES = 16  # Poly1305 tag in front of each sealed block (crypto/seal.py's MAC_BYTES; nacl is optional)
 
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
@@ -193,6 +196,7 @@ class TensorSerializer:
         try:
             if sink.can_rewrite_head or (self.digest == "none" and self._sealer is None):
                 header = encode_header(index)
+                sink.expect_size(index.file_size)
                 sink.write(header)
                 self._stream(index, sink, write=True)
                 index = self._with_digests(index)
@@ -203,6 +207,7 @@ class TensorSerializer:
             else:  # no way back to the head: hash (and seal, for the MACs) first, then write
                 self._stream(index, None, write=False)
                 index = self._with_digests(index)
+                sink.expect_size(index.file_size)
                 sink.write(final_header(index))
                 self._stream(index, sink, write=True)
             sink.commit()
@@ -238,15 +243,28 @@ class TensorSerializer:
         self._macs = {e.name: [] for e in index.data_entries}
         pos = index.data_offset
 
-        def process(name: str, i: int, block: memoryview) -> tuple[memoryview, str, str]:
+        # Sealed blocks go into buffers used again once their block is written (fresh multi-MiB buffers cost a
+        # page fault per 4 KiB each time), where the sink copies what it is given (or nothing is written: the
+        # first pass of a sink that cannot rewrite its head); others get a fresh buffer per block.
+        reuse = sealer is not None and (sink is None or sink.copies_writes)
+        spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        seal_bytes = index.block_size + _MAC_BYTES
+
+        def process(name: str, i: int, block: memoryview) -> tuple[memoryview, str, str, bytearray | None]:
             digest = hash_block(block) if hash_block is not None else ""  # digests are of the plaintext
             if sealer is None:
-                return block, digest, ""
-            out, mac = sealer.seal(name, i, block)
-            return out, digest, mac
+                return block, digest, "", None
+            buf = None
+            if reuse:
+                try:
+                    buf = spare.get_nowait()
+                except queue.Empty:
+                    buf = bytearray(seal_bytes)
+            out, mac = sealer.seal(name, i, block, buf)
+            return out, digest, mac, buf
 
-        def emit(name: str, result: tuple[memoryview, str, str]) -> None:
-            out, digest, mac = result
+        def emit(name: str, result: tuple[memoryview, str, str, bytearray | None]) -> None:
+            out, digest, mac, buf = result
             if hash_block is not None:
                 self._digests[name].append(digest)
             if sealer is not None:
@@ -255,6 +273,8 @@ class TensorSerializer:
                 sink.write(out)
             if bar is not None:
                 bar.update(len(out))
+            if buf is not None:
+                spare.put(buf)
 
         work = hash_block is not None or sealer is not None
         total = index.data_bytes if work else 0

@@ -79,10 +79,16 @@ class Sink(abc.ABC):
     #: "version_id": ...}`` on S3, ``{"commit": ...}`` on the Hub); None where the store keeps no versions (local
     #: files). Artifact manifests record it so a load can pin every file to what was written.
     committed_version: dict[str, str] | None = None
+    #: True where ``write`` copies the bytes before returning (keeps no reference to the caller's buffer), so the
+    #: caller may refill that buffer right after; sinks that do not know say False
+    copies_writes: bool = False
 
     @abc.abstractmethod
     def write(self, data: memoryview | bytes) -> None:
         """Append ``data``."""
+
+    def expect_size(self, nbytes: int) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """A hint before the first write: the object will be ``nbytes`` long (a file reserves the space)."""
 
     def rewrite_head(self, data: bytes) -> None:
         """Replace the first ``len(data)`` bytes already written (same length)."""

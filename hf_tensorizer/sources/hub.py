@@ -273,6 +273,7 @@ class HubSink(Sink):
     """
 
     can_rewrite_head = True
+    copies_writes = True  # see Sink.copies_writes
 
     def __init__(
         self,
@@ -322,7 +323,8 @@ class HubSink(Sink):
         except OSError as exc:
             raise SinkError(f"{self.uri}: cannot create a staging file: {exc.strerror}") from exc
         # the bytes are staged in a local file (upload_file takes a path, so Xet and LFS work)
-        self._staging = FileSink(os.path.join(self._dir, os.path.basename(self.path) or "upload"))
+        # direct=False: upload_file reads the file again right after the commit, from the page cache
+        self._staging = FileSink(os.path.join(self._dir, os.path.basename(self.path) or "upload"), direct=False)
         self._state = "open"
 
     def write(self, data: memoryview | bytes) -> None:

@@ -50,6 +50,7 @@ class S3Sink(Sink):
     """
 
     can_rewrite_head = True
+    copies_writes = True  # see Sink.copies_writes
 
     def __init__(
         self,
