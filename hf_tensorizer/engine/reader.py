@@ -246,8 +246,12 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         todo = [e for e in data.values() if e.name not in self._tensors]
         metrics = LoadMetrics(threads=self.num_readers)
         metrics.strategy = self._pick_strategy(todo, metrics)
-        load = self._load_mmap if metrics.strategy == "mmap" else self._load_streamed
-        loaded = progress.tracked(self._source, sum(e.length for e in todo), lambda: load(todo, metrics))  # bar
+        if metrics.strategy == "mmap":  # tracks its own slow part: a warm file's load starts no progress thread
+            loaded = self._load_mmap(todo, metrics)
+        else:
+            loaded = progress.tracked(
+                self._source, sum(e.length for e in todo), lambda: self._load_streamed(todo, metrics)
+            )
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -371,9 +375,19 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         mapping.check(fd)  # a file that shrank since it was opened: a typed error, not SIGBUS below
         metrics.resident = pagecache.resident_fraction(fd, self._source.size)
         cold = metrics.resident is not None and metrics.resident < 0.5
+        metrics.bytes_read = sum(e.length for e in todo)
+        if cold or self.verify_hash:  # reads that may take seconds: under a progress bar (see engine.progress)
+            progress.tracked(
+                self._source, metrics.bytes_read, lambda: self._read_mapped(mapping, fd, todo, cold, metrics)
+            )
+        # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
+        return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
+
+    def _read_mapped(self, mapping: FileMapping, fd: int, todo: list[TensorEntry], cold: bool,
+                     metrics: LoadMetrics) -> None:  # fmt: skip
+        """The slow part of a mapped load: a cold file read through the page cache, then the digests checked."""
         if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
             metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
-        metrics.bytes_read = sum(e.length for e in todo)
         if self.verify_hash:  # reading every block to check it also faults the pages in
             verifier = Verifier(self.index)
             pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
@@ -386,8 +400,6 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
-        return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------
 
