@@ -21,14 +21,13 @@ from .decrypt import choose_transform
 from .handle import HandleMixin, refuse_upstream_spellings
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
-from .memory import host_view
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
-from .plan import Chunk, plan_chunks, plan_windows
-from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
     from .modules import LoadInfo
+    from .plan import Chunk
+# .plan, .staging and .memory's views are imported by the paths that use them: a warm mapped load needs none
 # .distributed (+ rankwatch) and .modules are imported where used: a plain load needs neither (first use, issue 24)
 
 STRATEGIES = ("auto", "mmap", "pread", "odirect", "register")
@@ -305,6 +304,9 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         return "pread" if metrics.resident is None or metrics.resident >= 0.5 else "odirect"
 
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
+        from .plan import plan_chunks, plan_windows
+        from .staging import PAGE, StagingPool, pool_shape
+
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
@@ -389,6 +391,9 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
             metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
         if self.verify_hash:  # reading every block to check it also faults the pages in
+            from .memory import host_view
+            from .plan import plan_chunks
+
             verifier = Verifier(self.index)
             pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
             view = host_view(mapping.base)
@@ -472,8 +477,6 @@ def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> 
 
 def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int | None, chunk_bytes: int | None,
                      staging_bytes: int | None, staging_allocation: str | None) -> None:  # fmt: skip
-    from .staging import ALLOCATIONS
-
     if strategy not in STRATEGIES:
         raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not is_floating(dtype)):
@@ -481,8 +484,14 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
     for name, value in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
-        raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
+    if staging_allocation is not None and staging_allocation not in _allocations():
+        raise UsageError(f"staging_allocation must be one of {_allocations()}, got {staging_allocation!r}")
+
+
+def _allocations() -> tuple[str, ...]:
+    from .staging import ALLOCATIONS  # only when one is named: a CPU load never imports the staging pool
+
+    return ALLOCATIONS
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:
