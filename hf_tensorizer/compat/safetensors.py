@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..engine.handle import HandleSlice
 from ..engine.reader import TensorDeserializer
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..engine.slices import HandleSlice
 
 __all__ = ["SafeOpen", "load", "load_file", "safe_open"]
 

@@ -1,40 +1,21 @@
 """The handle surface of :class:`~hf_tensorizer.engine.reader.TensorDeserializer` that safetensors' ``safe_open``
 users expect: ``get_slice`` (a lazy box read of one tensor), and a closed handle that refuses everything.
 
-Kept apart from the reader so that file stays about loading; the reader mixes :class:`HandleMixin` in.
+Kept apart from the reader so that file stays about loading; the reader mixes :class:`HandleMixin` in. The slices
+themselves (:class:`~hf_tensorizer.engine.slices.HandleSlice`) are imported by the first ``get_slice``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import KeysView, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError, UsageError
-from .pipeline import Verifier
-from .slices import SliceMetrics, TensorSlice
 
-
-class HandleSlice(TensorSlice):
-    """A :class:`~.slices.TensorSlice` of an open deserializer: boxes land on its device, cast to its ``dtype=``,
-    and reading one after ``close()`` raises :class:`~hf_tensorizer.errors.ClosedError`."""
-
-    def __init__(self, owner: Any, name: str) -> None:  # the reader's TensorDeserializer (it imports this module)
-        verifier = Verifier(owner.index) if owner.verify_hash else None
-        super().__init__(owner._source, owner.index, name, owner.slice_metrics, threads=owner.num_readers,
-                         transform=owner.transform, verifier=verifier)  # fmt: skip
-        self._owner = owner
-
-    def read(self, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        """The box ``ranges`` (``[start, stop)`` per dimension), read from the source now.
-
-        Raises:
-            ClosedError: the deserializer was closed.
-        """
-        self._owner._check_open()
-        t = super().read(ranges)
-        return self._owner._finish(self.entry, t).to(self._owner.device)
+if TYPE_CHECKING:
+    from .slices import HandleSlice, SliceMetrics
+# .slices (get_slice) is imported on first use: a plain load never reads a box (first use, issue 24)
 
 
 class HandleMixin:
@@ -60,6 +41,8 @@ class HandleMixin:
     def slice_metrics(self) -> SliceMetrics:
         """What the ``get_slice`` reads of this deserializer read so far (bytes, requests, over-read)."""
         if getattr(self, "_slice_metrics", None) is None:
+            from .slices import SliceMetrics
+
             self._slice_metrics = SliceMetrics()
         return self._slice_metrics
 
@@ -83,7 +66,9 @@ class HandleMixin:
         self._check_open()
         if name not in self._wanted:
             raise KeyError(name)
-        return HandleSlice(self, name)  # type: ignore[arg-type]
+        from .slices import HandleSlice
+
+        return HandleSlice(self, name)
 
 
 # keyword spellings of CoreWeave's tensorizer: not ours, but worth a pointer (hf_tensorizer.upstream.compat)
@@ -99,3 +84,9 @@ def refuse_upstream_spellings(options: Mapping[str, Any]) -> None:
             f"{found} are upstream tensorizer spellings: use ours (filter=, lazy=, endpoint_url= with AWS credentials "
             "from the environment or profile=) or hf_tensorizer.upstream.compat_kwargs(...); see docs/compat.md"
         )
+
+
+def __getattr__(name: str) -> Any:  # HandleSlice: defined in engine.slices, imported on first use
+    if name == "HandleSlice":
+        return importlib.import_module(".slices", __package__).HandleSlice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

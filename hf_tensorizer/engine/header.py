@@ -8,7 +8,6 @@ asks for (the rest of a large index; upstream tensorizer's per-tensor headers, i
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..format.index import FileIndex
@@ -50,5 +49,7 @@ def _read_ranges(source: Source, reads: Reads) -> list[bytes]:
     """The bytes of each range; remote sources fetch many ranges concurrently (a round trip each)."""
     if source.fileno() is not None or len(reads) < 4:
         return [source.read(off, n) for off, n in reads]
+    from concurrent.futures import ThreadPoolExecutor  # remote sources only
+
     with ThreadPoolExecutor(min(len(reads), max(1, source.preferred_concurrency))) as pool:
         return list(pool.map(lambda r: source.read(*r), reads))

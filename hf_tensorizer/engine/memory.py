@@ -11,6 +11,8 @@ import os
 import torch
 
 PAGE = mmap.PAGESIZE
+#: the alignment of O_DIRECT reads and of staging buffers (``staging.PAGE``)
+IO_ALIGN = 4096
 MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels answer EINVAL
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 # Populating costs a syscall; below this many bytes letting the copy fault the pages is as cheap.

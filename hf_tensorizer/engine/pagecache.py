@@ -16,11 +16,14 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def resident_fraction(fd: int, size: int, *, samples: int = 64, window: int = 64 << 10) -> float | None:
+def resident_fraction(fd: int, size: int, *, samples: int = 8, window: int = 4096) -> float | None:
     """Estimated fraction of the file's pages in the page cache (0..1), or None where it cannot be told.
 
-    Looks at ``samples`` evenly spaced windows instead of every page: the answer only picks warm versus
-    cold reads, and a full scan of a large file would cost more than the choice saves.
+    Looks at ``samples`` windows of ``window`` bytes, each in the middle of one of ``samples`` equal parts of the
+    file, instead of every page: the answer only picks warm versus cold reads (at 0.5), which 8 single pages tell
+    apart, and every page looked at is a page-cache lookup on each load (64 windows of 16 pages cost a warm 0.6 GB
+    load ~0.3 ms of its ~1.5 ms on the dev VM). The middles keep the header's pages, which opening the file just
+    read, out of the sample.
     """
     if size <= 0:
         return 1.0
@@ -29,16 +32,23 @@ def resident_fraction(fd: int, size: int, *, samples: int = 64, window: int = 64
         return None
     try:
         page = mmap.PAGESIZE
-        step = max(window, (size // samples) // page * page)
-        resident = total = 0
+        window = max(page, window // page * page)
         vec = (ctypes.c_ubyte * (window // page))()
-        for start in range(0, size, step):
+        resident = total = 0
+        part = size / max(1, samples)
+        starts = sorted({min(int(part * (k + 0.5)), size - 1) // page * page for k in range(max(1, samples))})
+        end = 0  # windows never overlap (many samples of a small file)
+        for start in starts:
+            start = max(start, end)
             length = min(window, size - start)
+            if length <= 0:
+                continue
             if _libc.mincore(addr + start, length, vec) != 0:
                 return None
             n = -(-length // page)
             resident += n - bytes(vec)[:n].count(0)  # bit 0 is the only one Linux sets
             total += n
+            end = start + n * page
         return resident / total
     finally:
         _libc.munmap(addr, size)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,9 +26,12 @@ from ..errors import HashMismatchError, TensorizerError, TruncatedFileError
 from ..format.index import FileIndex
 from ..sources import Source
 from .digest import digest_fn
+from .memory import IO_ALIGN as PAGE
 from .memory import as_bytes, host_view, populate_for_write
 from .plan import Chunk, Piece, aligned_span, block_of
-from .staging import PAGE, StagingPool
+
+if TYPE_CHECKING:  # the staging pool is the CUDA paths' only: a CPU load does not import it
+    from .staging import StagingPool
 
 Transform = Callable[[Piece, memoryview], None]  # in-place per-piece step (decryption, hf_tensorizer.crypto)
 

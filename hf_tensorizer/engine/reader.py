@@ -21,14 +21,13 @@ from .decrypt import choose_transform
 from .handle import HandleMixin, refuse_upstream_spellings
 from .header import read_index
 from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
-from .memory import host_view
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
-from .plan import Chunk, plan_chunks, plan_windows
-from .staging import PAGE, StagingPool, pool_shape
 
 if TYPE_CHECKING:
     from ..crypto.keys import KeySpec
     from .modules import LoadInfo
+    from .plan import Chunk
+# .plan, .staging and .memory's views are imported by the paths that use them: a warm mapped load needs none
 # .distributed (+ rankwatch) and .modules are imported where used: a plain load needs neither (first use, issue 24)
 
 STRATEGIES = ("auto", "mmap", "pread", "odirect", "register")
@@ -246,8 +245,12 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         todo = [e for e in data.values() if e.name not in self._tensors]
         metrics = LoadMetrics(threads=self.num_readers)
         metrics.strategy = self._pick_strategy(todo, metrics)
-        load = self._load_mmap if metrics.strategy == "mmap" else self._load_streamed
-        loaded = progress.tracked(self._source, sum(e.length for e in todo), lambda: load(todo, metrics))  # bar
+        if metrics.strategy == "mmap":  # tracks its own slow part: a warm file's load starts no progress thread
+            loaded = self._load_mmap(todo, metrics)
+        else:
+            loaded = progress.tracked(
+                self._source, sum(e.length for e in todo), lambda: self._load_streamed(todo, metrics)
+            )
         loaded = {n: self._finish(self.index.tensors[n], t) for n, t in loaded.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -301,6 +304,9 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         return "pread" if metrics.resident is None or metrics.resident >= 0.5 else "odirect"
 
     def _load_streamed(self, todo: list[TensorEntry], metrics: LoadMetrics) -> dict[str, torch.Tensor]:
+        from .plan import plan_chunks, plan_windows
+        from .staging import PAGE, StagingPool, pool_shape
+
         strategy = metrics.strategy
         unit = self.index.block_size if (self.verify_hash or self.transform is not None) else self.chunk_bytes
         if self.distributed and unit == self.chunk_bytes:  # enough chunks for every rank to get a share
@@ -371,10 +377,23 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         mapping.check(fd)  # a file that shrank since it was opened: a typed error, not SIGBUS below
         metrics.resident = pagecache.resident_fraction(fd, self._source.size)
         cold = metrics.resident is not None and metrics.resident < 0.5
+        metrics.bytes_read = sum(e.length for e in todo)
+        if cold or self.verify_hash:  # reads that may take seconds: under a progress bar (see engine.progress)
+            progress.tracked(
+                self._source, metrics.bytes_read, lambda: self._read_mapped(mapping, fd, todo, cold, metrics)
+            )
+        # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
+        return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
+
+    def _read_mapped(self, mapping: FileMapping, fd: int, todo: list[TensorEntry], cold: bool,
+                     metrics: LoadMetrics) -> None:  # fmt: skip
+        """The slow part of a mapped load: a cold file read through the page cache, then the digests checked."""
         if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
             metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
-        metrics.bytes_read = sum(e.length for e in todo)
         if self.verify_hash:  # reading every block to check it also faults the pages in
+            from .memory import host_view
+            from .plan import plan_chunks
+
             verifier = Verifier(self.index)
             pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
             view = host_view(mapping.base)
@@ -386,8 +405,6 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
 
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
-        # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
-        return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
 
     # ---- modules ---------------------------------------------------------------------------------
 
@@ -460,8 +477,6 @@ def _reserve_device_memory(entries: list[TensorEntry], device: torch.device) -> 
 
 def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int | None, chunk_bytes: int | None,
                      staging_bytes: int | None, staging_allocation: str | None) -> None:  # fmt: skip
-    from .staging import ALLOCATIONS
-
     if strategy not in STRATEGIES:
         raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not is_floating(dtype)):
@@ -469,8 +484,14 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
     for name, value in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if staging_allocation is not None and staging_allocation not in ALLOCATIONS:
-        raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
+    if staging_allocation is not None and staging_allocation not in _allocations():
+        raise UsageError(f"staging_allocation must be one of {_allocations()}, got {staging_allocation!r}")
+
+
+def _allocations() -> tuple[str, ...]:
+    from .staging import ALLOCATIONS  # only when one is named: a CPU load never imports the staging pool
+
+    return ALLOCATIONS
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -322,3 +322,25 @@ class TensorSlice:
 
     def __repr__(self) -> str:
         return f"TensorSlice({self.name!r}, shape={tuple(self.entry.shape)}, dtype={self.entry.dtype})"
+
+
+class HandleSlice(TensorSlice):
+    """A :class:`TensorSlice` of an open deserializer (``TensorDeserializer.get_slice``): boxes land on its
+    device, cast to its ``dtype=``, and reading one after ``close()`` raises
+    :class:`~hf_tensorizer.errors.ClosedError`."""
+
+    def __init__(self, owner: Any, name: str) -> None:  # the reader's TensorDeserializer (it imports this module)
+        verifier = Verifier(owner.index) if owner.verify_hash else None
+        super().__init__(owner._source, owner.index, name, owner.slice_metrics, threads=owner.num_readers,
+                         transform=owner.transform, verifier=verifier)  # fmt: skip
+        self._owner = owner
+
+    def read(self, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """The box ``ranges`` (``[start, stop)`` per dimension), read from the source now.
+
+        Raises:
+            ClosedError: the deserializer was closed.
+        """
+        self._owner._check_open()
+        t = super().read(ranges)
+        return self._owner._finish(self.entry, t).to(self._owner.device)

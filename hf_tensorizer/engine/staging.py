@@ -17,8 +17,9 @@ from typing import Protocol
 import torch
 
 from ..errors import TensorizerError
+from .memory import IO_ALIGN
 
-PAGE = 4096
+PAGE = IO_ALIGN  # O_DIRECT reads need buffers, offsets and lengths aligned to this
 PREWARM_TTL_S = 30.0  # a block made ahead of a load that no load takes within this is released
 
 log = logging.getLogger(__name__)

@@ -278,8 +278,9 @@ def decode_index(preamble: Preamble, raw: bytes) -> FileIndex:
     _need(isinstance(items, list), "tensors must be a JSON array")
 
     tensors: dict[str, TensorEntry] = {}
+    bounds = (preamble.data_offset, preamble.file_size, preamble.encrypted)  # looked up once, not per entry
     for i, item in enumerate(items):
-        entry = _decode_entry(i, item, digest, block_size, preamble)
+        entry = _decode_entry(i, item, digest, block_size, bounds)
         _need(entry.name not in tensors, f"duplicate tensor name {entry.name!r}")
         tensors[entry.name] = entry
     _check_aliases(tensors)
@@ -300,9 +301,14 @@ def decode_index(preamble: Preamble, raw: bytes) -> FileIndex:
     )
 
 
-def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble) -> TensorEntry:
-    # Checks are written ``if not ok: raise`` so the messages are only formatted for a bad entry: an index has
-    # one entry per tensor and this runs on every open (it was a third of a warm 0.3 GB load's CPU time).
+_KINDS = {k.value: k for k in TensorKind}
+
+
+def _decode_entry(i: int, item: Any, digest: str, block_size: int, bounds: tuple[int, int, bool]) -> TensorEntry:
+    """One validated index entry; ``bounds``: the data offset, the file size and whether the file is encrypted."""
+    # Checks are written ``if not ok: raise`` so the messages are only formatted for a bad entry, and the entry is
+    # built without the frozen dataclass's per-field ``object.__setattr__``: an index has one entry per tensor and
+    # this runs on every open (it was half of a warm 0.6 GB load's fixed cost, 144 tensors; docs/benchmarks.md).
     if not isinstance(item, dict):
         raise FormatError(f"tensor entry {i} must be a JSON object")
     name = item.get("name")
@@ -312,34 +318,46 @@ def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble
     shape = item.get("shape")
     if not isinstance(shape, list):
         raise FormatError(f"tensor {name!r}: shape must be a list")
-    dims = tuple(_u64(d, "tensor %r: dimension", name) for d in shape)
-    if len(dims) > 64:
-        raise FormatError(f"tensor {name!r}: {len(dims)} dimensions is more than the 64 allowed")
-    span = 1  # torch's contiguous strides are products of max(dim, 1): they must fit in int64, even if numel is 0
-    for d in dims:
-        span *= max(d, 1)
+    if len(shape) > 64:  # before any product: a hostile shape of a million huge dimensions costs nothing
+        raise FormatError(f"tensor {name!r}: {len(shape)} dimensions is more than the 64 allowed")
+    numel = 1
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= U64_MAX:
+            _u64(d, "tensor %r: dimension", name)  # raises
+        numel *= d
+    dims = tuple(shape)
+    # torch's contiguous strides are products of max(dim, 1): they must fit in int64, even if numel is 0
+    span = numel
+    if not numel:
+        span = 1
+        for d in dims:
+            span *= max(d, 1)
     if span > I64_MAX:
         raise FormatError(f"tensor {name!r}: shape {list(dims)} is too large for a tensor")
     kind_name = item.get("kind", "plain")
-    try:
-        kind = TensorKind(kind_name)
-    except ValueError:
-        raise FormatError(f"tensor {name!r}: unknown kind {kind_name!r}") from None
+    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
+    if kind is None:
+        try:  # anything TensorKind itself accepts (a TensorKind, a str subclass) is still accepted
+            kind = TensorKind(kind_name)
+        except (ValueError, TypeError):
+            raise FormatError(f"tensor {name!r}: unknown kind {kind_name!r}") from None
     if "alias" in item:
         alias = item["alias"]
         if not isinstance(alias, str):
             raise FormatError(f"tensor {name!r}: alias must be a tensor name")
-        return TensorEntry(name, dtype, dims, kind, alias=alias)
-    offset = _u64(item.get("offset"), "tensor %r: offset", name)
-    length = _u64(item.get("length"), "tensor %r: length", name)
-    numel = 1
-    for d in dims:
-        numel *= d
+        return _entry(name, dtype, dims, kind, 0, 0, (), alias, None)
+    data_offset, file_size, encrypted = bounds
+    offset = item.get("offset")
+    if type(offset) is not int or not 0 <= offset <= U64_MAX:
+        _u64(offset, "tensor %r: offset", name)  # raises
+    length = item.get("length")
+    if type(length) is not int or not 0 <= length <= U64_MAX:
+        _u64(length, "tensor %r: length", name)  # raises
     if numel * element_size(dtype) != length:
         raise FormatError(f"tensor {name!r}: length {length} does not match {list(dims)} of {dtype}")
-    if offset < pre.data_offset:
-        raise FormatError(f"tensor {name!r}: offset {offset} lies before the data section ({pre.data_offset})")
-    if offset + length > pre.file_size:
+    if offset < data_offset:
+        raise FormatError(f"tensor {name!r}: offset {offset} lies before the data section ({data_offset})")
+    if offset + length > file_size:
         raise FormatError(f"tensor {name!r}: data [{offset}, {offset + length}) runs past the file end")
     digests = item.get("digests", [])
     if not isinstance(digests, list):
@@ -349,14 +367,29 @@ def _decode_entry(i: int, item: Any, digest: str, block_size: int, pre: Preamble
         if len(digests) != blocks:
             raise FormatError(f"tensor {name!r}: {len(digests)} digests for {blocks} blocks")
         width = DIGESTS[digest]
-        if not all(type(d) is str and len(d) == width for d in digests) or "".join(digests).strip(_HEX):
-            raise FormatError(f"tensor {name!r}: malformed {digest} digest")
+        for d in digests:
+            if type(d) is not str or len(d) != width or d.strip(_HEX):
+                raise FormatError(f"tensor {name!r}: malformed {digest} digest")
     crypt = item.get("crypt")
     if crypt is not None and not isinstance(crypt, dict):
         raise FormatError(f"tensor {name!r}: crypt must be a JSON object")
-    if (crypt is not None) != pre.encrypted:
+    if (crypt is not None) != encrypted:
         raise FormatError(f"tensor {name!r}: per-tensor crypt metadata and the file flag disagree")
-    return TensorEntry(name, dtype, dims, kind, offset, length, tuple(digests), None, crypt)
+    return _entry(name, dtype, dims, kind, offset, length, tuple(digests), None, crypt)
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _entry(name: str, dtype: torch.dtype, shape: tuple[int, ...], kind: TensorKind, offset: int, length: int,
+           digests: tuple[str, ...], alias: str | None, crypt: Mapping[str, Any] | None) -> TensorEntry:  # fmt: skip
+    """A :class:`TensorEntry` of already validated fields, built with one attribute write instead of the frozen
+    dataclass's nine (the same object: equal, hashable, ``dataclasses.replace`` works)."""
+    e = _new_object(TensorEntry)
+    _set_attribute(e, "__dict__", {"name": name, "dtype": dtype, "shape": shape, "kind": kind, "offset": offset,
+                                   "length": length, "digests": digests, "alias": alias, "crypt": crypt})  # fmt: skip
+    return e
 
 
 _HEX = "0123456789abcdef"
@@ -377,9 +410,17 @@ def _check_aliases(tensors: dict[str, TensorEntry]) -> None:
 
 
 def _check_layout(tensors: dict[str, TensorEntry], pre: Preamble) -> None:
+    data = [t for t in tensors.values() if t.alias is None and t.length]
+    end = pre.data_offset
+    for e in data:  # writers store tensors in offset order: checked as they come, sorted only when they are not
+        if e.offset < end:
+            break
+        end = e.offset + e.length
+    else:
+        return
     end = pre.data_offset
     prev = None
-    for e in sorted((t for t in tensors.values() if t.alias is None and t.length), key=lambda t: t.offset):
+    for e in sorted(data, key=lambda t: t.offset):
         _need(e.offset >= end, f"tensor {e.name!r} at {e.offset} overlaps tensor {prev!r} (ends at {end})")
         end, prev = e.offset + e.length, e.name
 

@@ -15,7 +15,6 @@ from collections.abc import Generator
 
 from ..errors import TruncatedFileError
 from .index import MAGIC, PREAMBLE_SIZE, FileIndex, decode_index, decode_preamble
-from .safetensors import decode_safetensors
 
 HF_TENSORIZER = "hf_tensorizer"
 UPSTREAM = "tensorizer"
@@ -54,6 +53,8 @@ def decode_any(size: int, head: bytes) -> IndexDecoder:
 
         return (yield from decode_upstream(size, head))
     if kind == SAFETENSORS:
+        from .safetensors import decode_safetensors  # imported for safetensors files only, like the upstream one
+
         return (yield from decode_safetensors(size, head))
     return (yield from decode_ours(size, head))
 
