@@ -106,10 +106,10 @@ class Guard:
                                  "model, loaded at start")  # fmt: skip
         ready = READY.match(path)
         if ready is not None and method == "GET" and (ready.group(1) or ready.group(2)) == self.model.name:
-            state = self._not_ready_state()
-            self._note(state or "ready")
-            if state is not None:
-                return await _answer(send, 503, f"model {self.model.name} is not ready: {state}")
+            why = self._not_ready_state()
+            self._note(why or "ready")
+            if why is not None:
+                return await _answer(send, 503, f"model {self.model.name} is not ready: {why}")
             return await self.app(scope, receive, send)
         predict = PREDICT.match(path) is not None
         if path.endswith(":predict") and method != "POST":
@@ -132,9 +132,9 @@ class Guard:
             if self.config.ready_wait_s > 0 and not self.model.runner.finished.is_set():
                 await self._wait_loaded(self.config.ready_wait_s)
             if not self.model.runner.ready.is_set():  # still loading (or failed): a quiet 503, as readiness says
-                state = self._not_ready_state() or "loading"
-                self._note(state)
-                return await _answer(send, 503, f"model {self.model.name} is not ready: {state}",
+                why = self._not_ready_state() or "loading"
+                self._note(why)
+                return await _answer(send, 503, f"model {self.model.name} is not ready: {why}",
                                      {"retry-after": "1"})  # fmt: skip
             body = await _read_body(receive, cap)
             if body is None:  # the client left while sending
