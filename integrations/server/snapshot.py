@@ -203,7 +203,10 @@ class Snapshot:
         self.fd = seal_file(os.path.join(self.folder, WEIGHTS))
         self.size = os.fstat(self.fd).st_size
         # /proc/<pid>/fd/<n> opens the memfd itself (a new descriptor of the same sealed file)
-        os.symlink(f"/proc/{os.getpid()}/fd/{self.fd}", os.path.join(shadow, WEIGHTS))
+        link = os.path.join(shadow, WEIGHTS)
+        os.symlink(f"/proc/{os.getpid()}/fd/{self.fd}", link)
+        if os.stat(link).st_size != self.size:  # no /proc (a sandbox): fail here, so the load reads the file
+            raise SnapshotError(errno.ENOENT, f"{link} does not reach the snapshot")
 
     def wait(self, timeout: float | None = None) -> str:
         """The shadow folder, once the copy is done.
