@@ -131,6 +131,11 @@ class NetworkLimitError(SourceError):
     the bytes came slower than the minimum rate. The message names the URI and the option that sets the limit."""
 
 
+class LoadTimeoutError(TensorizerError, TimeoutError):
+    """A whole load ran past its time limit (the KServe predictor's ``--load-timeout``): something it waits on
+    never answers. The server exits with status 1 and this message rather than stay unready."""
+
+
 class ObjectTooLargeError(SourceError):
     """An object that is read whole (a config, a tokenizer, a shard index) is larger than the configured cap."""
 

@@ -295,7 +295,7 @@ def combos(rows: str, sources: str, caches: str) -> list[tuple[str, str, str]]:
     """The (row, source, cache) runs of one round: no cold S3 (moto serves from its memory), no mapped S3 (the
     strategy only matters for a local file)."""
     return [(r, s, c) for s in sources.split(",") for c in caches.split(",") for r in rows.split(",")
-            if not (s == "s3" and (c == "cold" or r == "predictor-mapped"))]  # fmt: skip
+            if not (s == "s3" and (c == "cold" or r in ("predictor-mapped", "predictor-pread")))]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

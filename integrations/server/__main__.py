@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from hf_tensorizer.sources import redact
-
-from .model import LOADERS, PRECISIONS, ServerConfig, parse_option
+from .config import DEFAULT_LOAD_TIMEOUT_S, LOADERS, PRECISION_NAMES, ServerConfig, parse_option
+from .snapshot import Snapshot, reason_not_to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", required=True,
                    help="tensorized artifact: local folder, file://, http(s)://, s3://bucket/prefix or hf://org/repo; "
                         "with --loader hf: a safetensors model folder or a Hub repo id")  # fmt: skip
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float32", help="weights dtype")
+    p.add_argument("--precision", choices=sorted(PRECISION_NAMES), default="float32", help="weights dtype")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a request still running after this long (504); 0: no limit")  # fmt: skip
     p.add_argument("--ready-wait", type=float, default=0.0, metavar="SECONDS",
                    help="hold predict requests arriving during the load up to SECONDS instead of a 503")  # fmt: skip
+    p.add_argument("--load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT_S, metavar="SECONDS",
+                   help="exit with status 1 (LoadTimeoutError) when the weights are not in after SECONDS, rather "
+                        "than stay unready; 0: wait forever")  # fmt: skip
+    p.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                   help="read a local artifact's weights with pread instead of copying them into a sealed "
+                        "in-memory snapshot during start-up and mapping that (docs/serving.md)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -56,20 +62,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until it is stopped. Returns 0 after a clean stop, 1 when the model failed to load."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = dict(args.tensorizer_option)
+    snapshot = None
+    if args.snapshot and not reason_not_to(args.model_uri, loader=args.loader, device=args.device,
+                                           key_file=args.key_file, tensorizer_options=options):  # fmt: skip
+        snapshot = Snapshot(args.model_uri).start()  # the disk works while torch, transformers and kserve import
+    from hf_tensorizer.sources import redact
+
     from .app import build, serve, set_log_level
 
     config = ServerConfig(model_uri=args.model_uri, model_name=args.model_name, precision=args.precision,
                           device=args.device, loader=args.loader, key_file=args.key_file,
-                          tensorizer_options=dict(args.tensorizer_option),
+                          tensorizer_options=options, load_timeout_s=args.load_timeout, snapshot=args.snapshot,
                           max_new_tokens_limit=args.max_new_tokens_limit, ready_wait_s=args.ready_wait,
                           max_input_tokens=args.max_input_tokens, max_request_tokens=args.max_request_tokens,
                           max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                           request_timeout_s=args.request_timeout)  # fmt: skip
-    server, model = build(config, host=args.host, port=args.port)
+    server, model = build(config, host=args.host, port=args.port, snapshot=snapshot)
     set_log_level(args.log_level)
-    failure = serve(server, model)
+    failure, hung = serve(server, model)
     if failure:
         print(f"error: could not load {redact(args.model_uri)}: {failure}", file=sys.stderr)
+        if hung:  # the load's threads are still blocked (in a read that never returns): do not wait for them
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     return 0
 

@@ -11,7 +11,12 @@ Routes come from the SDK (``kserve.protocol.rest``):
   timed-out counters and the load time.
 
 The weights load on a thread started before the HTTP server, so liveness answers during the load. A failed load
-stops the server: :func:`serve` returns 1 with the reason (the CLI prints it), a pod goes to ``CrashLoopBackOff``.
+stops the server: :func:`serve` returns the reason (the CLI prints it and exits 1), a pod goes to
+``CrashLoopBackOff``. So does a load still running after ``--load-timeout`` seconds (a watchdog thread): a source
+that accepts the connection and never answers cannot keep the pod unready forever.
+
+Not-ready answers (readiness probes and predicts while loading, a full queue) are the guard's quiet 503s: one log
+line when the state changes, not the SDK's ``ModelNotReady`` traceback per poll.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import threading
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from hf_tensorizer.errors import LoadTimeoutError
+
 from .guard import Guard
 from .model import ModelRunner, ServerConfig
 from .predictor import ClientGone, RequestTimeout, TensorizedModel, kserve
+from .snapshot import Snapshot
 
 log = logging.getLogger("integrations.server")
 
@@ -70,18 +78,20 @@ def _timed_out(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=504)
 
 
-def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080) -> tuple[PredictorServer, TensorizedModel]:
+def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
+          snapshot: Snapshot | None = None) -> tuple[PredictorServer, TensorizedModel]:  # fmt: skip
     """The server and its (unloaded) model, with the guard and error handlers installed on the SDK's app.
 
     Args:
         config: the model and its limits.
         host: bind address.
         port: HTTP port.
+        snapshot: the weights snapshot the CLI started (:mod:`~integrations.server.snapshot`), if any.
 
     Returns:
         ``(server, model)``; start with :func:`serve`.
     """
-    model = TensorizedModel(ModelRunner(config))
+    model = TensorizedModel(ModelRunner(config, snapshot))
     server = PredictorServer(host, port, latency_logging=logging.getLogger().isEnabledFor(logging.DEBUG))
     server.register_model(model)  # registered unready: the SDK answers 503 for it until load() sets ready
     app: FastAPI = kserve.model_server.app  # the SDK serves this module-level app
@@ -91,25 +101,47 @@ def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080) -> tu
     return server, model
 
 
-def serve(server: PredictorServer, model: TensorizedModel) -> str | None:
-    """Load the model on a thread and serve until stopped.
+def serve(server: PredictorServer, model: TensorizedModel) -> tuple[str | None, bool]:
+    """Load the model on a thread, watch it, and serve until stopped.
 
     Returns:
-        None after a clean stop; the reason when the model failed to load (the server stopped itself).
+        ``(reason, hung)``: ``(None, False)`` after a clean stop; the reason when the model failed to load (the
+        server stopped itself), with ``hung`` True when the load was still running past ``--load-timeout`` (its
+        threads may never return: the caller should not wait for them).
     """
     failure: list[str] = []
+    lock = threading.Lock()
+    runner = model.runner
+
+    def fail(reason: str) -> None:
+        with lock:
+            if not failure:
+                failure.append(reason)
+        server.stop_serving()
 
     def load() -> None:
         try:
             model.load()
         except BaseException:
             log.exception("model load failed")
-            failure.append(model.runner.error or "unknown error")
-            server.stop_serving()
+            fail(runner.error or "unknown error")
+
+    def watchdog(limit: float) -> None:
+        if runner.finished.wait(limit):
+            return
+        err = LoadTimeoutError(f"the model was still loading after {limit:g} s (--load-timeout); a source that "
+                               "accepts connections and never answers, or a disk that stopped?")  # fmt: skip
+        log.error("%s: %s", type(err).__name__, err)
+        fail(f"{type(err).__name__}: {err}")
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
+    if runner.config.load_timeout_s > 0:
+        threading.Thread(target=watchdog, args=(runner.config.load_timeout_s,), name="load-watchdog",
+                         daemon=True).start()  # fmt: skip
     server.start([])  # the model is registered already; start() would refuse one that is not ready yet
-    return failure[0] if failure else None
+    if not failure:
+        return None, False
+    return failure[0], not runner.finished.is_set()
 
 
 def route_paths() -> set[str]:
@@ -131,5 +163,12 @@ def set_log_level(level: str) -> None:
     value = level.upper()
     for name in ("integrations.server", "kserve", "uvicorn", "uvicorn.error", "uvicorn.access", "hf_tensorizer"):
         logging.getLogger(name).setLevel(value)
+    logging.getLogger("uvicorn.access").addFilter(_quiet_probes)
     # the SDK's timing middleware logs every request at INFO on kserve.trace
     logging.getLogger("kserve.trace").setLevel("DEBUG" if value == "DEBUG" else "WARNING")
+
+
+def _quiet_probes(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's access lines for not-ready answers (503): the guard logs each state change once."""
+    args = record.args
+    return not (isinstance(args, tuple) and len(args) >= 5 and args[4] == 503)

@@ -12,6 +12,11 @@ read** (a chunked body is read only up to the cap). For predict requests (V1 ``:
   cancel flag is set and the model thread drops its work at the next token (or never starts it);
 * ``--ready-wait``: a request arriving during the load is held (no CPU spent) until the weights are in.
 
+Not ready: readiness (``GET /v1/models/<name>``, ``GET /v2/models/<name>/ready``) and predicts that find the
+weights not in (or the queue full) are answered **503** here, quietly: one log line when the state changes
+(loading → ready → saturated → ready ...), where the SDK would log a ``ModelNotReady`` traceback for every probe
+(a load balancer polling every 20 ms filled the log).
+
 Also: a predict with another method than POST is a 405 (not KServe's 404 for a model named ``m:predict``), and
 the V2 model-repository extension (``/v2/repository/...``: unload the model over HTTP) is switched off.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -33,6 +39,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger("integrations.server")
+
+READY = re.compile(r"^/v1/models/([^/:]+)$|^/v2/models/([^/]+)(?:/versions/[^/]+)?/ready$")
 PREDICT = re.compile(r"^/v1/models/[^/]+:(predict|explain)$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
@@ -57,6 +66,36 @@ class Guard:
         self.model = model
         self.config = model.runner.config
         self._loaded: asyncio.Event | None = None
+        self._state = "starting"  # what the last readiness answer said: logged when it changes
+
+    def _note(self, state: str) -> None:
+        """Log the model's readiness state once per change (every probe would flood the log)."""
+        if state == self._state:
+            return
+        self._state = state
+        name = self.model.name
+        if state == "ready":
+            log.info("model %s ready: readiness answers 200", name)
+        elif state == "loading":
+            log.info(
+                "model %s not ready: loading its weights (readiness and predicts answer 503%s)",
+                name,
+                f", predicts held up to {self.config.ready_wait_s:g} s" if self.config.ready_wait_s else "",
+            )
+        elif state == "saturated":
+            log.warning("model %s not ready: %d requests admitted (--max-queue), readiness answers 503", name,
+                        self.config.max_queue)  # fmt: skip
+        else:
+            log.warning("model %s not ready: its load failed (%s)", name, self.model.runner.error)
+
+    def _not_ready_state(self) -> str | None:
+        """``None`` when the model can take a request now, else why not."""
+        runner = self.model.runner
+        if not runner.ready.is_set():
+            return "failed" if runner.finished.is_set() else "loading"
+        if self.model.admitted >= self.config.max_queue and not (CURRENT.get() or _NO_SLOT).admitted:
+            return "saturated"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,6 +104,13 @@ class Guard:
         if path.startswith("/v2/repository/"):
             return await _answer(send, 404, "the model repository extension is disabled: this server serves one "
                                  "model, loaded at start")  # fmt: skip
+        ready = READY.match(path)
+        if ready is not None and method == "GET" and (ready.group(1) or ready.group(2)) == self.model.name:
+            why = self._not_ready_state()
+            self._note(why or "ready")
+            if why is not None:
+                return await _answer(send, 503, f"model {self.model.name} is not ready: {why}")
+            return await self.app(scope, receive, send)
         predict = PREDICT.match(path) is not None
         if path.endswith(":predict") and method != "POST":
             return await _answer(send, 405, "predict takes POST", {"allow": "POST"})
@@ -85,6 +131,11 @@ class Guard:
         try:
             if self.config.ready_wait_s > 0 and not self.model.runner.finished.is_set():
                 await self._wait_loaded(self.config.ready_wait_s)
+            if not self.model.runner.ready.is_set():  # still loading (or failed): a quiet 503, as readiness says
+                why = self._not_ready_state() or "loading"
+                self._note(why)
+                return await _answer(send, 503, f"model {self.model.name} is not ready: {why}",
+                                     {"retry-after": "1"})  # fmt: skip
             body = await _read_body(receive, cap)
             if body is None:  # the client left while sending
                 state.cancel.set()
@@ -133,6 +184,9 @@ class Guard:
             self.model.runner.add_done_callback(lambda: loop.call_soon_threadsafe(event.set))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._loaded.wait(), timeout)
+
+
+_NO_SLOT = RequestState()
 
 
 def _content_length(scope: Scope) -> int | None:

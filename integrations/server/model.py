@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,12 +24,14 @@ from hf_tensorizer.constants import KEY_ENV
 from hf_tensorizer.errors import MissingKeyError, UsageError
 from hf_tensorizer.sources import redact
 
+from .config import LOADERS, PRECISION_NAMES, ServerConfig
+from .snapshot import Snapshot, SnapshotError, reason_not_to
 from .validation import DEFAULT_NEW_TOKENS, DEFAULT_STEPS, BadRequest, parse_v1, task_fields
 
 log = logging.getLogger("integrations.server")
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LOADERS = ("hf_tensorizer", "hf")
+assert set(PRECISIONS) == set(PRECISION_NAMES)
 
 
 class Cancelled(Exception):
@@ -42,50 +42,23 @@ class DeadlineExceeded(Exception):
     """The request ran longer than ``request_timeout_s`` and was stopped."""
 
 
-@dataclass
-class ServerConfig:
-    """What ``python -m integrations.server`` was started with (see ``__main__.py`` for the flags)."""
-
-    model_uri: str
-    model_name: str = "model"
-    precision: str = "float32"
-    device: str = "cpu"
-    loader: str = "hf_tensorizer"
-    key_file: str | None = None
-    tensorizer_options: dict[str, Any] = field(default_factory=dict)
-    max_new_tokens_limit: int = 512
-    max_steps_limit: int = 200
-    max_instances: int = 64
-    # prompt tokens accepted; 0: the model's maximum positions (a larger value is lowered to that too)
-    max_input_tokens: int = 0
-    # work one request may ask for: the sum of max_new_tokens (num_inference_steps) over its instances
-    max_request_tokens: int = 4096
-    max_request_steps: int = 400
-    # a request still running after this long is stopped (504); 0: no limit
-    request_timeout_s: float = 300.0
-    # requests admitted at once (running + queued + held while loading); more are answered 503 before their
-    # body is read, and readiness answers 503 while the queue is full
-    max_queue: int = 32
-    # request bodies over this many bytes are answered 413 without being read
-    max_body_bytes: int = 8 << 20
-    # >0: a predict request arriving while the weights load waits up to this long instead of getting 503
-    # (what Knative's activator does for a service scaled from zero); 0: answer 503 at once (KServe's default)
-    ready_wait_s: float = 0.0
-
-
 class ModelRunner:
     """Loads the model once (:meth:`load`) and executes requests one at a time (:meth:`submit`).
 
     Args:
         config: the server configuration.
+        snapshot: a weights snapshot started already (by the CLI, before its imports); ``None``: the load takes
+            one itself when ``config.snapshot`` and the model allow it (:func:`~.snapshot.reason_not_to`).
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, snapshot: Snapshot | None = None) -> None:
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
         if config.loader not in LOADERS:
             raise ValueError(f"loader must be one of {LOADERS}, got {config.loader!r}")
         self.config = config
+        self.snapshot = snapshot
+        self.snapshot_used = False  # the weights were loaded from the snapshot (else read from the source)
         self.dtype = PRECISIONS[config.precision]
         self.task: str | None = None  # "text-generation" | "text-to-image" once loaded
         self.model: Any = None
@@ -144,10 +117,10 @@ class ModelRunner:
                 return
         fn()
 
-    def _options(self) -> dict[str, Any]:
-        # pread: the weights are copied into memory the server owns, so rewriting or truncating the artifact
-        # file under a running server cannot change (or SIGBUS) the model; see docs/serving.md for the cost
-        options = {"strategy": "pread", **self.config.tensorizer_options}
+    def _options(self, snapshot: bool = False) -> dict[str, Any]:
+        # Either way the weights live in memory nothing else can write: a sealed snapshot (mapped, zero-copy), or
+        # pread's copy; a rewrite or truncation of the artifact file cannot change (or SIGBUS) the running model
+        options = {**({} if snapshot else {"strategy": "pread"}), **self.config.tensorizer_options}
         if self.config.key_file:
             from hf_tensorizer.crypto import EncryptionKey
 
@@ -160,9 +133,17 @@ class ModelRunner:
         from hf_tensorizer.integrations.artifact.routing import is_artifact, looks_like_uri
         from hf_tensorizer.integrations.options import TensorizerOptions
 
+        uri = self.config.model_uri
+        shadow = self._snapshot_folder()
+        if shadow is not None:
+            try:
+                self._load_causal_lm(shadow, uri, TensorizerOptions.parse(self._options(snapshot=True)))
+            finally:
+                self.snapshot.close()  # type: ignore[union-attr]  # the tensors keep their mapping alive
+            self.snapshot_used = True
+            return
         options = TensorizerOptions.parse(self._options())
         transport = options.transport
-        uri = self.config.model_uri
         if not looks_like_uri(uri) and not (is_artifact(uri) or os.path.isfile(os.path.join(uri, "model_index.json"))):
             raise UsageError(f"{uri} is not a tensorized artifact (no {WEIGHTS_NAME} or model_index.json)")
         folder = resolve(uri, **transport)  # the small files (configs, tokenizer), never the weights
@@ -172,9 +153,33 @@ class ModelRunner:
             import hf_tensorizer
 
             hf_tensorizer.enable()  # every component (UNet, VAE, text encoder) streams through the hooks
-            pipe = DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype, tensorizer_options=options)
+            pipe = DiffusionPipeline.from_pretrained(uri, **_diffusers_dtype(self.dtype), tensorizer_options=options)
             self._set_pipeline(pipe)
             return
+        self._load_causal_lm(folder, uri, options)
+
+    def _snapshot_folder(self) -> str | None:
+        """The snapshot's folder to load from, or ``None`` (no snapshot: why is logged once)."""
+        c = self.config
+        if self.snapshot is None:
+            why = "--no-snapshot" if not c.snapshot else reason_not_to(
+                c.model_uri, loader=c.loader, device=c.device, key_file=c.key_file,
+                tensorizer_options=c.tensorizer_options)  # fmt: skip
+            if why is not None:
+                log.info("weights read from %s (no snapshot: %s)", redact(c.model_uri), why)
+                return None
+            self.snapshot = Snapshot(c.model_uri).start()
+        try:
+            folder = self.snapshot.wait()
+        except SnapshotError as exc:  # no memory for the copy, the file changed while copied: read it instead
+            log.warning("%s; reading %s with pread instead", exc, redact(c.model_uri))
+            self.snapshot.close()
+            return None
+        log.info("weights snapshot of %s: %.2f GB in %.2f s", redact(c.model_uri), self.snapshot.size / 1e9,
+                 self.snapshot.seconds or 0.0)  # fmt: skip
+        return folder
+
+    def _load_causal_lm(self, folder: str, uri: str, options: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import hf_tensorizer
@@ -198,7 +203,7 @@ class ModelRunner:
         if os.path.isfile(os.path.join(uri, "model_index.json")) or _hub_file_exists(uri, "model_index.json"):
             from diffusers import DiffusionPipeline
 
-            self._set_pipeline(DiffusionPipeline.from_pretrained(uri, torch_dtype=self.dtype))
+            self._set_pipeline(DiffusionPipeline.from_pretrained(uri, **_diffusers_dtype(self.dtype)))
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -371,6 +376,14 @@ def _check_complete(info: Mapping[str, Any], uri: str) -> None:
                          f"{', '.join(missing[:5])}{more}")  # fmt: skip
 
 
+def _diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword this diffusers takes: ``dtype`` where it replaced ``torch_dtype`` (which then warns at
+    every load), ``torch_dtype`` in older releases."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def _hub_file_exists(repo_id: str, name: str) -> bool:
     """For ``--loader hf`` with a Hub repo id: does the repo hold ``name``? (Local folders never reach here.)"""
     if os.path.isdir(repo_id) or repo_id.count("/") != 1:
@@ -381,14 +394,3 @@ def _hub_file_exists(repo_id: str, name: str) -> bool:
         return name in HfApi().list_repo_files(repo_id)
     except Exception:  # not a repo, no access: the transformers load below reports the real error
         return False
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with a JSON value (``num_readers=8``, ``mmap=true``) or a plain string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value

@@ -19,7 +19,8 @@ Control (JSON over HTTP on the same port, paths under ``/__control__/``):
       ``skip`` matching requests, serve the file ``source`` at this path from then on: new bytes, new ETag),
       ``"trickle"`` (send ``after`` body bytes, then one byte every ``interval`` seconds (0.5) for at most
       ``seconds`` (60), then drop the connection), ``"gzip"`` (gzip the body, ``Content-Encoding: gzip``, as a
-      misconfigured compressing proxy does; ``Content-Range`` still names the requested range).
+      misconfigured compressing proxy does; ``Content-Range`` still names the requested range), ``"hold"`` (wait
+      until the file ``until`` exists, at most ``seconds`` (600), then answer normally: a gate the test opens).
     * ``count`` (default 1; -1 = forever), ``skip`` (matching requests let through first), ``path`` (only this
       URL path; default any), ``methods`` (default ``["GET"]``).
 * ``POST config`` — persistent behaviour: ``token`` (require ``Authorization: Bearer <token>``), ``etag`` /
@@ -236,6 +237,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(fault["status"])
             self._send(fault["status"], b"injected fault", headers)
             return
+        if fault and fault["kind"] == "hold":
+            deadline = time.monotonic() + fault.get("seconds", 600)
+            while not os.path.exists(fault["until"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
         if fault and fault["kind"] == "stall" and fault.get("after", 0) < 0:
             self._record(0)
             time.sleep(fault["seconds"])
