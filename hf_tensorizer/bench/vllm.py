@@ -121,8 +121,9 @@ def logging_env() -> dict[str, str]:
     return {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOGGING_CONFIG_PATH": str(config)}
 
 
-def one(python: str, model: Path, load_format: str) -> tuple[float, float | None]:
-    """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` in a fresh process.
+def one(python: str, model: Path, load_format: str, keep: Path | None = None) -> tuple[float, float | None]:
+    """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` in a fresh process
+    (its log written to ``keep`` when given).
 
     Raises:
         SystemExit: the run failed or its log has no load step (the log's tail in the message).
@@ -132,6 +133,9 @@ def one(python: str, model: Path, load_format: str) -> tuple[float, float | None
     out = subprocess.run([python, "-c", CHILD, str(model), load_format], capture_output=True, text=True,
                          env=env, timeout=900)  # fmt: skip
     log = out.stdout + out.stderr
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(log)
     step = load_step_seconds(log)
     if out.returncode != 0 or step is None:
         raise SystemExit(f"{load_format} run failed ({out.returncode}):\n{log[-3000:]}")
@@ -145,6 +149,7 @@ def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated load formats ({', '.join(FORMATS)})")
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of the built model")
     p.add_argument("--layers", type=int, default=16, help="layers of the built model (16: 1.07 GB float32)")
+    p.add_argument("--logs", default=None, help="a folder to keep each run's vLLM log in")
     p.add_argument("--python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="the vLLM venv's Python (scripts/vllm_env.sh)")  # fmt: skip
 
@@ -186,7 +191,8 @@ def vllm_main(args: argparse.Namespace) -> None:
                         with open(f, "rb") as fh:
                             while fh.read(64 << 20):
                                 pass
-                step, own = one(args.python, folders[name], name)
+                keep = Path(args.logs) / f"{cache}-{name}-{i + 1}.log" if args.logs else None
+                step, own = one(args.python, folders[name], name, keep)
                 rows[(cache, name)].append((step, own))
                 own_text = "–" if own is None else f"{own:.2f} s"
                 print(f"{cache} run {i + 1}: {name:15s} load step {step:.2f} s, own line {own_text}", flush=True)

@@ -91,7 +91,10 @@ class Adoption(TorchDispatchMode):
             and _whole(found[0][1].data)
         }  # fmt: skip
         self._offered: dict[int, tuple[weakref.ref[torch.Tensor], torch.Size, torch.dtype]] = {}
-        self._mapped: list[tuple[str, torch.nn.Parameter, int]] = []  # taken views of the file
+        self._model = model
+        # taken views of the file, held weakly: a parameter vLLM replaces (a repacked linear weight) must free its
+        # pages, and its mapping, as soon as vLLM drops it
+        self._mapped: list[tuple[str, weakref.ref[torch.nn.Parameter], int]] = []
 
     def offer(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Pass ``(name, tensor)`` pairs through, each tensor adoptable while it lives."""
@@ -129,7 +132,7 @@ class Adoption(TorchDispatchMode):
                 param.data = taken[0]
                 del self._offered[src.data_ptr()], self._params[dst.data_ptr()]
                 if taken[1]:
-                    self._mapped.append((name, param, param.data_ptr()))
+                    self._mapped.append((name, weakref.ref(param), param.data_ptr()))
                 self.stats.taken.append(name)
                 self.stats.taken_bytes += param.nbytes
                 return dst
@@ -147,8 +150,10 @@ class Adoption(TorchDispatchMode):
         Returns:
             :attr:`stats`, with ``released`` filled in.
         """
-        for name, param, ptr in self._mapped:
-            if param.data_ptr() == ptr and param.device.type == "cpu":
+        present = {id(p) for _, p in self._model.named_parameters(remove_duplicate=False)}
+        for name, ref, ptr in self._mapped:
+            param = ref()
+            if param is not None and id(param) in present and param.data_ptr() == ptr:
                 param.data = param.data.clone()
                 self.stats.released.append(name)
                 self.stats.released_bytes += param.nbytes
