@@ -3,8 +3,9 @@
 * :func:`weight_seconds` — a service log's weight-loading time, from each loader's own line: vLLM's default
   loader and ours print "Loading weights took X seconds", vLLM's tensorizer loader "Deserialized … in Xs" (for a
   file vLLM tensorized; a checkpoint's tensors go through ``model.load_weights`` with no line), the Run:ai loader
-  only its progress bar (elapsed whole seconds at 100 %);
-* :func:`phase_seconds` — vLLM's whole model-loading step, the same two log lines for every load format;
+  only its progress bar (elapsed whole seconds at 100 %); parsed by ``hf_tensorizer.bench.vllm``;
+* :func:`phase_seconds` — vLLM's whole model-loading step, the same two log lines for every load format
+  (:func:`hf_tensorizer.bench.vllm.load_step_seconds`, which ``hf-tensorizer bench vllm`` reports too);
 * :func:`summarize` — median and range of every metric per row;
 * :func:`verdicts` — the issue's two targets, judged on the default configuration of every row, per source and
   page cache: our weight loading ≥ 1.0× the fastest other vLLM load format, and our time to first response ≤ the
@@ -14,10 +15,11 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 from typing import Any
+
+from hf_tensorizer.bench import vllm as vllm_bench
 
 METRICS = ("ready_s", "first_s", "mean_s", "p50_s", "p95_s", "max_s", "peak_rss_gb", "load_s", "model_s")
 # rows run with their defaults, ours and the others (predictor-mapped is a non-default option of ours)
@@ -25,24 +27,15 @@ OURS_DEFAULT = ("vllm", "predictor")
 OTHERS = ("vllm-default", "vllm-runai", "vllm-tensorizer", "predictor-stock")
 VLLM_OTHERS = ("vllm-default", "vllm-runai", "vllm-tensorizer")
 DOWNLOADED = ("vllm-default", "predictor-stock")  # from S3: the folder is downloaded, then loaded locally
-_LINES = {
-    "vllm": re.compile(r"Loading weights took ([0-9.]+) seconds \([^)]*hf_tensorizer"),
-    "vllm-default": re.compile(r"Loading weights took ([0-9.]+) seconds"),
-    "vllm-tensorizer": re.compile(r"Deserialized \S+ ?\S* in ([0-9.]+) ?s"),
-    # vLLM's Run:ai loader prints no time of its own: its progress bar's elapsed time (whole seconds) at 100 %
-    "vllm-runai": re.compile(r"Runai Model Streamer: 100% Completed \| \d+/\d+ \[(\d+:\d\d(?::\d\d)?)<"),
-}
-
-
-def _seconds(text: str) -> float:
-    seconds = 0.0
-    for part in text.split(":"):  # "12.5", or tqdm's "MM:SS" / "H:MM:SS"
-        seconds = seconds * 60 + float(part)
-    return seconds
+# each vLLM row's load format: its own weight-loading line and vLLM's load step are read by the vLLM bench's
+# parsers (hf_tensorizer.bench.vllm), the one place that knows those log lines
+_FORMATS = {"vllm": "hf_tensorizer", "vllm-default": "safetensors", "vllm-tensorizer": "tensorizer",
+            "vllm-runai": "runai_streamer"}  # fmt: skip
 
 
 def weight_seconds(row: str, log: str) -> float | None:
-    """The weight-loading seconds a ``row``'s own loader printed in its service ``log`` (the last such line).
+    """The weight-loading seconds a ``row``'s own loader printed in its service ``log`` (the last such line;
+    :func:`hf_tensorizer.bench.vllm.weight_seconds`).
 
     Args:
         row: a vLLM row name (``vllm``, ``vllm-default``, ``vllm-runai``, ``vllm-tensorizer``).
@@ -51,42 +44,10 @@ def weight_seconds(row: str, log: str) -> float | None:
     Returns:
         Seconds, or ``None`` when the row has no such line (the predictor rows: their time is on ``/metrics``).
     """
-    pattern = _LINES.get(row)
-    found = pattern.findall(log) if pattern else []
-    return _seconds(found[-1]) if found else None
+    return vllm_bench.weight_seconds(_FORMATS[row], log) if row in _FORMATS else None
 
 
-_STAMP = re.compile(r" (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
-_START = "Starting to load model"
-_AFTER = "KV cache"  # the worker's first step after load_model: sizing the KV cache
-
-
-def phase_seconds(log: str) -> float | None:
-    """Seconds of vLLM's whole model-loading step, the same two log lines for every load format.
-
-    From the worker's "Starting to load model" to its first "KV cache" line (the step after ``load_model``):
-    model construction, the load format's weight loading and the weights' post-processing (on CPU, oneDNN
-    repacking). Time stamps with milliseconds when vLLM logs them (the benchmark's logging configuration), else
-    whole seconds.
-
-    Args:
-        log: a vLLM service's stdout and stderr.
-
-    Returns:
-        Seconds, or ``None`` when either line is missing.
-    """
-    start = None
-    for line in log.splitlines():
-        if (start is None and _START in line) or (start is not None and _AFTER in line):
-            m = _STAMP.search(line)
-            if m is None:
-                return None
-            t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
-            if start is None:
-                start = t
-            else:
-                return (t - start) % 86400  # across midnight
-    return None
+phase_seconds = vllm_bench.load_step_seconds  # vLLM's whole load step, the same two log lines for every format
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_tensorizer.bench.vllm import logging_env
+
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "coldstart"
 # 43 tokens with the byte tokenizer: vLLM's CPU worker crashes (SIGILL) on prompts under ~8 tokens here
@@ -220,26 +222,12 @@ def tensorize_upstream(vllm_python: str, stock: Path, out: Path, dtype: str) -> 
     return target
 
 
-# vLLM's own logging configuration with milliseconds in the time stamp: the weight-loading phase of every load
-# format is read off the same two log lines (coldstart_report.phase_seconds), whatever each loader prints itself
-LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
-LOGGING = {
-    "version": 1, "disable_existing_loggers": False,
-    "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": "%m-%d %H:%M:%S",
-                            "format": LOG_FORMAT}},
-    "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": "INFO",
-                          "stream": "ext://sys.stdout"}},
-    "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False}},
-}  # fmt: skip
-
-
 def vllm_env() -> dict[str, str]:
     """Environment every vLLM process of the benchmark gets (the same for every load format)."""
-    config = Path(tempfile.gettempdir()) / "hf_tensorizer-coldstart-vllm-logging.json"
-    config.write_text(json.dumps(LOGGING))
+    # millisecond time stamps: every load format's load step is read off the same two lines
+    # (hf_tensorizer.bench.vllm.load_step_seconds), whatever each loader prints itself
     return {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "INFO",
-            "VLLM_LOGGING_CONFIG_PATH": str(config)}  # fmt: skip
+            "TOKENIZERS_PARALLELISM": "false", **logging_env()}  # fmt: skip
 
 
 def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | None, args: argparse.Namespace) -> Service:

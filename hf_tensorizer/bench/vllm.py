@@ -1,23 +1,34 @@
-"""vLLM weight loading: ``--load-format hf_tensorizer`` against vLLM's default safetensors loader, same model.
+"""vLLM weight loading: ``--load-format hf_tensorizer`` against vLLM's other load formats, same model, same clock.
 
-vLLM runs in its own venv (``scripts/vllm_env.sh`` builds ``.venv-vllm``); each vLLM start is a child process of
-that venv's Python::
+vLLM runs in its own venv (``scripts/vllm_env.sh`` builds ``.venv-vllm``; ``scripts/vllm_bench_env.sh`` adds Run:ai's
+streamer for ``runai_streamer``); each vLLM start is a child process of that venv's Python::
 
-    hf-tensorizer bench vllm --dir /tmp/vllm-bench --runs 3
+    hf-tensorizer bench vllm --dir /tmp/vllm-bench --runs 2 --cache warm,cold
 
-Builds a Llama-shaped model once (``tests/vllm/build_models.py``: hidden 1024, 8 layers, vocabulary 32000,
-float32: 0.67 GB) as a stock safetensors folder and an artifact, then starts vLLM (``vllm.LLM``, a fresh process
-each time, formats alternating) and reads vLLM's own "Loading weights took X seconds" line from its log. The files
-are read once first, so every run is warm (page cache).
+Builds a Llama-shaped model once (``tests/vllm/build_models.py``; default hidden 1024, 16 layers, vocabulary 32000,
+float32: 1.07 GB) as a stock safetensors folder and an artifact, then starts vLLM (``vllm.LLM``, a fresh process
+each time, formats alternating) and reads two numbers off its log:
+
+* **vLLM's load step** (:func:`load_step_seconds`): the worker's "Starting to load model" to its first "KV cache"
+  line — building the model, the load format's weight loading and the weights' post-processing (on CPU, oneDNN
+  repacking of the linear weights). The same two lines for every load format, time-stamped in milliseconds by a
+  vLLM logging configuration (:data:`LOGGING`): the fair comparison;
+* **the loader's own line** (:func:`weight_seconds`): "Loading weights took X seconds" of ours and vLLM's default
+  loader, Run:ai's progress bar (whole seconds).
+
+``--cache warm`` reads the files once before the runs (page cache); ``cold`` evicts them
+(``posix_fadvise(DONTNEED)``) before every start.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .proc import ROOT
@@ -28,49 +39,167 @@ from vllm import LLM
 if __name__ == "__main__":
     LLM(model=sys.argv[1], load_format=sys.argv[2], enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
 """
-TOOK = re.compile(r"Loading weights took ([0-9.]+) seconds")
+FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the load formats --formats may name
+# vLLM's own logging configuration with milliseconds in the time stamp (its stock format has whole seconds)
+LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
+LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": "%m-%d %H:%M:%S",
+                            "format": LOG_FORMAT}},
+    "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": "INFO",
+                          "stream": "ext://sys.stdout"}},
+    "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False}},
+}  # fmt: skip
+
+# each load format's own weight-loading line (the last one in a log counts)
+_OWN_LINES = {
+    "hf_tensorizer": re.compile(r"Loading weights took ([0-9.]+) seconds \([^)]*hf_tensorizer"),
+    "safetensors": re.compile(r"Loading weights took ([0-9.]+) seconds"),
+    "tensorizer": re.compile(r"Deserialized \S+ ?\S* in ([0-9.]+) ?s"),
+    # vLLM's Run:ai loader prints no time of its own: its progress bar's elapsed time (whole seconds) at 100 %
+    "runai_streamer": re.compile(r"Runai Model Streamer: 100% Completed \| \d+/\d+ \[(\d+:\d\d(?::\d\d)?)<"),
+}
+_STAMP = re.compile(r" (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
+_START = "Starting to load model"
+_AFTER = "KV cache"  # the worker's first step after load_model: sizing the KV cache
 
 
-def one(python: str, model: Path, load_format: str) -> float:
-    """Seconds vLLM's log gives for ``load_format`` loading ``model`` in a fresh vLLM process."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+def _seconds(text: str) -> float:
+    seconds = 0.0
+    for part in text.split(":"):  # "12.5", or tqdm's "MM:SS" / "H:MM:SS"
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
+def weight_seconds(load_format: str, log: str) -> float | None:
+    """The weight-loading seconds ``load_format``'s own loader printed in a vLLM ``log`` (the last such line).
+
+    Args:
+        load_format: ``hf_tensorizer``, ``safetensors`` (vLLM's default loader), ``tensorizer`` (a file vLLM
+            tensorized: "Deserialized … in Xs"), ``runai_streamer`` (its progress bar's elapsed whole seconds).
+        log: a vLLM process's stdout and stderr.
+
+    Returns:
+        Seconds, or ``None`` when there is no such line (or no pattern for ``load_format``).
+    """
+    pattern = _OWN_LINES.get(load_format)
+    found = pattern.findall(log) if pattern else []
+    return _seconds(found[-1]) if found else None
+
+
+def load_step_seconds(log: str) -> float | None:
+    """Seconds of vLLM's whole model-loading step, the same two log lines for every load format.
+
+    From the worker's "Starting to load model" to its first "KV cache" line (the step after ``load_model``):
+    model construction, the load format's weight loading and the weights' post-processing (on CPU, oneDNN
+    repacking). Time stamps with milliseconds when vLLM logs them (:data:`LOGGING`), else whole seconds.
+
+    Args:
+        log: a vLLM process's stdout and stderr.
+
+    Returns:
+        Seconds, or ``None`` when either line is missing.
+    """
+    start = None
+    for line in log.splitlines():
+        if (start is None and _START in line) or (start is not None and _AFTER in line):
+            m = _STAMP.search(line)
+            if m is None:
+                return None
+            t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+            if start is None:
+                start = t
+            else:
+                return (t - start) % 86400  # across midnight
+    return None
+
+
+def logging_env() -> dict[str, str]:
+    """Environment that makes vLLM log with :data:`LOGGING` (millisecond time stamps) at INFO."""
+    config = Path(tempfile.gettempdir()) / "hf_tensorizer-vllm-logging.json"
+    config.write_text(json.dumps(LOGGING))
+    return {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOGGING_CONFIG_PATH": str(config)}
+
+
+def one(python: str, model: Path, load_format: str, keep: Path | None = None) -> tuple[float, float | None]:
+    """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` in a fresh process
+    (its log written to ``keep`` when given).
+
+    Raises:
+        SystemExit: the run failed or its log has no load step (the log's tail in the message).
+    """
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONPATH": str(ROOT),
+           **logging_env()}  # fmt: skip
     out = subprocess.run([python, "-c", CHILD, str(model), load_format], capture_output=True, text=True,
                          env=env, timeout=900)  # fmt: skip
-    found = TOOK.findall(out.stdout + out.stderr)
-    if out.returncode != 0 or not found:
-        raise SystemExit(f"{load_format} run failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    return float(found[-1])
+    log = out.stdout + out.stderr
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(log)
+    step = load_step_seconds(log)
+    if out.returncode != 0 or step is None:
+        raise SystemExit(f"{load_format} run failed ({out.returncode}):\n{log[-3000:]}")
+    return step, weight_seconds(load_format, log)
 
 
 def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="/tmp/vllm-bench", help="where the model is built (kept for later runs)")
-    p.add_argument("--runs", type=int, default=3, help="vLLM starts per load format")
+    p.add_argument("--runs", type=int, default=3, help="vLLM starts per load format and page-cache state")
+    p.add_argument("--cache", default="warm", help="comma-separated page-cache states: warm, cold")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated load formats ({', '.join(FORMATS)})")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size of the built model")
+    p.add_argument("--layers", type=int, default=16, help="layers of the built model (16: 1.07 GB float32)")
+    p.add_argument("--logs", default=None, help="a folder to keep each run's vLLM log in")
     p.add_argument("--python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="the vLLM venv's Python (scripts/vllm_env.sh)")  # fmt: skip
 
 
-def vllm_main(args: argparse.Namespace) -> None:
+def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     from ..errors import UsageError
 
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise UsageError(f"--{what}: {bad or text!r} not among {', '.join(allowed)}")
+    return items
+
+
+def vllm_main(args: argparse.Namespace) -> None:
+    from ..engine.pagecache import evict
+    from ..errors import UsageError
+
+    caches = _split(args.cache, ("warm", "cold"), "cache")
+    formats = _split(args.formats, FORMATS, "formats")
     if not os.access(args.python, os.X_OK):
         raise UsageError(f"no vLLM venv at {args.python}: run scripts/vllm_env.sh (or give --python)")
-    d = Path(args.dir)
+    d = Path(args.dir) / f"h{args.hidden}-l{args.layers}"
     if not (d / "artifact" / "model.tensors").exists():
-        subprocess.run([args.python, str(ROOT / "tests" / "vllm" / "build_models.py"), str(d), "--hidden", "1024",
-                        "--layers", "8", "--vocab", "32000", "--only", "stock,artifact"], check=True)  # fmt: skip
-    size = (d / "artifact" / "model.tensors").stat().st_size
-    for f in (d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")):
-        with open(f, "rb") as fh:  # warm: both files in the page cache
-            while fh.read(64 << 20):
-                pass
-    rows: dict[str, list[float]] = {"safetensors": [], "hf_tensorizer": []}
-    for i in range(args.runs):
-        for name, folder in (("safetensors", d / "stock"), ("hf_tensorizer", d / "artifact")):
-            rows[name].append(one(args.python, folder, name))
-            print(f"run {i + 1}: {name} {rows[name][-1]:.3f} s", flush=True)
-    print(f"model: {size / 1e9:.2f} GB, {args.runs} runs each, warm page cache")
-    for name, times in rows.items():
-        print(
-            f"{name:14s} median {statistics.median(times):.3f} s  range {min(times):.3f}-{max(times):.3f} s  "
-            f"({size / 1e9 / statistics.median(times):.2f} GB/s)  runs {times}"
-        )
+        subprocess.run([args.python, str(ROOT / "tests" / "vllm" / "build_models.py"), str(d), "--hidden",
+                        str(args.hidden), "--layers", str(args.layers), "--vocab", "32000", "--only",
+                        "stock,artifact"], check=True)  # fmt: skip
+    folders = {"safetensors": d / "stock", "runai_streamer": d / "stock", "hf_tensorizer": d / "artifact"}
+    files = [d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")]
+    size = files[0].stat().st_size
+    rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {(c, f): [] for c in caches for f in formats}
+    for cache in caches:
+        for i in range(args.runs):
+            for name in formats:
+                for f in files:
+                    if cache == "cold":
+                        evict(f)
+                    else:  # warm: every file in the page cache
+                        with open(f, "rb") as fh:
+                            while fh.read(64 << 20):
+                                pass
+                keep = Path(args.logs) / f"{cache}-{name}-{i + 1}.log" if args.logs else None
+                step, own = one(args.python, folders[name], name, keep)
+                rows[(cache, name)].append((step, own))
+                own_text = "–" if own is None else f"{own:.2f} s"
+                print(f"{cache} run {i + 1}: {name:15s} load step {step:.2f} s, own line {own_text}", flush=True)
+    print(f"model: {size / 1e9:.2f} GB float32, {args.runs} runs per format and cache state")
+    for (cache, name), runs in rows.items():
+        steps = [s for s, _ in runs]
+        owns = [o for _, o in runs if o is not None]
+        own = f"{statistics.median(owns):.2f} s" if owns else "–"
+        print(f"{cache:5s} {name:15s} load step median {statistics.median(steps):.2f} s "
+              f"(range {min(steps):.2f}-{max(steps):.2f})  own line median {own}  runs {runs}")  # fmt: skip

@@ -105,6 +105,41 @@ class FileMapping:
             return t
         return t.view(*shape) if shape else t.view(())  # view(*dims): torch parses it faster than a tuple
 
+    def own_pages(self, fd: int, tensor: torch.Tensor) -> torch.Tensor | None:
+        """``tensor``, a view of this mapping, again on a private mapping of only its own pages.
+
+        The new mapping lives exactly as long as the returned tensor and its views: a caller that keeps a few
+        tensors of a file for long (vLLM's parameters, :mod:`hf_tensorizer.integrations.adapters.vllm.adopt`) lets
+        the mapping of the whole file, and every page it touched, go once the file's other views are dropped.
+        Both map the same page-cache pages: nothing is copied.
+
+        Args:
+            fd: an open descriptor of the mapped file.
+            tensor: a contiguous tensor whose bytes lie inside this mapping.
+
+        Returns:
+            The same bytes as a tensor of the same dtype and shape, or ``None`` when ``tensor`` is not a
+            contiguous, non-empty view of this mapping.
+
+        Raises:
+            ObjectChangedError: the file is now shorter than when it was mapped.
+        """
+        start = tensor.data_ptr() - self.address
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.nbytes:
+            return None
+        if start < 0 or start + tensor.nbytes > self.size:
+            return None
+        self.check(fd)
+        first = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        end = start + tensor.nbytes
+        try:
+            mm = mmap.mmap(fd, end - first, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=first)  # fmt: skip
+        except ValueError as exc:  # it shrank since check()
+            raise _shrank(self.size, os.fstat(fd).st_size) from exc
+        raw = torch.frombuffer(memoryview(mm)[start - first : end - first], dtype=torch.uint8)
+        return raw.view(tensor.dtype).reshape(tensor.shape)
+
     def populate(self, entries: Sequence[TensorEntry], threads: int) -> None:
         """Fault in the pages of ``entries`` now, ``threads`` threads over disjoint contiguous ranges."""
         ranges = _page_ranges(entries)

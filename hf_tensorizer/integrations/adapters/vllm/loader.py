@@ -4,13 +4,16 @@ vLLM builds the model (its own parameter layout: fused QKV, gate/up, vocabulary 
 :meth:`HfTensorizerLoader.load_weights`, which hands ``model.load_weights`` an iterator of ``(name, tensor)``: the
 model's own weight loaders rename, fuse and shard them. With one tensor-parallel rank, the tensors stream through
 :class:`~hf_tensorizer.TensorDeserializer` in batches of about ``BATCH_BYTES`` (a local file is mapped, zero copy;
-a remote or encrypted one is read on many threads), so memory beyond the model stays bounded. With several ranks
+a remote or encrypted one is read on many threads), so memory beyond the model stays bounded; on CPU a whole
+parameter becomes its streamed tensor instead of a copy of it (:mod:`.adopt`). With several ranks
 each tensor is a :class:`~.lazy.LazyTensor`: the weight loader's ``narrow`` picks this rank's box before a byte is
 read, and each rank reads only its shards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -25,6 +28,7 @@ from ....engine.staging import reuse_blocks
 from ....errors import FormatError, MissingKeyError, UsageError
 from ....sources.uri import redact
 from ...loading.weights import OpenWeights, locate, open_weights, slice_checks
+from .adopt import Adoption
 from .lazy import LazyTensor
 from .options import FLAG, LOGGER, LoaderOptions, parse_extra_config
 
@@ -58,9 +62,10 @@ def batches(weights: OpenWeights, limit: int = BATCH_BYTES) -> Iterator[tuple[in
             yield i, group
 
 
-def streamed(weights: OpenWeights, engine: Mapping[str, Any], device: torch.device,
-             stats: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """Every tensor of the open files, streamed onto ``device`` one batch at a time.
+def streamed(weights: OpenWeights, engine: Mapping[str, Any], device: torch.device, stats: dict[str, Any],
+             opened: list[TensorDeserializer] | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Every tensor of the open files, streamed onto ``device`` one batch at a time; ``opened`` (if given) holds
+    the deserializer of the batch being streamed (an :class:`~.adopt.Adoption` takes mapped tensors from it).
 
     Raises:
         MissingKeyError: an encrypted file and no key (the message says how to give one to vLLM).
@@ -77,7 +82,13 @@ def streamed(weights: OpenWeights, engine: Mapping[str, Any], device: torch.devi
                 stats["bytes"] += d.metrics.bytes
                 stats["read"] += d.metrics.bytes_read
                 stats["strategy"] = d.metrics.strategy
-                yield from d.items()
+                if opened is not None:
+                    opened[:] = [d]
+                try:
+                    yield from d.items()
+                finally:
+                    if opened is not None:
+                        opened.clear()
 
 
 def file_checks(weights: OpenWeights, engine: Mapping[str, Any]) -> dict[int, tuple[Any, Verifier | None]]:
@@ -162,6 +173,7 @@ class HfTensorizerLoaderMixin:
     process that runs vLLM, so this module imports without vLLM)."""
 
     load_config: Any
+    _adoptions: list[Adoption] | None = None  # inside load_model: released after vLLM's post-processing
 
     def _options(self) -> LoaderOptions:
         return parse_extra_config(self.load_config.model_loader_extra_config)
@@ -207,11 +219,17 @@ class HfTensorizerLoaderMixin:
             device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
             stats: dict[str, Any] = {"bytes": 0, "read": 0, "strategy": "slices"}
             metrics = SliceMetrics()
+            adoption = None
             if tp > 1:
                 tensors: Iterator[tuple[str, torch.Tensor]] = sliced(weights, opts.engine, metrics)
+            elif opts.adopt and device.type == "cpu":
+                opened: list[TensorDeserializer] = []
+                adoption = Adoption(model, functools.partial(_take, opened, stats))
+                tensors = adoption.offer(streamed(weights, opts.engine, device, stats, opened))
             else:
                 tensors = streamed(weights, opts.engine, device, stats)
-            loaded = model.load_weights(tensors)
+            with adoption or contextlib.nullcontext():
+                loaded = model.load_weights(tensors)
         seconds = time.perf_counter() - t0
         read = metrics.bytes if tp > 1 else stats["bytes"]
         log.info("Loading weights took %.2f seconds (%.2f GB, %.2f GB/s, hf_tensorizer %s)", seconds, read / 1e9,
@@ -222,8 +240,46 @@ class HfTensorizerLoaderMixin:
         elif opts.engine.get("distributed"):
             log.info("hf_tensorizer: this replica read %d of %d bytes (rank %d of %d; the others sent the rest)",
                      stats["read"], stats["bytes"], *_world())  # fmt: skip
+        if adoption is not None:
+            log.info("hf_tensorizer: %d parameters are their streamed tensors (%.2f GB not copied), %d copies made "
+                     "(fused or partial parameters)", len(adoption.stats.taken), adoption.stats.taken_bytes / 1e9,
+                     adoption.stats.copied)  # fmt: skip
+            if self._adoptions is None:  # not inside load_model (vLLM reloading weights): nothing to wait for
+                _release(adoption)
+            else:
+                self._adoptions.append(adoption)
         if loaded is not None and model_config.quantization is None:
             _check_complete(model, set(loaded), root)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        """vLLM's ``load_model`` (build, :meth:`load_weights`, post-process), then the parameters still on the
+        artifact's file mapping are copied out of it (:meth:`.adopt.Adoption.release`): the running server holds
+        no mapping of the file."""
+        self._adoptions = []
+        try:
+            model = super().load_model(*args, **kwargs)  # type: ignore[misc]
+            for adoption in self._adoptions:
+                _release(adoption)
+        finally:
+            self._adoptions = None
+        return model
+
+
+def _take(opened: list[TensorDeserializer], stats: dict[str, Any], t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """An :class:`~.adopt.Adoption`'s ``take``: a mapped tensor on a mapping of its own pages; a tensor read into
+    memory of its own as it is; a mapped tensor of a batch already closed (it can no longer be re-mapped): copied."""
+    for d in opened:
+        own = d.own_pages(t)
+        if own is not None:
+            return own, True
+    return None if stats["strategy"] == "mmap" else (t, False)
+
+
+def _release(adoption: Adoption) -> None:
+    stats = adoption.release()
+    if stats.released:
+        vllm_logger().info("hf_tensorizer: %d parameters kept after post-processing were copied out of the file "
+                           "mapping (%.2f GB)", len(stats.released), stats.released_bytes / 1e9)  # fmt: skip
 
 
 def _check_complete(model: torch.nn.Module, loaded: set[str], root: str) -> None:

@@ -5,6 +5,8 @@ options such as ``num_readers``, ``chunk_bytes``, ``verify_hash``, ``distributed
 ``endpoint_url``, ``region_name``, ``token``, ``headers``), plus what JSON cannot hold as a Python object:
 ``key_file`` (a key file written by ``hf-tensorizer keygen``) and ``passphrase_env`` (the name of an environment
 variable holding a passphrase). Without either, an encrypted artifact takes its key from ``HF_TENSORIZER_KEY``.
+One key is this loader's own: ``adopt`` (default true; :mod:`.adopt`), whether vLLM's parameters may become the
+streamed tensors instead of copies of them on CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ...options import TensorizerOptions, engine_keys, transport_keys
 FLAG = "--model-loader-extra-config"
 LOGGER = "vllm.hf_tensorizer"  # under vLLM's logger: its handler and format, once vLLM configured it
 KEY_OPTIONS = ("key_file", "passphrase_env")  # the vLLM spellings of encryption=
+LOADER_OPTIONS = ("adopt",)  # this loader's own (LoaderOptions attributes), not tensorizer_options
 # set by vLLM itself (the model's device and dtype) or meaningless for a load into vLLM's own parameters
 _NOT_HERE = frozenset({"transform", "process_group", "lazy", "index", "staging_allocation"})
 
@@ -35,10 +38,13 @@ class LoaderOptions:
     Attributes:
         options: engine and transport options (``encryption`` resolved from ``key_file`` / ``passphrase_env``).
         given: the JSON object as given (for messages and the front-end's resolution).
+        adopt: on CPU with one rank, a whole parameter becomes the streamed tensor instead of a copy of it
+            (:mod:`.adopt`); false copies every tensor, as vLLM's own loaders do.
     """
 
     options: TensorizerOptions = field(default_factory=TensorizerOptions)
     given: Mapping[str, Any] = field(default_factory=dict)
+    adopt: bool = True
 
     @property
     def engine(self) -> Mapping[str, Any]:
@@ -62,7 +68,8 @@ def _writer_only() -> frozenset[str]:
 
 def valid_keys() -> list[str]:
     """Every key the extra config accepts."""
-    return sorted((engine_keys() | transport_keys() | set(KEY_OPTIONS)) - _NOT_HERE - _writer_only() - {"client"})
+    return sorted((engine_keys() | transport_keys() | set(KEY_OPTIONS) | set(LOADER_OPTIONS)) - _NOT_HERE
+                  - _writer_only() - {"client"})  # fmt: skip
 
 
 def parse_extra_config(config: Mapping[str, Any] | str | None) -> LoaderOptions:
@@ -93,7 +100,7 @@ def parse_extra_config(config: Mapping[str, Any] | str | None) -> LoaderOptions:
     if unknown:
         raise UsageError(f"unknown {FLAG} key(s) {unknown} for --load-format hf_tensorizer; valid keys: "
                          f"{', '.join(valid_keys())}")  # fmt: skip
-    rest = {k: v for k, v in given.items() if k not in KEY_OPTIONS}
+    rest = {k: v for k, v in given.items() if k not in KEY_OPTIONS and k not in LOADER_OPTIONS}
     if isinstance(rest.get("encryption"), str):
         raise UsageError(f"{FLAG}: give the key as \"key_file\": PATH or \"passphrase_env\": VAR (or set "
                          f"{KEY_ENV}), not as text in \"encryption\"")  # fmt: skip
@@ -108,10 +115,10 @@ def parse_extra_config(config: Mapping[str, Any] | str | None) -> LoaderOptions:
         value = rest.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise UsageError(f"{FLAG}: {name} must be a positive integer, got {value!r}")
-    for name in ("verify_hash", "distributed", "mmap"):
-        if name in rest and not isinstance(rest[name], bool):
-            raise UsageError(f"{FLAG}: {name} must be true or false, got {rest[name]!r}")
-    return LoaderOptions(TensorizerOptions.parse(rest), given)
+    for name in ("verify_hash", "distributed", "mmap", "adopt"):
+        if name in given and not isinstance(given[name], bool):
+            raise UsageError(f"{FLAG}: {name} must be true or false, got {given[name]!r}")
+    return LoaderOptions(TensorizerOptions.parse(rest), given, adopt=given.get("adopt", True))
 
 
 def _key(given: Mapping[str, Any]) -> Any:
