@@ -293,13 +293,14 @@ def downloads(job: dict[str, Any], names: Sequence[str], reps: int) -> dict[str,
 
 
 S3_METHODS = ("boto3 download_fileobj → BytesIO", "boto3 download_fileobj → discard",
-              "boto3 get_object (one stream) → discard")  # fmt: skip
+              "boto3 get_object (one stream) → bytes", "boto3 get_object (one stream) → discard")  # fmt: skip
 
 
 def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
     """boto3 reads of one object, each timed from making its client (as our loads make theirs) to the last byte:
     ``download_fileobj`` into a BytesIO and into a discarding sink (s3transfer defaults: 8 MiB parts, 10 threads),
-    and one plain ``get_object`` streamed into a discarding sink. botocore's data files are parsed before the timer
+    and one plain ``get_object`` read whole into bytes (fresh memory, as a load fills) or streamed into a
+    discarding sink. botocore's data files are parsed before the timer
     (a throwaway client: what an import is to a server process), as for our loads (:func:`_warm`)."""
     import io
 
@@ -314,7 +315,9 @@ def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
             pass
 
     methods = dict(zip(S3_METHODS, (lambda c: c.download_fileobj(bucket, key, io.BytesIO()),
-                                    lambda c: c.download_fileobj(bucket, key, _Discard()), get_object)))  # fmt: skip
+                                    lambda c: c.download_fileobj(bucket, key, _Discard()),
+                                    lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read(),
+                                    get_object), strict=True))  # fmt: skip
     if job.get("only"):
         methods = {k: v for k, v in methods.items() if k in job["only"]}
     out: dict[str, Any] = {}
