@@ -177,3 +177,25 @@ def test_report_judges_the_default_not_the_best_config() -> None:
     res["http"] = _http_section(default=1.9, best=2.0, s3_default=0.95)
     assert [v["met"] for v in verdicts(res)] == [True, True, True]
     assert "**NOT met**" not in format_report(res)
+
+
+def test_every_store_section_judges_its_default() -> None:
+    """moto, the GCS emulator, Azurite: a default that misses both targets (0.5× the best client, 0.5× the best of
+    our configurations) is "NOT met" on every line, whatever the other configurations did."""
+    from hf_tensorizer.bench.remote_report import format_report, verdicts
+
+    def section(default: float) -> dict[str, object]:
+        rows = [{"reader": "client", "gbps": 1.0, "kind": "ref", "of_ref": 1.0},
+                {"reader": "ours (default)", "config": "default", "gbps": default, "kind": "ours"},
+                {"reader": "ours (c4)", "config": "c4", "gbps": 1.0, "kind": "ours"}]  # fmt: skip
+        return {"object_bytes": 10**8, "tensor_bytes": 10**8, "reps": 3, "ref": "client", "ref_gbps": 1.0,
+                "rows": [{**r, "of_ref": r["gbps"]} for r in rows]}  # fmt: skip
+
+    res = {"machine": "m", "date": "d", "command": "c", **{k: section(0.5) for k in ("s3", "gcs", "azure")}}
+    judged = verdicts(res)
+    assert len(judged) == 6 and not any(v["met"] for v in judged), judged
+    table = [ln for ln in format_report(res).splitlines() if ln.startswith("| ") and "×" in ln and "target" not in ln]
+    lines = [ln for ln in table if "0.50×" in ln]
+    assert len(lines) == 6 and all(ln.endswith("| **NOT met** |") for ln in lines), lines
+    res = {**res, **{k: section(0.95) for k in ("s3", "gcs", "azure")}}
+    assert all(v["met"] for v in verdicts(res)) and "NOT met" not in format_report(res)

@@ -7,6 +7,7 @@ import io
 import itertools
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,73 @@ def test_gcs_stream_never_mixes_a_replaced_object(gcs_bucket: tuple[str, dict[st
     with open_source(f"gs://{bucket}/r.bin", storage_options=options) as fresh:
         fresh._force("stream", "test")  # type: ignore[attr-defined]
         assert fresh.read(0, 300_000) == new
+
+
+def test_gcs_object_overwritten_mid_read_is_a_typed_error(gcs_bucket: tuple[str, dict[str, Any]]) -> None:
+    """Reads in flight on 6 threads when the object is overwritten (the emulator ignores the generation pin, so
+    only the version lookups can tell): some read raises ObjectChangedError, and every read that returned holds
+    the old bytes, never the new ones or a mix. Lookups are shared: fewer than one per read."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket, options = gcs_bucket
+    fs = fsspec.filesystem("gs", **options)
+    piece = 1 << 20
+    old = random.Random(8).randbytes(24 * piece)
+    new = bytes(255 - b for b in old[: 8 * piece]) * 3  # same size: only the generation tells
+    fs.pipe_file(f"{bucket}/mid.bin", old)
+    done, lock, replaced = [0], threading.Lock(), threading.Event()
+    got: dict[int, bytes] = {}
+
+    with open_source(f"gs://{bucket}/mid.bin", storage_options=options) as src:
+
+        def read(o: int) -> None:
+            if o >= 12 * piece:
+                replaced.wait(30)  # the last half of the reads starts once the object was replaced
+            data = src.read(o, piece)
+            with lock:
+                got[o] = data
+                done[0] += 1
+                if done[0] == 6:  # 6 reads returned: overwrite the object while the next ones are in flight
+                    fs.pipe_file(f"{bucket}/mid.bin", new)
+                    replaced.set()
+
+        with ThreadPoolExecutor(6) as ex:
+            futures = [ex.submit(read, o) for o in range(0, len(old), piece)]
+            errors = [f.exception() for f in futures]
+        lookups = src._confirmations.lookups  # type: ignore[attr-defined]
+    assert any(isinstance(e, ObjectChangedError) for e in errors), errors
+    assert all(e is None or isinstance(e, ObjectChangedError) for e in errors), errors
+    assert got and all(data == old[o : o + piece] for o, data in got.items())  # never new or mixed bytes
+    assert lookups >= 1
+
+
+def test_one_lookup_vouches_for_every_read_completed_before_it(memory_root: str) -> None:
+    """Reads that finish while a lookup runs wait for the next one; one lookup then serves all of them."""
+    from hf_tensorizer.sources.fsspec import _Confirmations
+
+    gate, entered, calls = threading.Event(), threading.Event(), [0]
+
+    def check() -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            entered.set()
+            gate.wait(10)  # the first lookup is slow: the other reads finish meanwhile
+
+    conf = _Confirmations(check)
+    first = threading.Thread(target=conf.confirm)
+    first.start()
+    entered.wait(10)
+    others = [threading.Thread(target=conf.confirm) for _ in range(8)]
+    for t in others:
+        t.start()
+    gate.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert calls[0] == 2  # the first lookup started before the 8 reads finished: one more lookup serves them all
+
+    def changed() -> None:
+        raise ObjectChangedError("changed")
+
+    with pytest.raises(ObjectChangedError):
+        _Confirmations(changed).confirm()

@@ -25,7 +25,7 @@ from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.sources import open_source
 from hf_tensorizer.sources.http import HTTPSource
 from hf_tensorizer.sources.ranged import RangedSource
-from hf_tensorizer.sources.tuning import Gate, Sample, Tuner
+from hf_tensorizer.sources.tuning import CpuMeter, CpuUse, Gate, Sample, Tuner
 
 MiB = 1 << 20
 
@@ -34,7 +34,7 @@ MiB = 1 << 20
 
 
 def drive(tuner: Tuner, server: Callable[[int], tuple[float, float]], *, nbytes: int = 8 * MiB,
-          limit: int = 200) -> list[str]:  # fmt: skip
+          limit: int = 2000) -> list[str]:  # fmt: skip
     """Feed ``tuner`` the requests a load would make: ``server(c)`` -> (seconds to the first byte, body bytes/s)
     of one request when ``c`` are in flight (the stream: c = 0). Requests run in waves of ``c``; returns the
     modes it went through."""
@@ -111,8 +111,8 @@ def test_first_read_far_slower_than_the_head_streams_at_once() -> None:
     assert d is not None and d.mode == "stream" and tuner.current is d and not tuner.settled
     assert "40× the HEAD" in d.reason
     tuner.add(Sample(8 * MiB, 1.0, 1.0, 1.01, 0))
-    for i in range(5):  # its first window is still checked, and kept (no ranged rate to compare with)
-        tuner.add(Sample(8 * MiB, 1.0, 1.0, 1.01 + i / 100, 0))
+    for i in range(5):  # its first window (>= 0.1 s) is still checked, and kept (no ranged rate to compare with)
+        tuner.add(Sample(8 * MiB, 1.0, 1.0, 1.03 + i * 0.03, 0))
     assert tuner.settled and tuner.current.mode == "stream" and "kept" in tuner.current.reason
     for ttfb, head in ((0.02, 0.0001), (0.1, 0.05), (0.3, 0.0), (0.001, 0.0001)):  # below the floor / ratio
         assert Tuner(max_concurrency=16).first_read(ttfb, head) is None
@@ -180,6 +180,82 @@ def test_held_never_moves_and_small_or_stale_samples_do_not_count() -> None:
         assert tuner.add(Sample(64 << 10, i, i + 0.9, i + 1, 4)) is None  # index reads: latency only
         assert tuner.add(Sample(8 * MiB, i, i + 0.9, i + 1, 16)) is None  # sent under another decision
     assert len(tuner.history) == 1
+
+
+def idle(cores: float) -> Callable[[], CpuUse]:
+    """A CPU reading with ``cores`` of 2 idle, this process using 1 (the decision's input, set far from the line)."""
+    return lambda: CpuUse(2, 2 - cores, 1.0)
+
+
+def test_a_step_up_needs_idle_cores_and_says_so() -> None:
+    """A server that rewards parallelism: with 1.5 cores idle the load grows; with 0.1 idle (the machine busy) it
+    stays where it is, and the CPU readings that decided are in the report."""
+    free = Tuner(max_concurrency=16, cpu=idle(1.5))
+    drive(free, per_connection(85e6))
+    assert free.current.concurrency == 16, free.report()
+    busy = Tuner(max_concurrency=16, cpu=idle(0.1))
+    drive(busy, per_connection(85e6))
+    assert busy.settled and busy.current.concurrency == 4 and "no CPU for more" in busy.current.reason
+    cpu = busy.report()["cpu"]
+    assert cpu and cpu[-1]["idle"] == 0.1 and cpu[-1]["own"] == 1.0 and cpu[-1]["cores"] == 2, cpu
+    assert sorted(busy.rates) == [4]  # 8 was never tried
+
+
+def test_the_cpu_meter_reads_this_machine() -> None:
+    meter = CpuMeter()
+    end = threading.Event()
+    threading.Timer(0.3, end.set).start()
+    n = 0
+    while not end.is_set():  # burn CPU in this process so its own share is not zero
+        n += 1
+    use = meter.read()
+    assert use is not None and use.cores >= 1
+    assert 0 < use.own <= use.cores and 0 <= use.busy <= use.cores and use.idle == max(0, use.cores - use.busy)
+    assert CpuMeter("/nonexistent/stat").read() is None
+
+
+def test_a_window_the_readers_did_not_fill_is_not_a_reason_to_grow() -> None:
+    """Little's law: the requests kept in flight (summed request time ÷ wall time) were half the limit (the reader
+    threads, not the server, set the pace): more requests in flight cannot help, so none are tried."""
+    tuner = Tuner(max_concurrency=16, cpu=idle(1.5))
+    now = 0.0
+    for _ in range(40):  # 4 allowed, but only 2 requests at a time in flight, each 0.05 s
+        if tuner.settled:
+            break
+        for _ in range(2):
+            tuner.add(Sample(8 * MiB, now, now + 0.001, now + 0.05, tuner.current.concurrency))
+        now += 0.05
+    assert tuner.settled and tuner.current.concurrency == 4 and "the readers" in tuner.current.reason
+    assert tuner.report()["cpu"][-1]["occupancy"] == pytest.approx(2, abs=0.3)
+
+
+def test_windows_last_at_least_a_tenth_of_a_second() -> None:
+    tuner = Tuner(max_concurrency=16)
+    for _ in range(4):  # the probe: one wave, whatever its length
+        tuner.add(Sample(8 * MiB, 0, 0.001, 0.01, 4))
+    assert "measuring 4 again" in tuner.current.reason
+    t = 0.01
+    for _ in range(30):  # 30 requests of 1 ms each at 4 in flight: 0.0075 s in all, far below a window
+        assert tuner.add(Sample(8 * MiB, t, t, t + 0.001, 4)) is None
+        t += 0.00025
+    assert len(tuner.history) == 2
+    tuner.add(Sample(8 * MiB, t, t, t + 0.1, 4))  # the window reaches 0.1 s: judged
+    assert len(tuner.history) == 3
+
+
+def test_fewer_requests_need_a_clear_gain_and_bytes_left_to_pay() -> None:
+    """4 → 8 gains nothing, so 2 is tried: kept only when ≥ 15 % faster than 4; never tried when the rest of the
+    object is too small to profit from it."""
+    for two, want in ((1.1e9, 4), (1.3e9, 2)):
+        gain = {4: 1.0e9, 8: 1.0e9, 2: two}
+        tuner = Tuner(max_concurrency=16)
+        drive(tuner, lambda c, g=gain: (0.0005, g[max(1, c)] / max(1, c)))
+        assert tuner.current.concurrency == want and 2 in tuner.rates, tuner.report()
+    gain = {4: 1.0e9, 8: 1.0e9, 2: 1.3e9}
+    short = Tuner(max_concurrency=16)
+    short.total = 36 * 8 * MiB  # a probe (4 requests), a window at 4 (12) and one at 8 (16) read 32 of them
+    drive(short, lambda c: (0.0005, gain[max(1, c)] / max(1, c)))
+    assert short.settled and 2 not in short.rates and short.current.concurrency == 4, short.report()
 
 
 server_models = st.one_of(
@@ -261,11 +337,37 @@ def test_range_server_paced_per_connection_grows_concurrency(http_server: Any) -
     http_server.config(conn_rate=8e6)
     data = random.Random(6).randbytes(64 * MiB)  # the probe's wave at 4, a window at 4 again, one at 8: 56 MiB
     with HTTPSource(http_server.write("o.bin", data)) as src:
+        src._tuner.cpu = idle(1.5)  # the CPU reading is its own test (below): here the server decides
         read_all(src, data)
         t = src.tuning
     assert t["mode"] == "ranged" and t["concurrency"] >= 8, t
     assert t["rates"][8] > t["rates"][4]
     assert "measuring 4 again" in t["steps"][1], t  # the probe's cold wave is not what 8 is judged against
+
+
+def test_range_server_paced_per_connection_on_a_busy_machine_stays(http_server: Any) -> None:
+    """The same server that rewards parallelism, read while the machine has no idle core: no step up."""
+    http_server.config(conn_rate=8e6)
+    data = random.Random(6).randbytes(48 * MiB)
+    with HTTPSource(http_server.write("o.bin", data)) as src:
+        src._tuner.cpu = idle(0.1)
+        read_all(src, data)
+        t = src.tuning
+    assert t["mode"] == "ranged" and t["concurrency"] == 4 and "no CPU for more" in t["reason"], t
+    assert sorted(t["rates"]) == [4] and t["cpu"][-1]["idle"] == 0.1, t
+
+
+def test_range_server_with_its_bandwidth_spent_does_not_grow(http_server: Any) -> None:
+    """A server whose bandwidth all connections share (24 MB/s in all): 8 in flight move no more than 4, and 2
+    not 15 % more either, so the load stays at 4 (it may try both; it keeps neither)."""
+    http_server.config(total_rate=24e6)
+    data = random.Random(7).randbytes(80 * MiB)
+    with HTTPSource(http_server.write("o.bin", data)) as src:
+        src._tuner.cpu = idle(1.5)
+        read_all(src, data)
+        t = src.tuning
+    assert t["mode"] == "ranged" and t["concurrency"] == 4 and 8 in t["rates"], t
+    assert "no gain" in t["reason"], t
 
 
 def test_range_server_with_serialized_ranges_switches_to_one_stream(http_server: Any, big: bytes) -> None:
@@ -370,7 +472,8 @@ def test_a_load_says_what_ran_and_why(http_server: Any, model_url: Any, monkeypa
     with TensorDeserializer(url, device="cpu") as d:
         assert all(torch.equal(d[k], v) for k, v in sd.items())
         m, steps = d.metrics.as_dict(), d.metrics.transfer["steps"]
-    assert m["transfer_mode"] == "stream" and "stream" in str(m["transfer_reason"])
+    assert m["transfer_mode"] == "stream" and "sequential GET" in str(m["transfer_reason"])
+    assert "cpu" in d.metrics.transfer  # the CPU readings of the windows judged (none here: the first GET decided)
     assert "the first GET waited" in steps[1], steps  # the header's GET told: it carried on as the stream
     gets = [r for r in http_server.log() if r["method"] == "GET"]
     # the header's read was one open-ended GET (to the last byte of the 48 MiB file, not the 64 KiB asked for)

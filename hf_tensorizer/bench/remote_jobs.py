@@ -21,7 +21,17 @@ from .proc import collect, error_line
 from .proc import popen as spawn
 from .servers import AWS_ENV
 
-__all__ = ["child", "parse_config", "run_job", "serve_moto", "time_loads"]
+__all__ = [
+    "AZURE_METHODS",
+    "GCS_METHODS",
+    "S3_METHODS",
+    "child",
+    "downloads",
+    "parse_config",
+    "run_job",
+    "serve_moto",
+    "time_loads",
+]
 
 
 def parse_config(name: str) -> dict[str, int]:
@@ -172,6 +182,8 @@ def _warm(kind: str, uri: str) -> None:
             make_s3_client(endpoint_url="http://127.0.0.1:9", anonymous=True).close()  # no request is sent
     if kind == "tz":
         import tensorizer.stream_io  # noqa: F401
+    if uri.startswith(("gs://", "az://")):
+        _import_store(uri.startswith("gs://"))
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -266,61 +278,82 @@ class _Into:
         return n
 
 
+def downloads(job: dict[str, Any], names: Sequence[str], reps: int) -> dict[str, Any]:
+    """Time each reference client (``names``, see :func:`_s3_downloads` / :func:`_store_downloads`) ``reps`` times,
+    each run in a fresh process with its client made inside the timer, as our loads are timed; best kept."""
+    out: dict[str, Any] = {}
+    for _ in range(reps):
+        for name in names:
+            row = child({**job, "only": [name], "reps": 1})[name]
+            out.setdefault(name, {"runs": []})["runs"] += row["runs"]
+    for row in out.values():
+        row["best_s"] = min(row["runs"])
+        row["gbps"] = gbps(job["size"], row["best_s"])
+    return out
+
+
+S3_METHODS = ("boto3 download_fileobj → BytesIO", "boto3 download_fileobj → discard",
+              "boto3 get_object (one stream) → bytes", "boto3 get_object (one stream) → discard")  # fmt: skip
+
+
 def _s3_downloads(job: dict[str, Any]) -> dict[str, Any]:
-    """boto3 reads of one object: ``download_fileobj`` into a BytesIO and into a discarding sink (s3transfer
-    defaults: 8 MiB parts, 10 threads), and one plain ``get_object`` streamed into a discarding sink."""
+    """boto3 reads of one object, each timed from making its client (as our loads make theirs) to the last byte:
+    ``download_fileobj`` into a BytesIO and into a discarding sink (s3transfer defaults: 8 MiB parts, 10 threads),
+    and one plain ``get_object`` read whole into bytes (fresh memory, as a load fills) or streamed into a
+    discarding sink. botocore's data files are parsed before the timer
+    (a throwaway client: what an import is to a server process), as for our loads (:func:`_warm`)."""
     import io
 
     import boto3
 
-    t0 = time.perf_counter()
-    client = boto3.client("s3", endpoint_url=job["endpoint"])
-    client_s = time.perf_counter() - t0  # paid by every load that makes its own client (ours does), not timed here
+    boto3.client("s3", endpoint_url="http://127.0.0.1:9")  # no request is sent
     bucket, key = job["bucket"], job["key"]
 
-    def get_object() -> None:
+    def get_object(client: Any) -> None:
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
         while body.read(8 * MiB):
             pass
 
-    methods = {
-        "boto3 download_fileobj → BytesIO": lambda: client.download_fileobj(bucket, key, io.BytesIO()),
-        "boto3 download_fileobj → discard": lambda: client.download_fileobj(bucket, key, _Discard()),
-        "boto3 get_object (one stream) → discard": get_object,
-    }
+    methods = dict(zip(S3_METHODS, (lambda c: c.download_fileobj(bucket, key, io.BytesIO()),
+                                    lambda c: c.download_fileobj(bucket, key, _Discard()),
+                                    lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read(),
+                                    get_object), strict=True))  # fmt: skip
     if job.get("only"):
         methods = {k: v for k, v in methods.items() if k in job["only"]}
     out: dict[str, Any] = {}
     for _ in range(job.get("reps", 1)):
         for name, fn in methods.items():
             t0 = time.perf_counter()
-            fn()
+            fn(boto3.client("s3", endpoint_url=job["endpoint"]))
             out.setdefault(name, {"runs": []})["runs"].append(round(time.perf_counter() - t0, 4))
     for row in out.values():
         row["best_s"] = min(row["runs"])
         row["gbps"] = gbps(job["size"], row["best_s"])
-    out["client_s"] = round(client_s, 4)
     return out
+
+
+GCS_METHODS = ("gcsfs cat_file (one GET)", "gcsfs cat_ranges (8 MiB ranges)")
+AZURE_METHODS = ("adlfs cat_file", "azure-storage-blob download_blob ×8 → bytearray")
 
 
 def _store_downloads(job: dict[str, Any]) -> dict[str, Any]:
     """The store's own clients reading one object into fresh memory, each timed with its client made inside the
-    timer (as our loads make theirs): GCS through gcsfs (``cat_file``: one GET; ``cat_ranges``: 8 MiB ranges on
-    fsspec's event loop), Azure through adlfs (``cat_file``) and the Azure SDK (``download_blob(max_concurrency=8)
-    .readinto``)."""
+    timer (as our loads make theirs; the packages imported before it, as for ours): GCS through gcsfs
+    (``cat_file``: one GET; ``cat_ranges``: 8 MiB ranges on fsspec's event loop), Azure through adlfs
+    (``cat_file``) and the Azure SDK (``download_blob(max_concurrency=8).readinto``)."""
     import fsspec
 
     size, path, opts = job["size"], job["path"], job["storage_options"]
     ranges = [(a, min(size, a + 8 * MiB)) for a in range(0, size, 8 * MiB)]
+    _import_store(job["kind"] == "gcsdl")
 
     def fs() -> Any:
         return fsspec.filesystem("gs" if job["kind"] == "gcsdl" else "az", skip_instance_cache=True, **opts)
 
     methods: dict[str, Any] = {}
     if job["kind"] == "gcsdl":
-        methods["gcsfs cat_file (one GET)"] = lambda: fs().cat_file(path)
-        methods["gcsfs cat_ranges (8 MiB ranges)"] = lambda: fs().cat_ranges([path] * len(ranges),
-                                                                             *map(list, zip(*ranges)))  # fmt: skip
+        methods[GCS_METHODS[0]] = lambda: fs().cat_file(path)
+        methods[GCS_METHODS[1]] = lambda: fs().cat_ranges([path] * len(ranges), *map(list, zip(*ranges)))
     else:
         from azure.storage.blob import BlobClient
 
@@ -330,8 +363,10 @@ def _store_downloads(job: dict[str, Any]) -> dict[str, Any]:
             client = BlobClient.from_connection_string(opts["connection_string"], container, blob)
             client.download_blob(max_concurrency=8).readinto(_Into(size))
 
-        methods["adlfs cat_file"] = lambda: fs().cat_file(path)
-        methods["azure-storage-blob download_blob ×8 → bytearray"] = sdk
+        methods[AZURE_METHODS[0]] = lambda: fs().cat_file(path)
+        methods[AZURE_METHODS[1]] = sdk
+    if job.get("only"):
+        methods = {k: v for k, v in methods.items() if k in job["only"]}
     out: dict[str, Any] = {}
     for _ in range(job.get("reps", 1)):
         for name, fn in methods.items():
@@ -345,6 +380,15 @@ def _store_downloads(job: dict[str, Any]) -> dict[str, Any]:
         row["best_s"] = min(row["runs"])
         row["gbps"] = gbps(size, row["best_s"])
     return out
+
+
+def _import_store(gcs: bool) -> None:
+    """The store's packages, imported before a timer (for ours and the store's clients alike)."""
+    if gcs:
+        import gcsfs  # noqa: F401
+    else:
+        import adlfs  # noqa: F401
+        import azure.storage.blob  # noqa: F401
 
 
 def serve_moto() -> int:

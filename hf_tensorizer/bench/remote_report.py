@@ -90,7 +90,8 @@ def format_report(res: dict[str, Any]) -> str:
     if "s3" in res:
         s = res["s3"]
         out += [f"**S3** (moto {res.get('moto', '?')} in its own process): {s['object_bytes'] / 1e6:.0f} MB object; "
-                f"best of {s['reps']}. Server figure = best boto3 download = {s['ref_gbps']:.3f} GB/s.", "",
+                f"best of {s['reps']}. Server figure = best boto3 download into fresh memory ({s['ref']}) = "
+                f"{s['ref_gbps']:.3f} GB/s.", "",
                 "| reader | GB/s | ÷ server figure |", "|---|---|---|"]  # fmt: skip
         out += [f"| {r['reader']} | {r['gbps']:.3f} | {r['of_ref']:.2f} |" for r in s["rows"]]
         if s.get("memory"):

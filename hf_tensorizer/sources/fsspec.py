@@ -4,10 +4,13 @@ fsspec knows, read and written through the protocol's own filesystem and credent
 Reading: one ``info`` pins the object (size and its version: GCS ``generation``, a ``VersionId``, an ETag, or the
 creation time); large reads split into parts fetched in parallel with ``cat_file(path, start, end)`` (for async
 filesystems such as gcsfs those run concurrently on fsspec's event loop) and copied into the caller's buffers.
-After each ranged read the version is checked again: a read never returns bytes of an object replaced meanwhile
-(:class:`ObjectChangedError`); this costs one metadata request per read call (``verify_version=False`` skips it).
-On GCS (gcsfs) a load can also read one streamed GET pinned to the generation (:mod:`.gcs_stream`, chosen by the
-adaptive transfer, :mod:`.tuning`): its version is checked once when it opens, not per read.
+Before a read returns, a version lookup that started after its requests completed must have found the version
+opened: a read never returns bytes of an object replaced meanwhile (:class:`ObjectChangedError`). Versions never
+come back (a GCS generation only grows; an ETag names the bytes), so one lookup vouches for every request completed
+before it started: reads that finish while a lookup runs wait for the next one, and each lookup confirms a whole
+batch of reads (:class:`_Confirmations`), not one read each (``verify_version=False`` skips them). On GCS the
+requests are also pinned to the generation (real GCS answers 404 once it is gone; the emulator ignores the pin,
+which is what the lookups are for). On GCS (gcsfs) a load can also read one streamed GET (:mod:`.gcs_stream`).
 
 Writing is atomic: object stores whose uploads only appear when complete (GCS resumable uploads) are written
 straight to the final name and the upload is cancelled on abort; every other protocol is written to a temporary
@@ -21,8 +24,9 @@ Credentials: the protocol's own (``storage_options={...}`` passed to the filesys
 from __future__ import annotations
 
 import secrets
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import constants
@@ -80,6 +84,47 @@ def _version(info: Mapping[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
+class _Confirmations:
+    """Version lookups shared by concurrent reads: :meth:`confirm` returns once a lookup that started after the call
+    found the object unchanged (one lookup serves every read waiting when it starts), and raises what it raised.
+
+    Args:
+        check: one lookup; raises :class:`ObjectChangedError` when the object is not the version opened.
+    """
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self._check = check
+        self._cv = threading.Condition()
+        self._started = 0  # lookups started so far (numbered 1, 2, ...)
+        self._passed = 0  # the latest lookup that found the object unchanged
+        self._running = False
+        self.lookups = 0
+
+    def confirm(self) -> None:
+        with self._cv:
+            need = self._started + 1  # the next lookup to start is the first to start after this call
+            while self._passed < need:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    break
+                self._cv.wait()
+            else:
+                return
+        ok = False
+        try:
+            self.lookups += 1
+            self._check()
+            ok = True
+        finally:
+            with self._cv:
+                self._running = False
+                if ok:
+                    self._passed = max(self._passed, mine)
+                self._cv.notify_all()  # on a failure a waiter runs its own lookup (and raises what it finds)
+
+
 class FsspecSource(RangedSource):
     """An object on any fsspec filesystem, read in parallel ranged requests.
 
@@ -120,8 +165,9 @@ class FsspecSource(RangedSource):
         self.uri = redact(uri)
         self.fs, self.path, self.protocol = fs, path, protocol
         self.verify_version = verify_version
-        self._ranged_reads = 0  # cat_file calls so far (GETs of their own check first, in _open_body)
-        self._streams, self._fresh = streams, True
+        self._ranged_reads = 0  # cat_file calls so far
+        self._streams = streams
+        self._confirmations = _Confirmations(self._check_version)
         t0 = time.monotonic()
         info = self._info()
         self.open_s = time.monotonic() - t0  # the first read's yardstick (sources/tuning.py, step 0)
@@ -140,20 +186,16 @@ class FsspecSource(RangedSource):
     def read_into_many(self, offset: int, bufs: Sequence[memoryview]) -> None:
         before = self._ranged_reads
         super().read_into_many(offset, bufs)
-        # A ranged read is checked after it lands (a version check per read call); bytes served by the stream
-        # come from one response whose version was checked when it opened (:meth:`_open_body`). Any cat_file
-        # meanwhile (this read's or another's) checks, to stay on the safe side.
-        if self.verify_version and any(len(b) for b in bufs) and self._ranged_reads != before:
-            self._check_version()
+        # every request this read sent has completed: a lookup started from now on vouches for its bytes (GCS GETs,
+        # the stream's bytes, cat_file; Azure's pinned reads need none, the service refuses a replaced blob)
+        if self.verify_version and any(len(b) for b in bufs) and (self._streams or self._ranged_reads != before):
+            self._confirmations.confirm()
 
     def _open_body(self, first: int, last: int, budget: Budget) -> Body:
-        """One GET with a streamed body (gcsfs only: ranged reads and the one sequential GET): pinned to the
-        generation opened (GCS answers 404 once it is gone), the version checked just before it opens (for stores
-        that ignore the pin)."""
+        """One GET with a streamed body (gcsfs only: ranged reads and the one sequential GET), pinned to the
+        generation opened (GCS answers 404 once it is gone; for stores that ignore the pin, the read's bytes are
+        vouched for by a version lookup after it, :meth:`read_into_many`)."""
         generation = self.version[1] if self.version and self.version[0] == "generation" else None
-        fresh, self._fresh = self._fresh, False  # the first GET follows the open's own lookup: no second one
-        if self.verify_version and not fresh:  # before the GET: a single-threaded store (the emulator) answers
-            self._check_version()  # nothing else while a body is open; GCS itself refuses a gone generation (404)
         return open_gcs_body(self.fs, self.path, generation, first, last, size=self.size, uri=self.uri,
                              timeout=constants.REMOTE_TIMEOUT_S)  # fmt: skip
 

@@ -16,7 +16,7 @@ from .. import constants
 from ..errors import SourceError, TruncatedFileError, UsageError
 from .base import Source
 from .sequential import WAIT_S, SequentialReader
-from .tuning import Decision, Gate, Sample, Tuner
+from .tuning import CpuMeter, Decision, Gate, Sample, Tuner
 from .wire import (
     Body,
     Budget,
@@ -94,7 +94,9 @@ class RangedSource(Source):
             held = "HF_TENSORIZER_REMOTE_ADAPT=0"
         if can_stream is None:  # a transport with a streaming body (``_open_body``) can read one sequential GET
             can_stream = type(self)._open_body is not RangedSource._open_body
-        self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None)
+        meter = None if held else CpuMeter()  # a step up needs idle cores (sources/tuning.py, step 3)
+        self._tuner = Tuner(max_concurrency=concurrency, can_stream=can_stream, held=held or None,
+                            cpu=meter.read if meter else None)  # fmt: skip
         self._tune_lock = threading.Lock()
         self._gate = Gate(self._tuner.current.concurrency)
         self._sequential: SequentialReader | None = None

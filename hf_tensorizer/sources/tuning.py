@@ -18,9 +18,18 @@ default fits all three, so a load starts with a few ranged GETs in flight, times
    (≥ :data:`FIXED_SHARE`) and one body moves ≥ :data:`STREAM_GAIN` × what the whole window did in parallel. The
    load then reads the rest as one sequential GET (:mod:`.sequential`); its first window is checked, and if the
    stream does worse than the ranges did the load goes back to them.
-3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` × and enough of
-   the object is left to measure the next step (its window); if the first step gains
-   nothing, try half as many; settle on the best window.
+3. **grow**: otherwise double the requests in flight while a window gains ≥ :data:`GROW_GAIN` ×, enough of the
+   object is left to measure the next step (its window), and the machine has CPU to run more: the cores idle over
+   the window (``/proc/stat``, every process) reach :data:`CPU_ROOM` (on a busy machine more requests only share
+   the same cores, and the copies into fresh memory slow down). If the first step gains nothing, half as many
+   are tried when enough is left for them to pay, and kept only when ≥ :data:`SHRINK_GAIN` × faster; settle on
+   the best window.
+
+A window lasts at least :data:`MIN_WINDOW_S` (a shorter one is scheduling noise on a busy machine) and is judged by
+Little's law: the requests it kept in flight on average (their summed durations ÷ its wall time, i.e. bytes in
+flight ÷ rate) must reach :data:`OCCUPIED` × the limit, or the limit was not what held the rate back (the reader
+threads or the copies were) and a step up is not tried. The CPU readings and the occupancy of each window are in
+``report()["cpu"]`` (``LoadMetrics.transfer["cpu"]``).
 
 Explicit settings win: a caller's ``concurrency``/``part_size`` (the source) or ``num_readers``/``chunk_bytes``
 (``TensorDeserializer``) hold the transfer as given (``Tuner(held=...)``). ``HF_TENSORIZER_REMOTE_ADAPT=0`` holds
@@ -32,18 +41,27 @@ into the same buffers, so the bound of a load (readers × chunk bytes) is unchan
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "CPU_ROOM",
     "EARLY_MIN_S",
     "EARLY_RATIO",
     "FIXED_SHARE",
     "GROW_GAIN",
+    "MIN_WINDOW_S",
+    "OCCUPIED",
+    "SHRINK_GAIN",
     "START",
     "STREAM_GAIN",
+    "CpuMeter",
+    "CpuUse",
     "Decision",
     "Gate",
     "Sample",
@@ -57,7 +75,61 @@ STREAM_GAIN = 2.0  # ...and one body at least this many times the window's aggre
 GROW_GAIN = 1.15  # a step must gain this much to count (noise on a busy machine is ~10 %)
 EARLY_RATIO = 4.0  # a first GET waiting this many times the HEAD for its first byte...
 EARLY_MIN_S = 0.03  # ...and at least this long (a busy machine's scheduling noise stays below): one stream at once
-SHRINK_GAIN = 1.05  # fewer requests in flight are kept when they are at least this much faster
+SHRINK_GAIN = 1.15  # fewer requests in flight are kept only when they are at least this much faster
+MIN_WINDOW_S = 0.1  # a window spans at least this long (shorter ones measure the scheduler, not the server)
+OCCUPIED = 0.75  # a window whose requests were in flight less than this share of the limit was not limited by it
+CPU_ROOM = 0.5  # idle cores a step up needs (below it more requests only share the same busy cores)
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU use over one interval, in cores (1.0 = one core busy all the time).
+
+    Args:
+        cores: the machine's CPUs.
+        busy: cores busy over the interval, every process (``/proc/stat``).
+        own: cores this process used (its CPU time ÷ the interval).
+    """
+
+    cores: int
+    busy: float
+    own: float
+
+    @property
+    def idle(self) -> float:
+        return max(0.0, self.cores - self.busy)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cores": self.cores, "busy": round(self.busy, 2), "own": round(self.own, 2),
+                "idle": round(self.idle, 2)}  # fmt: skip
+
+
+class CpuMeter:
+    """Reads CPU use since its previous reading: the machine's from ``/proc/stat``, this process's from its CPU
+    time. ``read()`` returns None where ``/proc/stat`` is missing (not Linux) or the interval is too short to say."""
+
+    def __init__(self, stat: str = "/proc/stat") -> None:
+        self._stat = stat
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, float, float] | None:
+        try:
+            with open(self._stat) as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = sum(fields[3:5])  # idle + iowait
+        return time.monotonic(), (sum(fields[:8]) - idle) / self._tick, time.process_time()
+
+    def read(self) -> CpuUse | None:
+        now, last = self._now(), self._last
+        self._last = now
+        if now is None or last is None or now[0] - last[0] < 0.02:
+            return None
+        wall = now[0] - last[0]
+        cores = os.cpu_count() or 1
+        return CpuUse(cores, min(cores, (now[1] - last[1]) / wall), (now[2] - last[2]) / wall)
 
 
 @dataclass(frozen=True)
@@ -109,11 +181,15 @@ class Tuner:
         can_stream: whether the transport can serve reads from one sequential GET.
         held: set when the caller fixed the transfer (e.g. ``"num_readers=4"``): the decision never moves.
         start: requests in flight while probing.
+        cpu: CPU use since its previous call (a :class:`CpuMeter`'s ``read``; None: no CPU condition): called when
+            a window opens and when it closes.
     """
 
     def __init__(self, *, max_concurrency: int, can_stream: bool = True, held: str | None = None,
-                 start: int = START) -> None:  # fmt: skip
+                 start: int = START, cpu: Callable[[], CpuUse | None] | None = None) -> None:  # fmt: skip
         self.max_concurrency = max(1, max_concurrency)
+        self.cpu = cpu
+        self.cpu_seen: list[dict[str, Any]] = []  # per judged window: concurrency, occupancy, CPU use
         self.can_stream = can_stream
         self.rates: dict[int, float] = {}  # aggregate bytes/s of a window, per concurrency tried
         self._window: list[Sample] = []
@@ -176,6 +252,8 @@ class Tuner:
         cur = self.current
         if s.limit != (0 if cur.mode == "stream" else cur.concurrency):
             return None  # sent under an earlier decision
+        if not self._window and self.cpu is not None and cur.mode != "stream":
+            self.cpu()  # the window's CPU reading starts here
         self._window.append(s)
         # the probe decides on one wave (a server that punishes ranges makes every one of them costly)
         need = (
@@ -187,13 +265,16 @@ class Tuner:
         )
         if len(self._window) < need:
             return None
+        if self._phase != "probe" and _span(self._window) < MIN_WINDOW_S:
+            return None  # too short to tell a rate from the scheduler's noise: keep counting
         window, self._window = self._window, []
         return self._stream_checked(window) if cur.mode == "stream" else self._ranged_window(cur.concurrency, window)
 
     def report(self) -> dict[str, Any]:
         """What ran and why, for ``LoadMetrics.transfer``: the current decision, the rates measured, the steps."""
         return {**asdict(self.current), "rates": {c: round(r) for c, r in self.rates.items()},
-                "steps": [f"{d.mode} ×{d.concurrency}: {d.reason}" for d in self.history]}  # fmt: skip
+                "steps": [f"{d.mode} ×{d.concurrency}: {d.reason}" for d in self.history],
+                "cpu": list(self.cpu_seen)}  # fmt: skip
 
     # --- internals -------------------------------------------------------------------------------------------
 
@@ -206,10 +287,28 @@ class Tuner:
         best = concurrency or max(self.rates, key=lambda c: self.rates[c])
         return self._move(Decision("ranged", best, why))
 
+    def _left_for(self, c: int, window: list[Sample], rate: float, times: int = 1) -> bool:
+        """Whether ``times`` windows at ``c`` in flight (as many requests as one needs, and at least
+        :data:`MIN_WINDOW_S` at ``rate``) fit in what is left of the object."""
+        need = max(max(6, 2 * c) * sum(s.nbytes for s in window) / len(window), rate * MIN_WINDOW_S)
+        return not self.total or self.total - self._seen >= times * need
+
     def _ranged_window(self, c: int, window: list[Sample]) -> Decision | None:
-        span = max(s.end for s in window) - min(s.start for s in window)
-        rate = sum(s.nbytes for s in window) / max(span, 1e-9)
+        span = _span(window)
+        nbytes, busy = sum(s.nbytes for s in window), sum(s.end - s.start for s in window)
+        rate = nbytes / max(span, 1e-9)
+        # Little's law: requests in flight on average = bytes in flight ÷ rate = summed request time ÷ wall time
+        occupancy = busy / max(span, 1e-9)
+        if self._phase != "probe" and occupancy >= OCCUPIED * c:
+            # the gate was kept full: c requests always in flight, each moving its bytes in its own time, so the
+            # rate is c × bytes ÷ request time, free of the window's edges (a window closes while the requests
+            # sent beside its last ones are still in flight, which the wall-time rate counts as idle)
+            rate = c * nbytes / max(busy, 1e-9)
         self.rates[c] = rate
+        use = self.cpu() if self.cpu is not None else None
+        if self._phase != "probe":
+            self.cpu_seen.append({"concurrency": c, "occupancy": round(occupancy, 2), "rate": round(rate),
+                                  **(use.as_dict() if use else {})})  # fmt: skip
         if self._phase == "probe":
             self._phase = "grow"
             fixed = statistics.median((s.first_byte - s.start) / max(s.end - s.start, 1e-9) for s in window)
@@ -237,7 +336,8 @@ class Tuner:
         if self._phase == "grow":
             prev = max((k for k in self.rates if k < c), default=None)
             if prev is not None and rate < GROW_GAIN * self.rates[prev]:
-                if len(self.rates) == 2 and prev > 1:  # the first step up gained nothing: try fewer
+                if len(self.rates) == 2 and prev > 1 and self._left_for(prev // 2, window, rate, 2):
+                    # the first step up gained nothing: try fewer, while enough is left to measure them and profit
                     self._phase = "shrink"
                     return self._move(
                         Decision(
@@ -255,9 +355,14 @@ class Tuner:
                                     f"settled at {keep} ({_mbs(self.rates[keep])})", keep)  # fmt: skip
             if c >= self.max_concurrency:
                 return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
+            if occupancy < OCCUPIED * c:
+                why = f"only {occupancy:.1f} were in flight on average: the readers, not the server, set the pace"
+                return self._settle(f"{c} in flight moved {_mbs(rate)} but {why}; settled at {best}")
+            if use is not None and use.idle < CPU_ROOM:
+                why = f"{use.idle:.1f} of {use.cores} cores idle (this process {use.own:.1f}): no CPU for more"
+                return self._settle(f"{c} in flight moved {_mbs(rate)} with {why}; settled at {best}")
             nxt = min(2 * c, self.max_concurrency)
-            need = max(6, 2 * nxt) * sum(s.nbytes for s in window) / len(window)  # the bytes of its window
-            if self.total and self.total - self._seen < need:
+            if not self._left_for(nxt, window, rate):
                 left = (self.total - self._seen) / 1e6
                 return self._settle(f"{c} in flight moved {_mbs(rate)}; {left:.0f} MB left, too little to measure "
                                     f"{nxt}; settled at {best}")  # fmt: skip
@@ -270,7 +375,7 @@ class Tuner:
                             up)  # fmt: skip
 
     def _stream_checked(self, window: list[Sample]) -> Decision:
-        span = max(s.end for s in window) - min(s.start for s in window)  # as the ranged windows: wall time
+        span = _span(window)  # as the ranged windows: wall time
         rate = sum(s.nbytes for s in window) / max(span, 1e-9)
         self.rates[0] = rate  # 0: the stream
         ranged = max((r for c, r in self.rates.items() if c), default=0.0)
@@ -287,6 +392,11 @@ class Tuner:
         self._phase = "settled"
         against = f" against {_mbs(ranged)} ranged" if ranged else ""
         return self._move(Decision("stream", 1, f"one stream moves {_mbs(rate)}{against}; kept"))
+
+
+def _span(window: list[Sample]) -> float:
+    """A window's wall time: its first request's send to its last byte."""
+    return max(s.end for s in window) - min(s.start for s in window)
 
 
 class Gate:

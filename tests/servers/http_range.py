@@ -32,7 +32,8 @@ Control (JSON over HTTP on the same port, paths under ``/__control__/``):
   ``serial_cost`` (seconds every ranged GET spends before its answer, one request at a time server-wide: a server
   that copies the whole object for each range, as moto does; parallel ranges then gain nothing while one long
   response streams at full speed). ``conn_rate`` (bytes/s each response body is paced to: a per-connection
-  bandwidth, as on real S3, so more connections move more).
+  bandwidth, as on real S3, so more connections move more). ``total_rate`` (bytes/s all response bodies share:
+  a server whose bandwidth is spent, so more connections only split it).
 * ``POST reset`` — drop faults, config and the request log. ``POST expire`` — invalidate redirect signatures.
 * ``GET log`` — the request log: ``[{method, path, query, range, if_match, auth, status, port}]``.
 """
@@ -76,7 +77,9 @@ class _State:
             "latency": 0.0,
             "serial_cost": 0.0,
             "conn_rate": 0.0,
+            "total_rate": 0.0,
         }
+        self.pace_at = 0.0  # total_rate: when the server's shared bandwidth is next free
         self.log: list[dict[str, Any]] = []
         self.epoch = 0
         self.serial = threading.Lock()  # serial_cost: one ranged GET at a time pays it
@@ -321,12 +324,21 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             f.seek(start)
             sent = 0
-            rate = float(self.server.state.config.get("conn_rate") or 0)
-            piece, t0 = (64 << 10 if rate else 1 << 20), time.monotonic()
+            state = self.server.state
+            rate = float(state.config.get("conn_rate") or 0)
+            total_rate = float(state.config.get("total_rate") or 0)
+            piece, t0 = (64 << 10 if rate or total_rate else 1 << 20), time.monotonic()
             while sent < limit:
                 chunk = f.read(min(piece, limit - sent))
                 if not chunk:
                     break
+                if total_rate:  # the server's bandwidth, shared: each piece takes its turn on it
+                    with state.lock:
+                        now = time.monotonic()
+                        at = max(now, state.pace_at)
+                        state.pace_at = at + len(chunk) / total_rate
+                    if at > now:
+                        time.sleep(at - now)
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 if rate:  # paced: this response moves at most conn_rate bytes per second
