@@ -72,6 +72,10 @@ def test_first_use_bench_times_every_kind_in_fresh_processes(tmp_path: Path) -> 
     assert set(res["times"]) == set(first.CODE)
     assert all(len(t["runs"]) == 1 and t["min"] > 0 for t in res["times"].values())
     assert len(res["ours_minus_safetensors"]) == 1
+    # "after torch": timed by each child from its `import torch` to its end, shorter than its whole process
+    assert set(res["after_torch"]) == set(first.CODE)
+    assert all(0 < a <= w for k in first.CODE for a, w in zip(res["after_torch"][k]["runs"], res["times"][k]["runs"]))
+    assert len(res["after_torch_ours_minus_safetensors"]) == 1
     # our package was byte-compiled as an install would (PYTHONDONTWRITEBYTECODE or not): no compile in the timer
     import importlib.util
 
@@ -79,3 +83,19 @@ def test_first_use_bench_times_every_kind_in_fresh_processes(tmp_path: Path) -> 
 
     assert res["compiled"] is True
     assert Path(importlib.util.cache_from_source(reader.__file__)).exists()
+
+
+def test_first_use_verdict_judges_the_whole_process_and_says_not_met() -> None:
+    """The judged line is the whole-process difference (median against +50 ms): ``not met`` for a fed-in miss, even
+    when the "after torch" line, labelled as not judged, is within; ``met`` when the median is within."""
+    from hf_tensorizer.bench import first
+
+    res = {"ours_minus_safetensors": [0.14, 0.26, -0.14, 0.07, 0.09], "median_difference": 0.09,
+           "after_torch_ours_minus_safetensors": [0.01, 0.02, 0.0, 0.01, 0.01], "after_torch_median_difference": 0.01,
+           "target_s": 0.05}  # fmt: skip
+    judged, after = first.verdict_lines(res)
+    assert judged.startswith("JUDGED (issue 24): ours - safetensors, interpreter start to first tensor")
+    assert judged.endswith("target median <= +50 ms: not met (1 of 5 rounds within)")
+    assert after.startswith("not judged: ours - safetensors after torch") and "median +0.0100 s" in after
+    res.update(median_difference=0.04)
+    assert first.verdict_lines(res)[0].endswith(": met (1 of 5 rounds within)")

@@ -41,8 +41,30 @@ def test_loading_a_file_imports_only_the_read_path(tmp_path: Path) -> None:
     assert "hf_tensorizer.engine.reader" in mods
     for unneeded in ("hf_tensorizer.engine.writer", "hf_tensorizer.upstream.format", "hf_tensorizer.engine.layout",
                      "hf_tensorizer.engine.prewarm", "isal", "hf_tensorizer.engine.distributed",
-                     "hf_tensorizer.engine.rankwatch", "hf_tensorizer.engine.modules"):  # fmt: skip
+                     "hf_tensorizer.engine.rankwatch", "hf_tensorizer.engine.modules", "hf_tensorizer.engine.slices",
+                     "hf_tensorizer.engine.staging", "hf_tensorizer.format.safetensors"):  # fmt: skip
         assert unneeded not in mods, unneeded
+    # 30 before issue 24's first-use work, 27 after, 25 now: a new module on this path should be a choice
+    ours = sorted(m for m in mods if m == "hf_tensorizer" or m.startswith("hf_tensorizer."))
+    assert len(ours) <= 25, ours
+
+
+def test_get_slice_and_safetensors_files_import_what_they_need(tmp_path: Path) -> None:
+    """What a plain load leaves out is imported on first use: get_slice's slices, the safetensors header decoder."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, str(tmp_path / "m.safetensors"))
+    mods = _modules_after(
+        "import torch\n"
+        "from hf_tensorizer import TensorDeserializer\n"
+        "from hf_tensorizer.engine.handle import HandleSlice\n"
+        "d = TensorDeserializer('m.safetensors')\n"
+        "s = d.get_slice('w')\n"
+        "assert isinstance(s, HandleSlice) and torch.equal(s[1:, 2], torch.tensor([6.0, 10.0]))\n"
+        "assert d.slice_metrics.requests >= 1\n",
+        tmp_path,
+    )
+    assert {"hf_tensorizer.engine.slices", "hf_tensorizer.format.safetensors"} <= mods
 
 
 def test_load_info_is_still_exported_where_it_was() -> None:

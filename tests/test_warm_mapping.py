@@ -60,8 +60,8 @@ def test_the_first_load_of_a_process_does_not_wait_for_a_thread_to_start(
     warm_file: tuple[Path, dict[str, torch.Tensor]],
 ) -> None:
     """``threading.Thread.start`` blocks until the new thread has run (2-5 ms on busy cores, as much as a whole warm
-    mapped load): the progress bar's drawing thread is started without that wait. A fresh interpreter, so no earlier
-    load or save has started it already."""
+    mapped load), and a warm mapped load has nothing slow to report: it starts no thread at all, not even the
+    progress bar's drawing thread. A fresh interpreter, so no earlier load or save has started it already."""
     import subprocess
     import sys
 
@@ -75,7 +75,8 @@ def test_the_first_load_of_a_process_does_not_wait_for_a_thread_to_start(
         f"d = TensorDeserializer({str(path)!r})\n"
         "sd = dict(d)\n"
         "assert d.metrics.strategy == 'mmap', d.metrics.strategy\n"
-        "print(sorted(started))\n"
+        "from hf_tensorizer.engine import progress\n"
+        "print(sorted(started), progress._drawing)\n"
     )
     env = {
         **os.environ,
@@ -83,4 +84,30 @@ def test_the_first_load_of_a_process_does_not_wait_for_a_thread_to_start(
     }
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[] []"
+
+
+def test_only_the_slow_part_of_a_mapped_load_is_tracked(
+    warm_file: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm mapped load creates no progress bar (nothing to count: page faults are counted nowhere); checking the
+    digests of the same mapped file reads every byte and is tracked."""
+    from hf_tensorizer.engine import progress
+
+    path, tensors = warm_file
+    bars: list[tuple[str, int]] = []
+    real = progress.Progress.__init__
+
+    def spy(self: progress.Progress, desc: str, total: int, *args: object, **kwargs: object) -> None:
+        bars.append((desc, total))
+        real(self, desc, total, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(progress.Progress, "__init__", spy)
+    with TensorDeserializer(path) as d:
+        assert d.metrics.strategy == "mmap" and len(dict(d)) == len(tensors)
+    assert bars == []
+    with TensorDeserializer(path, verify_hash=True) as d:
+        assert d.metrics.strategy == "mmap"
+        for name, t in tensors.items():
+            assert_same(d[name], t, name)
+    assert bars == [("loading", sum(t.numel() * t.element_size() for t in tensors.values()))]

@@ -13,6 +13,9 @@ from typing import Any
 INTEGRATION = ("hftfp", "hft", "hf")
 TARGET_OVERHEAD_S = 0.3
 TARGET_SPEEDUP = 5.0
+# issue 24: our default warm load ≥ 1.0× safetensors ``load_file`` in every round (CPU, fresh processes)
+WARM_JUDGED = ("hft", "st")
+WARM_TARGET = 1.0
 
 
 def _best(rows: list[dict[str, Any]], key: str) -> tuple[str | None, float | None]:
@@ -109,7 +112,37 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         r["of_limit_cold"] = ratio(r["cold_gbps"], lim.get(cold_lim) if cold_lim else None)
     results["rounds"] = round_ratios(rows)
     results["integration"] = integration(rows)
+    results["warm_verdict"] = warm_verdict(results)
     return results
+
+
+def warm_verdict(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The warm-load target of issue 24 on this run: our default (``hft``) ÷ safetensors ``load_file`` (``st``)
+    round by round, met only when every round reaches :data:`WARM_TARGET` (a failed or wrong ``hft`` misses it).
+
+    Returns:
+        ``{"loader", "reference", "ratios", "target", "below", "met", "busy"}``, or None when the run has no
+        ``hft`` and correct ``st`` warm rows to compare.
+    """
+    by_name = {r["loader"]: r for r in results["rows"]}
+    ours, ref = (by_name.get(name) for name in WARM_JUDGED)
+    if ours is None or ref is None or ref["status"] != "ok" or not ref.get("warm_runs"):
+        return None
+    ok = ours["status"] == "ok"
+    ratios = [round(o / s, 3) for o, s in zip(ours.get("warm_runs") or [], ref["warm_runs"])] if ok else []
+    below = sum(r < WARM_TARGET for r in ratios)
+    return {"loader": WARM_JUDGED[0], "reference": WARM_JUDGED[1], "ratios": ratios, "target": WARM_TARGET,
+            "below": below, "met": ok and bool(ratios) and not below, "busy": results.get("busy", 0),
+            "status": ours["status"]}  # fmt: skip
+
+
+def warm_verdict_line(v: dict[str, Any]) -> str:
+    """The judged line of :func:`warm_verdict`: the per-round ratios, the target, ``met`` or ``not met``."""
+    cond = f", {v['busy']} CPU-bound processes beside" if v.get("busy") else ""
+    runs = ", ".join(f"{x:.2f}" for x in v["ratios"]) or f"none ({v['loader']}: {v['status']})"
+    why = "" if v["met"] else f" ({v['below']} of {len(v['ratios'])} rounds below)" if v["ratios"] else ""
+    return (f"JUDGED (issue 24{cond}): {v['loader']} warm ÷ {v['reference']} round by round: {runs}; target ≥ "
+            f"{v['target']:g} in every round: {'met' if v['met'] else 'not met'}{why}")  # fmt: skip
 
 
 def round_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
@@ -183,6 +216,8 @@ def format_table(results: dict[str, Any]) -> str:
     tail = f"\n{integration_line(results['integration'])}\n" if results["integration"] else ""
     if results["rounds"]:
         tail += f"\n{rounds_line(results['rounds'])}\n"
+    if results["warm_verdict"]:
+        tail += f"\n{warm_verdict_line(results['warm_verdict'])}\n"
     return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n" + tail
 
 

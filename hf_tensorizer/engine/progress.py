@@ -7,8 +7,9 @@ bars; ``HF_TENSORIZER_PROGRESS=1`` shows it anywhere (logs included), ``=0`` nev
 
 Bytes done come from where the bytes go: for a remote source a counter on its reads (:func:`counted`), for a local
 file the process's read counter (``rchar`` in ``/proc/self/io``: ``pread``, ``O_DIRECT`` and the page-cache
-read-through's ``sendfile`` all count). Page faults on an already cached mapping count nowhere: such a load jumps
-to the end, and at the page cache's speed it rarely runs past ``DELAY``.
+read-through's ``sendfile`` all count). Page faults on an already cached mapping count nowhere, so a warm mapped
+load is not tracked at all (``TensorDeserializer._load_mmap`` tracks only a cold read-through or a digest check):
+it creates no bar and starts no drawing thread.
 
 One daemon thread draws every bar of the process, waking ``REFRESH`` times a second only while a load or save runs.
 """
