@@ -124,3 +124,27 @@ def test_cli_imports_nothing_heavy_before_the_snapshot() -> None:
             "print(sorted(k for k in ('torch', 'transformers', 'kserve') if k in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_server_serves_a_local_artifact_from_its_snapshot(tmp_path: Path) -> None:
+    """The CLI takes the snapshot of a local artifact (started before its imports) and serves from it: the
+    answer does not change when model.tensors is then rewritten in place and truncated."""
+    folder = tmp_path / "art"
+    hf_tensorizer.save_pretrained(causal_lm(hidden=64, layers=2, seed=9), folder, tokenizer=byte_tokenizer())
+    server = Server(str(folder), "local", env(tmp_path), tmp_path / "server.log", "--log-level", "info")
+    body = {"instances": [{"prompt": "served from a sealed snapshot", "max_new_tokens": 8}]}
+    try:
+        server.wait_ready()
+        first = server.predict(body)
+        assert first.status_code == 200, first.text
+        weights = folder / "model.tensors"
+        with open(weights, "r+b") as f:
+            f.write(b"\xff" * weights.stat().st_size)
+            f.truncate(4096)
+        again = server.predict(body)
+        assert again.status_code == 200 and again.json() == first.json()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    log = server.output()
+    assert "weights snapshot of" in log and "no snapshot" not in log, log[-3000:]
