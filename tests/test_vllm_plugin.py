@@ -51,6 +51,7 @@ def test_unknown_key_names_every_valid_one() -> None:
         ({"num_readers": True}, "positive integer"),
         ({"chunk_bytes": "8M"}, "positive integer"),
         ({"verify_hash": "yes"}, "true or false"),
+        ({"adopt": 1}, "true or false"),
         ({"encryption": "s3cret"}, "key_file"),
         ({"encryption": True}, "may only be false"),
         ({"passphrase_env": "HF_TENSORIZER_TEST_UNSET_VAR"}, "not set"),

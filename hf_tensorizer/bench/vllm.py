@@ -34,12 +34,16 @@ from pathlib import Path
 from .proc import ROOT
 
 CHILD = """
-import sys
+import json, sys
 from vllm import LLM
 if __name__ == "__main__":
-    LLM(model=sys.argv[1], load_format=sys.argv[2], enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
+    extra = json.loads(sys.argv[3])
+    LLM(model=sys.argv[1], load_format=sys.argv[2], enforce_eager=True, dtype="float32", max_model_len=256, seed=0,
+        **({"model_loader_extra_config": extra} if extra else {}))
 """
-FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the load formats --formats may name
+FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --formats
+# more --formats: a load format with an extra config (ours copying every tensor, as before adoption)
+VARIANTS = {"hf_tensorizer-copy": ("hf_tensorizer", {"adopt": False})}
 # vLLM's own logging configuration with milliseconds in the time stamp (its stock format has whole seconds)
 LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
 LOGGING = {
@@ -130,7 +134,8 @@ def one(python: str, model: Path, load_format: str, keep: Path | None = None) ->
     """
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONPATH": str(ROOT),
            **logging_env()}  # fmt: skip
-    out = subprocess.run([python, "-c", CHILD, str(model), load_format], capture_output=True, text=True,
+    fmt, extra = VARIANTS.get(load_format, (load_format, {}))
+    out = subprocess.run([python, "-c", CHILD, str(model), fmt, json.dumps(extra)], capture_output=True, text=True,
                          env=env, timeout=900)  # fmt: skip
     log = out.stdout + out.stderr
     if keep is not None:
@@ -139,14 +144,15 @@ def one(python: str, model: Path, load_format: str, keep: Path | None = None) ->
     step = load_step_seconds(log)
     if out.returncode != 0 or step is None:
         raise SystemExit(f"{load_format} run failed ({out.returncode}):\n{log[-3000:]}")
-    return step, weight_seconds(load_format, log)
+    return step, weight_seconds(fmt, log)
 
 
 def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="/tmp/vllm-bench", help="where the model is built (kept for later runs)")
     p.add_argument("--runs", type=int, default=3, help="vLLM starts per load format and page-cache state")
     p.add_argument("--cache", default="warm", help="comma-separated page-cache states: warm, cold")
-    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated load formats ({', '.join(FORMATS)})")
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help=f"comma-separated load formats ({', '.join((*FORMATS, *VARIANTS))})")  # fmt: skip
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of the built model")
     p.add_argument("--layers", type=int, default=16, help="layers of the built model (16: 1.07 GB float32)")
     p.add_argument("--logs", default=None, help="a folder to keep each run's vLLM log in")
@@ -169,7 +175,7 @@ def vllm_main(args: argparse.Namespace) -> None:
     from ..errors import UsageError
 
     caches = _split(args.cache, ("warm", "cold"), "cache")
-    formats = _split(args.formats, FORMATS, "formats")
+    formats = _split(args.formats, (*FORMATS, *VARIANTS), "formats")
     if not os.access(args.python, os.X_OK):
         raise UsageError(f"no vLLM venv at {args.python}: run scripts/vllm_env.sh (or give --python)")
     d = Path(args.dir) / f"h{args.hidden}-l{args.layers}"
@@ -177,7 +183,8 @@ def vllm_main(args: argparse.Namespace) -> None:
         subprocess.run([args.python, str(ROOT / "tests" / "vllm" / "build_models.py"), str(d), "--hidden",
                         str(args.hidden), "--layers", str(args.layers), "--vocab", "32000", "--only",
                         "stock,artifact"], check=True)  # fmt: skip
-    folders = {"safetensors": d / "stock", "runai_streamer": d / "stock", "hf_tensorizer": d / "artifact"}
+    folders = {"safetensors": d / "stock", "runai_streamer": d / "stock", "hf_tensorizer": d / "artifact",
+               "hf_tensorizer-copy": d / "artifact"}  # fmt: skip
     files = [d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")]
     size = files[0].stat().st_size
     rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {(c, f): [] for c in caches for f in formats}

@@ -28,6 +28,26 @@ class HandleMixin:
         if self._closed:
             raise ClosedError(f"{self!r} is closed: open the file again to read from it")
 
+    def own_pages(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A tensor this deserializer mapped (``strategy="mmap"``), moved onto a mapping of only its own pages, so
+        that keeping it does not keep the whole file mapped (:meth:`.mapping.FileMapping.own_pages`; vLLM's
+        parameters adopt tensors this way, :mod:`hf_tensorizer.integrations.adapters.vllm.adopt`).
+
+        Args:
+            tensor: a tensor returned by this deserializer (or a contiguous view of one).
+
+        Returns:
+            The same bytes on their own mapping, or ``None`` when ``tensor`` is not a view of this
+            deserializer's mapping (a copy, another file's tensor, a load that did not map).
+
+        Raises:
+            ClosedError: the deserializer is closed.
+            ObjectChangedError: the file is now shorter than when it was mapped.
+        """
+        self._check_open()
+        mapping, fd = getattr(self, "_mapping", None), self._source.fileno()  # type: ignore[attr-defined]
+        return None if mapping is None or fd is None else mapping.own_pages(fd, tensor)
+
     def keys(self) -> KeysView[str]:
         """The selected tensor names, in file order.
 

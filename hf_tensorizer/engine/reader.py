@@ -406,27 +406,6 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
             n = max(1, min(self.num_readers, len(pieces)))
             run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
 
-    def own_pages(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """A tensor this deserializer mapped (``strategy="mmap"``), moved onto a mapping of only its own pages, so
-        that keeping it does not keep the whole file mapped (:meth:`.mapping.FileMapping.own_pages`).
-
-        Args:
-            tensor: a tensor returned by this deserializer (or a contiguous view of one).
-
-        Returns:
-            The same bytes on their own mapping, or ``None`` when ``tensor`` is not a view of this
-            deserializer's mapping (a copy, another file's tensor, a load that did not map).
-
-        Raises:
-            ClosedError: the deserializer is closed.
-            ObjectChangedError: the file is now shorter than when it was mapped.
-        """
-        self._check_open()
-        fd = self._source.fileno()
-        if self._mapping is None or fd is None:
-            return None
-        return self._mapping.own_pages(fd, tensor)
-
     # ---- modules ---------------------------------------------------------------------------------
 
     def load_into_module(self, module: torch.nn.Module, *, strict: bool = True) -> LoadInfo:
