@@ -356,7 +356,7 @@ class Tuner:
             if c >= self.max_concurrency:
                 return self._settle(f"{c} in flight (the most allowed) moved {_mbs(rate)}; settled at {best}")
             if occupancy < OCCUPIED * c:
-                why = f"only {occupancy:.1f} were in flight on average: the readers, not the server, set the pace"
+                why = f"only {occupancy:.1f} were in flight on average: the readers, not the limit, set the pace"
                 return self._settle(f"{c} in flight moved {_mbs(rate)} but {why}; settled at {best}")
             if use is not None and use.idle < CPU_ROOM:
                 why = f"{use.idle:.1f} of {use.cores} cores idle (this process {use.own:.1f}): no CPU for more"
