@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 def test_save_bench_rows_ratios_and_report(tmp_path: Path) -> None:
     writers = ["hft", "st"]
-    results = save.run_save_bench(tmp_path / "ckpt", writers, layers=1, hidden=64, vocab=512, runs=2,
+    results = save.run_save_bench(tmp_path / "ckpt", writers, layers=1, hidden=64, vocab=512, runs=2, settle=0.1,
                                   log=lambda msg: None)  # fmt: skip
     assert results["errors"] == {}
     rows = {r["writer"]: r for r in results["rows"]}
@@ -39,6 +39,22 @@ def test_save_bench_rows_ratios_and_report(tmp_path: Path) -> None:
     save.plot(results, tmp_path / "save.png")
     assert (tmp_path / "save.png").stat().st_size > 1000
     json.dumps(results)
+
+
+def test_s3_save_bench_compares_ours_with_upload_file_of_the_same_bytes(tmp_path: Path) -> None:
+    pytest.importorskip("moto")
+    results = save.run_s3_save_bench(tmp_path / "ckpt", layers=1, hidden=64, vocab=512, runs=2, settle=0,
+                                     log=lambda msg: None)  # fmt: skip
+    assert results["errors"] == {} and results["s3"]
+    size = (tmp_path / "ckpt" / "s3-src.tensors").stat().st_size
+    for name in save.S3_WRITERS:
+        runs = results["runs"][name]
+        assert [x["round"] for x in runs] == [0, 1]
+        # each object was on the server, exactly as long as our local file of the same tensors
+        assert all(x["ok"] and x["file_bytes"] == x["bytes"] == size and x["seconds"] > 0 for x in runs)
+    ours = next(r for r in results["rows"] if r["writer"] == "hft-s3")
+    assert ours["vs"] == "boto3" and len(ours["ratio_rounds"]) == 2
+    assert "| **hft-s3** " in save.format_table(results)
 
 
 def test_round_ratios_use_the_fastest_baseline_of_the_same_round() -> None:

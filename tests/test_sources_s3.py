@@ -397,6 +397,37 @@ def test_multipart_roundtrip_with_rewrite_head(moto_s3, s3_client, s3_bucket):
         sink.write(b"after commit")
 
 
+def test_parts_are_part_size_and_a_large_first_write_stays_whole_in_part_one(moto_s3, s3_client, s3_bucket):
+    """Every uploaded part but the last is exactly ``part_size``, except part 1, held back until the commit: a first
+    write larger than a part (a serializer's index) lands in it whole, so the head can be rewritten."""
+    data = bytearray(_data(23 * MiB + 777, seed=11))
+    sink = _sink(moto_s3, f"s3://{s3_bucket}/parts", concurrency=3)
+    first = 6 * MiB + 5  # a "header" over one part
+    sink.write(memoryview(data)[:first])
+    pos = first
+    while pos < len(data):
+        sink.write(memoryview(data)[pos : pos + 3 * MiB])
+        pos += 3 * MiB
+    sink._wait_all()
+    uploaded = s3_client.list_parts(Bucket=s3_bucket, Key="parts", UploadId=sink.upload_id)["Parts"]
+    assert [p["PartNumber"] for p in uploaded] == [2, 3, 4]  # part 1 held, the last still filling
+    assert [p["Size"] for p in uploaded] == [5 * MiB] * 3
+    head = _data(first, seed=12)
+    sink.rewrite_head(head)
+    sink.commit()
+    data[:first] = head
+    obj = s3_client.get_object(Bucket=s3_bucket, Key="parts")
+    assert obj["Body"].read() == bytes(data)
+    assert obj["ETag"].endswith('-5"')  # 6 MiB, 3 x 5 MiB, the last 2 MiB
+
+
+def test_default_parts_bound_the_memory_of_an_upload():
+    from hf_tensorizer import constants
+
+    held = (constants.S3_UPLOAD_CONCURRENCY + 2) * constants.S3_UPLOAD_PART_BYTES
+    assert constants.S3_UPLOAD_PART_BYTES >= 5 * MiB and held <= 128 * MiB  # the bound docs/loading.md states
+
+
 def test_small_object_is_one_put(moto_s3, s3_client, s3_bucket):
     sink = open_sink(f"s3://{s3_bucket}/small.bin", endpoint_url=moto_s3, addressing_style="path")
     assert isinstance(sink, S3Sink)
@@ -430,7 +461,8 @@ def test_between_one_and_two_parts_keeps_every_byte(moto_s3, s3_client, s3_bucke
 
 def test_caller_failure_mid_write_aborts_and_leaves_nothing(moto_s3, s3_client, s3_bucket):
     sink = _sink(moto_s3, f"s3://{s3_bucket}/partial")
-    sink.write(_data(11 * MiB, seed=12))  # part 2 sealed: the multipart upload exists
+    sink.write(_data(MiB, seed=12))
+    sink.write(_data(10 * MiB, seed=13))  # part 2 sealed: the multipart upload exists
     assert sink.upload_id is not None
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 1
     sink.abort()  # what the serializer does when it fails
@@ -488,7 +520,8 @@ def test_in_flight_parts_are_bounded(moto_s3, s3_client, s3_bucket):
 
 def test_rewrite_head_beyond_the_first_part_fails_and_aborts(moto_s3, s3_client, s3_bucket):
     sink = _sink(moto_s3, f"s3://{s3_bucket}/h")
-    sink.write(_data(11 * MiB))
+    sink.write(_data(MiB))  # a small first write: part 1 is part_size (a larger one would have been kept whole)
+    sink.write(_data(10 * MiB))
     with pytest.raises(SinkError, match="first part"):
         sink.rewrite_head(b"x" * (6 * MiB))
     _no_leftovers(s3_client, s3_bucket, "h")

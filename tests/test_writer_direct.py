@@ -164,9 +164,8 @@ def test_a_write_error_aborts_and_leaves_nothing(tmp_path: Path, monkeypatch: py
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    with pytest.raises(SinkError, match="No space left"):
-        with TensorSerializer(tmp_path / "full.tensors", block_size=1 << 20) as s:
-            s.write_state_dict(_state_dict())
+    with pytest.raises(SinkError, match="No space left"), TensorSerializer(tmp_path / "full.tensors") as s:
+        s.write_state_dict(_state_dict())
     assert list(tmp_path.iterdir()) == []
 
 

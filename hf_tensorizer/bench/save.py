@@ -120,8 +120,13 @@ WRITERS: dict[str, Writer] = {
 }
 # what each of ours is compared with: the state-dict writers against the fastest state-dict peer, the others
 # against the stock call doing the same job
-BASELINE = {"hft": ("st", "pt", "tz"), "hft-enc": ("hft",), "hftsp": ("hfsp", "st", "pt", "tz"), "hftser": ("hfconv",),
-            "hft-s3": ("boto3",)}
+BASELINE = {
+    "hft": ("st", "pt", "tz"),
+    "hft-enc": ("hft",),
+    "hftsp": ("hfsp", "st", "pt", "tz"),
+    "hftser": ("hfconv",),
+    "hft-s3": ("boto3",),
+}
 PEER_GROUP = ("st", "pt", "tz")
 
 S3_BUCKET = "bench-save"
@@ -277,12 +282,13 @@ def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
     import boto3  # noqa: F401 - imported before the timer by both writers
 
     d = Path(d)
-    label, needs_sd, fn, ours = S3_WRITERS[name]
+    _, needs_sd, fn, _ = S3_WRITERS[name]
     src = d / "s3-src.tensors"
     sd: Any = None
     nbytes = src.stat().st_size
     if needs_sd:
-        import hf_tensorizer.engine  # noqa: F401 - what `from hf_tensorizer import TensorSerializer` imports
+        # before the timer: what `from hf_tensorizer import TensorSerializer` and an s3:// sink import
+        import hf_tensorizer.engine
         import hf_tensorizer.sources.s3_sink  # noqa: F401
 
         sd = _state_dict(d)
@@ -545,8 +551,9 @@ def add_save_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per save")
     parser.add_argument("--out", default=".bench/results", help="where save.json, save.md, save.png go")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after a sync before each writer")
-    parser.add_argument("--s3", action="store_true",
-                        help="S3 writes instead: ours against boto3 upload_file, to a loopback moto server")
+    parser.add_argument(
+        "--s3", action="store_true", help="S3 writes instead: ours against boto3 upload_file, to a loopback moto server"
+    )
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint directory afterwards")
 
 

@@ -11,7 +11,8 @@ processes: ``from_pretrained`` of a tensorized artifact, stock ``from_pretrained
 ``hf-tensorizer bench first``: interpreter start to the first tensor read, ours against safetensors.
 
 ``hf-tensorizer bench save``: write throughput of our serializer, ``save_pretrained(tensorized=True)`` and
-``serialize --hf-model-id`` against safetensors, ``torch.save`` and upstream tensorizer, every file fsynced.
+``serialize --hf-model-id`` against safetensors, ``torch.save`` and upstream tensorizer, every file fsynced;
+``--s3``: our S3 upload against boto3 ``upload_file`` of the same bytes, on a loopback moto server.
 
 ``hf-tensorizer bench artifact``: ``from_pretrained`` of remote artifacts whose cost is round trips, not bytes.
 

@@ -24,13 +24,17 @@ __all__ = ["S3Sink"]
 MIN_PART_SIZE = 5 * constants.MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * constants.GiB
 MAX_PARTS = 10_000
+# A first write up to this size goes whole into part 1 (which may then exceed part_size), so that rewrite_head can
+# patch an index larger than a part
+MAX_HEAD_BYTES = 256 * constants.MiB
 
 
 class S3Sink(Sink):
     """A streaming multipart upload to ``s3://bucket/key``, committed atomically.
 
     Memory: at most ``(concurrency + 2) × part_size`` (the held first part, the part being filled and the parts
-    in flight). Objects that fit in one part are sent with one ``put_object``. After 1000 parts the part size
+    in flight; defaults 8 × 8 MiB uploading, 80 MiB in all), or more by the size of a first write larger than a
+    part (the serializer's index: it stays whole in the held-back first part). Objects that fit in one part are sent with one ``put_object``. After 1000 parts the part size
     doubles (every 1000 parts) so the 10,000-part limit is not reached before S3's 5 TiB object limit.
 
     Args:
@@ -115,6 +119,8 @@ class S3Sink(Sink):
         try:
             while len(view):
                 take = min(self.part_size - len(self._buf), len(view))
+                if self._part_number == 1 and not self._buf and len(view) <= MAX_HEAD_BYTES:
+                    take = len(view)  # the first write (a serializer's index) lands whole in the held-back part
                 self._buf += view[:take]
                 view = view[take:]
                 self._written += take
