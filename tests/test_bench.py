@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_tensorizer.bench import checkpoint, report, runner
-from hf_tensorizer.bench.peers import PEERS, hft_kwargs, resolve
+from hf_tensorizer.bench.peers import PEERS, hft_kwargs, resolve, run_order
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -135,7 +135,7 @@ def test_each_round_starts_one_loader_further_along() -> None:
     """No loader always runs first or last: warm pass k (and cold pass k) is the list rotated by k; the first warm
     pass still comes before the cold ones, so a budget that runs out trims repeats first."""
     peers = [resolve(n) for n in ("hft", "st", "pt")]
-    plan = [(p.name, cold) for p, cold in runner.run_order(peers, warm_runs=4, cold_runs=2)]
+    plan = [(p.name, cold) for p, cold in run_order(peers, warm_runs=4, cold_runs=2)]
     warm = [name for name, cold in plan if not cold]
     assert [warm[i : i + 3] for i in range(0, 12, 3)] == [
         ["hft", "st", "pt"], ["st", "pt", "hft"], ["pt", "hft", "st"], ["hft", "st", "pt"]

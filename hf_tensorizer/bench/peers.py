@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -376,6 +376,22 @@ def read_parallel(paths: list[Path], threads: int, chunk: int = 16 * MiB, *, fre
     for t in ts:
         t.join()
     return sum(total)
+
+
+def run_order(loaders: Sequence[Peer], warm_runs: int, cold_runs: int) -> list[tuple[Peer, bool]]:
+    """The loads of a run, as (loader, cold): one warm pass, the cold passes, then the other warm passes.
+
+    Each pass has every loader once, and the ``k``-th warm (or cold) pass starts ``k`` loaders further along
+    (``hft, st, pt``, then ``st, pt, hft``, ...): no loader always runs first or last, right after the page cache
+    was read back or right before the cold runs evict it, or always after the same neighbour.
+    """
+    n = len(loaders)
+
+    def rotated(k: int) -> list[Peer]:
+        return list(loaders[k % n :]) + list(loaders[: k % n]) if n else []
+
+    passes = [(0, False)] + [(c, True) for c in range(cold_runs)] + [(w, False) for w in range(1, warm_runs)]
+    return [(p, cold) for k, cold in passes for p in rotated(k)]
 
 
 def read_once(paths: list[Path]) -> int:

@@ -175,6 +175,12 @@ def rounds_line(rounds: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The lines printed instead of the table (``--no-table``): the integration summary and the judged warm line."""
+    lines = [integration_line(results["integration"])] if results.get("integration") else []
+    return lines + ([warm_verdict_line(results["warm_verdict"])] if results.get("warm_verdict") else [])
+
+
 def _f(v: float | None, suffix: str = "", fmt: str = ".2f") -> str:
     return "–" if v is None else f"{v:{fmt}}{suffix}"
 

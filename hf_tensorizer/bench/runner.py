@@ -332,6 +332,8 @@ def run_bench(
         if hogs:
             log(f"{busy} CPU-bound processes running beside the loads")
         durations: dict[str, float] = {}
+        from .peers import run_order
+
         plan = run_order(runnable, warm_runs, cold_runs if cold else 0)
         for i, (p, is_cold) in enumerate(plan):
             row = rows[p.name]
@@ -363,22 +365,6 @@ def run_bench(
         _stop(hogs)
     results["elapsed_s"] = round(time.monotonic() - start, 1)
     return results
-
-
-def run_order(loaders: Sequence[Peer], warm_runs: int, cold_runs: int) -> list[tuple[Peer, bool]]:
-    """The loads of a run, as (loader, cold): one warm pass, the cold passes, then the other warm passes.
-
-    Each pass has every loader once, and the ``k``-th warm (or cold) pass starts ``k`` loaders further along
-    (``hft, st, pt``, then ``st, pt, hft``, ...): no loader always runs first or last, right after the page cache
-    was read back or right before the cold runs evict it, or always after the same neighbour.
-    """
-    n = len(loaders)
-
-    def rotated(k: int) -> list[Peer]:
-        return list(loaders[k % n :]) + list(loaders[: k % n]) if n else []
-
-    passes = [(0, False)] + [(c, True) for c in range(cold_runs)] + [(w, False) for w in range(1, warm_runs)]
-    return [(p, cold) for k, cold in passes for p in rotated(k)]
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -460,7 +446,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed options; 1 when a load returned wrong data or ours failed to load."""
-    from .report import integration_line, warm_verdict_line, write_report
+    from .report import summary_lines, write_report
 
     def pick(name: str, default: int) -> int:
         v = getattr(args, name)
@@ -495,13 +481,8 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(f"results in {args.out}/ (results.json, table.md, bench.png)", flush=True)
-    if not args.no_table:
-        print(f"\n{table}", flush=True)
-    else:
-        if results.get("integration"):
-            print(integration_line(results["integration"]), flush=True)
-        if results.get("warm_verdict"):
-            print(warm_verdict_line(results["warm_verdict"]), flush=True)
+    for line in [f"\n{table}"] if not args.no_table else summary_lines(results):  # the judged line in both
+        print(line, flush=True)
     bad = [r for r in results["rows"] if r["status"] == "wrong" or (r["ours"] and r["status"] in ("error", "timeout"))]
     return 1 if bad else 0
 

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import ObjectChangedError, SourceError
 from ..format.dtypes import element_size
-from ..format.index import TensorEntry
+from ..format.index import FileIndex, TensorEntry
 from .memory import MADV_POPULATE_READ, PAGE, madvise
 
 _POPULATE_SUPPORTED: list[bool] = []  # learnt on first use: [True] or [False]
@@ -148,6 +148,29 @@ class FileMapping:
             return
         slices = _split(ranges, max(1, min(threads, total // (4 << 20) or 1)))
         run_parallel([lambda s=s: self._populate(s) for s in slices])
+
+    def check_digests(self, index: FileIndex, entries: Sequence[TensorEntry], threads: int) -> None:
+        """Check every block of ``entries`` against the index's digests, reading it from the mapping (which also
+        faults its pages in), ``threads`` threads over interleaved blocks.
+
+        Raises:
+            HashMismatchError: a block does not match its digest (the tensor is named).
+        """
+        from .memory import host_view
+        from .pipeline import Verifier
+        from .plan import plan_chunks
+
+        verifier = Verifier(index)
+        pieces = [p for c in plan_chunks(entries, index.block_size) for p in c.pieces if p.length]
+        view = host_view(self.base)
+
+        def check(part: list) -> None:
+            for p in part:
+                start = p.entry.offset + p.tensor_offset
+                verifier.check(p, view[start : start + p.length])
+
+        n = max(1, min(threads, len(pieces)))
+        run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
 
     def read_through(self, fd: int, entries: Sequence[TensorEntry], threads: int, piece_bytes: int) -> float:
         """Read the pages of ``entries`` of a cold file into the page cache and map them now.

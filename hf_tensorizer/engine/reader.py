@@ -20,7 +20,7 @@ from . import pagecache, progress
 from .decrypt import choose_transform
 from .handle import HandleMixin, refuse_upstream_spellings
 from .header import read_index
-from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping, run_parallel
+from .mapping import READ_THROUGH_PIECE_BYTES, FileMapping
 from .pipeline import LoadMetrics, StageTimes, Transform, Verifier, load_cpu, load_registered, load_staged
 
 if TYPE_CHECKING:
@@ -378,33 +378,17 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
         metrics.resident = pagecache.resident_fraction(fd, self._source.size)
         cold = metrics.resident is not None and metrics.resident < 0.5
         metrics.bytes_read = sum(e.length for e in todo)
-        if cold or self.verify_hash:  # reads that may take seconds: under a progress bar (see engine.progress)
-            progress.tracked(
-                self._source, metrics.bytes_read, lambda: self._read_mapped(mapping, fd, todo, cold, metrics)
-            )
+
+        def slow_part() -> None:  # reads that may take seconds: under a progress bar (see engine.progress)
+            if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
+                metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
+            if self.verify_hash:  # reading every block to check it also faults the pages in
+                mapping.check_digests(self.index, todo, self.num_readers)
+
+        if cold or self.verify_hash:
+            progress.tracked(self._source, metrics.bytes_read, slow_part)
         # a warm file is left to be mapped by first access: a large folio per fault (mapping.py says why)
         return {e.name: _new_tensor(e, torch.device("cpu")) if e.length == 0 else mapping.tensor(e) for e in todo}
-
-    def _read_mapped(self, mapping: FileMapping, fd: int, todo: list[TensorEntry], cold: bool,
-                     metrics: LoadMetrics) -> None:  # fmt: skip
-        """The slow part of a mapped load: a cold file read through the page cache, then the digests checked."""
-        if cold:  # every reader, not one per core: they wait on the disk, and more requests in flight help
-            metrics.stages.read = mapping.read_through(fd, todo, self.num_readers, READ_THROUGH_PIECE_BYTES)
-        if self.verify_hash:  # reading every block to check it also faults the pages in
-            from .memory import host_view
-            from .plan import plan_chunks
-
-            verifier = Verifier(self.index)
-            pieces = [p for c in plan_chunks(todo, self.index.block_size) for p in c.pieces if p.length]
-            view = host_view(mapping.base)
-
-            def check(part: list) -> None:
-                for p in part:
-                    start = p.entry.offset + p.tensor_offset
-                    verifier.check(p, view[start : start + p.length])
-
-            n = max(1, min(self.num_readers, len(pieces)))
-            run_parallel([lambda k=k: check(pieces[k::n]) for k in range(n)])
 
     # ---- modules ---------------------------------------------------------------------------------
 
@@ -484,14 +468,11 @@ def _check_arguments(strategy: str, dtype: torch.dtype | None, num_readers: int 
     for name, value in (("num_readers", num_readers), ("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if staging_allocation is not None and staging_allocation not in _allocations():
-        raise UsageError(f"staging_allocation must be one of {_allocations()}, got {staging_allocation!r}")
+    if staging_allocation is not None:
+        from .staging import ALLOCATIONS  # only when one is named: a CPU load never imports the staging pool
 
-
-def _allocations() -> tuple[str, ...]:
-    from .staging import ALLOCATIONS  # only when one is named: a CPU load never imports the staging pool
-
-    return ALLOCATIONS
+        if staging_allocation not in ALLOCATIONS:
+            raise UsageError(f"staging_allocation must be one of {ALLOCATIONS}, got {staging_allocation!r}")
 
 
 def load_state_dict(source: str | os.PathLike[str] | Source, **kwargs: Any) -> dict[str, torch.Tensor]:
