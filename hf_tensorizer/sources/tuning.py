@@ -25,7 +25,8 @@ default fits all three, so a load starts with a few ranged GETs in flight, times
    are tried when enough is left for them to pay, and kept only when ≥ :data:`SHRINK_GAIN` × faster; settle on
    the best window.
 
-A window lasts at least :data:`MIN_WINDOW_S` (a shorter one is scheduling noise on a busy machine) and is judged by
+A window lasts at least :data:`MIN_WINDOW_S` (a shorter one is scheduling noise on a busy machine; a very fast server
+may end it after :data:`WINDOW_MOST` × the requests it needs) and is judged by
 Little's law: the requests it kept in flight on average (their summed durations ÷ its wall time, i.e. bytes in
 flight ÷ rate) must reach :data:`OCCUPIED` × the limit, or the limit was not what held the rate back (the reader
 threads or the copies were) and a step up is not tried. The CPU readings and the occupancy of each window are in
@@ -76,7 +77,8 @@ GROW_GAIN = 1.15  # a step must gain this much to count (noise on a busy machine
 EARLY_RATIO = 4.0  # a first GET waiting this many times the HEAD for its first byte...
 EARLY_MIN_S = 0.03  # ...and at least this long (a busy machine's scheduling noise stays below): one stream at once
 SHRINK_GAIN = 1.15  # fewer requests in flight are kept only when they are at least this much faster
-MIN_WINDOW_S = 0.1  # a window spans at least this long (shorter ones measure the scheduler, not the server)
+MIN_WINDOW_S = 0.1  # a window spans at least this long (shorter ones measure the scheduler, not the server)...
+WINDOW_MOST = 16  # ...unless it already holds this many times the requests it needs (a very fast server)
 OCCUPIED = 0.75  # a window whose requests were in flight less than this share of the limit was not limited by it
 CPU_ROOM = 0.5  # idle cores a step up needs (below it more requests only share the same busy cores)
 
@@ -265,7 +267,7 @@ class Tuner:
         )
         if len(self._window) < need:
             return None
-        if self._phase != "probe" and _span(self._window) < MIN_WINDOW_S:
+        if self._phase != "probe" and _span(self._window) < MIN_WINDOW_S and len(self._window) < WINDOW_MOST * need:
             return None  # too short to tell a rate from the scheduler's noise: keep counting
         window, self._window = self._window, []
         return self._stream_checked(window) if cur.mode == "stream" else self._ranged_window(cur.concurrency, window)
