@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hf_tensorizer.bench import runner, save
+from hf_tensorizer.bench import runner, save, save_s3
 
 pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
@@ -43,11 +43,11 @@ def test_save_bench_rows_ratios_and_report(tmp_path: Path) -> None:
 
 def test_s3_save_bench_compares_ours_with_upload_file_of_the_same_bytes(tmp_path: Path) -> None:
     pytest.importorskip("moto")
-    results = save.run_s3_save_bench(tmp_path / "ckpt", layers=1, hidden=64, vocab=512, runs=2, settle=0,
+    results = save_s3.run_s3_save_bench(tmp_path / "ckpt", layers=1, hidden=64, vocab=512, runs=2, settle=0,
                                      log=lambda msg: None)  # fmt: skip
     assert results["errors"] == {} and results["s3"]
     size = (tmp_path / "ckpt" / "s3-src.tensors").stat().st_size
-    for name in save.S3_WRITERS:
+    for name in save_s3.S3_WRITERS:
         runs = results["runs"][name]
         assert [x["round"] for x in runs] == [0, 1]
         # each object was on the server, exactly as long as our local file of the same tensors

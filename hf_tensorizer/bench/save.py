@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .proc import MARK, Log, collect, error_line, log, popen
+from .save_report import format_table, load_state_dict, plot, reset_peak, settle_disk, status_kib
+from .save_report import summarize as summarize_rows
 
 MODULE = "hf_tensorizer.bench.save"
 
@@ -125,54 +126,11 @@ BASELINE = {
     "hft-enc": ("hft",),
     "hftsp": ("hfsp", "st", "pt", "tz"),
     "hftser": ("hfconv",),
-    "hft-s3": ("boto3",),
 }
 PEER_GROUP = ("st", "pt", "tz")
 
-S3_BUCKET = "bench-save"
-S3_KEY = "model.tensors"
-
-
-def _s3_ours(sd: Any, endpoint: str, src: Path) -> None:
-    from hf_tensorizer import TensorSerializer
-
-    with TensorSerializer(f"s3://{S3_BUCKET}/ours/{S3_KEY}", endpoint_url=endpoint) as s:
-        s.write_state_dict(sd)
-
-
-def _s3_boto3(sd: Any, endpoint: str, src: Path) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)  # inside the timer, as ours makes its own
-    client.upload_file(str(src), S3_BUCKET, f"boto3/{S3_KEY}")  # s3transfer: 8 MiB parts, 10 threads
-    client.close()
-
-
-# name -> (label, needs a state dict, call, ours)
-S3_WRITERS: dict[str, tuple[str, bool, Callable[[Any, str, Path], None], bool]] = {
-    "hft-s3": ("ours TensorSerializer to s3:// (multipart, streamed)", True, _s3_ours, True),
-    "boto3": ("boto3 upload_file of the same bytes", False, _s3_boto3, False),
-}
-
 
 # One save, in this process ------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _fsync_tree(out: Path) -> int:
@@ -207,7 +165,7 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
 
         _ = transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM  # resolve the lazy modules
         return d / "hf", nbytes
-    sd = _state_dict(d)
+    sd = load_state_dict(d)
     if w.needs == "state_dict":
         return sd, nbytes
     from transformers import AutoModelForCausalLM
@@ -221,14 +179,6 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
         model = AutoModelForCausalLM.from_config(Shape(**meta).config(), dtype=torch.bfloat16)
     model.load_state_dict(sd, assign=True)
     return model, nbytes
-
-
-def _state_dict(d: Path) -> dict[str, Any]:
-    """The checkpoint's tensors in fresh anonymous memory, as a model's are: read from the prepared safetensors file
-    and copied out of its mapping (the seeded generator would take seconds per child on a busy machine)."""
-    from safetensors.torch import load_file
-
-    return {k: v.clone() for k, v in load_file(str(d / "hf" / "model.safetensors")).items()}
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -251,15 +201,15 @@ def save_one(d: str | Path, name: str) -> dict[str, Any]:
     out = d / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    peak_ok = _reset_peak()
-    rss0 = _status_kib("VmRSS")
+    peak_ok = reset_peak()
+    rss0 = status_kib("VmRSS")
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     w.fn(obj, out, d)
     file_bytes = _fsync_tree(out)
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     shutil.rmtree(out, ignore_errors=True)
     return {
         "writer": name,
@@ -273,50 +223,6 @@ def save_one(d: str | Path, name: str) -> dict[str, Any]:
         "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
         "ok": file_bytes >= nbytes,
     }
-
-
-def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
-    """Time one S3 write by ``name`` (a key of ``S3_WRITERS``) in this process, against ``endpoint``."""
-    import resource
-
-    import boto3  # noqa: F401 - imported before the timer by both writers
-
-    d = Path(d)
-    _, needs_sd, fn, _ = S3_WRITERS[name]
-    src = d / "s3-src.tensors"
-    sd: Any = None
-    nbytes = src.stat().st_size
-    if needs_sd:
-        # before the timer: what `from hf_tensorizer import TensorSerializer` and an s3:// sink import
-        import hf_tensorizer.engine
-        import hf_tensorizer.sources.s3_sink  # noqa: F401
-
-        sd = _state_dict(d)
-    peak_ok = _reset_peak()
-    rss0 = _status_kib("VmRSS")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    fn(sd, endpoint, src)
-    seconds = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak = _status_kib("VmHWM")
-    return {
-        "writer": name,
-        "seconds": round(seconds, 4),
-        "bytes": nbytes,
-        "gbps": round(nbytes / seconds / 1e9, 3),
-        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
-        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
-        "rss_before_mib": round(rss0 / 1024, 1),
-        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
-    }
-
-
-def _settle(seconds: float) -> None:
-    """Flush every dirty page and give the disk ``seconds`` to finish, so no writer pays for the one before."""
-    if seconds > 0:
-        os.sync()
-        time.sleep(seconds)
 
 
 # The benchmark -------------------------------------------------------------------------------------------
@@ -353,7 +259,7 @@ def run_save_bench(
         for name in order[r % len(order) :] + order[: r % len(order)]:
             if name in errors:
                 continue
-            _settle(settle)
+            settle_disk(settle)
             res, out = collect(popen(["one", str(d), name], module=MODULE), timeout)
             if res is None:
                 errors[name] = error_line(out)
@@ -375,166 +281,9 @@ def run_save_bench(
     }
 
 
-def run_s3_save_bench(
-    d: str | Path,
-    *,
-    layers: int,
-    hidden: int,
-    vocab: int,
-    runs: int,
-    timeout: float = 300.0,
-    settle: float = 2.0,
-    log: Log = log,
-) -> dict[str, Any]:
-    """``runs`` rounds of every S3 writer (fresh processes, order rotated) against one moto server; each object is
-    checked (its size) and deleted after its run, so the server holds one at a time. Returns rows and runs."""
-    import boto3
-
-    from .checkpoint import prepare
-    from .servers import AWS_ENV, moto_server
-
-    d = Path(d)
-    meta = prepare(d, layers, hidden, vocab, "cpu", ["st"], log=log)
-    src = d / "s3-src.tensors"
-    if not src.exists():  # the bytes boto3 uploads: our own file of the same tensors (in a child: torch)
-        res, out = collect(popen(["s3-src", str(d)], module=MODULE), timeout)
-        if res is None:
-            raise RuntimeError(f"writing the S3 source file failed: {error_line(out)}")
-    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in S3_WRITERS}
-    errors: dict[str, str] = {}
-    loads: list[list[float]] = []
-    order = list(S3_WRITERS)
-    with moto_server() as endpoint:
-        creds = {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
-                 "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}  # fmt: skip
-        client = boto3.client("s3", endpoint_url=endpoint, **creds)
-        client.create_bucket(Bucket=S3_BUCKET)
-        for r in range(runs):
-            loads.append([round(x, 2) for x in os.getloadavg()])
-            for name in order[r % len(order) :] + order[: r % len(order)]:
-                if name in errors:
-                    continue
-                _settle(settle)
-                proc = popen(["one-s3", str(d), name, endpoint], module=MODULE, env=AWS_ENV)
-                res, out = collect(proc, timeout)
-                if res is None:
-                    errors[name] = error_line(out)
-                    log(f"  {name:<8} ERROR: {errors[name]}")
-                    continue
-                key = f"{'ours' if name == 'hft-s3' else 'boto3'}/{S3_KEY}"
-                size = client.head_object(Bucket=S3_BUCKET, Key=key)["ContentLength"]
-                client.delete_object(Bucket=S3_BUCKET, Key=key)
-                res.update(round=r, file_bytes=size, ok=size == res["bytes"])
-                runs_by[name].append(res)
-                log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
-                    f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
-        client.close()
-    loads.append([round(x, 2) for x in os.getloadavg()])
-    return {
-        "bytes": meta["bytes"],
-        "tensors": meta["tensors"],
-        "shape": meta["shape"],
-        "s3": True,
-        "runs": runs_by,
-        "errors": errors,
-        "loadavg": loads,
-        "rows": summarize(runs_by),
-    }
-
-
-def _write_source(d: Path) -> dict[str, Any]:
-    """Our file of the checkpoint, kept as ``d/s3-src.tensors`` for boto3 to upload."""
-    from hf_tensorizer import TensorSerializer
-
-    src = d / "s3-src.tensors"
-    with TensorSerializer(str(src)) as s:
-        s.write_state_dict(_state_dict(d))
-    return {"bytes": src.stat().st_size}
-
-
 def summarize(runs_by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per writer: best / median / worst GB/s, peak memory, and for ours the ratio to its baseline (the
-    fastest of them), best against best and round by round (ours ÷ the fastest baseline of the same round)."""
-    rows = []
-    for name, runs in runs_by.items():
-        if not runs:
-            continue
-        g = [x["gbps"] for x in runs]
-        row: dict[str, Any] = {
-            "writer": name, "label": _label(name), "ours": _ours(name),
-            "best_gbps": max(g), "median_gbps": round(statistics.median(g), 3), "worst_gbps": min(g),
-            "peak_above_mib": max((x["peak_above_mib"] or 0) for x in runs),
-            "ok": all(x["ok"] for x in runs),
-        }  # fmt: skip
-        base = [b for b in BASELINE.get(name, ()) if runs_by.get(b)]
-        if base:
-            best_peer = max(max(x["gbps"] for x in runs_by[b]) for b in base)
-            row["vs"] = ",".join(base)
-            row["ratio_best"] = round(max(g) / best_peer, 3)
-            per_round = []
-            for x in runs:
-                same = [y["gbps"] for b in base for y in runs_by[b] if y["round"] == x["round"]]
-                if same:
-                    per_round.append(round(x["gbps"] / max(same), 3))
-            row["ratio_rounds"] = per_round
-            if per_round:
-                row["ratio_median"] = round(statistics.median(per_round), 3)
-        rows.append(row)
-    return rows
-
-
-def _label(name: str) -> str:
-    return WRITERS[name].label if name in WRITERS else S3_WRITERS[name][0]
-
-
-def _ours(name: str) -> bool:
-    return WRITERS[name].ours if name in WRITERS else S3_WRITERS[name][3]
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A markdown table of the rows."""
-    lines = [
-        f"{results['tensors']} tensors, {results['bytes'] / 1e9:.2f} GB bf16; load average per round: "
-        + ", ".join(f"{la[0]:.1f}" for la in results["loadavg"]),
-        "",
-        "| writer | GB/s best | median | worst | peak RSS above before, MiB | vs | ratio best/best | "
-        "per round (median) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["rows"]:
-        per = ", ".join(f"{x:.2f}" for x in r.get("ratio_rounds", []))
-        med = f" ({r['ratio_median']:.2f})" if "ratio_median" in r else ""
-        name = f"**{r['writer']}**" if r["ours"] else r["writer"]
-        lines.append(
-            f"| {name} {r['label']} | {r['best_gbps']:.3f} | {r['median_gbps']:.3f} | {r['worst_gbps']:.3f} | "
-            f"{r['peak_above_mib']:.1f} | {r.get('vs', '')} | {r.get('ratio_best', '')} | {per}{med} |"
-        )
-    for name, why in results["errors"].items():
-        lines.append(f"\n{name}: error: {why}")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Bars of the median GB/s with the best-to-worst range, ours highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    y = range(len(rows))
-    med = [r["median_gbps"] for r in rows]
-    err = [[m - r["worst_gbps"] for m, r in zip(med, rows)], [r["best_gbps"] - m for m, r in zip(med, rows)]]
-    ax.barh(list(y), med, xerr=err, color=["tab:orange" if r["ours"] else "tab:gray" for r in rows], capsize=3)
-    ax.set_yticks(list(y), [f"{r['writer']}: {r['label']}" for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    where = "to S3 (moto on loopback)" if results.get("s3") else "write + fsync"
-    ax.set_xlabel(f"GB/s (median, bars: best-worst), {where}")
-    ax.set_title(f"save, {results['bytes'] / 1e9:.2f} GB bf16, fresh processes", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """One row per writer of ``WRITERS`` (see :func:`save_report.summarize`), ours against ``BASELINE``."""
+    return summarize_rows(runs_by, {n: (w.label, w.ours) for n, w in WRITERS.items()}, BASELINE)
 
 
 # CLI -----------------------------------------------------------------------------------------------------
@@ -561,8 +310,12 @@ def save_main(args: argparse.Namespace) -> int:
     """Run the save benchmark from parsed options; 1 when one of our writers failed."""
     common = dict(layers=args.layers, hidden=args.hidden, vocab=args.vocab, runs=max(1, args.runs),
                   timeout=args.timeout, settle=args.settle)  # fmt: skip
+    ours = {n for n, w in WRITERS.items() if w.ours}
     if getattr(args, "s3", False):
+        from .save_s3 import OURS, run_s3_save_bench
+
         results = run_s3_save_bench(args.dir, **common)
+        ours |= set(OURS)
         stem = "save-s3"
     else:
         writers = [x.strip() for x in args.writers.split(",") if x.strip()]
@@ -578,7 +331,7 @@ def save_main(args: argparse.Namespace) -> int:
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(f"results in {out}/ ({stem}.json, {stem}.md, {stem}.png)\n\n{table}", flush=True)
-    bad = [n for n in results["errors"] if _ours(n)] + [r["writer"] for r in results["rows"] if not r["ok"]]
+    bad = [n for n in results["errors"] if n in ours] + [r["writer"] for r in results["rows"] if not r["ok"]]
     return 1 if bad else 0
 
 
@@ -586,12 +339,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "one":
         print(MARK + json.dumps(save_one(argv[1], argv[2])), flush=True)
-        return 0
-    if argv and argv[0] == "s3-src":
-        print(MARK + json.dumps(_write_source(Path(argv[1]))), flush=True)
-        return 0
-    if argv and argv[0] == "one-s3":
-        print(MARK + json.dumps(save_one_s3(argv[1], argv[2], argv[3])), flush=True)
         return 0
     parser = argparse.ArgumentParser(prog="hf-tensorizer bench save", description=__doc__.splitlines()[0])
     add_save_arguments(parser)
