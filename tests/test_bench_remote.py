@@ -66,7 +66,9 @@ def test_all_sections_on_tiny_checkpoints(tiny: Path, monkeypatch: pytest.Monkey
     assert all(r["gbps"] > 0 for r in res["http"]["rows"] + res["s3"]["rows"])
     s3 = {r["reader"]: r for r in res["s3"]["rows"]}
     assert {"boto3 download_fileobj → BytesIO", "ours (default)", "upstream tensorizer (open_stream, curl)"} <= set(s3)
-    assert max(r["of_ref"] for r in s3.values() if r["kind"] == "ref") == 1.0
+    # the server's figure is the best boto3 read into fresh memory; the discarding reads are shown beside it
+    kept = [r for r in s3.values() if r["kind"] == "ref" and not r["reader"].endswith("discard")]
+    assert max(r["of_ref"] for r in kept) == 1.0
 
     mem = res["memory"]
     assert len(mem["rows"]) == 4  # two sizes × (direct, staged)
