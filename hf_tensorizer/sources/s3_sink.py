@@ -34,8 +34,9 @@ class S3Sink(Sink):
 
     Memory: at most ``(concurrency + 2) × part_size`` (the held first part, the part being filled and the parts
     in flight; defaults 8 × 8 MiB uploading, 80 MiB in all), or more by the size of a first write larger than a
-    part (the serializer's index: it stays whole in the held-back first part). Objects that fit in one part are sent with one ``put_object``. After 1000 parts the part size
-    doubles (every 1000 parts) so the 10,000-part limit is not reached before S3's 5 TiB object limit.
+    part (the serializer's index: it stays whole in the held-back first part). Objects that fit in one part are
+    sent with one ``put_object``. After 1000 parts the part size doubles (every 1000 parts) so the 10,000-part
+    limit is not reached before S3's 5 TiB object limit.
 
     Args:
         uri: ``s3://bucket/key``.
