@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ClosedError, UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from .slices import HandleSlice, SliceMetrics
 # .slices (get_slice) is imported on first use: a plain load never reads a box (first use, issue 24)
 
