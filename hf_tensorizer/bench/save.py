@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .proc import MARK, Log, collect, error_line, log, popen
-from .save_report import format_table, load_state_dict, plot, reset_peak, settle_disk, status_kib
+from .proc import MARK, Log, log, popen
+from .save_report import format_table, load_state_dict, plot, reset_peak, run_rounds, status_kib
 from .save_report import summarize as summarize_rows
 
 MODULE = "hf_tensorizer.bench.save"
@@ -250,26 +250,8 @@ def run_save_bench(
     if unknown:
         raise KeyError(f"unknown writers {unknown}; choose from {', '.join(WRITERS)}")
     meta = prepare(d, layers, hidden, vocab, "cpu", ["st"], log=log)
-    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in writers}
-    errors: dict[str, str] = {}
-    loads: list[list[float]] = []
-    order = list(writers)
-    for r in range(runs):
-        loads.append([round(x, 2) for x in os.getloadavg()])
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            if name in errors:
-                continue
-            settle_disk(settle)
-            res, out = collect(popen(["one", str(d), name], module=MODULE), timeout)
-            if res is None:
-                errors[name] = error_line(out)
-                log(f"  {name:<8} ERROR: {errors[name]}")
-                continue
-            res["round"] = r
-            runs_by[name].append(res)
-            log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
-                f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
-    loads.append([round(x, 2) for x in os.getloadavg()])
+    runs_by, errors, loads = run_rounds(writers, runs, settle, lambda name: popen(["one", str(d), name], module=MODULE),
+                                        timeout, log)  # fmt: skip
     return {
         "bytes": meta["bytes"],
         "tensors": meta["tensors"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,50 @@ def settle_disk(seconds: float) -> None:
     if seconds > 0:
         os.sync()
         time.sleep(seconds)
+
+
+def run_rounds(
+    names: Sequence[str],
+    runs: int,
+    settle: float,
+    start: Callable[[str], subprocess.Popen[str]],
+    timeout: float,
+    log: Callable[[str], None],
+    check: Callable[[str, dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str], list[list[float]]]:
+    """``runs`` rounds of every writer in ``names``, the order rotated each round, each writer a fresh process
+    (``start(name)``) after a sync and ``settle`` seconds; ``check(name, result)`` completes a result before it is
+    kept. A writer that fails once is left out of later rounds.
+
+    Returns:
+        The results by writer (each with its ``round``), the first error line by writer, the load averages
+        before each round and after the last.
+    """
+    from .proc import collect, error_line
+
+    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    loads: list[list[float]] = []
+    order = list(names)
+    for r in range(runs):
+        loads.append([round(x, 2) for x in os.getloadavg()])
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            if name in errors:
+                continue
+            settle_disk(settle)
+            res, out = collect(start(name), timeout)
+            if res is None:
+                errors[name] = error_line(out)
+                log(f"  {name:<8} ERROR: {errors[name]}")
+                continue
+            res["round"] = r
+            if check is not None:
+                check(name, res)
+            runs_by[name].append(res)
+            log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
+                f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
+    loads.append([round(x, 2) for x in os.getloadavg()])
+    return runs_by, errors, loads
 
 
 def summarize(runs_by: dict[str, list[dict[str, Any]]], writers: Mapping[str, tuple[str, bool]],

@@ -5,7 +5,6 @@ writer in a fresh process with its client made inside the timer. Run through ``b
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .proc import MARK, Log, collect, error_line, log, popen
-from .save_report import load_state_dict, reset_peak, settle_disk, status_kib, summarize
+from .save_report import load_state_dict, reset_peak, run_rounds, status_kib, summarize
 
 MODULE = "hf_tensorizer.bench.save_s3"
 
@@ -108,36 +107,23 @@ def run_s3_save_bench(
         res, out = collect(popen(["s3-src", str(d)], module=MODULE), timeout)
         if res is None:
             raise RuntimeError(f"writing the S3 source file failed: {error_line(out)}")
-    runs_by: dict[str, list[dict[str, Any]]] = {n: [] for n in S3_WRITERS}
-    errors: dict[str, str] = {}
-    loads: list[list[float]] = []
-    order = list(S3_WRITERS)
     with moto_server() as endpoint:
         creds = {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
                  "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}  # fmt: skip
         client = boto3.client("s3", endpoint_url=endpoint, **creds)
         client.create_bucket(Bucket=S3_BUCKET)
-        for r in range(runs):
-            loads.append([round(x, 2) for x in os.getloadavg()])
-            for name in order[r % len(order) :] + order[: r % len(order)]:
-                if name in errors:
-                    continue
-                settle_disk(settle)
-                proc = popen(["one-s3", str(d), name, endpoint], module=MODULE, env=AWS_ENV)
-                res, out = collect(proc, timeout)
-                if res is None:
-                    errors[name] = error_line(out)
-                    log(f"  {name:<8} ERROR: {errors[name]}")
-                    continue
-                key = f"{'ours' if name == 'hft-s3' else 'boto3'}/{S3_KEY}"
-                size = client.head_object(Bucket=S3_BUCKET, Key=key)["ContentLength"]
-                client.delete_object(Bucket=S3_BUCKET, Key=key)
-                res.update(round=r, file_bytes=size, ok=size == res["bytes"])
-                runs_by[name].append(res)
-                log(f"  round {r + 1}  {name:<8} {res['seconds']:7.3f} s  {res['gbps']:6.3f} GB/s  "
-                    f"peak +{res['peak_above_mib']} MiB")  # fmt: skip
+
+        def check(name: str, res: dict[str, Any]) -> None:  # the object's size, then the server holds no copy
+            key = f"{'ours' if name == 'hft-s3' else 'boto3'}/{S3_KEY}"
+            size = client.head_object(Bucket=S3_BUCKET, Key=key)["ContentLength"]
+            client.delete_object(Bucket=S3_BUCKET, Key=key)
+            res.update(file_bytes=size, ok=size == res["bytes"])
+
+        def start(name: str) -> Any:
+            return popen(["one-s3", str(d), name, endpoint], module=MODULE, env=AWS_ENV)
+
+        runs_by, errors, loads = run_rounds(list(S3_WRITERS), runs, settle, start, timeout, log, check)
         client.close()
-    loads.append([round(x, 2) for x in os.getloadavg()])
     return {
         "bytes": meta["bytes"],
         "tensors": meta["tensors"],
