@@ -409,8 +409,12 @@ def test_moto_through_boto3_decides_from_what_it_measured(moto_s3: str, s3_clien
     assert 4 in t["rates"], t  # the probe ran through boto3's ranged GETs
     if t["mode"] == "stream":
         assert "before the first byte" in t["steps"][1], t
+    elif t["concurrency"] == 4:  # it stayed at the probe's 4: only for a reason its own measurements give
+        assert t["mode"] == "ranged", t
+        stream_slower = 0 in t["rates"] and t["rates"][0] < t["rates"][4] and "back to ranges" in t["reason"]
+        assert stream_slower or "no CPU for more" in t["reason"] or "no gain" in t["reason"], t
     else:
-        assert t["mode"] == "ranged" and t["concurrency"] != 4, t  # it moved on from the probe
+        assert t["mode"] == "ranged", t  # it moved on from the probe
         assert "moved" in t["reason"], t
 
 
