@@ -24,14 +24,13 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .proc import MARK, Log, log, popen
-from .save_report import format_table, load_state_dict, plot, reset_peak, run_rounds, status_kib
+from .save_report import format_table, load_state_dict, plot, run_rounds, timed_write
 from .save_report import summarize as summarize_rows
 
 MODULE = "hf_tensorizer.bench.save"
@@ -191,7 +190,6 @@ def _numel(shape: Sequence[int]) -> int:
 def save_one(d: str | Path, name: str) -> dict[str, Any]:
     """Time one save by writer ``name`` in this process (output under ``d/out-NAME``, removed after)."""
     import importlib
-    import resource
 
     d = Path(d)
     w = WRITERS[name]
@@ -201,28 +199,15 @@ def save_one(d: str | Path, name: str) -> dict[str, Any]:
     out = d / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    peak_ok = reset_peak()
-    rss0 = status_kib("VmRSS")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    w.fn(obj, out, d)
-    file_bytes = _fsync_tree(out)
-    seconds = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak = status_kib("VmHWM")
+
+    def write() -> int:
+        w.fn(obj, out, d)
+        return _fsync_tree(out)  # every writer pays for durable bytes
+
+    row = timed_write(name, nbytes, write)
     shutil.rmtree(out, ignore_errors=True)
-    return {
-        "writer": name,
-        "seconds": round(seconds, 4),
-        "bytes": nbytes,
-        "file_bytes": file_bytes,
-        "gbps": round(nbytes / seconds / 1e9, 3),
-        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
-        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
-        "rss_before_mib": round(rss0 / 1024, 1),
-        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
-        "ok": file_bytes >= nbytes,
-    }
+    file_bytes = row.pop("result")
+    return {**row, "file_bytes": file_bytes, "ok": file_bytes >= nbytes}
 
 
 # The benchmark -------------------------------------------------------------------------------------------

@@ -46,6 +46,37 @@ def settle_disk(seconds: float) -> None:
         time.sleep(seconds)
 
 
+def timed_write(name: str, nbytes: int, write: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``write`` (the save, its fsync included where the writer has one) under the clock, CPU times and peak
+    RSS (``VmHWM`` reset first); ``nbytes`` is what the throughput counts.
+
+    Returns:
+        The result row: writer, seconds, bytes, GB/s, user and system CPU seconds, RSS before and peak above it
+        (None where the peak cannot be reset), and ``result``: what ``write`` returned.
+    """
+    import resource
+
+    peak_ok = reset_peak()
+    rss0 = status_kib("VmRSS")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    result = write()
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    peak = status_kib("VmHWM")
+    return {
+        "writer": name,
+        "seconds": round(seconds, 4),
+        "bytes": nbytes,
+        "gbps": round(nbytes / seconds / 1e9, 3),
+        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
+        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
+        "rss_before_mib": round(rss0 / 1024, 1),
+        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
+        "result": result,
+    }
+
+
 def run_rounds(
     names: Sequence[str],
     runs: int,

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .proc import MARK, Log, collect, error_line, log, popen
-from .save_report import load_state_dict, reset_peak, run_rounds, status_kib, summarize
+from .save_report import load_state_dict, run_rounds, summarize, timed_write
 
 MODULE = "hf_tensorizer.bench.save_s3"
 
@@ -47,8 +46,6 @@ BASELINE = {"hft-s3": ("boto3",)}
 
 def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
     """Time one S3 write by ``name`` (a key of ``S3_WRITERS``) in this process, against ``endpoint``."""
-    import resource
-
     import boto3  # noqa: F401 - imported before the timer by both writers
 
     d = Path(d)
@@ -62,24 +59,9 @@ def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
         import hf_tensorizer.sources.s3_sink  # noqa: F401
 
         sd = load_state_dict(d)
-    peak_ok = reset_peak()
-    rss0 = status_kib("VmRSS")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    fn(sd, endpoint, src)
-    seconds = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak = status_kib("VmHWM")
-    return {
-        "writer": name,
-        "seconds": round(seconds, 4),
-        "bytes": nbytes,
-        "gbps": round(nbytes / seconds / 1e9, 3),
-        "user_s": round(r1.ru_utime - r0.ru_utime, 3),
-        "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
-        "rss_before_mib": round(rss0 / 1024, 1),
-        "peak_above_mib": round((peak - rss0) / 1024, 1) if peak_ok else None,
-    }
+    row = timed_write(name, nbytes, lambda: fn(sd, endpoint, src))
+    del row["result"]
+    return row
 
 
 def run_s3_save_bench(
