@@ -568,3 +568,33 @@ def test_sources_close_their_own_client_never_a_shared_one(
                 assert src.read(1, 2) == b"bc"
         assert len(closed) == 2  # the shared client outlives its sources
     assert len(closed) == 3  # and is closed once, when the block ends
+
+
+def test_clients_carry_exactly_botocores_own_event_handlers(moto_s3):
+    """Our clients copy botocore's built-in handlers from a template instead of registering them per session: the
+    handlers every S3 operation emits to, in order, must be those of a client from a stock boto3 session; and a
+    handler registered on one client must not leak into the template (the next client)."""
+    import boto3
+
+    from hf_tensorizer.sources.s3 import make_s3_client
+
+    ours, stock = make_s3_client(endpoint_url=moto_s3), boto3.session.Session().client("s3", endpoint_url=moto_s3)
+    ops = [stock.meta.service_model.operation_model(n).name for n in stock.meta.service_model.operation_names]
+    stages = ("provide-client-params", "before-parameter-build", "before-call", "request-created", "before-sign",
+              "before-send", "before-parse", "needs-retry", "after-call", "after-call-error")  # fmt: skip
+    for op in ops:
+        for stage in stages:
+            event = f"{stage}.s3.{op}"
+            mine = list(ours.meta.events._emitter._handlers.prefix_search(event))
+            theirs = list(stock.meta.events._emitter._handlers.prefix_search(event))
+            assert [getattr(h, "__qualname__", repr(h)) for h in mine] == [
+                getattr(h, "__qualname__", repr(h)) for h in theirs
+            ], event
+    marker = []
+    ours.meta.events.register("before-call.s3.HeadObject", lambda **kw: marker.append(1))
+    again = make_s3_client(endpoint_url=moto_s3)
+    assert len(list(again.meta.events._emitter._handlers.prefix_search("before-call.s3.HeadObject"))) == len(
+        list(stock.meta.events._emitter._handlers.prefix_search("before-call.s3.HeadObject"))
+    )
+    for client in (ours, stock, again):
+        client.close()
