@@ -76,6 +76,11 @@ def test_gcs_round_trip_is_bit_identical(tmp_path: Path, gcs_bucket: tuple[str, 
     assert fs.cat_file(uri) == _reference(tmp_path, sd)
     assert read_index(uri, storage_options=options).file_size == fs.size(uri)
     _check_load(uri, sd, storage_options=options, concurrency=4, part_size=64 << 10)
+    # gs:// reads 16 MiB at a time unless the caller names a chunk size (fewer GETs: see GCS_CHUNK_BYTES)
+    with TensorDeserializer(uri, storage_options=options) as d:
+        assert d.chunk_bytes == 16 << 20 and all(torch.equal(d[k], v) for k, v in sd.items())
+    with TensorDeserializer(uri, storage_options=options, chunk_bytes=1 << 20) as d:
+        assert d.chunk_bytes == 1 << 20
 
 
 def test_gcs_upload_in_several_chunks(gcs_bucket: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,3 +437,72 @@ def test_one_lookup_vouches_for_every_read_completed_before_it(memory_root: str)
 
     with pytest.raises(ObjectChangedError):
         _Confirmations(changed).confirm()
+
+
+def _many_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {f"t{i}": torch.randn(64, 64, generator=g) for i in range(24)}  # 16 KiB each
+
+
+def test_a_load_confirms_its_reads_once_at_the_end(tmp_path: Path, memory_root: str) -> None:
+    """Inside a load (``Source.deferred_checks``) the engine's reader threads return without a version lookup and
+    one lookup at the end vouches for every read: a load of 24 chunks makes a handful of lookups, not one a read,
+    and its tensors are bit-identical."""
+    sd = _many_tensors()
+    uri = f"{memory_root}/m.tensors"
+    fsspec.filesystem("memory").pipe_file(uri, _reference(tmp_path, sd))
+    src = FsspecSource(uri)
+    reads = [0]
+    real = src.fs.cat_file
+    src.fs.cat_file = lambda *a, **k: reads.__setitem__(0, reads[0] + 1) or real(*a, **k)  # type: ignore[method-assign]
+    with TensorDeserializer(src, device="cpu", chunk_bytes=16 << 10, num_readers=4) as d:
+        got = dict(d)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert reads[0] >= 24
+    assert src._confirmations.lookups <= 3  # the header's reads and the load's one  # type: ignore[attr-defined]
+
+
+def test_an_object_replaced_during_a_load_fails_the_load(tmp_path: Path, memory_root: str) -> None:
+    """With the checks deferred to the end of the load, a replacement after some reads still fails the load with
+    ObjectChangedError and hands out no tensors."""
+    sd = _many_tensors()
+    uri = f"{memory_root}/m.tensors"
+    fs = fsspec.filesystem("memory")
+    data = _reference(tmp_path, sd)
+    fs.pipe_file(uri, data)
+    src = FsspecSource(uri)
+    reads, real = [0], src.fs.cat_file
+
+    def cat_file(*a: Any, **k: Any) -> bytes:
+        out = real(*a, **k)
+        reads[0] += 1
+        if reads[0] == 6:  # mid-load: the same name now holds other bytes (another size: a new version)
+            fs.pipe_file(uri, data + b"\0" * 4096)
+        return out
+
+    src.fs.cat_file = cat_file  # type: ignore[method-assign]
+    with pytest.raises(ObjectChangedError):
+        TensorDeserializer(src, device="cpu", chunk_bytes=16 << 10, num_readers=4)
+    assert reads[0] >= 6
+
+
+def test_only_the_loads_own_threads_defer_their_checks(memory_root: str) -> None:
+    """A span covers the thread that opened it and threads started in a copy of its context (the engine's
+    readers); a read from any other thread meanwhile is confirmed before it returns, as outside a span."""
+    import contextvars
+
+    uri = f"{memory_root}/o.bin"
+    fsspec.filesystem("memory").pipe_file(uri, bytes(range(256)) * 64)
+    src = FsspecSource(uri)
+    with src.deferred_checks():
+        src.read(0, 100)
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(src.read, 100, 100))
+        worker.start()
+        worker.join(10)
+        assert src._confirmations.lookups == 0  # type: ignore[attr-defined]
+        stranger = threading.Thread(target=src.read, args=(200, 100))
+        stranger.start()
+        stranger.join(10)
+        assert src._confirmations.lookups == 1  # type: ignore[attr-defined]
+    assert src._confirmations.lookups == 2  # type: ignore[attr-defined]  # the span's own, at its end
+    src.close()

@@ -12,6 +12,7 @@ Targets:
 
 from __future__ import annotations
 
+import contextvars
 import mmap
 import os
 import threading
@@ -158,7 +159,10 @@ def run_threads(work: ChunkQueue, n: int, body: Callable[[int, StageTimes], None
     if n == 1:
         main(0)
     else:
-        threads = [threading.Thread(target=main, args=(i,), name=f"hf-tensorizer-read-{i}") for i in range(n)]
+        # each reader runs in a copy of the caller's context: a source's deferred checks (Source.deferred_checks)
+        # cover the reads of the threads a load starts
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(main, i),
+                                    name=f"hf-tensorizer-read-{i}") for i in range(n)]  # fmt: skip
         for t in threads:
             t.start()
         for t in threads:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from ..constants import PROGRESS_ENV
@@ -194,6 +195,9 @@ class CountingSource(Source):
         self.inner.read_into_many(offset, bufs)
         self.bytes_read += sum(len(b) for b in bufs)
 
+    def deferred_checks(self) -> AbstractContextManager[None]:
+        return self.inner.deferred_checks()
+
     def fileno(self) -> int | None:
         return self.inner.fileno()
 
@@ -206,6 +210,10 @@ class CountingSource(Source):
     @property
     def preferred_concurrency(self) -> int:  # type: ignore[override]
         return self.inner.preferred_concurrency
+
+    @property
+    def preferred_chunk_bytes(self) -> int | None:  # type: ignore[override]
+        return self.inner.preferred_chunk_bytes
 
     def __getattr__(self, name: str) -> Any:  # uri, size and each transport's own attributes
         return getattr(self.inner, name)

@@ -154,7 +154,7 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
             if transform is not None and not num_readers and NUM_READERS <= 0:
                 # decryption is CPU-bound and releases the GIL: use every core (docs/security.md)
                 self.num_readers = max(self.num_readers, min(32, os.cpu_count() or 1))
-            self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+            self.chunk_bytes = chunk_bytes or self._source.preferred_chunk_bytes or CHUNK_BYTES
             hold_transfer(self._source, num_readers=num_readers, chunk_bytes=chunk_bytes)  # remote: caller's wins
             self.staging_bytes = staging_bytes or STAGING_BYTES
             self.staging_allocation = staging_allocation or staging_allocation_default()
@@ -357,7 +357,8 @@ class TensorDeserializer(HandleMixin, Mapping[str, torch.Tensor]):
              read: Callable[[list[Chunk]], StageTimes]) -> None:  # fmt: skip
         """Read ``chunks`` into ``dests`` with ``read``, or, replicated, this rank's share and exchange the rest."""
         if not self.distributed:
-            metrics.stages = read(chunks)
+            with self._source.deferred_checks():  # tensors leave after this: checks may run once (not replicated)
+                metrics.stages = read(chunks)
             metrics.bytes_read = sum(c.length for c in chunks)
             return
         from .distributed import load_replicated

@@ -7,6 +7,7 @@ new transport plugs in without touching the engine. Sinks are the write-side cou
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 
 
@@ -23,6 +24,8 @@ class Source(abc.ABC):
     size: int
     #: how many concurrent ``read_into`` calls this source serves well
     preferred_concurrency: int = 8
+    #: the read unit a load uses when the caller names none (None: the engine's ``CHUNK_BYTES``)
+    preferred_chunk_bytes: int | None = None
 
     @abc.abstractmethod
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -44,6 +47,18 @@ class Source(abc.ABC):
         buf = bytearray(length)
         self.read_into(offset, memoryview(buf))
         return bytes(buf)
+
+    def deferred_checks(self) -> contextlib.AbstractContextManager[None]:
+        """A span in which the after-read checks of this source (the version lookups of stores that cannot pin a
+        version per request, see :mod:`.fsspec`) may run once, when it closes without an error, instead of after
+        each read. Reads made inside it, by the calling thread or by threads started in a copy of its context
+        (the engine's readers), may return before their check; the engine opens one around a load whose tensors
+        it hands out only after the span has closed. Default: nothing to defer.
+
+        Raises (on closing):
+            ObjectChangedError: the object is no longer the version opened.
+        """
+        return contextlib.nullcontext()
 
     def fileno(self) -> int | None:
         """An OS file descriptor when the bytes are a local file (enables mmap and page-cache checks)."""
