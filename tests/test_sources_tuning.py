@@ -493,3 +493,29 @@ def test_every_remote_source_adapts() -> None:
         module = {"HTTPSource": "http", "S3Source": "s3", "FsspecSource": "fsspec"}[name]
         cls = getattr(__import__(f"hf_tensorizer.sources.{module}", fromlist=[name]), name)
         assert issubclass(cls, RangedSource)
+
+
+def test_gate_wakes_one_waiter_per_freed_slot_and_loses_none() -> None:
+    """A release wakes one waiter (not all: 16 readers at a limit of 4 woke 15 threads per slot); under churn every
+    waiter still gets its slot, and readers diverted to the stream leave without taking one."""
+    gate = Gate(2)
+    done, lock = [0], threading.Lock()
+
+    def work(_: int) -> None:
+        for _ in range(50):
+            with gate, lock:
+                done[0] += 1
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(work, range(16)))
+    assert done[0] == 16 * 50
+    gate.acquire()
+    gate.acquire()  # full: the next divertable reader waits until the diversion, then leaves with no slot
+    with ThreadPoolExecutor(4) as ex:
+        waiting = [ex.submit(gate.acquire, True) for _ in range(3)]
+        blocked = ex.submit(gate.acquire)  # not divertable: needs a slot
+        threading.Event().wait(0.05)
+        gate.set_limit(2, diverted=True)
+        assert [f.result(timeout=5) for f in waiting] == [0, 0, 0]
+        gate.release()
+        assert blocked.result(timeout=5) == 2
