@@ -23,15 +23,19 @@ each time, formats alternating) and reads two numbers off its log:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .proc import ROOT
+
+S3_BUCKET = "bench"
 
 CHILD = """
 import json, sys
@@ -43,7 +47,10 @@ if __name__ == "__main__":
 """
 FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --formats
 # more --formats: a load format with an extra config (ours copying every tensor, as before adoption)
-VARIANTS = {"hf_tensorizer-copy": ("hf_tensorizer", {"adopt": False})}
+VARIANTS = {
+    "hf_tensorizer-copy": ("hf_tensorizer", {"adopt": False}),
+    "hf_tensorizer-pread": ("hf_tensorizer", {"strategy": "pread"}),  # read into memory of its own, then adopted
+}
 # vLLM's own logging configuration with milliseconds in the time stamp (its stock format has whole seconds)
 LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
 LOGGING = {
@@ -125,15 +132,16 @@ def logging_env() -> dict[str, str]:
     return {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOGGING_CONFIG_PATH": str(config)}
 
 
-def one(python: str, model: Path, load_format: str, keep: Path | None = None) -> tuple[float, float | None]:
-    """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` in a fresh process
-    (its log written to ``keep`` when given).
+def one(python: str, model: str | Path, load_format: str, keep: Path | None = None,
+        env: dict[str, str] | None = None) -> tuple[float, float | None]:  # fmt: skip
+    """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` (a folder or an
+    ``s3://`` prefix) in a fresh process (its log written to ``keep`` when given; ``env`` added to its environment).
 
     Raises:
         SystemExit: the run failed or its log has no load step (the log's tail in the message).
     """
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONPATH": str(ROOT),
-           **logging_env()}  # fmt: skip
+           **logging_env(), **(env or {})}  # fmt: skip
     fmt, extra = VARIANTS.get(load_format, (load_format, {}))
     out = subprocess.run([python, "-c", CHILD, str(model), fmt, json.dumps(extra)], capture_output=True, text=True,
                          env=env, timeout=900)  # fmt: skip
@@ -151,6 +159,9 @@ def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="/tmp/vllm-bench", help="where the model is built (kept for later runs)")
     p.add_argument("--runs", type=int, default=3, help="vLLM starts per load format and page-cache state")
     p.add_argument("--cache", default="warm", help="comma-separated page-cache states: warm, cold")
+    p.add_argument("--sources", default="local",
+                   help="comma-separated: local (the folders), s3 (the same files on a loopback moto server; "
+                        "warm only; vLLM's default loader reads no s3:// and is left out there)")  # fmt: skip
     p.add_argument("--formats", default=",".join(FORMATS),
                    help=f"comma-separated load formats ({', '.join((*FORMATS, *VARIANTS))})")  # fmt: skip
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of the built model")
@@ -175,6 +186,7 @@ def vllm_main(args: argparse.Namespace) -> None:
     from ..errors import UsageError
 
     caches = _split(args.cache, ("warm", "cold"), "cache")
+    sources = _split(getattr(args, "sources", "local"), ("local", "s3"), "sources")
     formats = _split(args.formats, (*FORMATS, *VARIANTS), "formats")
     if not os.access(args.python, os.X_OK):
         raise UsageError(f"no vLLM venv at {args.python}: run scripts/vllm_env.sh (or give --python)")
@@ -183,26 +195,37 @@ def vllm_main(args: argparse.Namespace) -> None:
         subprocess.run([args.python, str(ROOT / "tests" / "vllm" / "build_models.py"), str(d), "--hidden",
                         str(args.hidden), "--layers", str(args.layers), "--vocab", "32000", "--only",
                         "stock,artifact"], check=True)  # fmt: skip
-    folders = {"safetensors": d / "stock", "runai_streamer": d / "stock", "hf_tensorizer": d / "artifact",
-               "hf_tensorizer-copy": d / "artifact"}  # fmt: skip
+    folders = {"safetensors": "stock", "runai_streamer": "stock", "hf_tensorizer": "artifact",
+               "hf_tensorizer-copy": "artifact", "hf_tensorizer-pread": "artifact"}  # fmt: skip
     files = [d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")]
     size = files[0].stat().st_size
-    rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {(c, f): [] for c in caches for f in formats}
-    for cache in caches:
-        for i in range(args.runs):
-            for name in formats:
-                for f in files:
-                    if cache == "cold":
-                        evict(f)
-                    else:  # warm: every file in the page cache
-                        with open(f, "rb") as fh:
-                            while fh.read(64 << 20):
-                                pass
-                keep = Path(args.logs) / f"{cache}-{name}-{i + 1}.log" if args.logs else None
-                step, own = one(args.python, folders[name], name, keep)
-                rows[(cache, name)].append((step, own))
-                own_text = "–" if own is None else f"{own:.2f} s"
-                print(f"{cache} run {i + 1}: {name:15s} load step {step:.2f} s, own line {own_text}", flush=True)
+    rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    failed: dict[tuple[str, str], str] = {}
+    for source in sources:
+        with _serving(source, d) as (where, env):
+            for cache in caches if source == "local" else ["warm"]:  # moto holds its objects in memory
+                names = [n for n in formats if source == "local" or n != "safetensors"]
+                for i in range(args.runs):
+                    for name in names:
+                        for f in files if source == "local" else []:
+                            if cache == "cold":
+                                evict(f)
+                            else:  # warm: every file in the page cache
+                                with open(f, "rb") as fh:
+                                    while fh.read(64 << 20):
+                                        pass
+                        label = cache if source == "local" else "s3"
+                        keep = Path(args.logs) / f"{label}-{name}-{i + 1}.log" if args.logs else None
+                        try:
+                            step, own = one(args.python, f"{where}/{folders[name]}", name, keep, env)
+                        except SystemExit as exc:  # a format that cannot load here: said, and the others go on
+                            failed.setdefault((label, name), str(exc).splitlines()[0])
+                            print(f"{label} run {i + 1}: {name:15s} FAILED: {failed[(label, name)]}", flush=True)
+                            continue
+                        rows.setdefault((label, name), []).append((step, own))
+                        own_text = "–" if own is None else f"{own:.2f} s"
+                        print(f"{label} run {i + 1}: {name:15s} load step {step:.2f} s, own line {own_text}",
+                              flush=True)  # fmt: skip
     print(f"model: {size / 1e9:.2f} GB float32, {args.runs} runs per format and cache state")
     for (cache, name), runs in rows.items():
         steps = [s for s, _ in runs]
@@ -210,3 +233,36 @@ def vllm_main(args: argparse.Namespace) -> None:
         own = f"{statistics.median(owns):.2f} s" if owns else "–"
         print(f"{cache:5s} {name:15s} load step median {statistics.median(steps):.2f} s "
               f"(range {min(steps):.2f}-{max(steps):.2f})  own line median {own}  runs {runs}")  # fmt: skip
+    for (cache, name), why in failed.items():
+        print(f"{cache:5s} {name:15s} failed: {why} (log kept with --logs)")
+
+
+@contextlib.contextmanager
+def _serving(source: str, d: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Where the model folders are for ``source`` and the environment a vLLM process needs to reach them:
+    ``local`` the build folder; ``s3`` a moto server on 127.0.0.1 with both folders uploaded under
+    ``s3://bench/`` (credentials and endpoint in the ``AWS_*`` variables boto3 and Run:ai's streamer read)."""
+    if source == "local":
+        yield str(d), {}
+        return
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+
+    from .servers import AWS_ENV, moto_server
+
+    with moto_server() as url:
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+               "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}  # fmt: skip  # moto: path-style on 127.0.0.1
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                              config=Config(read_timeout=600, retries={"max_attempts": 2}))  # fmt: skip
+        one_put = TransferConfig(multipart_threshold=1 << 40)  # moto stalls some multipart uploads: one PUT a file
+        client.create_bucket(Bucket=S3_BUCKET)
+        for folder in ("artifact", "stock"):
+            for f in sorted((d / folder).iterdir()):
+                if f.is_file():
+                    client.upload_file(str(f), S3_BUCKET, f"{folder}/{f.name}", Config=one_put)
+        client.close()
+        yield f"s3://{S3_BUCKET}", env
