@@ -40,3 +40,13 @@ def test_load_step_is_read_off_the_same_two_lines_for_every_format() -> None:
            "INFO 12-07 11:10:03.030 pid=1 [kv_cache_utils.py:2] GPU KV cache size: 1000 tokens\n")  # fmt: skip
     assert load_step_seconds(log) == pytest.approx(1.78)
     assert load_step_seconds(log.splitlines()[0]) is None
+
+
+def test_a_failed_run_is_named_by_its_error_line() -> None:
+    from hf_tensorizer.bench.vllm import _cause
+
+    tail = ("runai_streamer run failed (1):\nERROR 12-07 [x.py:1] ValueError: Could not receive response from "
+            "libstreamer due to: b'File access error'\nRuntimeError: Engine core initialization failed. See root "
+            "cause above.\n")  # fmt: skip
+    assert _cause(tail).endswith("ValueError: Could not receive response from libstreamer due to: b'File access error'")
+    assert _cause("x run failed (1):\nno error line") == "x run failed (1):"

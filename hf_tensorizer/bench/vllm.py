@@ -41,9 +41,13 @@ CHILD = """
 import json, sys
 from vllm import LLM
 if __name__ == "__main__":
-    extra = json.loads(sys.argv[3])
-    LLM(model=sys.argv[1], load_format=sys.argv[2], enforce_eager=True, dtype="float32", max_model_len=256, seed=0,
-        **({"model_loader_extra_config": extra} if extra else {}))
+    model, fmt, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    common = dict(enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
+    if fmt == "hf_tensorizer":  # how Python callers serve an artifact: a URI resolves to a local folder first
+        from hf_tensorizer.integrations.adapters.vllm import engine_args
+        LLM(**engine_args(model, extra, **common))
+    else:
+        LLM(model=model, load_format=fmt, **common, **({"model_loader_extra_config": extra} if extra else {}))
 """
 FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --formats
 # more --formats: a load format with an extra config (ours copying every tensor, as before adoption)
@@ -219,7 +223,7 @@ def vllm_main(args: argparse.Namespace) -> None:
                         try:
                             step, own = one(args.python, f"{where}/{folders[name]}", name, keep, env)
                         except SystemExit as exc:  # a format that cannot load here: said, and the others go on
-                            failed.setdefault((label, name), str(exc).splitlines()[0])
+                            failed.setdefault((label, name), _cause(str(exc)))
                             print(f"{label} run {i + 1}: {name:15s} FAILED: {failed[(label, name)]}", flush=True)
                             continue
                         rows.setdefault((label, name), []).append((step, own))
@@ -235,6 +239,13 @@ def vllm_main(args: argparse.Namespace) -> None:
               f"(range {min(steps):.2f}-{max(steps):.2f})  own line median {own}  runs {runs}")  # fmt: skip
     for (cache, name), why in failed.items():
         print(f"{cache:5s} {name:15s} failed: {why} (log kept with --logs)")
+
+
+def _cause(message: str) -> str:
+    """The line of a failed run's log tail that names the error (vLLM's "engine core initialization failed"
+    wrapper skipped), else its first line."""
+    lines = [x.strip() for x in message.splitlines() if "Error" in x and "initialization failed" not in x]
+    return lines[-1][-300:] if lines else message.splitlines()[0]
 
 
 @contextlib.contextmanager
