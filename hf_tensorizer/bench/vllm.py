@@ -186,7 +186,6 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def vllm_main(args: argparse.Namespace) -> None:
-    from ..engine.pagecache import evict
     from ..errors import UsageError
 
     caches = _split(args.cache, ("warm", "cold"), "cache")
@@ -211,13 +210,8 @@ def vllm_main(args: argparse.Namespace) -> None:
                 names = [n for n in formats if source == "local" or n != "safetensors"]
                 for i in range(args.runs):
                     for name in names:
-                        for f in files if source == "local" else []:
-                            if cache == "cold":
-                                evict(f)
-                            else:  # warm: every file in the page cache
-                                with open(f, "rb") as fh:
-                                    while fh.read(64 << 20):
-                                        pass
+                        if source == "local":
+                            _set_cache(files, cache)
                         label = cache if source == "local" else "s3"
                         keep = Path(args.logs) / f"{label}-{name}-{i + 1}.log" if args.logs else None
                         try:
@@ -239,6 +233,19 @@ def vllm_main(args: argparse.Namespace) -> None:
               f"(range {min(steps):.2f}-{max(steps):.2f})  own line median {own}  runs {runs}")  # fmt: skip
     for (cache, name), why in failed.items():
         print(f"{cache:5s} {name:15s} failed: {why} (log kept with --logs)")
+
+
+def _set_cache(files: list[Path], cache: str) -> None:
+    """``cold``: evict ``files`` from the page cache; ``warm``: read them all into it."""
+    from ..engine.pagecache import evict
+
+    for f in files:
+        if cache == "cold":
+            evict(f)
+        else:
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
 
 
 def _cause(message: str) -> str:

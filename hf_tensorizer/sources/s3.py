@@ -172,7 +172,7 @@ def _boto3_session(profile: str | None) -> Any:
     """A new boto3 session (credentials, config and initializers resolved afresh) whose botocore session shares
     what never changes within a process: the data loader (parsing botocore's S3 model and endpoint data costs
     ~0.15 s of CPU, paid by the first client of a process only) and a copy of the built-in event handlers
-    (:func:`_builtin_hooks`). A client then takes ~8 ms instead of ~16."""
+    (:func:`_builtin_hooks`). A client then takes ~10 ms instead of ~16."""
     import copy
 
     import boto3

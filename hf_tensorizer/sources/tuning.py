@@ -441,7 +441,7 @@ class Gate:
     def release(self) -> None:
         with self._cv:
             self._inflight -= 1
-            # one slot frees one waiter: waking all (a load's 16 readers at a limit of 4) cost ~10 % of an HTTP load
+            # one slot frees one waiter: waking all (a load's 16 readers at a limit of 4) cost ~5 % of an HTTP load
             # on 2 cores; a new limit or the diversion wakes every waiter (set_limit)
             self._cv.notify()
 
