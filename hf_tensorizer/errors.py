@@ -126,6 +126,11 @@ class ObjectChangedError(SourceError):
     """The object changed while it was being read (ETag, version or commit moved; a local file truncated in place)."""
 
 
+class LeaseUnavailableError(SourceError):
+    """A read lease on a local file could not be taken (no leases on this platform or filesystem, the file open for
+    writing elsewhere, a kernel ``lease-break-time`` too short to move mapped tensors away): callers copy instead."""
+
+
 class NetworkLimitError(SourceError):
     """A remote read broke a time rule: its deadline passed, the server asked to wait past it (Retry-After), or
     the bytes came slower than the minimum rate. The message names the URI and the option that sets the limit."""

@@ -3,10 +3,11 @@ the moto S3 server the S3 rows read from, and the files a row needs made once (u
 
 Rows, all on the same model (a Llama built from a config with fixed-seed weights):
 
-* ``predictor`` / ``predictor-pread`` / ``predictor-mapped`` / ``predictor-stock`` — our KServe predictor with
-  its default options (a local artifact: sealed in-memory snapshot, mapped), with ``--no-snapshot`` (``pread``),
-  with ``strategy=auto`` (the file itself mapped), and with stock ``from_pretrained`` on the ``save_pretrained``
-  folder (from S3 it downloads the folder first, as KServe's storage initializer does);
+* ``predictor`` / ``predictor-snapshot`` / ``predictor-pread`` / ``predictor-mapped`` / ``predictor-stock`` — our
+  KServe predictor with its default options (a local artifact: the file mapped under a read lease), with
+  ``--no-lease`` (a sealed in-memory snapshot, mapped), with ``--no-snapshot`` (``pread``), with ``strategy=auto``
+  (the file itself mapped, unguarded), and with stock ``from_pretrained`` on the ``save_pretrained`` folder (from S3
+  it downloads the folder first, as KServe's storage initializer does);
 * ``vllm`` — vLLM's OpenAI server with ``--load-format hf_tensorizer`` on our artifact (local folder or
   ``s3://``: config, tokenizer and weights all from there);
 * ``vllm-default`` — vLLM's default safetensors loader on the stock folder (from S3: downloaded first, as for
@@ -38,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME = "coldstart"
 # 43 tokens with the byte tokenizer: vLLM's CPU worker crashes (SIGILL) on prompts under ~8 tokens here
 PROMPT = "Once upon a time, in a cluster scaled to zero"
-ROWS = ("predictor", "predictor-pread", "predictor-mapped", "predictor-stock", "vllm", "vllm-default", "vllm-runai",
-        "vllm-tensorizer")  # fmt: skip
-OURS = ("predictor", "predictor-pread", "predictor-mapped", "vllm")  # rows that read the hf_tensorizer artifact
+ROWS = ("predictor", "predictor-snapshot", "predictor-pread", "predictor-mapped", "predictor-stock", "vllm",
+        "vllm-default", "vllm-runai", "vllm-tensorizer")  # fmt: skip
+# rows that read the hf_tensorizer artifact
+OURS = ("predictor", "predictor-snapshot", "predictor-pread", "predictor-mapped", "vllm")
 DEFAULT_ROWS = ("vllm", "vllm-default", "vllm-runai", "vllm-tensorizer", "predictor", "predictor-stock")
 BUCKET = "bench"
 # Upload with one PUT per object (S3 takes up to 5 GB in one): moto assembles a multipart upload in memory on
@@ -285,6 +287,8 @@ def _predictor(row: str, s3: bool, tensorized: str, stock: str, env: dict[str, s
     ready, path = f"/v1/models/{NAME}", f"/v1/models/{NAME}:predict"
     if row == "predictor":
         return Service([*server, "--model-uri", tensorized], ready, path, body, env, evict)
+    if row == "predictor-snapshot":
+        return Service([*server, "--model-uri", tensorized, "--no-lease"], ready, path, body, env, evict)
     if row == "predictor-pread":
         return Service([*server, "--model-uri", tensorized, "--no-snapshot"], ready, path, body, env, evict)
     if row == "predictor-mapped":

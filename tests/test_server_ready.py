@@ -126,12 +126,15 @@ def test_cli_imports_nothing_heavy_before_the_snapshot() -> None:
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
-def test_server_serves_a_local_artifact_from_its_snapshot(tmp_path: Path) -> None:
-    """The CLI takes the snapshot of a local artifact (started before its imports) and serves from it: the
-    answer does not change when model.tensors is then rewritten in place and truncated."""
+@pytest.mark.parametrize("guard", ["lease", "snapshot"])
+def test_server_serves_a_local_artifact_under_its_guard(tmp_path: Path, guard: str) -> None:
+    """The CLI takes a read lease on a local artifact's weights (default) or, with --no-lease, a snapshot (started
+    before its imports), and serves from it: the answer does not change when model.tensors is then rewritten in
+    place and truncated by another process."""
     folder = tmp_path / "art"
     hf_tensorizer.save_pretrained(causal_lm(hidden=64, layers=2, seed=9), folder, tokenizer=byte_tokenizer())
-    server = Server(str(folder), "local", env(tmp_path), tmp_path / "server.log", "--log-level", "info")
+    flags = ["--no-lease"] if guard == "snapshot" else []
+    server = Server(str(folder), "local", env(tmp_path), tmp_path / "server.log", "--log-level", "info", *flags)
     body = {"instances": [{"prompt": "served from a sealed snapshot", "max_new_tokens": 8}]}
     try:
         server.wait_ready()
@@ -147,4 +150,8 @@ def test_server_serves_a_local_artifact_from_its_snapshot(tmp_path: Path) -> Non
     finally:
         server.stop()
     log = server.output()
-    assert "weights snapshot of" in log and "no snapshot" not in log, log[-3000:]
+    if guard == "lease":
+        assert "mapped under a read lease" in log and "moved into private memory" in log, log[-3000:]
+        assert "weights snapshot of" not in log, log[-3000:]
+    else:
+        assert "weights snapshot of" in log and "no read lease" in log and "--no-lease" in log, log[-3000:]

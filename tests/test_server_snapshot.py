@@ -1,5 +1,6 @@
-"""The predictor's weights snapshot (integrations/server/snapshot.py): a sealed memfd copy of a local
-``model.tensors``, mapped by the load; what it guarantees and when the server reads the file instead.
+"""How the predictor guards a local ``model.tensors`` (integrations/server/snapshot.py): the file mapped under a read
+lease (default), or a sealed memfd copy mapped by the load (``lease=False``, or no lease to be had); what each
+guarantees and when the server reads the file instead.
 
 Everything runs on real files and the real loader (``ModelRunner.load``); no timing is asserted.
 """
@@ -36,6 +37,12 @@ def memfd_maps() -> list[str]:
     """This process's mappings of snapshot memfds."""
     with open("/proc/self/maps") as f:
         return [line for line in f if MEMFD in line]
+
+
+def file_maps(path: Path) -> list[str]:
+    """This process's mappings of ``path``."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if str(path) in line]
 
 
 def memfd_fds() -> list[int]:
@@ -89,12 +96,47 @@ def test_sealed_copy_equals_the_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_leased_model_survives_rewrite_and_truncation(artifact: Path) -> None:
+    """Default: the load maps model.tensors itself under a read lease. An in-place rewrite and a truncation (from this
+    process's own thread: its open() waits while the watcher moves the mapped weights) change nothing, and the
+    model then maps the file no more. (The control, a mapping without a lease seeing a rewrite, is in
+    test_lease.py: in one process a lease moves every mapping of its file.)"""
+    weights = artifact / "model.tensors"
+    runner = load(artifact)
+    try:
+        assert runner.lease_used and not runner.snapshot_used
+        assert file_maps(weights), "the file itself is mapped"
+        before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+        ids = generate(runner)
+        with open(weights, "r+b") as f:
+            f.write(os.urandom(weights.stat().st_size))
+            f.truncate(0)
+        assert runner.lease.broken.is_set() and runner.lease.moved_bytes > 0
+        assert not file_maps(weights)
+        after = runner.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert generate(runner) == ids
+    finally:
+        runner.shutdown()
+        hf_tensorizer.disable()
+
+
+def test_no_lease_while_another_writer_has_it_open_falls_back_to_the_snapshot(artifact: Path) -> None:
+    with open(artifact / "model.tensors", "r+b"):  # a lease is refused while the file is open for writing
+        runner = load(artifact)
+    try:
+        assert runner.snapshot_used and not runner.lease_used and runner.lease is None
+    finally:
+        runner.shutdown()
+        hf_tensorizer.disable()
+
+
 def test_loaded_model_survives_rewrite_and_truncation(artifact: Path) -> None:
     """With the snapshot, an in-place rewrite and a truncation of model.tensors after the load change nothing.
     Control: the same rewrite under a load that maps the file itself shows the new bytes."""
     weights = artifact / "model.tensors"
     size = weights.stat().st_size
-    runner = load(artifact)
+    runner = load(artifact, lease=False)
     mapped = load(artifact, tensorizer_options={"strategy": "auto"})  # the file itself mapped
     try:
         assert runner.snapshot_used and not mapped.snapshot_used
@@ -124,7 +166,7 @@ def test_memory_released_after_load(artifact: Path) -> None:
     Python's ``mmap`` keeps with it) lives as long as the model (float32: zero copy), or not at all when the load
     casts (float16: pread from the snapshot, which is then freed)."""
     assert not memfd_maps() and not memfd_fds()
-    runner = load(artifact)
+    runner = load(artifact, lease=False)
     try:
         assert runner.snapshot_used and runner.snapshot is not None
         assert runner.snapshot.fd is None and runner.snapshot.shadow is None
@@ -133,7 +175,7 @@ def test_memory_released_after_load(artifact: Path) -> None:
         runner.model = None
         gc.collect()
         assert not memfd_maps() and not memfd_fds()
-        cast = load(artifact, precision="float16")
+        cast = load(artifact, precision="float16", lease=False)
         try:
             assert cast.snapshot_used and next(cast.model.parameters()).dtype == torch.float16
             assert not memfd_maps() and not memfd_fds()
@@ -164,7 +206,8 @@ def test_fallbacks(artifact: Path, tmp_path: Path) -> None:
     pread = load(artifact, tensorizer_options={"strategy": "pread"})
     off = load(artifact, snapshot=False)
     try:
-        assert reference.snapshot_used and not pread.snapshot_used and not off.snapshot_used
+        assert reference.lease_used and not pread.lease_used and not off.lease_used
+        assert not (reference.snapshot_used or pread.snapshot_used or off.snapshot_used)
         assert generate(pread) == generate(off) == generate(reference)
     finally:
         for r in (reference, pread, off):

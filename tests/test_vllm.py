@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,18 +274,28 @@ def test_local_artifact_and_lora_adapters_same_tokens_as_stock(models: Path, ref
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # fmt: skip
     args = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "3",
             "--lora-modules", f"stock={models / 'lora-stock'}", f"ours={models / 'lora-artifact'}"]  # fmt: skip
-    with serve(str(models / "artifact"), tmp_path, env=env, args=args) as s:
+    artifact = tmp_path / "artifact"  # a copy: this test rewrites its weights file
+    shutil.copytree(models / "artifact", artifact)
+    weights = artifact / "model.tensors"
+    with serve(str(artifact), tmp_path, env=env, args=args) as s:
         assert [s.tokens(p) for p in PROMPTS] == reference
-        # parameters adopted the mapped tensors, and the ones vLLM kept were copied out of the file after its
-        # post-processing: the serving processes map nothing of the artifact (rewriting it cannot reach them)
-        assert mapping(s.proc.pid, models / "artifact" / "model.tensors") == []
+        # parameters adopted the mapped tensors; the ones vLLM kept after its post-processing stay on the file under
+        # a read lease: rewriting and truncating it in place (this process's open() waits while the worker moves
+        # them into private memory) changes no token, and then no serving process maps the file
+        assert mapping(s.proc.pid, weights) != []
+        with open(weights, "r+b") as f:
+            f.write(b"\xff" * weights.stat().st_size)
+            f.truncate(4096)
+        assert mapping(s.proc.pid, weights) == []
+        assert [s.tokens(p) for p in PROMPTS] == reference
         stock = [s.tokens(p, model="stock", ignore_eos=True) for p in PROMPTS]
         assert [s.tokens(p, model="ours", ignore_eos=True) for p in PROMPTS] == stock
         assert [s.tokens(p, model="lora-artifact", ignore_eos=True) for p in PROMPTS] == stock  # the resolver
         log = s.log()
     assert stock != reference  # the adapter does change the completions
     assert LOADED.findall(log) == ["mmap"]  # vLLM's own line, with our throughput; local: mapped, zero copy
-    assert len(ADOPTED.findall(log)) == 1 and "copied out of the file mapping" in log
+    assert len(ADOPTED.findall(log)) == 1 and "under a read lease" in log and "moved into private memory" in log
+    assert "copied out of the file mapping" not in log
     assert "LoRA adapter ours read into a local folder" in log and "Resolved and loaded LoRA adapter" in log
     cached = [p.name for p in (tmp_path / "cache").rglob("*")]
     assert "adapter_model.safetensors" in cached and "adapter_model.tensors" not in cached
@@ -295,12 +306,14 @@ def test_prequantized_artifact_same_tokens_as_stock(models: Path, tmp_path: Path
     greedy tokens as vLLM serving the stock checkpoint."""
     outputs, logs = [], []
     for folder, load_format in (("quant-stock", "safetensors"), ("quant-artifact", "hf_tensorizer")):
-        with serve(str(models / folder), tmp_path, load_format=load_format) as s:
+        extra = {"lease": False} if load_format == "hf_tensorizer" else None  # the copy-out, without a lease
+        with serve(str(models / folder), tmp_path, load_format=load_format, extra=extra) as s:
             outputs.append([s.tokens(p, ignore_eos=True) for p in PROMPTS])
             logs.append(s.log())
     assert outputs[1] == outputs[0]
     assert all("CompressedTensorsW8A8Int8" in log for log in logs)  # quantized kernels in both
     assert LOADED.findall(logs[1]) == ["mmap"] and ADOPTED.search(logs[1])  # int8 weights adopted, then processed
+    assert "copied out of the file mapping" in logs[1] and "under a read lease" not in logs[1]
 
 
 def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],

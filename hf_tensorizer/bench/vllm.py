@@ -54,6 +54,7 @@ FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --fo
 VARIANTS = {
     "hf_tensorizer-copy": ("hf_tensorizer", {"adopt": False}),
     "hf_tensorizer-pread": ("hf_tensorizer", {"strategy": "pread"}),  # read into memory of its own, then adopted
+    "hf_tensorizer-nolease": ("hf_tensorizer", {"lease": False}),  # kept parameters copied out of the mapping
 }
 # vLLM's own logging configuration with milliseconds in the time stamp (its stock format has whole seconds)
 LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
@@ -199,7 +200,8 @@ def vllm_main(args: argparse.Namespace) -> None:
                         str(args.hidden), "--layers", str(args.layers), "--vocab", "32000", "--only",
                         "stock,artifact"], check=True)  # fmt: skip
     folders = {"safetensors": "stock", "runai_streamer": "stock", "hf_tensorizer": "artifact",
-               "hf_tensorizer-copy": "artifact", "hf_tensorizer-pread": "artifact"}  # fmt: skip
+               "hf_tensorizer-copy": "artifact", "hf_tensorizer-pread": "artifact",
+               "hf_tensorizer-nolease": "artifact"}  # fmt: skip
     files = [d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")]
     size = files[0].stat().st_size
     rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {}

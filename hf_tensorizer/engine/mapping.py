@@ -12,7 +12,9 @@ Why it is safe:
   not supported after the load (the same holds for ``safetensors`` and ``torch.load(mmap=True)``): pages not yet
   copied show the new bytes, or fault with SIGBUS past a new end. A file found shorter than it was when opened,
   before or during a load, is an ``ObjectChangedError``. Long-lived processes whose files may be rewritten in
-  place load with ``strategy="pread"`` (copies; docs/security.md).
+  place hold a read lease on the file from before the load (:mod:`.lease`: a writer then waits while every mapping
+  this module made of the file moves into private memory; the registry below is how the lease finds them), or load
+  with ``strategy="pread"`` (copies; docs/security.md).
 
 Why it is fast: the page-cache pages *are* the tensors, so a load costs no copy and no fresh memory, only
 page-table entries. A warm file's pages are mapped by their first access: a fault maps a whole large folio of the
@@ -33,6 +35,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -51,6 +54,27 @@ _SENDFILE_REFUSALS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSO
 # 8 streams: 8 MiB pieces 1.4-1.8 GB/s, 16 MiB 1.9-2.1, 32 MiB 1.6-1.9; torch.load(mmap) 1.3-1.8
 # (docs/benchmarks.md).
 READ_THROUGH_PIECE_BYTES = 16 << 20
+# Every live mapping this module made, by file (st_dev, st_ino): what a FileLease (engine/lease.py) moves off a file
+# before a writer may change it. Weak: a mapping goes when its last tensor does.
+_LIVE: dict[tuple[int, int], list[weakref.ref[mmap.mmap]]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _register(fd: int, mm: mmap.mmap) -> None:
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    with _LIVE_LOCK:
+        refs = [r for r in _LIVE.get(key, ()) if r() is not None]
+        refs.append(weakref.ref(mm))
+        _LIVE[key] = refs
+
+
+def take_mappings(dev: int, ino: int) -> list[mmap.mmap]:
+    """The live mappings this process made of the file ``(dev, ino)``, forgotten here: the caller moves them off
+    the file (strong references: they stay while held)."""
+    with _LIVE_LOCK:
+        refs = _LIVE.pop((dev, ino), ())
+    return [m for r in refs if (m := r()) is not None]
 
 
 def is_zero_copy(entry: TensorEntry) -> bool:
@@ -77,6 +101,7 @@ class FileMapping:
             self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except ValueError as exc:  # "mmap length is greater than file size": it shrank since check()
             raise _shrank(size, os.fstat(fd).st_size) from exc
+        _register(fd, self._mm)
         # one view owns the reference to the mmap object; every tensor is a slice of it
         self.base = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.address = self.base.data_ptr()
@@ -137,6 +162,7 @@ class FileMapping:
                            offset=first)  # fmt: skip
         except ValueError as exc:  # it shrank since check()
             raise _shrank(self.size, os.fstat(fd).st_size) from exc
+        _register(fd, mm)
         raw = torch.frombuffer(memoryview(mm)[start - first : end - first], dtype=torch.uint8)
         return raw.view(tensor.dtype).reshape(tensor.shape)
 

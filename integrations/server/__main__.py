@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import DEFAULT_LOAD_TIMEOUT_S, LOADERS, PRECISION_NAMES, ServerConfig, parse_option
-from .snapshot import Snapshot, reason_not_to
+from .snapshot import Snapshot, prefetch, reason_not_to, take_lease
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 (LoadTimeoutError) when the weights are not in after SECONDS, rather "
                         "than stay unready; 0: wait forever")  # fmt: skip
     p.add_argument("--no-snapshot", dest="snapshot", action="store_false",
-                   help="read a local artifact's weights with pread instead of copying them into a sealed "
-                        "in-memory snapshot during start-up and mapping that (docs/serving.md)")  # fmt: skip
+                   help="read a local artifact's weights with pread, instead of mapping them under a read lease or "
+                        "from a sealed in-memory snapshot (docs/serving.md)")  # fmt: skip
+    p.add_argument("--no-lease", dest="lease", action="store_false",
+                   help="copy a local artifact's weights into a sealed in-memory snapshot during start-up and map "
+                        "that, instead of mapping the file under a read lease (docs/serving.md)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -63,10 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(args.tensorizer_option)
-    snapshot = None
+    snapshot = lease = None
+    no_lease = None if args.lease else "--no-lease"
     if args.snapshot and not reason_not_to(args.model_uri, loader=args.loader, device=args.device,
                                            key_file=args.key_file, tensorizer_options=options):  # fmt: skip
-        snapshot = Snapshot(args.model_uri).start()  # the disk works while torch, transformers and kserve import
+        # the disk works while torch, transformers and kserve import
+        if args.lease:
+            lease, no_lease = take_lease(args.model_uri)
+        if lease is not None:
+            prefetch(lease.path)
+        else:
+            snapshot = Snapshot(args.model_uri).start()
     from hf_tensorizer.sources import redact
 
     from .app import build, serve, set_log_level
@@ -74,11 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(model_uri=args.model_uri, model_name=args.model_name, precision=args.precision,
                           device=args.device, loader=args.loader, key_file=args.key_file,
                           tensorizer_options=options, load_timeout_s=args.load_timeout, snapshot=args.snapshot,
+                          lease=args.lease,
                           max_new_tokens_limit=args.max_new_tokens_limit, ready_wait_s=args.ready_wait,
                           max_input_tokens=args.max_input_tokens, max_request_tokens=args.max_request_tokens,
                           max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                           request_timeout_s=args.request_timeout)  # fmt: skip
-    server, model = build(config, host=args.host, port=args.port, snapshot=snapshot)
+    server, model = build(config, host=args.host, port=args.port, snapshot=snapshot, lease=lease, no_lease=no_lease)
     set_log_level(args.log_level)
     failure, hung = serve(server, model)
     if failure:

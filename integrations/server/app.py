@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,6 +34,9 @@ from .guard import Guard
 from .model import ModelRunner, ServerConfig
 from .predictor import ClientGone, RequestTimeout, TensorizedModel, kserve
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from hf_tensorizer.engine.lease import FileLease
 
 log = logging.getLogger("integrations.server")
 
@@ -78,8 +82,9 @@ def _timed_out(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=504)
 
 
-def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
-          snapshot: Snapshot | None = None) -> tuple[PredictorServer, TensorizedModel]:  # fmt: skip
+def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, snapshot: Snapshot | None = None,
+          lease: FileLease | None = None,
+          no_lease: str | None = None) -> tuple[PredictorServer, TensorizedModel]:  # fmt: skip
     """The server and its (unloaded) model, with the guard and error handlers installed on the SDK's app.
 
     Args:
@@ -87,11 +92,13 @@ def build(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
         host: bind address.
         port: HTTP port.
         snapshot: the weights snapshot the CLI started (:mod:`~integrations.server.snapshot`), if any.
+        lease: the read lease the CLI took on the weights file instead, if any.
+        no_lease: why the CLI took no lease (logged by the load), if it tried.
 
     Returns:
         ``(server, model)``; start with :func:`serve`.
     """
-    model = TensorizedModel(ModelRunner(config, snapshot))
+    model = TensorizedModel(ModelRunner(config, snapshot, lease=lease, no_lease=no_lease))
     server = PredictorServer(host, port, latency_logging=logging.getLogger().isEnabledFor(logging.DEBUG))
     server.register_model(model)  # registered unready: the SDK answers 503 for it until load() sets ready
     app: FastAPI = kserve.model_server.app  # the SDK serves this module-level app

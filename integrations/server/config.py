@@ -46,8 +46,11 @@ class ServerConfig:
     ready_wait_s: float = 0.0
     # a load still running after this long ends the process with status 1 (LoadTimeoutError); 0: no limit
     load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
-    # copy a local model.tensors into a sealed memfd while the imports run, then map that (snapshot.py)
+    # guard a local model.tensors against in-place rewrites (snapshot.py): False reads it with pread
     snapshot: bool = True
+    # the guard: map the file under a read lease (moved to private memory only if a writer comes); False, or no
+    # lease to be had: copy it into a sealed memfd while the imports run, then map that
+    lease: bool = True
 
 
 def parse_option(text: str) -> tuple[str, Any]:

@@ -16,17 +16,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hf_tensorizer.constants import KEY_ENV
-from hf_tensorizer.errors import MissingKeyError, UsageError
+from hf_tensorizer.errors import MissingKeyError, ObjectChangedError, UsageError
 from hf_tensorizer.sources import redact
 
 from .config import LOADERS, PRECISION_NAMES, ServerConfig
-from .snapshot import Snapshot, SnapshotError, reason_not_to
+from .snapshot import Snapshot, SnapshotError, reason_not_to, take_lease
 from .validation import DEFAULT_NEW_TOKENS, DEFAULT_STEPS, BadRequest, parse_v1, task_fields
+
+if TYPE_CHECKING:
+    from hf_tensorizer.engine.lease import FileLease
 
 log = logging.getLogger("integrations.server")
 
@@ -48,10 +51,15 @@ class ModelRunner:
     Args:
         config: the server configuration.
         snapshot: a weights snapshot started already (by the CLI, before its imports); ``None``: the load takes
-            one itself when ``config.snapshot`` and the model allow it (:func:`~.snapshot.reason_not_to`).
+            one itself when ``config.snapshot`` and the model allow it (:func:`~.snapshot.reason_not_to`) and no
+            read lease can be had.
+        lease: a read lease on the weights file taken already (:func:`~.snapshot.take_lease`, by the CLI); ``None``
+            and no ``snapshot``: the load tries to take one itself when ``config.lease`` allows.
+        no_lease: why the CLI could not take a lease (logged once by the load).
     """
 
-    def __init__(self, config: ServerConfig, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, config: ServerConfig, snapshot: Snapshot | None = None, *, lease: FileLease | None = None,
+                 no_lease: str | None = None) -> None:  # fmt: skip
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
         if config.loader not in LOADERS:
@@ -59,6 +67,9 @@ class ModelRunner:
         self.config = config
         self.snapshot = snapshot
         self.snapshot_used = False  # the weights were loaded from the snapshot (else read from the source)
+        self.lease = lease
+        self.lease_used = False  # the weights map the file itself, under the read lease
+        self._no_lease = no_lease
         self.dtype = PRECISIONS[config.precision]
         self.task: str | None = None  # "text-generation" | "text-to-image" once loaded
         self.model: Any = None
@@ -117,10 +128,10 @@ class ModelRunner:
                 return
         fn()
 
-    def _options(self, snapshot: bool = False) -> dict[str, Any]:
-        # Either way the weights live in memory nothing else can write: a sealed snapshot (mapped, zero-copy), or
-        # pread's copy; a rewrite or truncation of the artifact file cannot change (or SIGBUS) the running model
-        options = {**({} if snapshot else {"strategy": "pread"}), **self.config.tensorizer_options}
+    def _options(self, mapped: bool = False) -> dict[str, Any]:
+        # Every way, a rewrite or truncation of the artifact file cannot change (or SIGBUS) the running model: the
+        # file mapped under a read lease or a sealed snapshot mapped (default strategy: zero-copy), or pread's copy
+        options = {**({} if mapped else {"strategy": "pread"}), **self.config.tensorizer_options}
         if self.config.key_file:
             from hf_tensorizer.crypto import EncryptionKey
 
@@ -134,10 +145,16 @@ class ModelRunner:
         from hf_tensorizer.integrations.options import TensorizerOptions
 
         uri = self.config.model_uri
+        if self._leased():
+            self._load_causal_lm(uri, uri, TensorizerOptions.parse(self._options(mapped=True)))
+            if self.lease is not None and self.lease.broken.is_set():
+                raise ObjectChangedError(f"{redact(uri)}: model.tensors was opened for writing during the load")
+            self.lease_used = True
+            return
         shadow = self._snapshot_folder()
         if shadow is not None:
             try:
-                self._load_causal_lm(shadow, uri, TensorizerOptions.parse(self._options(snapshot=True)))
+                self._load_causal_lm(shadow, uri, TensorizerOptions.parse(self._options(mapped=True)))
             finally:
                 self.snapshot.close()  # type: ignore[union-attr]  # the tensors keep their mapping alive
             self.snapshot_used = True
@@ -157,6 +174,25 @@ class ModelRunner:
             self._set_pipeline(pipe)
             return
         self._load_causal_lm(folder, uri, options)
+
+    def _leased(self) -> bool:
+        """Whether the weights file is held under a read lease (taken by the CLI, or here), so the load may map it."""
+        c = self.config
+        if self.lease is None:
+            if self.snapshot is not None or not c.snapshot or self._no_lease:  # the CLI decided already
+                if self._no_lease:
+                    log.info("no read lease on %s (%s)", redact(c.model_uri), self._no_lease)
+                return False
+            if not c.lease or reason_not_to(c.model_uri, loader=c.loader, device=c.device, key_file=c.key_file,
+                                            tensorizer_options=c.tensorizer_options) is not None:  # fmt: skip
+                return False
+            self.lease, why = take_lease(c.model_uri)
+            if self.lease is None:
+                log.info("no read lease on %s (%s)", redact(c.model_uri), why)
+                return False
+        log.info("weights of %s mapped under a read lease: a writer waits while they move to private memory",
+                 redact(c.model_uri))  # fmt: skip
+        return True
 
     def _snapshot_folder(self) -> str | None:
         """The snapshot's folder to load from, or ``None`` (no snapshot: why is logged once)."""

@@ -1,4 +1,13 @@
-"""A sealed in-memory snapshot of a local artifact's weights, taken while the server is still importing.
+"""How the server keeps a local artifact's weights fixed while it serves: a read lease, or a sealed snapshot.
+
+The default, :func:`take_lease`: the load maps ``model.tensors`` itself (no copy: the page cache's pages are the
+tensors, as for a stock ``from_pretrained``), under a read lease (:mod:`hf_tensorizer.engine.lease`): a process that
+later opens the file for writing, or truncates it, waits in the kernel while this one moves the mapped tensors into
+private memory at the same addresses; nothing is copied unless that happens. While the imports run, a thread asks
+the file into the page cache (:func:`prefetch`), so a cold file is there when the load maps it.
+
+Where no lease can be had (another process has the file open for writing, a filesystem without leases, a short
+``lease-break-time``) or with ``--no-lease``: the sealed snapshot below.
 
 Why: a server scaled from zero spends most of its start in imports (torch, transformers, kserve), with the disk
 idle. :class:`Snapshot` copies ``model.tensors`` into a ``memfd`` on a background thread started before those
@@ -27,7 +36,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hf_tensorizer.engine.lease import FileLease
 
 log = logging.getLogger("integrations.server")
 
@@ -38,6 +50,54 @@ PIPELINE_INDEX = "model_index.json"
 SEALS = ("F_SEAL_WRITE", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_SEAL")
 _COPY_BYTES = 64 << 20
 _SMALL_FILE_BYTES = 256 << 20  # a "small" file bigger than this is no config: linked, not copied
+
+
+def take_lease(folder: str) -> tuple[FileLease | None, str | None]:
+    """A read lease on ``folder``'s ``model.tensors`` (:class:`~hf_tensorizer.engine.lease.FileLease`), or
+    ``(None, why not)``. Imports nothing heavy: callable before torch is."""
+    from hf_tensorizer.engine.lease import FileLease
+    from hf_tensorizer.errors import LeaseUnavailableError
+
+    try:
+        return FileLease.take(os.path.join(folder, WEIGHTS)), None
+    except (LeaseUnavailableError, OSError) as exc:
+        return None, str(exc)
+
+
+def prefetch(path: str, piece_bytes: int = 16 << 20) -> threading.Thread:
+    """Read ``path`` into the page cache from a daemon thread, ``sendfile`` to ``/dev/null`` in file order (the
+    kernel reads the file; nothing is copied to user memory), so that the disk works while the imports run. Best
+    effort; returns the thread. A file already in the page cache (64 sampled pages) is left alone. Measured on the
+    2-core VM: a cold 1.07 GB file in 0.9 s for 0.09 s of CPU. (``POSIX_FADV_WILLNEED`` read only its first 8 MB.)"""
+
+    def run() -> None:
+        from hf_tensorizer.engine.pagecache import resident_fraction  # ctypes only: no torch
+
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if (resident_fraction(fd, os.fstat(fd).st_size, samples=64) or 0.0) >= 1.0:
+                return  # warm: nothing to read (a pass over cached pages would still cost ~0.07 s of CPU per GB)
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                size, offset = os.fstat(fd).st_size, 0
+                while offset < size:
+                    n = os.sendfile(devnull, fd, offset, min(piece_bytes, size - offset))
+                    if n <= 0:
+                        break
+                    offset += n
+            finally:
+                os.close(devnull)
+        except OSError:  # no sendfile to /dev/null here: the load reads the file itself
+            pass
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, name="weights-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 class SnapshotError(OSError):

@@ -14,9 +14,11 @@ buffer.
 A mapped tensor is moved onto a mapping of only its own pages when taken
 (:meth:`~hf_tensorizer.TensorDeserializer.own_pages`), so the file's mapping goes once the copied tensors are
 dropped, and a parameter that vLLM replaces in ``process_weights_after_loading`` (the repacked linear weights)
-unmaps its pages with it. :meth:`Adoption.release` then copies out of the file the parameters still on it after
-post-processing (embeddings, ``lm_head``, norms): a running server holds no mapping of the artifact, so rewriting
-the file in place later cannot change or crash it (docs/security.md) — the guarantee a copying loader gives.
+unmaps its pages with it. The parameters still on the file after post-processing (embeddings, ``lm_head``,
+norms) stay there when the loader holds a read lease on the file (:mod:`hf_tensorizer.engine.lease`: a process
+that opens it for writing waits while they move into private memory); otherwise :meth:`Adoption.release` copies
+them out. Either way, rewriting the file in place later cannot change or crash a running server (docs/security.md)
+— the guarantee a copying loader gives.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class AdoptionStats:
         copied: ``aten.copy_`` calls left to run (fused or partial parameters, casts, ...).
         released: parameters still on a file mapping after post-processing, copied out by :meth:`Adoption.release`.
         released_bytes: their bytes.
+        kept: parameters left on the file mapping by ``release(copy=False)`` (the file is under a read lease).
+        kept_bytes: their bytes.
     """
 
     taken: list[str] = field(default_factory=list)
@@ -50,6 +54,8 @@ class AdoptionStats:
     copied: int = 0
     released: list[str] = field(default_factory=list)
     released_bytes: int = 0
+    kept: list[str] = field(default_factory=list)
+    kept_bytes: int = 0
 
 
 def _whole(t: torch.Tensor) -> bool:
@@ -143,19 +149,27 @@ class Adoption(TorchDispatchMode):
         super().__exit__(*exc)
         self._offered.clear()  # no reference to a streamed tensor outlives the load
 
-    def release(self) -> AdoptionStats:
+    def release(self, copy: bool = True) -> AdoptionStats:
         """Copy into memory of their own the taken parameters that still view the artifact's file (those vLLM's
         post-processing did not replace): afterwards no parameter does.
 
+        Args:
+            copy: false leaves them on the mapping and only counts them: the caller holds a read lease on the file
+                (:mod:`hf_tensorizer.engine.lease`), which moves them if a writer comes.
+
         Returns:
-            :attr:`stats`, with ``released`` filled in.
+            :attr:`stats`, with ``released`` (or ``kept``) filled in.
         """
         present = {id(p) for _, p in self._model.named_parameters(remove_duplicate=False)}
         for name, ref, ptr in self._mapped:
             param = ref()
             if param is not None and id(param) in present and param.data_ptr() == ptr:
-                param.data = param.data.clone()
-                self.stats.released.append(name)
-                self.stats.released_bytes += param.nbytes
+                if copy:
+                    param.data = param.data.clone()
+                    self.stats.released.append(name)
+                    self.stats.released_bytes += param.nbytes
+                else:
+                    self.stats.kept.append(name)
+                    self.stats.kept_bytes += param.nbytes
         self._mapped.clear()
         return self.stats

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -174,6 +174,7 @@ class HfTensorizerLoaderMixin:
 
     load_config: Any
     _adoptions: list[Adoption] | None = None  # inside load_model: released after vLLM's post-processing
+    _leases: list[Any]  # read leases on the local weight files (set per instance in __init__)
 
     def _options(self) -> LoaderOptions:
         return parse_extra_config(self.load_config.model_loader_extra_config)
@@ -223,6 +224,8 @@ class HfTensorizerLoaderMixin:
             if tp > 1:
                 tensors: Iterator[tuple[str, torch.Tensor]] = sliced(weights, opts.engine, metrics)
             elif opts.adopt and device.type == "cpu":
+                if opts.lease:  # before any byte is mapped: the bytes loaded are the bytes the lease keeps
+                    self._leases += _take_leases(uris)
                 opened: list[TensorDeserializer] = []
                 adoption = Adoption(model, functools.partial(_take, opened, stats))
                 tensors = adoption.offer(streamed(weights, opts.engine, device, stats, opened))
@@ -245,7 +248,7 @@ class HfTensorizerLoaderMixin:
                      "(fused or partial parameters)", len(adoption.stats.taken), adoption.stats.taken_bytes / 1e9,
                      adoption.stats.copied)  # fmt: skip
             if self._adoptions is None:  # not inside load_model (vLLM reloading weights): nothing to wait for
-                _release(adoption)
+                _release(adoption, leased=bool(self._leases))
             else:
                 self._adoptions.append(adoption)
         if loaded is not None and model_config.quantization is None:
@@ -259,9 +262,10 @@ class HfTensorizerLoaderMixin:
         try:
             model = super().load_model(*args, **kwargs)  # type: ignore[misc]
             for adoption in self._adoptions:
-                _release(adoption)
+                _release(adoption, leased=bool(self._leases))
         finally:
             self._adoptions = None
+        _HELD.extend(self._leases)  # for the life of the process: the kept parameters map the files
         return model
 
 
@@ -275,9 +279,38 @@ def _take(opened: list[TensorDeserializer], stats: dict[str, Any], t: torch.Tens
     return None if stats["strategy"] == "mmap" else (t, False)
 
 
-def _release(adoption: Adoption) -> None:
+_HELD: list[Any] = []  # the read leases of files that served parameters still map
+
+
+def _take_leases(uris: Sequence[str]) -> list[Any]:
+    """Read leases on the local weight files among ``uris`` (all of them), or none: then the kept parameters are
+    copied out after post-processing, as without leases."""
+    from ....engine.lease import FileLease
+    from ....errors import LeaseUnavailableError
+
+    paths = [u.removeprefix("file://") for u in uris if "://" not in u or u.startswith("file://")]
+    if not paths or len(paths) != len(uris):
+        return []
+    leases: list[Any] = []
+    try:
+        for path in paths:
+            leases.append(FileLease.take(path))
+    except (LeaseUnavailableError, OSError) as exc:
+        vllm_logger().info("hf_tensorizer: no read lease (%s): parameters kept after post-processing will be "
+                           "copied out of the file mapping", exc)  # fmt: skip
+        for lease in leases:
+            lease.close()
+        return []
+    return leases
+
+
+def _release(adoption: Adoption, leased: bool = False) -> None:
     t0 = time.perf_counter()
-    stats = adoption.release()
+    stats = adoption.release(copy=not leased)
+    if stats.kept:
+        vllm_logger().info("hf_tensorizer: %d parameters kept after post-processing stay on the file mapping "
+                           "(%.2f GB) under a read lease: a process opening the file for writing waits while they "
+                           "move into private memory", len(stats.kept), stats.kept_bytes / 1e9)  # fmt: skip
     if stats.released:
         vllm_logger().info("hf_tensorizer: %d parameters kept after post-processing were copied out of the file "
                            "mapping (%.2f GB in %.2f s)", len(stats.released), stats.released_bytes / 1e9,
@@ -308,6 +341,7 @@ def loader_class() -> type:
 
         def __init__(self, load_config: Any) -> None:
             super().__init__(load_config)
+            self._leases = []
             self._options()  # a bad extra config fails here, before the model is built
 
     HfTensorizerLoader.__module__, HfTensorizerLoader.__qualname__ = __name__, "HfTensorizerLoader"

@@ -5,8 +5,10 @@ options such as ``num_readers``, ``chunk_bytes``, ``verify_hash``, ``distributed
 ``endpoint_url``, ``region_name``, ``token``, ``headers``), plus what JSON cannot hold as a Python object:
 ``key_file`` (a key file written by ``hf-tensorizer keygen``) and ``passphrase_env`` (the name of an environment
 variable holding a passphrase). Without either, an encrypted artifact takes its key from ``HF_TENSORIZER_KEY``.
-One key is this loader's own: ``adopt`` (default true; :mod:`.adopt`), whether vLLM's parameters may become the
-streamed tensors instead of copies of them on CPU.
+Two keys are this loader's own: ``adopt`` (default true; :mod:`.adopt`), whether vLLM's parameters may become the
+streamed tensors instead of copies of them on CPU, and ``lease`` (default true), whether those left on a local
+file's mapping after post-processing stay there under a read lease (:mod:`hf_tensorizer.engine.lease`) rather than
+being copied out.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ...options import TensorizerOptions, engine_keys, transport_keys
 FLAG = "--model-loader-extra-config"
 LOGGER = "vllm.hf_tensorizer"  # under vLLM's logger: its handler and format, once vLLM configured it
 KEY_OPTIONS = ("key_file", "passphrase_env")  # the vLLM spellings of encryption=
-LOADER_OPTIONS = ("adopt",)  # this loader's own (LoaderOptions attributes), not tensorizer_options
+LOADER_OPTIONS = ("adopt", "lease")  # this loader's own (LoaderOptions attributes), not tensorizer_options
 # set by vLLM itself (the model's device and dtype) or meaningless for a load into vLLM's own parameters
 _NOT_HERE = frozenset({"transform", "process_group", "lazy", "index", "staging_allocation"})
 
@@ -40,11 +42,15 @@ class LoaderOptions:
         given: the JSON object as given (for messages and the front-end's resolution).
         adopt: on CPU with one rank, a whole parameter becomes the streamed tensor instead of a copy of it
             (:mod:`.adopt`); false copies every tensor, as vLLM's own loaders do.
+        lease: adopted parameters of a local file that vLLM keeps after post-processing stay on the file's mapping
+            under a read lease (moved into private memory if a process opens the file for writing); false, or no
+            lease to be had: they are copied out of the mapping after post-processing.
     """
 
     options: TensorizerOptions = field(default_factory=TensorizerOptions)
     given: Mapping[str, Any] = field(default_factory=dict)
     adopt: bool = True
+    lease: bool = True
 
     @property
     def engine(self) -> Mapping[str, Any]:
@@ -115,10 +121,12 @@ def parse_extra_config(config: Mapping[str, Any] | str | None) -> LoaderOptions:
         value = rest.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise UsageError(f"{FLAG}: {name} must be a positive integer, got {value!r}")
-    for name in ("verify_hash", "distributed", "mmap", "adopt"):
+    for name in ("verify_hash", "distributed", "mmap", *LOADER_OPTIONS):
         if name in given and not isinstance(given[name], bool):
             raise UsageError(f"{FLAG}: {name} must be true or false, got {given[name]!r}")
-    return LoaderOptions(TensorizerOptions.parse(rest), given, adopt=given.get("adopt", True))
+    return LoaderOptions(
+        TensorizerOptions.parse(rest), given, adopt=given.get("adopt", True), lease=given.get("lease", True)
+    )
 
 
 def _key(given: Mapping[str, Any]) -> Any:
