@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_tensorizer.bench.vllm import logging_env
+from hf_tensorizer.bench.vllm import RUNAI_MOTO_ENV, logging_env
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "coldstart"
@@ -96,8 +96,7 @@ class Moto:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         self.env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url, "AWS_EC2_METADATA_DISABLED": "true",
-                    # Run:ai's streamer: path-style addressing (moto has no virtual hosts on 127.0.0.1)
-                    "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}  # fmt: skip
+                    **RUNAI_MOTO_ENV}  # fmt: skip
         config, self.transfer = upload_config()
         self.client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", config=config,
                                    aws_access_key_id="bench", aws_secret_access_key="bench")  # fmt: skip

@@ -50,6 +50,10 @@ if __name__ == "__main__":
         LLM(model=model, load_format=fmt, **common, **({"model_loader_extra_config": extra} if extra else {}))
 """
 FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --formats
+# Run:ai's streamer against moto: path-style addressing (no virtual hosts on 127.0.0.1), and a request timeout above
+# what moto takes for one ranged GET of a large object (it copies the whole object for each range: 1-2 s per part of
+# a 1 GB object); with the streamer's 1 s default every part fails ("File access error")
+RUNAI_MOTO_ENV = {"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "60000"}
 # more --formats: a load format with an extra config (ours copying every tensor, as before adoption)
 VARIANTS = {
     "hf_tensorizer-copy": ("hf_tensorizer", {"adopt": False}),
@@ -273,7 +277,7 @@ def _serving(source: str, d: Path) -> Iterator[tuple[str, dict[str, str]]]:
 
     with moto_server() as url:
         env = {**AWS_ENV, "AWS_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-               "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}  # fmt: skip  # moto: path-style on 127.0.0.1
+               **RUNAI_MOTO_ENV}  # fmt: skip
         client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                               aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
