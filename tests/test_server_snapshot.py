@@ -75,6 +75,13 @@ def generate(runner: ModelRunner, prompt: str = "hello snapshot") -> list[int]:
     return pred["output_ids"]
 
 
+def assert_unchanged(runner: ModelRunner, before: dict[str, torch.Tensor], ids: list[int]) -> None:
+    """The runner's weights are still ``before`` and it still generates ``ids``."""
+    after = runner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert generate(runner) == ids
+
+
 def test_sealed_copy_equals_the_file(tmp_path: Path) -> None:
     src = tmp_path / "blob"
     data = os.urandom(3 << 20) + b"tail"
@@ -113,9 +120,7 @@ def test_leased_model_survives_rewrite_and_truncation(artifact: Path) -> None:
             f.truncate(0)
         assert runner.lease.broken.is_set() and runner.lease.moved_bytes > 0
         assert not file_maps(weights)
-        after = runner.model.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert generate(runner) == ids
+        assert_unchanged(runner, before, ids)
     finally:
         runner.shutdown()
         hf_tensorizer.disable()
@@ -152,9 +157,7 @@ def test_loaded_model_survives_rewrite_and_truncation(artifact: Path) -> None:
         gc.collect()  # before the truncation: a mapping of the file past its new end would SIGBUS
         with open(weights, "r+b") as f:
             f.truncate(0)
-        after = runner.model.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert generate(runner) == ids
+        assert_unchanged(runner, before, ids)
     finally:
         runner.shutdown()
         mapped.shutdown()

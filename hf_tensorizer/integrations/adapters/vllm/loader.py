@@ -22,10 +22,11 @@ import torch
 
 from ....constants import KEY_ENV, SLICE_MAX_GAP
 from ....engine import TensorDeserializer
+from ....engine.lease import FileLease
 from ....engine.pipeline import Verifier
 from ....engine.slices import SliceMetrics, TensorSlice
 from ....engine.staging import reuse_blocks
-from ....errors import FormatError, MissingKeyError, UsageError
+from ....errors import FormatError, LeaseUnavailableError, MissingKeyError, UsageError
 from ....sources.uri import redact
 from ...loading.weights import OpenWeights, locate, open_weights, slice_checks
 from .adopt import Adoption
@@ -173,8 +174,8 @@ class HfTensorizerLoaderMixin:
     process that runs vLLM, so this module imports without vLLM)."""
 
     load_config: Any
-    _adoptions: list[Adoption] | None = None  # inside load_model: released after vLLM's post-processing
-    _leases: list[Any]  # read leases on the local weight files (set per instance in __init__)
+    # inside load_model: released after vLLM's post-processing (with whether a read lease guards their file)
+    _adoptions: list[tuple[Adoption, bool]] | None = None
 
     def _options(self) -> LoaderOptions:
         return parse_extra_config(self.load_config.model_loader_extra_config)
@@ -221,11 +222,12 @@ class HfTensorizerLoaderMixin:
             stats: dict[str, Any] = {"bytes": 0, "read": 0, "strategy": "slices"}
             metrics = SliceMetrics()
             adoption = None
+            leases: list[FileLease] = []
             if tp > 1:
                 tensors: Iterator[tuple[str, torch.Tensor]] = sliced(weights, opts.engine, metrics)
             elif opts.adopt and device.type == "cpu":
                 if opts.lease:  # before any byte is mapped: the bytes loaded are the bytes the lease keeps
-                    self._leases += _take_leases(uris)
+                    leases = _take_leases(uris)
                 opened: list[TensorDeserializer] = []
                 adoption = Adoption(model, functools.partial(_take, opened, stats))
                 tensors = adoption.offer(streamed(weights, opts.engine, device, stats, opened))
@@ -247,10 +249,11 @@ class HfTensorizerLoaderMixin:
             log.info("hf_tensorizer: %d parameters are their streamed tensors (%.2f GB not copied), %d copies made "
                      "(fused or partial parameters)", len(adoption.stats.taken), adoption.stats.taken_bytes / 1e9,
                      adoption.stats.copied)  # fmt: skip
+            _HELD.extend(leases)  # for the life of the process: the kept parameters map the files
             if self._adoptions is None:  # not inside load_model (vLLM reloading weights): nothing to wait for
-                _release(adoption, leased=bool(self._leases))
+                _release(adoption, leased=bool(leases))
             else:
-                self._adoptions.append(adoption)
+                self._adoptions.append((adoption, bool(leases)))
         if loaded is not None and model_config.quantization is None:
             _check_complete(model, set(loaded), root)
 
@@ -261,11 +264,10 @@ class HfTensorizerLoaderMixin:
         self._adoptions = []
         try:
             model = super().load_model(*args, **kwargs)  # type: ignore[misc]
-            for adoption in self._adoptions:
-                _release(adoption, leased=bool(self._leases))
+            for adoption, leased in self._adoptions:
+                _release(adoption, leased)
         finally:
             self._adoptions = None
-        _HELD.extend(self._leases)  # for the life of the process: the kept parameters map the files
         return model
 
 
@@ -279,19 +281,16 @@ def _take(opened: list[TensorDeserializer], stats: dict[str, Any], t: torch.Tens
     return None if stats["strategy"] == "mmap" else (t, False)
 
 
-_HELD: list[Any] = []  # the read leases of files that served parameters still map
+_HELD: list[FileLease] = []  # the read leases of the files that kept parameters still map
 
 
-def _take_leases(uris: Sequence[str]) -> list[Any]:
+def _take_leases(uris: Sequence[str]) -> list[FileLease]:
     """Read leases on the local weight files among ``uris`` (all of them), or none: then the kept parameters are
     copied out after post-processing, as without leases."""
-    from ....engine.lease import FileLease
-    from ....errors import LeaseUnavailableError
-
     paths = [u.removeprefix("file://") for u in uris if "://" not in u or u.startswith("file://")]
     if not paths or len(paths) != len(uris):
         return []
-    leases: list[Any] = []
+    leases: list[FileLease] = []
     try:
         for path in paths:
             leases.append(FileLease.take(path))
@@ -341,7 +340,6 @@ def loader_class() -> type:
 
         def __init__(self, load_config: Any) -> None:
             super().__init__(load_config)
-            self._leases = []
             self._options()  # a bad extra config fails here, before the model is built
 
     HfTensorizerLoader.__module__, HfTensorizerLoader.__qualname__ = __name__, "HfTensorizerLoader"
