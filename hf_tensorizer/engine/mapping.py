@@ -44,6 +44,7 @@ from ..errors import ObjectChangedError, SourceError
 from ..format.dtypes import element_size
 from ..format.index import FileIndex, TensorEntry
 from .memory import MADV_POPULATE_READ, PAGE, madvise
+from .pagecache import read_into_cache
 
 _POPULATE_SUPPORTED: list[bool] = []  # learnt on first use: [True] or [False]
 _SENDFILE_SUPPORTED: list[bool] = [hasattr(os, "sendfile")]  # to /dev/null: Linux; set to [False] on refusal
@@ -60,9 +61,7 @@ _LIVE: dict[tuple[int, int], list[weakref.ref[mmap.mmap]]] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-def _register(fd: int, mm: mmap.mmap) -> None:
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
+def _register(key: tuple[int, int], mm: mmap.mmap) -> None:
     with _LIVE_LOCK:
         refs = [r for r in _LIVE.get(key, ()) if r() is not None]
         refs.append(weakref.ref(mm))
@@ -101,7 +100,9 @@ class FileMapping:
             self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except ValueError as exc:  # "mmap length is greater than file size": it shrank since check()
             raise _shrank(size, os.fstat(fd).st_size) from exc
-        _register(fd, self._mm)
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)  # the file, for a lease (engine/lease.py) to find its mappings
+        _register(self._key, self._mm)
         # one view owns the reference to the mmap object; every tensor is a slice of it
         self.base = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.address = self.base.data_ptr()
@@ -162,7 +163,7 @@ class FileMapping:
                            offset=first)  # fmt: skip
         except ValueError as exc:  # it shrank since check()
             raise _shrank(self.size, os.fstat(fd).st_size) from exc
-        _register(fd, mm)
+        _register(self._key, mm)
         raw = torch.frombuffer(memoryview(mm)[start - first : end - first], dtype=torch.uint8)
         return raw.view(tensor.dtype).reshape(tensor.shape)
 
@@ -256,20 +257,20 @@ class FileMapping:
 
     def _read_into_cache(self, fd: int, devnull: int, start: int, length: int) -> None:
         end = min(start + length, self.size)
-        while start < end and _SENDFILE_SUPPORTED == [True]:
-            try:
-                sent = os.sendfile(devnull, fd, start, end - start)
-            except OSError as exc:
-                if exc.errno in _SENDFILE_REFUSALS:
-                    _SENDFILE_SUPPORTED[:] = [False]  # the populate after this reads what is left
-                    return
-                raise SourceError(exc.errno, f"reading bytes {start}-{end} of the mapped file failed: {exc}") from exc
-            if sent == 0:
-                raise ObjectChangedError(
-                    f"the file ended at byte {start}, before the {self.size} bytes it had when it was mapped: "
-                    "it was truncated or rewritten in place while loading"
-                )
-            start += sent
+        if start >= end or _SENDFILE_SUPPORTED != [True]:
+            return
+        try:
+            reached = read_into_cache(fd, devnull, start, end)
+        except OSError as exc:
+            if exc.errno in _SENDFILE_REFUSALS:
+                _SENDFILE_SUPPORTED[:] = [False]  # the populate after this reads what is left
+                return
+            raise SourceError(exc.errno, f"reading bytes {start}-{end} of the mapped file failed: {exc}") from exc
+        if reached < end:
+            raise ObjectChangedError(
+                f"the file ended at byte {reached}, before the {self.size} bytes it had when it was mapped: "
+                "it was truncated or rewritten in place while loading"
+            )
 
     def _touch(self, start: int, length: int) -> None:
         """Read one byte of every page in the range (faulting in any page not mapped yet)."""

@@ -1,4 +1,6 @@
-"""How much of a local file sits in the page cache (picks warm vs cold reads), and evicting it."""
+"""How much of a local file sits in the page cache (picks warm vs cold reads), bringing it in, and evicting it.
+
+Imports nothing heavy (ctypes, no torch): the KServe predictor uses it before its imports."""
 
 from __future__ import annotations
 
@@ -52,6 +54,24 @@ def resident_fraction(fd: int, size: int, *, samples: int = 8, window: int = 409
         return resident / total
     finally:
         _libc.munmap(addr, size)
+
+
+def read_into_cache(fd: int, devnull: int, start: int, end: int) -> int:
+    """Bring bytes ``[start, end)`` of ``fd`` into the page cache: ``sendfile`` to ``devnull`` (an open
+    ``/dev/null``), a sized read with no copy to user memory.
+
+    Returns:
+        The offset reached: ``end``, or less when the file ended first.
+
+    Raises:
+        OSError: ``sendfile`` failed (``EINVAL`` / ``ENOSYS`` where the platform refuses it this way).
+    """
+    while start < end:
+        sent = os.sendfile(devnull, fd, start, end - start)
+        if sent == 0:
+            break
+        start += sent
+    return start
 
 
 def evict(path: str | os.PathLike[str]) -> None:
