@@ -38,6 +38,9 @@ SLICE_MAX_GAP = _env_int("HF_TENSORIZER_SLICE_MAX_GAP", 0)
 # Local saves write with O_DIRECT through a few page-aligned buffers (sources/file.py): 0 writes through the page
 # cache instead (then a file just written is cached for the next read)
 DIRECT_WRITE = _env_int("HF_TENSORIZER_DIRECT_WRITE", 1) != 0
+# Benches: our vLLM plugin also registers the peer load format the vLLM benches compare against
+# (integrations/adapters/vllm/peers.py: vLLM's tensorizer loader plus the post-processing step it skips)
+VLLM_BENCH_PEERS = _env_int("HF_TENSORIZER_VLLM_BENCH_PEERS", 0) != 0
 
 
 def staging_allocation_default() -> str:

@@ -54,6 +54,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path for "integrations"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hf_tensorizer.bench.vllm_peers import tensorize_upstream
 from integrations import coldstart_report as report
 from integrations.coldstart_report import phase_seconds, weight_seconds
 from integrations.coldstart_rows import (
@@ -64,7 +65,6 @@ from integrations.coldstart_rows import (
     fetch,
     free_port,
     make_service,
-    tensorize_upstream,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

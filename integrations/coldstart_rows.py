@@ -1,5 +1,5 @@
 """The rows of the scale-from-zero benchmark (``integrations/coldstart.py``): each row's service command line,
-the moto S3 server the S3 rows read from, and the files a row needs made once (upstream tensorizer's file).
+the moto S3 server the S3 rows read from.
 
 Rows, all on the same model (a Llama built from a config with fixed-seed weights):
 
@@ -13,9 +13,11 @@ Rows, all on the same model (a Llama built from a config with fixed-seed weights
 * ``vllm-default`` — vLLM's default safetensors loader on the stock folder (from S3: downloaded first, as for
   the stock predictor: vLLM's default loader reads local files or the Hub only);
 * ``vllm-runai`` — vLLM's ``runai_streamer`` load format on the stock folder (local or ``s3://``);
-* ``vllm-tensorizer`` — vLLM's own ``tensorizer`` load format (its ``[tensorizer]`` extra) on a file written by
-  vLLM's own ``tensorize_vllm_model`` (``--model`` is the stock folder for config and tokenizer; the weights come
-  from ``tensorizer_uri``, a local path or ``s3://``).
+* ``vllm-tensorizer`` — vLLM's own ``tensorizer`` loader (its ``[tensorizer]`` extra) on upstream tensorizer's file
+  of the model (``bench/vllm_peers.tensorize_upstream``; ``--model`` is the stock folder for config and tokenizer,
+  the weights come from ``tensorizer_uri``, a local path or ``s3://``), followed by the weights' post-processing
+  vLLM's tensorizer loader skips (load format ``tensorizer-postprocessed``,
+  ``hf_tensorizer/integrations/adapters/vllm/peers.py``: without it the model serves nothing on vLLM's CPU backend).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_tensorizer.bench.vllm import RUNAI_MOTO_ENV, logging_env
+from hf_tensorizer.bench.vllm_peers import BENCH_PEERS_ENV as VLLM_BENCH_PEERS_ENV
+from hf_tensorizer.bench.vllm_peers import LOAD_FORMAT as PEER_TENSORIZER
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "coldstart"
@@ -141,88 +144,6 @@ def fetch(uri: str, dest: str) -> None:
                                  Config=transfer)  # fmt: skip
 
 
-TENSORIZE = r"""
-import shutil, sys
-from pathlib import Path
-import torch
-from tensorizer import TensorDeserializer, TensorSerializer
-stock, out, dtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-target = out / "model.tensors"
-
-
-def empty_weights():  # 2-D weights written with no elements: the file cannot load the model
-    d = TensorDeserializer(str(target), lazy_load=True, device="cpu")
-    return [k for k in d.keys() if k.endswith(".weight") and d[k].numel() == 0]
-
-
-if __name__ == "__main__":
-    out.mkdir(parents=True, exist_ok=True)
-    producer = "vllm.model_executor.model_loader.tensorizer.tensorize_vllm_model"
-    if not target.exists():
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.model_executor.model_loader.tensorizer import TensorizerConfig, tensorize_vllm_model
-
-        args = EngineArgs(model=stock, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0)
-        try:
-            tensorize_vllm_model(args, TensorizerConfig(tensorizer_uri=str(target)))
-        except Exception as exc:  # the tensors are written before the config/tokenizer copy, which asks the Hub
-            if not target.exists():
-                raise
-            print(f"tensorize_vllm_model: tensors written; extra artifacts not: {exc!r}")
-    if empty := empty_weights():
-        # vLLM's CPU backend repacks every linear weight for oneDNN and replaces the parameter by an empty one
-        # before tensorize_vllm_model serializes the module: its file lacks them. The checkpoint's own tensors
-        # through tensorizer's serializer instead (vLLM's tensorizer loader reads it: its "not vLLM-tensorized" path)
-        from safetensors.torch import load_file
-
-        producer = ("tensorizer.TensorSerializer.write_state_dict(the checkpoint's tensors) "
-                    f"({len(empty)} weights empty from vLLM's API)")
-        tensors = {}
-        for f in sorted(Path(stock).glob("*.safetensors")):
-            tensors.update(load_file(f))
-        serializer = TensorSerializer(str(target))
-        serializer.write_state_dict({k: v.to(getattr(torch, dtype)) for k, v in tensors.items()})
-        serializer.close()
-        assert not empty_weights()
-    for f in Path(stock).iterdir():  # config and tokenizer beside the tensors, as the Hub copy would have put them
-        if f.suffix != ".safetensors" and not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
-    (out / "producer.txt").write_text(producer + "\n")
-"""
-
-
-def tensorize_upstream(vllm_python: str, stock: Path, out: Path, dtype: str) -> Path:
-    """Write vLLM's own tensorizer file of the stock model with vLLM's ``tensorize_vllm_model`` (once).
-
-    On vLLM's CPU backend that API writes the linear layers' weights empty (they were repacked for oneDNN and
-    dropped before it serializes the module); then tensorizer's ``TensorSerializer`` writes the checkpoint's own
-    tensors instead, which vLLM's ``tensorizer`` load format also reads (as a model not tensorized by vLLM).
-    ``producer.txt`` beside it says which.
-
-    Args:
-        vllm_python: the vLLM venv's interpreter (with vLLM's ``[tensorizer]`` extra).
-        stock: the stock ``save_pretrained`` folder.
-        out: the folder to write ``model.tensors`` into.
-        dtype: the dtype vLLM serves in.
-
-    Returns:
-        The path of ``model.tensors``.
-
-    Raises:
-        RuntimeError: the tensorize step failed.
-    """
-    target = out / "model.tensors"
-    if target.exists() and (out / "producer.txt").exists():
-        return target
-    env = {**os.environ, **vllm_env(), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([vllm_python, "-c", TENSORIZE, str(stock), str(out), dtype], env=env, cwd=ROOT,
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0 or not (out / "producer.txt").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"the tensorize step failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return target
-
-
 def vllm_env() -> dict[str, str]:
     """Environment every vLLM process of the benchmark gets (the same for every load format)."""
     # millisecond time stamps: every load format's load step is read off the same two lines
@@ -262,7 +183,10 @@ def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | Non
         # given as s3_endpoint ("Non-HTTPS endpoint URLs are not allowed"), not one from AWS_ENDPOINT_URL
         extra = {"tensorizer_uri": uri}
         svc.evict = [] if s3 else [paths["vllm-tensorized"] / "model.tensors"]
-        svc.argv = [*server, "--model", str(paths["safetensors"]), "--load-format", "tensorizer",
+        # vLLM's tensorizer loader plus the post-processing it skips (integrations/adapters/vllm/peers.py): plain
+        # `tensorizer` serves nothing on vLLM's CPU backend
+        env[VLLM_BENCH_PEERS_ENV] = "1"
+        svc.argv = [*server, "--model", str(paths["safetensors"]), "--load-format", PEER_TENSORIZER,
                     "--model-loader-extra-config", json.dumps(extra)]  # fmt: skip
     elif row == "vllm-default" and not s3:
         svc.argv = [*server, "--model", stock]

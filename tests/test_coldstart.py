@@ -166,6 +166,9 @@ def test_vllm_rows_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     extra = json.loads(tz.argv[tz.argv.index("--model-loader-extra-config") + 1])
     assert extra == {"tensorizer_uri": str(paths["vllm-tensorized"] / "model.tensors")}
     assert tz.evict == [paths["vllm-tensorized"] / "model.tensors"]
+    # vLLM's tensorizer loader with the post-processing it skips, registered by our plugin under the bench's switch
+    assert tz.argv[tz.argv.index("--load-format") + 1] == "tensorizer-postprocessed"
+    assert tz.env["HF_TENSORIZER_VLLM_BENCH_PEERS"] == "1" and "HF_TENSORIZER_VLLM_BENCH_PEERS" not in ours.env
     # from S3 the endpoint comes from the environment: tensorizer refuses an http:// s3_endpoint option
     tz = coldstart_rows.make_service("vllm-tensorizer", "s3", paths, moto, _args())  # type: ignore[arg-type]
     extra = json.loads(tz.argv[tz.argv.index("--model-loader-extra-config") + 1])

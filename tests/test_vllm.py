@@ -316,6 +316,33 @@ def test_prequantized_artifact_same_tokens_as_stock(models: Path, tmp_path: Path
     assert "copied out of the file mapping" in logs[1] and "under a read lease" not in logs[1]
 
 
+TENSORIZE_STOCK = """
+import sys
+from safetensors.torch import load_file
+from tensorizer import TensorSerializer
+s = TensorSerializer(sys.argv[2])
+s.write_state_dict(load_file(sys.argv[1]))
+s.close()
+"""
+
+
+def test_bench_peer_tensorizer_serves_same_tokens(models: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    """The benches' ``vllm-tensorizer`` row (``tensorizer-postprocessed``,
+    hf_tensorizer/integrations/adapters/vllm/peers.py): vLLM's own tensorizer loader on upstream tensorizer's file of
+    the stock weights, then the post-processing that loader skips, registered by our plugin only under
+    ``HF_TENSORIZER_VLLM_BENCH_PEERS=1``: vLLM's greedy tokens."""
+    weights = tmp_path / "model.tensors"
+    subprocess.run([str(PYTHON), "-c", TENSORIZE_STOCK, str(models / "stock" / "model.safetensors"), str(weights)],
+                   check=True, cwd=ROOT, env=_env())  # fmt: skip
+    extra = {"tensorizer_uri": str(weights)}
+    with serve(str(models / "stock"), tmp_path, load_format="tensorizer-postprocessed", extra=extra,
+               env={"HF_TENSORIZER_VLLM_BENCH_PEERS": "1"}) as s:  # fmt: skip
+        assert [s.tokens(p) for p in PROMPTS] == reference
+        log = s.log()
+    assert "Deserializing HuggingFace models is not optimized" in log  # vLLM's tensorizer weights iterator read them
+    assert "Loading weights took" not in log  # not our loader, not vLLM's default one
+
+
 def test_s3_artifact_tensor_parallel_same_tokens(models: Path, s3_artifact: tuple[str, dict[str, str]],
                                                  _moto_server: str, reference: list[list[int]],
                                                  tmp_path: Path) -> None:  # fmt: skip

@@ -5,7 +5,9 @@ parameters hold, and what stays mapped (``/proc/self/maps``). tests/test_vllm.py
 
 from __future__ import annotations
 
+import functools
 import gc
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import torch
 
 from hf_tensorizer import TensorDeserializer, TensorSerializer
 from hf_tensorizer.integrations.adapters.vllm.adopt import Adoption
-from hf_tensorizer.integrations.adapters.vllm.loader import _take
+from hf_tensorizer.integrations.adapters.vllm.loader import _take, _take_leases, streamed
+from hf_tensorizer.integrations.loading.weights import open_weights
 
 H = 64
 
@@ -157,3 +160,38 @@ def test_a_tensor_is_adopted_once_and_closed_mappings_are_copied(artifact: tuple
             model.o_proj.data.copy_(t)
     assert late.stats.taken == [] and late.stats.copied == 2
     assert torch.equal(model.o_proj, weights["o_proj"]) and torch.equal(model.lm_head[H:], weights["o_proj"])
+
+
+def test_a_load_leaves_nothing_to_the_garbage_collector(artifact: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """The vLLM loader builds and loads an unquantized model on CPU without vLLM's two full ``gc.collect()`` passes
+    (``loader._build_and_load``): what a load leaves behind must go by reference counting alone. The loader's own
+    pieces (a read lease, ``open_weights``, ``streamed``, ``Adoption`` with ``_take``, the release), the collector
+    off; afterwards it finds none of their objects, tensors or mappings unreachable."""
+    path, weights = artifact
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects are kept in gc.garbage, for the assertion
+    leases = []
+    try:
+        model = Tiny(tied=False)
+        leases = _take_leases([str(path)])
+        stats = {"bytes": 0, "read": 0, "strategy": "slices"}
+        opened: list[TensorDeserializer] = []
+        with open_weights([str(path)]) as w:
+            adoption = Adoption(model, functools.partial(_take, opened, stats))
+            with adoption:
+                load_weights(model, adoption.offer(streamed(w, {}, torch.device("cpu"), stats, opened)))
+        assert stats["strategy"] == "mmap" and adoption.stats.taken
+        adoption.release(copy=not leases)
+        _check_values(model, weights)
+        del adoption, w, opened
+        gc.collect()
+        kinds = (torch.Tensor, mmap.mmap, memoryview)
+        left = [type(o) for o in gc.garbage if isinstance(o, kinds) or type(o).__module__.startswith("hf_tensorizer")]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        for lease in leases:
+            lease.close()

@@ -1,12 +1,14 @@
 """vLLM weight loading: ``--load-format hf_tensorizer`` against vLLM's other load formats, same model, same clock.
 
 vLLM runs in its own venv (``scripts/vllm_env.sh`` builds ``.venv-vllm``; ``scripts/vllm_bench_env.sh`` adds Run:ai's
-streamer for ``runai_streamer``); each vLLM start is a child process of that venv's Python::
+streamer for ``runai_streamer`` and upstream tensorizer for ``tensorizer``); each vLLM start is a child process of
+that venv's Python::
 
     hf-tensorizer bench vllm --dir /tmp/vllm-bench --runs 2 --cache warm,cold
 
 Builds a Llama-shaped model once (``tests/vllm/build_models.py``; default hidden 1024, 16 layers, vocabulary 32000,
-float32: 1.07 GB) as a stock safetensors folder and an artifact, then starts vLLM (``vllm.LLM``, a fresh process
+float32: 1.07 GB) as a stock safetensors folder, an artifact and (for ``tensorizer``) upstream tensorizer's file of
+the stock model (:func:`~.vllm_peers.tensorize_upstream`), then starts vLLM (``vllm.LLM``, a fresh process
 each time, formats alternating) and reads two numbers off its log:
 
 * **vLLM's load step** (:func:`load_step_seconds`): the worker's "Starting to load model" to its first "KV cache"
@@ -14,7 +16,12 @@ each time, formats alternating) and reads two numbers off its log:
   repacking of the linear weights). The same two lines for every load format, time-stamped in milliseconds by a
   vLLM logging configuration (:data:`LOGGING`): the fair comparison;
 * **the loader's own line** (:func:`weight_seconds`): "Loading weights took X seconds" of ours and vLLM's default
-  loader, Run:ai's progress bar (whole seconds).
+  loader, Run:ai's progress bar (whole seconds); vLLM's tensorizer loader prints none for a file it did not write.
+
+The ``tensorizer`` row is vLLM's tensorizer loader followed by the weights' post-processing it skips on vLLM 0.32
+(without it the model serves nothing on the CPU backend): load format ``tensorizer-postprocessed``
+(:mod:`hf_tensorizer.integrations.adapters.vllm.peers`), so its load step includes the same repacking as every
+other row's.
 
 ``--cache warm`` reads the files once before the runs (page cache); ``cold`` evicts them
 (``posix_fadvise(DONTNEED)``) before every start.
@@ -32,8 +39,11 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .proc import ROOT
+from .vllm_peers import BENCH_PEERS_ENV, tensorize_upstream
+from .vllm_peers import LOAD_FORMAT as PEER_TENSORIZER
 
 S3_BUCKET = "bench"
 
@@ -49,7 +59,7 @@ if __name__ == "__main__":
     else:
         LLM(model=model, load_format=fmt, **common, **({"model_loader_extra_config": extra} if extra else {}))
 """
-FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer")  # the default --formats
+FORMATS = ("safetensors", "hf_tensorizer", "runai_streamer", "tensorizer")  # the default --formats
 # Run:ai's streamer against moto: path-style addressing (no virtual hosts on 127.0.0.1), and a request timeout above
 # what moto takes for one ranged GET of a large object (it copies the whole object for each range: 1-2 s per part of
 # a 1 GB object); with the streamer's 1 s default every part fails ("File access error")
@@ -60,6 +70,11 @@ VARIANTS = {
     "hf_tensorizer-pread": ("hf_tensorizer", {"strategy": "pread"}),  # read into memory of its own, then adopted
     "hf_tensorizer-nolease": ("hf_tensorizer", {"lease": False}),  # kept parameters copied out of the mapping
 }
+# the `tensorizer` row: vLLM's tensorizer loader plus the post-processing it skips on CPU
+# (integrations/adapters/vllm/peers.py), registered by our plugin under this switch, on upstream tensorizer's file
+# of the stock model (`tensorizer_uri`)
+PEER_ENV = {BENCH_PEERS_ENV: "1"}
+LOAD_FORMATS = {"tensorizer": PEER_TENSORIZER}  # a row whose load format has another name
 # vLLM's own logging configuration with milliseconds in the time stamp (its stock format has whole seconds)
 LOG_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d pid=%(process)d [%(fileinfo)s:%(lineno)d] %(message)s"
 LOGGING = {
@@ -141,17 +156,19 @@ def logging_env() -> dict[str, str]:
     return {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOGGING_CONFIG_PATH": str(config)}
 
 
-def one(python: str, model: str | Path, load_format: str, keep: Path | None = None,
-        env: dict[str, str] | None = None) -> tuple[float, float | None]:  # fmt: skip
+def one(python: str, model: str | Path, load_format: str, keep: Path | None = None, env: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None) -> tuple[float, float | None]:  # fmt: skip
     """vLLM's load step and the loader's own seconds for ``load_format`` loading ``model`` (a folder or an
-    ``s3://`` prefix) in a fresh process (its log written to ``keep`` when given; ``env`` added to its environment).
+    ``s3://`` prefix) in a fresh process (its log written to ``keep`` when given; ``env`` added to its environment;
+    ``extra`` added to the load format's extra config).
 
     Raises:
         SystemExit: the run failed or its log has no load step (the log's tail in the message).
     """
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONPATH": str(ROOT),
            **logging_env(), **(env or {})}  # fmt: skip
-    fmt, extra = VARIANTS.get(load_format, (load_format, {}))
+    fmt, variant = VARIANTS.get(load_format, (LOAD_FORMATS.get(load_format, load_format), {}))
+    extra = {**variant, **(extra or {})}
     out = subprocess.run([python, "-c", CHILD, str(model), fmt, json.dumps(extra)], capture_output=True, text=True,
                          env=env, timeout=900)  # fmt: skip
     log = out.stdout + out.stderr
@@ -176,6 +193,8 @@ def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of the built model")
     p.add_argument("--layers", type=int, default=16, help="layers of the built model (16: 1.07 GB float32)")
     p.add_argument("--logs", default=None, help="a folder to keep each run's vLLM log in")
+    p.add_argument("--json", default=None, help="write the runs here (JSON: command, date, runs per cache and format)")
+    p.add_argument("--plot", default=None, help="write a PNG of the load steps here (median and range per format)")
     p.add_argument("--python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="the vLLM venv's Python (scripts/vllm_env.sh)")  # fmt: skip
 
@@ -203,10 +222,12 @@ def vllm_main(args: argparse.Namespace) -> None:
         subprocess.run([args.python, str(ROOT / "tests" / "vllm" / "build_models.py"), str(d), "--hidden",
                         str(args.hidden), "--layers", str(args.layers), "--vocab", "32000", "--only",
                         "stock,artifact"], check=True)  # fmt: skip
-    folders = {"safetensors": "stock", "runai_streamer": "stock", "hf_tensorizer": "artifact",
+    folders = {"safetensors": "stock", "runai_streamer": "stock", "tensorizer": "stock", "hf_tensorizer": "artifact",
                "hf_tensorizer-copy": "artifact", "hf_tensorizer-pread": "artifact",
                "hf_tensorizer-nolease": "artifact"}  # fmt: skip
     files = [d / "artifact" / "model.tensors", *(d / "stock").glob("*.safetensors")]
+    if "tensorizer" in formats:
+        files.append(tensorize_upstream(args.python, d / "stock", d / "tensorizer", "float32"))
     size = files[0].stat().st_size
     rows: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
     failed: dict[tuple[str, str], str] = {}
@@ -220,8 +241,12 @@ def vllm_main(args: argparse.Namespace) -> None:
                             _set_cache(files, cache)
                         label = cache if source == "local" else "s3"
                         keep = Path(args.logs) / f"{label}-{name}-{i + 1}.log" if args.logs else None
+                        run_env, extra = env, None
+                        if name == "tensorizer":  # the stock folder's config, upstream tensorizer's weights file
+                            run_env = {**env, **PEER_ENV}
+                            extra = {"tensorizer_uri": f"{where}/tensorizer/model.tensors"}
                         try:
-                            step, own = one(args.python, f"{where}/{folders[name]}", name, keep, env)
+                            step, own = one(args.python, f"{where}/{folders[name]}", name, keep, run_env, extra)
                         except SystemExit as exc:  # a format that cannot load here: said, and the others go on
                             failed.setdefault((label, name), _cause(str(exc)))
                             print(f"{label} run {i + 1}: {name:15s} FAILED: {failed[(label, name)]}", flush=True)
@@ -239,6 +264,50 @@ def vllm_main(args: argparse.Namespace) -> None:
               f"(range {min(steps):.2f}-{max(steps):.2f})  own line median {own}  runs {runs}")  # fmt: skip
     for (cache, name), why in failed.items():
         print(f"{cache:5s} {name:15s} failed: {why} (log kept with --logs)")
+    runs = {f"{cache} {name}": [{"load_step_s": round(step, 3), "own_line_s": own} for step, own in got]
+            for (cache, name), got in rows.items()}  # fmt: skip
+    if getattr(args, "json", None):
+        import datetime
+        import sys
+
+        doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(["hf-tensorizer", "bench", "vllm", *sys.argv[3:]]), "bytes": size, "runs": runs,
+               "failed": {f"{c} {n}": why for (c, n), why in failed.items()}}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if getattr(args, "plot", None):
+        plot_load_steps(runs, f"vLLM load step, {size / 1e9:.2f} GB float32, {args.runs} runs", Path(args.plot))
+
+
+def plot_load_steps(runs: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
+    """One panel per page-cache state: vLLM's load step per load format, median with the range of the runs.
+
+    Args:
+        runs: ``"CACHE FORMAT"`` (``"warm safetensors"``) -> runs, each with ``load_step_s``.
+        title: the figure's title.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caches = list(dict.fromkeys(k.split()[0] for k in runs))
+    fig, axes = plt.subplots(1, len(caches), figsize=(5 * len(caches), 4), squeeze=False, sharey=True)
+    for ax, cache in zip(axes[0], caches):
+        names = [k.split()[1] for k in runs if k.split()[0] == cache]
+        steps = [[r["load_step_s"] for r in runs[f"{cache} {n}"]] for n in names]
+        mid = [statistics.median(v) for v in steps]
+        err = [[m - min(v) for m, v in zip(mid, steps)], [max(v) - m for m, v in zip(mid, steps)]]
+        bars = ax.bar(range(len(names)), mid, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"{cache} page cache", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("vLLM load step (s): median, range", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _set_cache(files: list[Path], cache: str) -> None:
@@ -284,8 +353,8 @@ def _serving(source: str, d: Path) -> Iterator[tuple[str, dict[str, str]]]:
                               config=Config(read_timeout=600, retries={"max_attempts": 2}))  # fmt: skip
         one_put = TransferConfig(multipart_threshold=1 << 40)  # moto stalls some multipart uploads: one PUT a file
         client.create_bucket(Bucket=S3_BUCKET)
-        for folder in ("artifact", "stock"):
-            for f in sorted((d / folder).iterdir()):
+        for folder in ("artifact", "stock", "tensorizer"):
+            for f in sorted((d / folder).iterdir()) if (d / folder).is_dir() else []:
                 if f.is_file():
                     client.upload_file(str(f), S3_BUCKET, f"{folder}/{f.name}", Config=one_put)
         client.close()

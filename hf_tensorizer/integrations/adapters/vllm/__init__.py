@@ -21,7 +21,8 @@ __all__ = ["LOAD_FORMAT", "engine_args", "register"]
 def register() -> None:
     """vLLM's general-plugin hook: register ``--load-format hf_tensorizer``, then resolve a remote model and
     tensorized ``--lora-modules`` of this command line (front-end process only; vLLM's own processes inherit the
-    result), and register the LoRA resolver when ``HF_TENSORIZER_LORA_ROOT`` is set.
+    result), and register the LoRA resolver when ``HF_TENSORIZER_LORA_ROOT`` is set (and the benches' peer load
+    format when ``HF_TENSORIZER_VLLM_BENCH_PEERS=1``: :mod:`.peers`).
 
     Raises:
         UsageError / SourceError / FormatError: a remote artifact that cannot be resolved (vLLM stops).
@@ -32,6 +33,12 @@ def register() -> None:
     from .loader import loader_class
 
     register_model_loader(LOAD_FORMAT)(loader_class())
+    from ....constants import VLLM_BENCH_PEERS
+
+    if VLLM_BENCH_PEERS:  # the benches' peer row (.peers)
+        from .peers import register as register_bench_peers
+
+        register_bench_peers()
     resolve_command_line()
     resolve_loras()
 
