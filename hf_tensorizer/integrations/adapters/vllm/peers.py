@@ -17,9 +17,10 @@ call the other formats make, so the benches' ``vllm-tensorizer`` rows serve and 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LOAD_FORMAT = "tensorizer-postprocessed"
 BENCH_PEERS_ENV = "HF_TENSORIZER_VLLM_BENCH_PEERS"  # =1: our vLLM plugin registers LOAD_FORMAT (constants.py)
@@ -27,6 +28,7 @@ BENCH_PEERS_ENV = "HF_TENSORIZER_VLLM_BENCH_PEERS"  # =1: our vLLM plugin regist
 
 def register() -> None:
     """Register :data:`LOAD_FORMAT` with vLLM's public ``register_model_loader`` (inside a vLLM process)."""
+    import torch
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.tensorizer import TensorizerConfig
     from vllm.model_executor.model_loader.tensorizer_loader import TensorizerLoader
