@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_tensorizer.bench.vllm import RUNAI_MOTO_ENV, logging_env
-from hf_tensorizer.bench.vllm_peers import BENCH_PEERS_ENV as VLLM_BENCH_PEERS_ENV
-from hf_tensorizer.bench.vllm_peers import LOAD_FORMAT as PEER_TENSORIZER
+from hf_tensorizer.bench.vllm import PEER_ENV, PEER_TENSORIZER, RUNAI_MOTO_ENV, logging_env
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "coldstart"
@@ -185,7 +183,7 @@ def make_service(row: str, source: str, paths: dict[str, Path], moto: Moto | Non
         svc.evict = [] if s3 else [paths["vllm-tensorized"] / "model.tensors"]
         # vLLM's tensorizer loader plus the post-processing it skips (integrations/adapters/vllm/peers.py): plain
         # `tensorizer` serves nothing on vLLM's CPU backend
-        env[VLLM_BENCH_PEERS_ENV] = "1"
+        env.update(PEER_ENV)
         svc.argv = [*server, "--model", str(paths["safetensors"]), "--load-format", PEER_TENSORIZER,
                     "--model-loader-extra-config", json.dumps(extra)]  # fmt: skip
     elif row == "vllm-default" and not s3:
