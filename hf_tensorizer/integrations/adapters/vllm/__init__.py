@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ....constants import VLLM_BENCH_PEERS
 from .frontend import LOAD_FORMAT, engine_args
 
 __all__ = ["LOAD_FORMAT", "engine_args", "register"]
@@ -33,8 +34,6 @@ def register() -> None:
     from .loader import loader_class
 
     register_model_loader(LOAD_FORMAT)(loader_class())
-    from ....constants import VLLM_BENCH_PEERS
-
     if VLLM_BENCH_PEERS:  # the benches' peer row (.peers)
         from .peers import register as register_bench_peers
 
