@@ -179,6 +179,22 @@ def test_warm_verdict_says_not_met_when_one_round_misses() -> None:
     assert report.summarize(no_st)["warm_verdict"] is None and "JUDGED" not in report.format_table(no_st)
 
 
+def test_warm_verdict_reports_the_a_a_control_when_ours_ran_twice() -> None:
+    """With ``hft-mmap`` in the run (our warm CPU default under its explicit name), the judged line adds how far
+    two timings of the same code land apart, round by round; the verdict itself stays ours ÷ safetensors."""
+    res = _warm_results([70.0, 60.0, 80.0], [64.0, 72.0, 72.0], busy=2)
+    twin = dict(res["rows"][0], loader="hft-mmap", warm_runs=[56.0, 66.0, 80.0])
+    res["rows"].insert(1, twin)
+    report.summarize(res)
+    v = res["warm_verdict"]
+    assert v["control"] == [0.8, 1.1, 1.0] and v["met"] is False and v["ratios"] == [1.094, 0.833, 1.111]
+    line = report.warm_verdict_line(v)
+    assert line.endswith("A/A control (hft-mmap ÷ hft, the same code): 0.80–1.10, 1 of 3 rounds below")
+    plain = _warm_results([70.0, 60.0, 80.0], [64.0, 72.0, 72.0])
+    report.summarize(plain)
+    assert "control" not in plain["warm_verdict"] and "A/A" not in report.warm_verdict_line(plain["warm_verdict"])
+
+
 @pytest.mark.slow
 def test_cold_runs_come_in_rounds_and_the_best_is_kept(bench: tuple[dict[str, Any], Path]) -> None:
     _, d = bench

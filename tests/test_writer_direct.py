@@ -184,7 +184,66 @@ def test_the_environment_turns_direct_writes_off(tmp_path: Path, value: str) -> 
     out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], env=env, capture_output=True, text=True,
                          check=True)  # fmt: skip
     direct = json.loads(out.stdout.strip().splitlines()[-1])["default_direct"]
-    assert direct is (value == "1" and _direct_supported(tmp_path))
+    assert direct is (value == "1" and _direct_supported(tmp_path) and not _memory_backed(tmp_path))
+
+
+def _memory_backed(directory: Path) -> bool:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return file_mod._memory_backed(fd)
+    finally:
+        os.close(fd)
+
+
+def test_memory_file_systems_take_the_tensors_bytes_directly(tmp_path: Path) -> None:
+    """On tmpfs the default is no staging and no preallocation (both would only cost: the file is memory);
+    ``direct=True`` still stages, and either way the file is the buffered save's, byte for byte."""
+    if not os.path.isdir("/dev/shm") or not _memory_backed(Path("/dev/shm")):
+        pytest.skip("no tmpfs at /dev/shm")
+    import tempfile
+
+    sd = _state_dict()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        sink = FileSink(Path(shm) / "default.tensors")
+        assert sink.direct is False
+        sink.expect_size(64 << 20)
+        (tmp,) = Path(shm).iterdir()
+        assert tmp.stat().st_blocks == 0  # nothing reserved: fallocate on tmpfs would zero 64 MiB of memory
+        sink.abort()
+        assert list(Path(shm).iterdir()) == []
+        for name, direct in (("default", None), ("staged", True)):
+            with TensorSerializer(FileSink(Path(shm) / f"{name}.tensors", direct=direct), block_size=1 << 20) as s:
+                s.write_state_dict(sd)
+        with TensorSerializer(FileSink(tmp_path / "buffered.tensors", direct=False), block_size=1 << 20) as s:
+            s.write_state_dict(sd)
+        expected = (tmp_path / "buffered.tensors").read_bytes()
+        assert (Path(shm) / "default.tensors").read_bytes() == expected
+        assert (Path(shm) / "staged.tensors").read_bytes() == expected
+
+
+_MOUNT_LINE = "36 35 {dev} / {point} rw,relatime shared:1 - {fs} {source} rw"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_mountinfo_parser_takes_any_text(text: str) -> None:
+    found = file_mod.mount_fs_type(text, 0, 21)
+    assert found is None or (isinstance(found, str) and found and " " not in found)
+
+
+_WORD = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300), _WORD), max_size=5), fs=_WORD,
+       point=_WORD, source=_WORD, major=st.integers(0, 300), minor=st.integers(0, 300))  # fmt: skip
+def test_mountinfo_parser_finds_the_device_line(before: list[tuple[int, int, str]], fs: str, point: str, source: str,
+                                                major: int, minor: int) -> None:  # fmt: skip
+    others = [(a, b, f) for a, b, f in before if (a, b) != (major, minor)]
+    lines = [_MOUNT_LINE.format(dev=f"{a}:{b}", point=f"/m{i}", fs=f, source="x") for i, (a, b, f) in enumerate(others)]
+    lines.append(_MOUNT_LINE.format(dev=f"{major}:{minor}", point="/" + point, fs=fs, source=source))
+    assert file_mod.mount_fs_type("\n".join(lines) + "\n", major, minor) == fs
+    assert file_mod.mount_fs_type("\n".join(lines[:-1]), major, minor) is None
 
 
 _PEAK = r"""

@@ -15,6 +15,9 @@ TARGET_OVERHEAD_S = 0.3
 TARGET_SPEEDUP = 5.0
 # issue 24: our default warm load ≥ 1.0× safetensors ``load_file`` in every round (CPU, fresh processes)
 WARM_JUDGED = ("hft", "st")
+# Our loader under its explicit warm-CPU strategy: on a warm local file ``auto`` picks ``mmap``, so in a run that
+# includes it, it times our code a second time per round: the A/A control of the warm verdict
+WARM_CONTROL = "hft-mmap"
 WARM_TARGET = 1.0
 
 
@@ -121,8 +124,9 @@ def warm_verdict(results: dict[str, Any]) -> dict[str, Any] | None:
     round by round, met only when every round reaches :data:`WARM_TARGET` (a failed or wrong ``hft`` misses it).
 
     Returns:
-        ``{"loader", "reference", "ratios", "target", "below", "met", "busy"}``, or None when the run has no
-        ``hft`` and correct ``st`` warm rows to compare.
+        ``{"loader", "reference", "ratios", "target", "below", "met", "busy"}`` (plus ``control``, the per-round
+        ratios of :data:`WARM_CONTROL` to ``hft``, when the run has that row), or None when the run has no ``hft``
+        and correct ``st`` warm rows to compare.
     """
     by_name = {r["loader"]: r for r in results["rows"]}
     ours, ref = (by_name.get(name) for name in WARM_JUDGED)
@@ -131,9 +135,14 @@ def warm_verdict(results: dict[str, Any]) -> dict[str, Any] | None:
     ok = ours["status"] == "ok"
     ratios = [round(o / s, 3) for o, s in zip(ours.get("warm_runs") or [], ref["warm_runs"])] if ok else []
     below = sum(r < WARM_TARGET for r in ratios)
-    return {"loader": WARM_JUDGED[0], "reference": WARM_JUDGED[1], "ratios": ratios, "target": WARM_TARGET,
-            "below": below, "met": ok and bool(ratios) and not below, "busy": results.get("busy", 0),
-            "status": ours["status"]}  # fmt: skip
+    verdict = {"loader": WARM_JUDGED[0], "reference": WARM_JUDGED[1], "ratios": ratios, "target": WARM_TARGET,
+               "below": below, "met": ok and bool(ratios) and not below, "busy": results.get("busy", 0),
+               "status": ours["status"]}  # fmt: skip
+    twin = by_name.get(WARM_CONTROL)
+    if ok and twin is not None and twin["status"] == "ok" and twin.get("warm_runs"):
+        # the same code timed twice per round: how far apart two runs of one loader land in this condition
+        verdict["control"] = [round(t / o, 3) for o, t in zip(ours["warm_runs"], twin["warm_runs"])]
+    return verdict
 
 
 def warm_verdict_line(v: dict[str, Any]) -> str:
@@ -141,8 +150,13 @@ def warm_verdict_line(v: dict[str, Any]) -> str:
     cond = f", {v['busy']} CPU-bound processes beside" if v.get("busy") else ""
     runs = ", ".join(f"{x:.2f}" for x in v["ratios"]) or f"none ({v['loader']}: {v['status']})"
     why = "" if v["met"] else f" ({v['below']} of {len(v['ratios'])} rounds below)" if v["ratios"] else ""
-    return (f"JUDGED (issue 24{cond}): {v['loader']} warm ÷ {v['reference']} round by round: {runs}; target ≥ "
+    line = (f"JUDGED (issue 24{cond}): {v['loader']} warm ÷ {v['reference']} round by round: {runs}; target ≥ "
             f"{v['target']:g} in every round: {'met' if v['met'] else 'not met'}{why}")  # fmt: skip
+    if v.get("control"):
+        twin = v["control"]
+        line += (f"; A/A control ({WARM_CONTROL} ÷ {v['loader']}, the same code): {min(twin):.2f}–{max(twin):.2f}, "
+                 f"{sum(r < v['target'] for r in twin)} of {len(twin)} rounds below")  # fmt: skip
+    return line
 
 
 def round_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:

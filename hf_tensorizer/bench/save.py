@@ -4,8 +4,9 @@ tensorizer, each writer in a fresh process, every written file fsynced inside th
 The tensors are the load benchmark's seeded Llama-shaped bf16 checkpoint (``bench/checkpoint.py``), generated in
 each child before its timer. Writers of a state dict (``hft``, ``hft-enc``, ``st``, ``pt``, ``tz``) write it as
 it is; ``hftsp`` / ``hfsp`` write a model holding those tensors (``save_pretrained`` tensorized / stock
-safetensors); ``hftser`` / ``hfconv`` convert the stock safetensors folder (``serialize --hf-model-id DIR``
-against stock ``from_pretrained`` + ``save_pretrained``), so their time includes reading it. Each child also
+safetensors), loaded with ``from_pretrained`` as a saved model usually is; ``hftser`` / ``hfconv`` convert the
+stock safetensors folder (``serialize --hf-model-id DIR`` against stock ``from_pretrained`` + ``save_pretrained``),
+so their time includes reading it. Each child also
 reports the save's peak resident memory above what it held before the timer (``VmHWM``, reset through
 ``/proc/self/clear_refs``). Before each writer the parent syncs and lets the disk settle (``--settle``, 2 s), so
 no writer pays for the previous one's writeback. Rounds rotate the writers' order; ratios to the fastest peer are
@@ -102,14 +103,16 @@ def _hfconv(src: Any, out: Path, d: Path) -> None:
 
 
 _TF = ("transformers",)
-_ENGINE = ("hf_tensorizer.engine",)  # what `from hf_tensorizer import TensorSerializer` imports: before the timer
+# what our writer imports on first use, before the timer as every peer's module is (the engine package imports
+# lazily; isal is the CRC32 that hashing picks on first use)
+_ENGINE = ("hf_tensorizer.engine.writer", "isal.isal_zlib")
 _SER = (*_TF, *_ENGINE, "hf_tensorizer.cli.serialize")
 WRITERS: dict[str, Writer] = {
     w.name: w
     for w in (
         Writer("hft", "ours TensorSerializer.write_state_dict", "state_dict", _ENGINE, _hft, True),
         Writer("hft-enc", "ours, encrypted (XSalsa20-Poly1305)", "state_dict", (*_ENGINE, "nacl"), _hft_enc, True),
-        Writer("hftsp", "ours save_pretrained(tensorized=True)", "model", _TF, _hftsp, True),
+        Writer("hftsp", "ours save_pretrained(tensorized=True)", "model", (*_TF, *_ENGINE), _hftsp, True),
         Writer("hftser", "ours serialize --hf-model-id LOCAL_DIR", "folder", _SER, _hftser, True),
         Writer("st", "safetensors save_file", "state_dict", ("safetensors.torch",), _st),
         Writer("pt", "torch.save", "state_dict", (), _pt),
@@ -155,8 +158,6 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
     """What ``w`` writes, built before the timer, and the tensor bytes it holds."""
     import torch
 
-    from .checkpoint import Shape
-
     spec = json.loads((d / "spec.json").read_text())["tensors"]
     nbytes = sum(2 * _numel(s) for _, s in spec)
     if w.needs == "folder":
@@ -173,9 +174,11 @@ def _prepared(w: Writer, d: Path) -> tuple[Any, int]:
         import hf_tensorizer
 
         hf_tensorizer.enable()
-    meta = json.loads((d / "meta.json").read_text())["shape"]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Shape(**meta).config(), dtype=torch.bfloat16)
+    # The model a user saves comes from from_pretrained (or a fine-tune of one), which records the checkpoint
+    # conversions it applied; a model built from a config makes save_pretrained rebuild transformers' table of every
+    # architecture's conversions (~0.1 s of regex compiling, stock and ours alike). Its parameters are then
+    # replaced by the copies in fresh memory, as the state-dict writers get them.
+    model = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.bfloat16)
     model.load_state_dict(sd, assign=True)
     return model, nbytes
 

@@ -54,8 +54,11 @@ def save_one_s3(d: str | Path, name: str, endpoint: str) -> dict[str, Any]:
     sd: Any = None
     nbytes = src.stat().st_size
     if needs_sd:
-        # before the timer: what `from hf_tensorizer import TensorSerializer` and an s3:// sink import
-        import hf_tensorizer.engine
+        # before the timer: what our writer and an s3:// sink import on first use (the engine package imports
+        # lazily; isal is the CRC32 that hashing picks on first use), as boto3 is imported for both
+        import isal.isal_zlib  # noqa: F401
+
+        import hf_tensorizer.engine.writer
         import hf_tensorizer.sources.s3_sink  # noqa: F401
 
         sd = load_state_dict(d)
