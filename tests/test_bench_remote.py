@@ -201,3 +201,26 @@ def test_every_store_section_judges_its_default() -> None:
     assert len(lines) == 6 and all(ln.endswith("| **NOT met** |") for ln in lines), lines
     res = {**res, **{k: section(0.95) for k in ("s3", "gcs", "azure")}}
     assert all(v["met"] for v in verdicts(res)) and "NOT met" not in format_report(res)
+
+
+def test_the_moto_server_keeps_serving_past_a_pipe_full_of_output() -> None:
+    """The benchmarks' moto server runs in a child whose output is a pipe: thousands of requests (a 0.6 GB upload
+    is ~80 parts; a save benchmark makes hundreds per round) must not fill it and stall the server."""
+    import boto3
+    from botocore.config import Config
+
+    from hf_tensorizer.bench.servers import AWS_ENV, moto_server
+
+    creds = {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+             "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}  # fmt: skip
+    config = Config(read_timeout=10, connect_timeout=10, retries={"max_attempts": 1})
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, config=config, **creds)
+        client.create_bucket(Bucket="chatty")
+        key = "k" * 240
+        client.put_object(Bucket="chatty", Key=key, Body=b"")
+        for _ in range(400):  # ~300 bytes of request log each, were it printed: well past a 64 KiB pipe
+            client.head_object(Bucket="chatty", Key=key)
+        client.put_object(Bucket="chatty", Key="last", Body=b"x")
+        assert client.get_object(Bucket="chatty", Key="last")["Body"].read() == b"x"
+        client.close()

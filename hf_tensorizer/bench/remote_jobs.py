@@ -392,8 +392,12 @@ def _import_store(gcs: bool) -> None:
 
 
 def serve_moto() -> int:
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # werkzeug logs every request to stderr: ~150 bytes each, thousands per benchmark, time the server is not serving
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # inherited by the server's threads
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

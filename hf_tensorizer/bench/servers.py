@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -156,6 +157,8 @@ def moto_server() -> Iterator[str]:
         line = proc.stdout.readline().split()
         if len(line) < 2 or line[0] != "PORT":
             raise RuntimeError(f"moto server did not start: {line}")
+        # keep reading what it prints after: an undrained pipe fills at 64 KiB and blocks the server mid-request
+        threading.Thread(target=proc.stdout.read, name="moto-output", daemon=True).start()
         yield f"http://127.0.0.1:{line[1]}"
     finally:
         _stop(proc)
