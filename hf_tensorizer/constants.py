@@ -74,6 +74,12 @@ S3_PRESIGNED = _env_int("HF_TENSORIZER_S3_PRESIGNED", 1) != 0
 # boto3 upload_file's time (its own 10 x 8 MiB), where 4 x 64 MiB was 0.5x and held 400 MiB (bench save --s3)
 S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 8 * MiB)  # multipart part (S3 minimum: 5 MiB)
 S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 8)  # parts uploading at once (memory bound)
+# Part checksums of uploads, as boto3 sends them by default: "crc32" (each part's CRC32, checked by the store on
+# receipt; the object keeps a composite CRC32) or "none". Unset: "none" where AWS_REQUEST_CHECKSUM_CALCULATION is
+# "when_required" (the setting that keeps boto3 itself working with stores predating the 2025 integrity headers)
+S3_UPLOAD_CHECKSUM = os.environ.get("HF_TENSORIZER_S3_UPLOAD_CHECKSUM", "").strip().lower() or (
+    "none" if os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower() == "when_required" else "crc32"
+)
 
 # Progress bars (engine/progress.py): 1 shows them anywhere, 0 never; unset: only in a terminal or a notebook ------
 PROGRESS_ENV = "HF_TENSORIZER_PROGRESS"

@@ -3,12 +3,13 @@
 ``write`` fills part buffers; full parts upload from a small thread pool with a bounded number in flight, so
 memory stays under ``(concurrency + 2) × part_size``. The first part is held back until ``commit`` so that
 ``rewrite_head`` can patch the index at the front (S3 assembles parts by number, not by upload order). Small
-objects go up as one ``put_object``. Any failure aborts the multipart upload: no object appears and no parts are
-left billed.
+objects go up as one ``put_object``. Every part carries its CRC32, as boto3 sends by default. Any failure aborts
+the multipart upload: no object appears and no parts are left billed.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any
 
 from .. import constants
 from ..errors import InvalidURIError, SinkError, SourceError, TensorizerError, UsageError
+from ..format.checksum import crc32
 from .base import Sink
 from .s3 import make_s3_client, parse_s3_uri, translate_error
 
@@ -27,6 +29,7 @@ MAX_PARTS = 10_000
 # A first write up to this size goes whole into part 1 (which may then exceed part_size), so that rewrite_head can
 # patch an index larger than a part
 MAX_HEAD_BYTES = 256 * constants.MiB
+CHECKSUMS = ("crc32", "none")
 
 
 class S3Sink(Sink):
@@ -48,10 +51,15 @@ class S3Sink(Sink):
             ``SSEKMSKeyId``, ``StorageClass``, ``Metadata``, ``ACL``...).
         client: a ready boto3 S3 client, e.g. the one :func:`~hf_tensorizer.sources.shared_transport` builds for a
             root: its connection pool is reused, and it is left open (its owner closes it).
+        checksum: ``"crc32"`` sends each part's CRC32 (``ChecksumCRC32``; the upload is created with
+            ``ChecksumAlgorithm="CRC32"``, so the object keeps a composite CRC32), as boto3's ``upload_file`` does
+            by default: the store checks every part on receipt. ``"none"`` sends no checksum. Default
+            ``HF_TENSORIZER_S3_UPLOAD_CHECKSUM``, else ``"none"`` where ``AWS_REQUEST_CHECKSUM_CALCULATION`` is
+            ``when_required``, else ``"crc32"``.
 
     Raises:
         InvalidURIError: malformed URI or no key.
-        UsageError: ``part_size`` below 5 MiB or ``concurrency`` below 1.
+        UsageError: ``part_size`` below 5 MiB, ``concurrency`` below 1 or an unknown ``checksum``.
     """
 
     can_rewrite_head = True
@@ -73,6 +81,7 @@ class S3Sink(Sink):
         content_type: str = "application/octet-stream",
         extra_args: Mapping[str, Any] | None = None,
         client: Any = None,
+        checksum: str = constants.S3_UPLOAD_CHECKSUM,
     ) -> None:
         self.bucket, self.key = parse_s3_uri(uri)
         if not self.key or self.key.endswith("/"):
@@ -82,6 +91,11 @@ class S3Sink(Sink):
             raise UsageError(f"part_size must be between 5 MiB and 5 GiB (S3 limits), got {part_size}")
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1, got {concurrency}")
+        if checksum not in CHECKSUMS:
+            raise UsageError(
+                f"checksum must be one of {CHECKSUMS} (HF_TENSORIZER_S3_UPLOAD_CHECKSUM), got {checksum!r}"
+            )
+        self.checksum = checksum
         self._owns_client = client is None  # a client handed in (the root's, shared) belongs to the caller
         try:
             self._client = client or make_s3_client(
@@ -105,6 +119,7 @@ class S3Sink(Sink):
         self._written = 0
         self.upload_id: str | None = None
         self._etags: dict[int, str] = {}
+        self._crcs: dict[int, str] = {}  # part number -> its CRC32 as S3 states it (base64, big-endian)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(concurrency)
         self._futures: list[Future[None]] = []
@@ -153,7 +168,9 @@ class S3Sink(Sink):
         try:
             if self.upload_id is None:  # under two parts: the held first part and the rest in one PUT
                 body = bytes(self._first or b"") + bytes(self._buf)
-                resp = self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **self._extra)
+                resp = self._client.put_object(
+                    Bucket=self.bucket, Key=self.key, Body=body, **self._part_checksum(body), **self._extra
+                )
             else:
                 if self._buf:
                     self._submit(self._part_number, self._buf)
@@ -162,7 +179,7 @@ class S3Sink(Sink):
                 self._submit(1, self._first)
                 self._first = None
                 self._wait_all()
-                parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+                parts = [{"PartNumber": n, "ETag": self._etags[n], **self._crc_field(n)} for n in sorted(self._etags)]
                 resp = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
                 )
@@ -228,7 +245,10 @@ class S3Sink(Sink):
             from botocore.exceptions import BotoCoreError, ClientError
 
             try:
-                resp = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self._extra)
+                algorithm = {"ChecksumAlgorithm": "CRC32"} if self.checksum == "crc32" else {}
+                resp = self._client.create_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, **algorithm, **self._extra
+                )
             except (BotoCoreError, ClientError) as exc:
                 raise translate_error(exc, self.uri, SinkError, client=self._client, bucket=self.bucket) from exc
             self.upload_id = resp["UploadId"]
@@ -250,12 +270,27 @@ class S3Sink(Sink):
         fut.add_done_callback(self._part_done)
         self._futures.append(fut)
 
+    def _part_checksum(self, body: bytes | bytearray) -> dict[str, str]:
+        """The checksum parameter of a part (or a single PUT) of ``body``: the store recomputes it on receipt and
+        refuses a part whose bytes changed on the way."""
+        if self.checksum == "none":
+            return {}
+        # crc32 releases the GIL: the upload threads checksum their parts in parallel, 4.7 GB/s a core with ISA-L
+        crc = base64.b64encode((crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")).decode("ascii")
+        return {"ChecksumAlgorithm": "CRC32", "ChecksumCRC32": crc}  # the value given, botocore computes none
+
+    def _crc_field(self, number: int) -> dict[str, str]:
+        return {"ChecksumCRC32": self._crcs[number]} if number in self._crcs else {}
+
     def _upload_part(self, number: int, buf: bytearray) -> None:
+        checksum = self._part_checksum(buf)
         resp = self._client.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=buf
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=buf, **checksum
         )
         with self._lock:
             self._etags[number] = resp["ETag"]
+            if checksum:
+                self._crcs[number] = checksum["ChecksumCRC32"]
 
     def _part_done(self, fut: Future[None]) -> None:
         self._slots.release()
