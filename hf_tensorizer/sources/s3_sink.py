@@ -114,7 +114,11 @@ class S3Sink(Sink):
         self.concurrency = concurrency
         self._extra = {"ContentType": content_type, **(extra_args or {})}
         self._first: bytearray | None = None  # part 1, held until commit so rewrite_head can patch it
-        self._buf = bytearray()
+        # The part being filled. From part 2 on a buffer of part_size, reused from part to part (fresh memory costs a
+        # page fault per 4 KiB: ~0.1 s per 0.6 GB uploaded); part 1 grows as written, so a small object stays small
+        self._buf: bytearray | None = None
+        self._fill = 0  # bytes of _buf filled
+        self._free: list[bytearray] = []  # uploaded parts' buffers, ready for reuse
         self._part_number = 1  # number of the part being filled
         self._written = 0
         self.upload_id: str | None = None
@@ -134,13 +138,22 @@ class S3Sink(Sink):
         view = memoryview(data).cast("B")
         try:
             while len(view):
-                take = min(self.part_size - len(self._buf), len(view))
-                if self._part_number == 1 and not self._buf and len(view) <= MAX_HEAD_BYTES:
-                    take = len(view)  # the first write (a serializer's index) lands whole in the held-back part
-                self._buf += view[:take]
+                if self._part_number == 1:  # held back until commit, never reused: grown as written
+                    if self._buf is None:
+                        self._buf = bytearray()
+                    take = min(self.part_size - self._fill, len(view))
+                    if not self._fill and len(view) <= MAX_HEAD_BYTES:
+                        take = len(view)  # the first write (a serializer's index) lands whole in the held-back part
+                    self._buf += view[:take]
+                else:
+                    if self._buf is None:
+                        self._buf = self._new_buffer()
+                    take = min(self.part_size - self._fill, len(view))
+                    self._buf[self._fill : self._fill + take] = view[:take]
+                self._fill += take
                 view = view[take:]
                 self._written += take
-                if len(self._buf) >= self.part_size:
+                if self._fill >= self.part_size:
                     self._seal()
         except BaseException as exc:
             self.abort()
@@ -152,14 +165,16 @@ class S3Sink(Sink):
 
     def rewrite_head(self, data: bytes) -> None:
         self._check_open()
-        head = self._first if self._first is not None else self._buf
-        if len(data) > len(head):
+        head, held = (self._first, len(self._first)) if self._first is not None else (self._buf, self._fill)
+        if len(data) > held:
             self.abort()
             raise SinkError(
-                f"{self.uri}: cannot rewrite {len(data)} head bytes; only the first part ({len(head)} bytes) is held "
+                f"{self.uri}: cannot rewrite {len(data)} head bytes; only the first part ({held} bytes) is held "
                 "back (use a larger part_size)"
             )
-        head[: len(data)] = data
+        if data:
+            assert head is not None
+            head[: len(data)] = data
 
     def commit(self) -> None:
         self._check_open()
@@ -167,14 +182,17 @@ class S3Sink(Sink):
 
         try:
             if self.upload_id is None:  # under two parts: the held first part and the rest in one PUT
-                body = bytes(self._first or b"") + bytes(self._buf)
+                body = bytes(self._first or b"") + bytes(memoryview(self._buf or b"")[: self._fill])
                 resp = self._client.put_object(
                     Bucket=self.bucket, Key=self.key, Body=body, **self._part_checksum(body), **self._extra
                 )
             else:
-                if self._buf:
-                    self._submit(self._part_number, self._buf)
-                    self._buf = bytearray()
+                if self._fill:
+                    last, self._buf = self._buf, None
+                    assert last is not None
+                    del last[self._fill :]  # the last part is shorter: trimmed in place
+                    self._fill = 0
+                    self._submit(self._part_number, last)
                 assert self._first is not None
                 self._submit(1, self._first)
                 self._first = None
@@ -212,7 +230,8 @@ class S3Sink(Sink):
                 fut.exception()
         self._shutdown()
         self._first = None
-        self._buf = bytearray()
+        self._buf, self._fill = None, 0
+        self._free.clear()
         if self.upload_id is not None:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
@@ -233,7 +252,8 @@ class S3Sink(Sink):
 
     def _seal(self) -> None:
         """The current buffer is a full part: hold it (part 1) or upload it."""
-        buf, self._buf = self._buf, bytearray()
+        buf, self._buf, self._fill = self._buf, None, 0
+        assert buf is not None
         number = self._part_number
         self._part_number += 1
         if number % 1000 == 0:  # keep far below the 10,000-part limit for very large objects
@@ -282,6 +302,16 @@ class S3Sink(Sink):
     def _crc_field(self, number: int) -> dict[str, str]:
         return {"ChecksumCRC32": self._crcs[number]} if number in self._crcs else {}
 
+    def _new_buffer(self) -> bytearray:
+        """A part buffer: an uploaded part's, or a new one (at most ``concurrency + 1`` exist: the one filling and
+        those in flight)."""
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) == self.part_size:  # not one from before the part size doubled
+                    return buf
+        return bytearray(self.part_size)
+
     def _upload_part(self, number: int, buf: bytearray) -> None:
         checksum = self._part_checksum(buf)
         resp = self._client.upload_part(
@@ -291,6 +321,8 @@ class S3Sink(Sink):
             self._etags[number] = resp["ETag"]
             if checksum:
                 self._crcs[number] = checksum["ChecksumCRC32"]
+            if number != 1 and len(buf) == self.part_size and self._state == "open":
+                self._free.append(buf)  # botocore is done with it (retries happen inside upload_part)
 
     def _part_done(self, fut: Future[None]) -> None:
         self._slots.release()

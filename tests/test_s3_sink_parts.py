@@ -1,7 +1,7 @@
-"""S3Sink's part checksums (CRC32, as boto3's ``upload_file`` sends them by default) against moto's standalone
-server over real HTTP: every part and single PUT carries the CRC32 of exactly the bytes it sends, the object keeps
-the composite checksum S3 defines, and ``checksum="none"`` (or ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``)
-sends none."""
+"""S3Sink's parts against moto's standalone server over real HTTP. Their buffers are reused, never shared between
+two parts in flight. Their checksums (CRC32, as boto3's ``upload_file`` sends them by default): every part and
+single PUT carries the CRC32 of exactly the bytes it sends, the object keeps the composite checksum S3 defines, and
+``checksum="none"`` (or ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``) sends none."""
 
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ def test_every_part_carries_the_crc32_of_its_bytes(moto_s3: str, s3_client: Any,
     # S3's composite: the CRC32 of the parts' CRC32s (AWS appends "-4", the part count; moto's HEAD does not)
     assert head["ChecksumCRC32"] in (composite, f"{composite}-4")
     assert s3_client.get_object(Bucket=s3_bucket, Key="crc")["Body"].read() == bytes(data)
+
+
+def test_part_buffers_are_reused_and_every_byte_arrives(moto_s3: str, s3_client: Any, s3_bucket: str) -> None:
+    """Sixteen parts through two uploading at once: a handful of buffers serve them all (fresh memory costs a page
+    fault per 4 KiB), and no part is overwritten while it is still being sent."""
+    data = random.Random(3).randbytes(76 * MiB + 99)
+    sink, sent = _recording_sink(moto_s3, f"s3://{s3_bucket}/reuse", checksum="crc32", concurrency=2)
+    bodies: set[int] = set()
+    sink._client.meta.events.register(
+        "before-send", lambda request, **_: bodies.add(id(request.body)) if request.method == "PUT" else None
+    )
+    for pos in range(0, len(data), MiB + 3):
+        sink.write(data[pos : pos + MiB + 3])
+    sink.commit()
+    parts = {int(q.split("partNumber=")[1].split("&")[0]): body for m, q, _, body in sent if m == "PUT"}
+    assert len(parts) == 16
+    assert b"".join(parts[n] for n in sorted(parts)) == data
+    assert len(bodies) <= 1 + 2 + 1  # part 1 (held), the two in flight, the one filling
+    assert s3_client.get_object(Bucket=s3_bucket, Key="reuse")["Body"].read() == data
 
 
 def test_a_single_put_carries_the_crc32_of_the_object(moto_s3: str, s3_client: Any, s3_bucket: str) -> None:
