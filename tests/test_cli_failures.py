@@ -68,6 +68,29 @@ def test_missing_source_and_model_dir(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("o.tensors*"))
 
 
+def test_weights_the_model_class_drops_are_refused(tmp_path: Path) -> None:
+    """A config without ``architectures`` makes ``serialize --hf-model-id`` load the base model class, which has no
+    place for a causal LM's ``lm_head.weight``: refused in one line (transformers only reports it), no artifact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    cfg = (tmp_path / "model" / "config.json").read_text()
+    (tmp_path / "model" / "config.json").write_text(cfg.replace('"LlamaForCausalLM"', ""))
+    r = _cli("serialize", "--hf-model-id", str(tmp_path / "model"), str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # above it: transformers' own load report
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-tensorizer: error: ") and "lm_head.weight would be left out of the artifact; its " \
+        "config.json names no `architectures`" in last, last  # fmt: skip
+    assert not (tmp_path / "out" / "model.tensors").exists()
+    (tmp_path / "model" / "config.json").write_text(cfg)
+    r = _cli("serialize", "--hf-model-id", str(tmp_path / "model"), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "lm_head.weight" in ht.TensorDeserializer(str(tmp_path / "out" / "model.tensors"), device="cpu")
+
+
 def test_legacy_bin_is_read_without_mapping(tmp_path: Path) -> None:
     """A pre-1.6 (non-zip) ``torch.save`` file: ``torch.load(mmap=True)`` refuses it, so it is read whole."""
     sd = _state_dict()

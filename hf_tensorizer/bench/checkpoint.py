@@ -36,6 +36,7 @@ class Shape:
 
         heads = max(1, self.hidden // 128)
         return LlamaConfig(
+            architectures=["LlamaForCausalLM"],  # as a real checkpoint's config.json names it (serialize picks by it)
             hidden_size=self.hidden,
             intermediate_size=self.hidden * 7 // 2,
             num_attention_heads=heads,

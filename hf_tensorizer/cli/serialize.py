@@ -291,8 +291,15 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
                     **options: Any) -> str:  # fmt: skip
     """Load ``model_id`` with transformers (or diffusers, for pipelines) on CPU and write its artifact.
 
+    The class is ``AutoModelForCausalLM`` when the config's ``architectures`` name a causal LM, else ``AutoModel``.
+
     Returns:
         The artifact root written.
+
+    Raises:
+        UsageError: ``model_id`` is no model directory or Hub id, or the checkpoint holds weights the model class
+            does not take (they would be missing from the artifact).
+        SourceError: its config cannot be loaded.
     """
     import torch
     from huggingface_hub import hf_hub_download
@@ -328,7 +335,13 @@ def serialize_model(model_id: str, dest: str, *, revision: str | None = None, dt
     except (OSError, ValueError) as exc:  # not found on the Hub, offline, no config.json in the folder
         raise SourceError(f"cannot load the config of {model_id}: {str(exc).splitlines()[0]}") from None
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
-    model = auto.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
+    model, info = auto.from_pretrained(model_id, revision=revision, dtype=torch_dtype, output_loading_info=True)
+    dropped = sorted(info.get("unexpected_keys") or ())
+    if dropped:  # transformers only reports these; the artifact would silently lack them
+        names = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        hint = ("its config.json names no `architectures`: add the model class (e.g. [\"LlamaForCausalLM\"])"
+                if not config.architectures else f"{type(model).__name__} has no place for them")  # fmt: skip
+        raise UsageError(f"{model_id}: the checkpoint's {names} would be left out of the artifact; {hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
     except Exception:
