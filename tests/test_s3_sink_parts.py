@@ -117,6 +117,8 @@ def test_no_checksums_when_turned_off(moto_s3: str, s3_client: Any, s3_bucket: s
 def test_an_unknown_checksum_is_a_usage_error(moto_s3: str, s3_bucket: str) -> None:
     with pytest.raises(UsageError, match="crc32"):
         S3Sink(f"s3://{s3_bucket}/k", endpoint_url=moto_s3, checksum="md5")
+    with pytest.raises(UsageError, match="checksum="):  # one per part is ours to send, not a fixed parameter's
+        S3Sink(f"s3://{s3_bucket}/k", endpoint_url=moto_s3, extra_args={"ChecksumAlgorithm": "SHA256"})
 
 
 _DEFAULT = "from hf_tensorizer import constants; import json; print(json.dumps(constants.S3_UPLOAD_CHECKSUM))"

@@ -59,7 +59,8 @@ class S3Sink(Sink):
 
     Raises:
         InvalidURIError: malformed URI or no key.
-        UsageError: ``part_size`` below 5 MiB, ``concurrency`` below 1 or an unknown ``checksum``.
+        UsageError: ``part_size`` below 5 MiB, ``concurrency`` below 1, an unknown ``checksum``, or checksum
+            parameters in ``extra_args``.
     """
 
     can_rewrite_head = True
@@ -94,6 +95,10 @@ class S3Sink(Sink):
         if checksum not in CHECKSUMS:
             raise UsageError(
                 f"checksum must be one of {CHECKSUMS} (HF_TENSORIZER_S3_UPLOAD_CHECKSUM), got {checksum!r}"
+            )
+        if any(k.startswith("Checksum") for k in extra_args or {}):
+            raise UsageError(
+                f"pass checksum= instead of extra_args {sorted(extra_args or {})}: each part needs its own"
             )
         self.checksum = checksum
         self._owns_client = client is None  # a client handed in (the root's, shared) belongs to the caller
