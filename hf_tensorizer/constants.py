@@ -70,8 +70,9 @@ REMOTE_CONNECT_RETRIES = _env_int("HF_TENSORIZER_REMOTE_CONNECT_RETRIES", 2)  # 
 # Ranged S3 reads through presigned URLs on our HTTP pools (boto3 signs; ~5x less CPU per request than
 # get_object); 0: every range is a boto3 get_object. See sources/s3_presigned.py for when it steps aside.
 S3_PRESIGNED = _env_int("HF_TENSORIZER_S3_PRESIGNED", 1) != 0
-# Multipart uploads hold (concurrency + 2) x part bytes (80 MiB). 8 x 8 MiB against moto on the dev VM: 0.8-0.9x
-# boto3 upload_file's time (its own 10 x 8 MiB), where 4 x 64 MiB was 0.5x and held 400 MiB (bench save --s3)
+# Multipart uploads hold (concurrency + 2) x part bytes (80 MiB). 8 x 8 MiB against moto on the dev VM: 0.95-1.01x
+# boto3 upload_file (its own 10 x 8 MiB; median rounds, with part checksums), where 4 x 64 MiB was 0.5x and held
+# 400 MiB (bench save --s3)
 S3_UPLOAD_PART_BYTES = _env_int("HF_TENSORIZER_S3_PART_BYTES", 8 * MiB)  # multipart part (S3 minimum: 5 MiB)
 S3_UPLOAD_CONCURRENCY = _env_int("HF_TENSORIZER_S3_UPLOAD_CONCURRENCY", 8)  # parts uploading at once (memory bound)
 # Part checksums of uploads, as boto3 sends them by default: "crc32" (each part's CRC32, checked by the store on
